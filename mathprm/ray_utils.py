@@ -1,0 +1,55 @@
+"""Connecting to Ray the same way from a job, the CLI and the tests.
+
+Under `ray job submit` (or with RAY_ADDRESS set) we join the running cluster. Otherwise we
+start a local one that listens on loopback only: Ray's core services bind to every
+interface unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is set before they start, and usage
+stats would try the network. Both are set here, before the first `ray.init`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> dict:
+    """Connect to `address` (or RAY_ADDRESS), else start a loopback-only local Ray. Idempotent.
+
+    Returns `ray.init`'s address info. `num_cpus` only applies to a cluster started here.
+    """
+    for key, value in _LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+
+    if ray.is_initialized():
+        return {"gcs_address": ray.get_runtime_context().gcs_address}
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if address:
+        info = ray.init(address=address, **kwargs)
+    else:
+        info = ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            **kwargs,
+        )
+    _quiet_ray_data()
+    return dict(info.address_info)
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's progress bars flood CI logs; our stages print their own progress lines."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
