@@ -1,0 +1,15 @@
+"""Check a dataset's gold answers against its reference solutions, on Ray.
+
+    ray job submit --working-dir . -- python jobs/check_data.py --config jobs/configs/check_data.yaml
+    python jobs/check_data.py datasets='[math500, gsm8k]' limit=100     # local Ray, overrides
+
+Writes runs/data_check/<dataset>/{rows/*.parquet, summary.json}; datasets already checked
+are reused unless overwrite=true. Fields: see `mathprm.datacheck.DataCheckConfig`.
+"""
+
+import sys
+
+from mathprm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["check-data", *sys.argv[1:]]))

@@ -1,0 +1,58 @@
+"""Step format: how a solution's text is cut into steps and how steps are put back together.
+
+A PRM scores a solution step by step, so generator, labeller, scorer and trainer must all
+agree on where one step ends. `StepFormat` is that agreement: one separator, `"\\n\\n"` for
+natural-language math (ProcessBench, Math-Shepherd) and `"\\n"` for the arithmetic world,
+whose solutions hold one operation per line.
+
+The round trip is exact in both directions, with no stripping:
+
+- `fmt.join(fmt.split(text)) == text` for every string;
+- `fmt.split(fmt.join(steps)) == steps` for every list `join` accepts. `join` refuses, with
+  a ValueError naming the step, exactly the lists that would not come back: a step that
+  contains the separator; a step other than the last whose end runs into the separator
+  (with `"\\n\\n"`, a step ending in `"\\n"`: `"a\\n" + "\\n\\n"` reads back as `"a"`, then
+  the separator); and the one-element list `[""]`.
+
+That last one is the edge case. The empty text has no steps (`split("") == []`,
+`join([]) == ""`), which is what a search tree's root prefix needs; so the one step `""`
+would also write as `""` and could not be told apart from no steps at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepFormat:
+    separator: str = "\n\n"  # the text between two steps, never inside one
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.separator, str) or not self.separator:
+            raise ValueError(f"separator: must be a non-empty string, got {self.separator!r}")
+
+    def split(self, text: str) -> list[str]:
+        """The steps of `text`, verbatim (no stripping); `[]` for the empty text."""
+        return text.split(self.separator) if text else []
+
+    def join(self, steps: Sequence[str]) -> str:
+        """The text of `steps`; ValueError (naming the step) if it would not split back into `steps`."""
+        sep = self.separator
+        if len(steps) == 1 and steps[0] == "":
+            raise ValueError("step 0: a single empty step would read back as no steps at all")
+        for i, step in enumerate(steps):
+            if not isinstance(step, str):
+                raise ValueError(f"step {i}: must be a string, got {type(step).__name__}")
+            if sep in step:
+                raise ValueError(f"step {i}: contains the separator {sep!r}")
+            # `split` cuts at the first separator it meets. Inside `step + sep` that must be
+            # the appended one; an earlier match would start in the step's tail (its end
+            # overlaps the separator's start) and cut the step short.
+            if i < len(steps) - 1 and (step + sep).find(sep) != len(step):
+                raise ValueError(
+                    f"step {i}: its end {step[-len(sep):]!r} runs into the separator {sep!r} "
+                    "that follows it, so the text would split there"
+                )
+        return sep.join(steps)

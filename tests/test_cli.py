@@ -1,0 +1,69 @@
+"""The `mathprm` command and the jobs: clean errors, real runs against the shared Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mathprm.cli import main
+
+from .conftest import REPO
+
+
+def test_grade_command(capsys):
+    assert main(["grade", "\\dfrac{1}{2}", "0.5"]) == 0
+    assert capsys.readouterr().out.strip() == "equivalent"
+    assert main(["grade", "3", "4"]) == 1
+
+
+def test_unknown_command_and_bad_args(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert main(["grade", "1"]) == 2
+    assert main(["check-data", "limit=zero"]) == 2
+    assert "'limit'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+
+
+def _run(args: list[str], cwd, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_exits_2_without_traceback(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    r = _run([sys.executable, "-m", "mathprm.cli", "check-data", f"datasets=[{bad}]"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "bad.jsonl:1: field 'answer'" in r.stderr and "Traceback" not in r.stderr
+    r = _run([sys.executable, "-m", "mathprm.cli", "check-data", "--config", str(tmp_path / "none.yaml")], tmp_path)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.ray
+def test_job_script_runs_on_existing_cluster(ray_cluster, tmp_path):
+    """`python jobs/check_data.py` joins a running cluster through RAY_ADDRESS, as under `ray job submit`."""
+    r = _run(
+        [sys.executable, str(REPO / "jobs" / "check_data.py"), "--config", str(REPO / "jobs/configs/check_data.yaml"),
+         "datasets=[sample:gsm8k, arith:easy]", "limit=20", f"out_dir={tmp_path}"],
+        tmp_path,
+        {"RAY_ADDRESS": ray_cluster["address"]},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| sample:gsm8k | 20 | 20 |" in r.stdout and "| arith:easy | 20 | 20 |" in r.stdout
+    assert json.loads((tmp_path / "arith_easy" / "summary.json").read_text())["equivalent"] == 20
+
+
+@pytest.mark.ray
+def test_demo_falls_back_to_bundled_samples(ray_cluster, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MATHPRM_DATA_DIR", str(tmp_path / "nowhere"))
+    assert main(["demo", "limit=10"]) == 0
+    out = capsys.readouterr().out
+    assert "bundled with mathprm" in out
+    assert "| sample:math500 | 10 | 10 |" in out
+    assert (tmp_path / "runs/demo/data_check/sample_gsm8k/summary.json").exists()
