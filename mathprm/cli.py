@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from mathprm.config import ConfigError, parse_args
+from mathprm.config import ConfigError, describe, parse_args
 
 USAGE = __doc__
 
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
 def _check_data(argv: list[str]) -> int:
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
 
+    if "-h" in argv or "--help" in argv:
+        print(describe(DataCheckConfig))
+        return 0
     cfg = parse_args(DataCheckConfig, argv)
     print(format_table(run_data_check(cfg)))
     return 0
