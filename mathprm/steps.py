@@ -56,3 +56,10 @@ class StepFormat:
                     "that follows it, so the text would split there"
                 )
         return sep.join(steps)
+
+    def prompt(self, question: str, steps: Sequence[str] = ()) -> str:
+        """The text a policy continues to write the next step: question, separator, then each
+        step followed by the separator. A solution's training text is `prompt(question)` +
+        `join(steps)`, so a model trained on it stops each step at the separator."""
+        self.join(steps)  # the same validation: each step must read back from the text
+        return question + self.separator + "".join(s + self.separator for s in steps)

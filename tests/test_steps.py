@@ -118,3 +118,13 @@ def test_join_refuses_exactly_the_lists_that_do_not_round_trip(sep):
             assert fmt.split(text) == steps
     # Both branches must really be exercised for the check above to mean anything.
     assert accepted > 300 and refused > 300, (accepted, refused)
+
+
+def test_prompt_is_question_then_each_step_terminated():
+    fmt = StepFormat("\n")
+    assert fmt.prompt("Q?") == "Q?\n"
+    assert fmt.prompt("Q?", ["1 + 1 = 2", "2 * 3 = 6"]) == "Q?\n1 + 1 = 2\n2 * 3 = 6\n"
+    # The training text of a full solution is the bare prompt plus the joined steps.
+    assert fmt.prompt("Q?", ["a", "b"]) == fmt.prompt("Q?") + fmt.join(["a", "b"]) + "\n"
+    with pytest.raises(ValueError, match="step 1"):
+        fmt.prompt("Q?", ["a", "b\nc"])
