@@ -2,6 +2,7 @@
 
     mathprm demo                         run the pipeline on its embedded default
     mathprm check-data [--config F] ...  gold answers vs reference solutions, on Ray
+    mathprm sft [--config F] ...         fine-tune the arithmetic policy, on Ray Train
     mathprm grade PRED GOLD              are two answers mathematically equivalent?
 
 Errors in input (a bad config field, a malformed record, a missing file) print one line
@@ -47,6 +48,17 @@ def _check_data(argv: list[str]) -> int:
     return 0
 
 
+def _sft(argv: list[str]) -> int:
+    from mathprm.sft import SFTConfig, train_sft
+
+    if "-h" in argv or "--help" in argv:
+        print(describe(SFTConfig))
+        return 0
+    cfg = parse_args(SFTConfig, argv)
+    print(f"[sft] policy: {train_sft(cfg)}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     """Today the demo is the data check over the real data (or the bundled samples without it).
 
@@ -76,7 +88,7 @@ def _grade(argv: list[str]) -> int:
     return 0 if equal else 1
 
 
-COMMANDS = {"demo": _demo, "check-data": _check_data, "grade": _grade}
+COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "grade": _grade}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,363 @@
+"""Supervised fine-tuning of the arithmetic policy on reference solutions, on Ray Train.
+
+The training text of a problem is `StepFormat("\\n").prompt(question) + solution + eos`,
+tokenised as `<s>` + prompt, then solution + `</s>`. The loss is the mean next-token
+cross-entropy over the solution and eos only: prompt positions carry label -100, so the
+model learns to write solutions, not to reproduce questions. Writing `</s>` after
+"The answer is N" is what lets generation stop on its own.
+
+The pure core (examples, collate, batch order, learning rate, one optimiser step) has no
+Ray in it. `train_sft` is the Ray shell: a `TorchTrainer` with N workers (gloo on CPU, NCCL
+on GPU), each generating its own train-split problems with a rank-dependent seed, DDP via
+`prepare_model`, metrics and rank-0 checkpoints through `ray.train.report`. A run resumes
+from its latest Ray Train checkpoint; the finished policy is written once, atomically, with
+`save_pretrained`, so `AutoModelForCausalLM.from_pretrained` and vLLM load it directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mathprm import arith, atomic
+from mathprm.config import to_dict
+from mathprm.policy import MODEL_PRESETS, build_policy
+from mathprm.steps import StepFormat
+from mathprm.tokenizer import build_char_tokenizer
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding)
+SUMMARY_FILE = "sft_summary.json"  # written into the policy dir; its presence marks a finished policy
+_STATE_FILE = "train_state.pt"  # inside a Ray Train checkpoint: model, optimiser, step, clocks
+_GRAD_CLIP = 1.0
+_MIN_LR_RATIO = 0.1  # cosine decays to this fraction of `lr`
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    # Difficulty -> weight of the training mixture, e.g. {easy: 1, medium: 2, hard: 3}.
+    mixture: dict[str, float] = dataclasses.field(default_factory=lambda: {"easy": 1.0, "medium": 1.0, "hard": 2.0})
+    num_problems: int = 20000  # training problems over all workers (train split only)
+    word_fraction: float = 0.3  # share of problems phrased as word problems
+    preset: str = "tiny"  # model size, a key of mathprm.policy.MODEL_PRESETS
+    max_length: int = 512  # longer examples are dropped (counted), never truncated
+    lr: float = 1e-3  # peak learning rate (AdamW), reached after `warmup_steps`
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    batch_size: int = 32  # examples per worker per step (global batch = batch_size * num_workers)
+    max_steps: int = 3000  # the cosine schedule ends here
+    time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    log_every: int = 50  # steps between progress lines / ray.train.report calls
+    checkpoint_every: int = 500  # steps between rank-0 Ray Train checkpoints (a multiple of log_every)
+    out_dir: str = "runs/arith/policy"
+    overwrite: bool = False  # retrain from scratch even if out_dir holds a finished policy
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local loopback cluster
+    num_cpus: int | None = None  # CPUs of a local cluster started by this run
+
+    def __post_init__(self) -> None:
+        if not self.mixture:
+            raise ValueError("mixture: give at least one difficulty with a weight")
+        for name, weight in self.mixture.items():
+            if name not in arith.PRESETS:
+                raise ValueError(f"mixture: unknown difficulty {name!r}; difficulties: {', '.join(arith.PRESETS)}")
+            if not weight > 0:
+                raise ValueError(f"mixture: weight of {name!r} must be > 0, got {weight}")
+        if self.preset not in MODEL_PRESETS:
+            raise ValueError(f"preset: unknown model preset {self.preset!r}; presets: {', '.join(MODEL_PRESETS)}")
+        positive = ("num_problems", "batch_size", "max_steps", "num_workers", "log_every", "checkpoint_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_problems < self.num_workers:
+            raise ValueError(f"num_problems: must be >= num_workers ({self.num_workers}), got {self.num_problems}")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(
+                f"checkpoint_every: must be a multiple of log_every ({self.log_every}), got {self.checkpoint_every}"
+            )
+        if not 0.0 <= self.word_fraction <= 1.0:
+            raise ValueError(f"word_fraction: must be in [0, 1], got {self.word_fraction}")
+        max_positions = MODEL_PRESETS[self.preset].max_positions
+        if not 8 <= self.max_length <= max_positions:
+            raise ValueError(
+                f"max_length: must be in [8, {max_positions}] for preset {self.preset!r}, got {self.max_length}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            raise ValueError(f"time_budget_min: must be > 0 or null, got {self.time_budget_min}")
+
+
+# ----------------------------------------------------------------------------- pure core
+
+
+@dataclasses.dataclass
+class Example:
+    input_ids: list[int]  # (T,) <s> prompt solution </s>
+    labels: list[int]  # (T,) IGNORE_INDEX on <s> and the prompt, else == input_ids
+
+
+@dataclasses.dataclass
+class SFTBatch:
+    input_ids: torch.Tensor  # (B, T) right-padded with pad_id
+    attention_mask: torch.Tensor  # (B, T) 1 on real tokens
+    labels: torch.Tensor  # (B, T) IGNORE_INDEX on prompt and padding
+
+    def to(self, device: torch.device | str) -> SFTBatch:
+        return SFTBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+
+def build_example(tokenizer: Any, question: str, solution: str, fmt: StepFormat = StepFormat("\n")) -> Example:
+    """Token ids of `prompt(question) + solution + eos`, with the loss on solution + eos only."""
+    prompt_ids = tokenizer(fmt.prompt(question))["input_ids"]  # with <s> in front
+    target_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return Example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> SFTBatch:
+    """Right-pad to the longest example (training needs no left padding: no generation here)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return SFTBatch(ids, mask, labels)
+
+
+def mixture_counts(mixture: dict[str, float], n: int) -> dict[str, int]:
+    """Split `n` problems over difficulties by weight (largest remainder, so they sum to `n`)."""
+    total = sum(mixture.values())
+    exact = {name: n * w / total for name, w in mixture.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    by_remainder = sorted(exact, key=lambda name: exact[name] - counts[name], reverse=True)
+    for name in by_remainder[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: str) -> list[int]:
+    """Indices of step `step`'s batch: epochs of seeded shuffles, a pure function of `step`.
+
+    Being a function of the step (not of an iterator's state) is what makes resuming from a
+    checkpoint replay exactly the batches an uninterrupted run would have seen.
+    """
+    out: list[int] = []
+    pos = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(pos, n)
+        order = list(range(n))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        take = order[offset : offset + batch_size - len(out)]
+        out.extend(take)
+        pos += len(take)
+    return out
+
+
+def learning_rate(cfg: SFTConfig, step: int, progress: float) -> float:
+    """Linear warmup over `warmup_steps`, then cosine from `lr` to `_MIN_LR_RATIO * lr`.
+
+    `progress` in [0, 1] is how far the run is; the loop passes the larger of the step
+    fraction and the time-budget fraction, so a time-bounded run still anneals.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    return cfg.lr * (_MIN_LR_RATIO + (1.0 - _MIN_LR_RATIO) * cosine)
+
+
+def train_step(model: torch.nn.Module, batch: SFTBatch, optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """One AdamW step on the mean token loss of `batch`; returns that loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
+    optimizer.step()
+    return float(out.loss.detach())
+
+
+def training_examples(cfg: SFTConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[list[Example], int]:
+    """This worker's share of the training set (train split), and how many were too long.
+
+    Each rank generates its own problems with a seed of (seed, rank), so no data moves
+    between workers; chains may repeat across ranks, which at these pool sizes is rare.
+    """
+    share = cfg.num_problems // world_size + (rank < cfg.num_problems % world_size)
+    examples, dropped = [], 0
+    for difficulty, n in mixture_counts(cfg.mixture, share).items():
+        if n == 0:
+            continue
+        seed = cfg.seed * 1_000_003 + rank
+        for p in arith.generate(difficulty, n, seed, split="train", word_problems=cfg.word_fraction):
+            ex = build_example(tokenizer, p.question, p.solution)
+            if len(ex.input_ids) > cfg.max_length:
+                dropped += 1
+            else:
+                examples.append(ex)
+    if not examples:
+        raise ValueError(f"max_length: every training example of rank {rank} is longer than {cfg.max_length}")
+    return examples, dropped
+
+
+def is_finished(out_dir: str | Path) -> bool:
+    """A policy directory written to the end by `train_sft` (atomic, so complete if present)."""
+    return (Path(out_dir) / SUMMARY_FILE).is_file()
+
+
+# ----------------------------------------------------------------------------- Ray shell
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
+    out = Path(cfg.out_dir).resolve()
+    if out.exists() and not cfg.overwrite:
+        if is_finished(out):
+            print(f"[sft] reusing the finished policy in {out} (overwrite=true retrains)", flush=True)
+            return out
+        raise FileExistsError(f"out_dir {out} exists but holds no finished policy (pass overwrite=true)")
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mathprm.ray_utils import init_ray
+
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    storage, name = out.parent / "ray_train", f"sft-{out.name}"
+    if cfg.overwrite:  # from scratch: the old run's checkpoints would be resumed otherwise
+        shutil.rmtree(storage / name, ignore_errors=True)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={**to_dict(cfg), "out_dir": str(out)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            storage_path=str(storage),
+            name=name,
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            failure_config=FailureConfig(max_failures=0),
+        ),
+    )
+    trainer.fit()
+    if not is_finished(out):
+        raise RuntimeError(f"SFT finished without writing a policy to {out}")
+    return out
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    """Ray Train worker: DDP over `prepare_model`; rank 0 checkpoints and saves the policy."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = SFTConfig(**config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tokenizer = build_char_tokenizer()
+    examples, dropped = training_examples(cfg, tokenizer, rank, world)
+
+    model = build_policy(cfg.preset, tokenizer, seed=cfg.seed)  # same init everywhere; DDP broadcasts anyway
+    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        if rank == 0:
+            print(f"[sft] resuming from step {state['step']}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+
+    step, time_frac, first_loss, last_loss = (state[k] for k in ("step", "time_frac", "first_loss", "last_loss"))
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
+    started = time.monotonic() - state["elapsed"]
+    window = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, tokens since the last report
+    window_start, stopped_by = time.monotonic(), "max_steps"
+    while step < cfg.max_steps:
+        order = batch_indices(len(examples), cfg.batch_size, step, f"{cfg.seed}:{rank}")
+        batch = collate([examples[i] for i in order], tokenizer.pad_token_id)
+        lr = learning_rate(cfg, step, max(step / cfg.max_steps, time_frac))
+        loss = train_step(model, batch.to(device), optimizer, lr)
+        step += 1
+        window += torch.tensor([loss, 1.0, float(batch.attention_mask.sum())], dtype=torch.float64)
+        if step % cfg.log_every and step != 1 and step != cfg.max_steps:
+            continue
+        # Every worker reaches this point at the same steps: stats and the stop decision are
+        # all-reduced so all ranks agree (a rank that stopped alone would hang DDP).
+        elapsed = time.monotonic() - started
+        stats = window.clone()
+        frac = torch.tensor([elapsed / budget_s if budget_s else 0.0], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+            dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+        last_loss = float(stats[0] / stats[1])
+        first_loss = last_loss if first_loss is None else first_loss
+        time_frac = float(frac[0])
+        tokens_per_s = float(stats[2]) / max(time.monotonic() - window_start, 1e-9)
+        if rank == 0:
+            print(f"[sft] step {step}/{cfg.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
+                  f"{tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s", flush=True)
+        stop = budget_s is not None and time_frac >= 1.0
+        stopped_by = "time_budget" if stop else stopped_by
+        state = {"step": step, "elapsed": elapsed, "time_frac": time_frac,
+                 "first_loss": first_loss, "last_loss": last_loss}
+        metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+        _report(model, optimizer, state, metrics, rank,
+                with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
+        window.zero_()
+        window_start = time.monotonic()
+        if stop:
+            break
+
+    if rank == 0:
+        summary = {
+            "steps": step,
+            "first_loss": first_loss,
+            "final_loss": last_loss,
+            "elapsed_s": time.monotonic() - started,
+            "stopped_by": stopped_by,
+            "examples_per_worker": len(examples),
+            "dropped_too_long_rank0": dropped,
+            "config": {**config},
+        }
+        unwrapped = model.module if hasattr(model, "module") else model
+        with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+            unwrapped.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic.write_json(tmp / SUMMARY_FILE, summary)
+        print(f"[sft] saved the policy to {cfg.out_dir} after {step} steps ({stopped_by})", flush=True)
+
+
+def _report(model, optimizer, state: dict, metrics: dict, rank: int, with_checkpoint: bool) -> None:
+    """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint."""
+    import ray.train
+
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    unwrapped = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        full = {**state, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict()}
+        torch.save(full, Path(d) / _STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

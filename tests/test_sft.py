@@ -1,0 +1,137 @@
+"""SFT: examples, collate, batch order, schedule and config in-process; one real TorchTrainer run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mathprm import sft
+from mathprm.config import ConfigError, parse_args
+from mathprm.policy import build_policy
+from mathprm.sft import IGNORE_INDEX, SFTConfig, batch_indices, build_example, collate, mixture_counts
+from mathprm.tokenizer import build_char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def test_labels_mask_the_prompt(tok):
+    # prompt "ab\n" -> <s>=1, a=70, b=71, \n=4; solution "ba" -> 71, 70, then </s>=2.
+    ex = build_example(tok, "ab", "ba")
+    assert ex.input_ids == [1, 70, 71, 4, 71, 70, 2]
+    assert ex.labels == [IGNORE_INDEX] * 4 + [71, 70, 2]
+
+
+def test_collate_pads_right_and_ignores_padding(tok):
+    batch = collate([build_example(tok, "ab", "ba"), build_example(tok, "a", "b")], tok.pad_token_id)
+    assert batch.input_ids.tolist() == [[1, 70, 71, 4, 71, 70, 2], [1, 70, 4, 71, 2, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1] * 7, [1] * 5 + [0, 0]]
+    assert batch.labels[1].tolist() == [IGNORE_INDEX] * 3 + [71, 2] + [IGNORE_INDEX] * 2
+
+
+def test_loss_is_on_the_solution_only(tok):
+    """Changing the prompt's labels cannot matter; the HF loss equals CE over solution + eos."""
+    model = build_policy("test", tok, seed=0)
+    batch = collate([build_example(tok, "12+3", "12 + 3 = 15\nThe answer is 15")], tok.pad_token_id)
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    logits, labels = out.logits[0, :-1], batch.labels[0, 1:]
+    keep = labels != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert int(keep.sum()) == len("12 + 3 = 15\nThe answer is 15") + 1
+
+
+def test_mixture_counts_sum_and_follow_weights():
+    # 2.5 / 2.5 / 5: one leftover problem goes to the first of the tied remainders.
+    assert mixture_counts({"easy": 1, "medium": 1, "hard": 2}, 10) == {"easy": 3, "medium": 2, "hard": 5}
+    assert mixture_counts({"easy": 1, "hard": 3}, 8) == {"easy": 2, "hard": 6}
+    assert sum(mixture_counts({"easy": 1, "medium": 1, "hard": 1}, 10).values()) == 10
+
+
+def test_batch_indices_cover_each_epoch_once_and_replay():
+    first_epoch = [i for step in range(5) for i in batch_indices(10, 2, step, "s")]
+    assert sorted(first_epoch) == list(range(10))
+    assert batch_indices(10, 4, 7, "s") == batch_indices(10, 4, 7, "s")  # a pure function of the step
+    assert len(batch_indices(3, 8, 0, "s")) == 8  # a batch larger than the data wraps into later epochs
+
+
+def test_learning_rate_warms_up_then_decays():
+    cfg = SFTConfig(lr=1e-3, warmup_steps=10, max_steps=100)
+    assert sft.learning_rate(cfg, 0, 0.0) == pytest.approx(1e-4)
+    assert sft.learning_rate(cfg, 9, 0.09) == pytest.approx(1e-3)
+    assert sft.learning_rate(cfg, 10, 0.0) == pytest.approx(1e-3)
+    assert sft.learning_rate(cfg, 99, 1.0) == pytest.approx(1e-4)  # ends at _MIN_LR_RATIO * lr
+
+
+def test_train_step_lowers_the_loss(tok):
+    torch.manual_seed(0)
+    model = build_policy("test", tok, seed=0)
+    batch = collate([build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")], tok.pad_token_id)
+    opt = torch.optim.AdamW(model.parameters())
+    losses = [sft.train_step(model, batch, opt, lr=1e-2) for _ in range(15)]
+    assert losses[-1] < losses[0] * 0.7
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("mixture={impossible: 1}", "mixture"),
+        ("mixture={easy: 0}", "mixture"),
+        ("preset=huge", "preset"),
+        ("lr=0", "lr"),
+        ("batch_size=0", "batch_size"),
+        ("word_fraction=1.5", "word_fraction"),
+        ("max_length=4096", "max_length"),
+        ("time_budget_min=0", "time_budget_min"),
+        ("checkpoint_every=75", "checkpoint_every"),
+    ],
+)
+def test_config_errors_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=rf"\b{field}\b"):
+        parse_args(SFTConfig, [override])
+
+
+def test_job_config_parses():
+    cfg = parse_args(SFTConfig, ["--config", "jobs/configs/sft_arith.yaml"])
+    assert cfg.out_dir == "runs/arith/policy" and cfg.mixture == {"easy": 1.0, "medium": 1.0, "hard": 2.0}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_torchtrainer_run_saves_a_loadable_policy_and_is_reused(ray_cluster, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "runs" / "policy"
+    cfg = SFTConfig(
+        mixture={"easy": 1.0}, num_problems=256, word_fraction=0.0, preset="test", batch_size=16,
+        lr=3e-3, warmup_steps=5, max_steps=40, log_every=10, checkpoint_every=20, num_workers=2,
+        out_dir=str(out),
+    )
+    assert sft.train_sft(cfg) == out.resolve()
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("1+1\n")["input_ids"][0] == tokenizer.bos_token_id
+    assert model.config.vocab_size == len(tokenizer)
+    summary = json.loads((out / sft.SUMMARY_FILE).read_text())
+    assert summary["steps"] == 40 and summary["stopped_by"] == "max_steps"
+    assert summary["final_loss"] < summary["first_loss"]
+    # The Ray Train run kept a rank-0 checkpoint to resume from.
+    assert list((tmp_path / "runs" / "ray_train" / "sft-policy").glob("checkpoint_*/train_state.pt"))
+
+    # Reuse: a finished policy comes back without touching Ray or rewriting it.
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
+    mtime = (out / "model.safetensors").stat().st_mtime_ns
+    assert sft.train_sft(cfg) == out.resolve()
+    assert (out / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_cli_sft_rejects_a_bad_field_with_status_2(capsys):
+    from mathprm.cli import main
+
+    assert main(["sft", "lr=0"]) == 2
+    assert "lr" in capsys.readouterr().err
