@@ -37,25 +37,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _config(cls: type, argv: list[str]):
+    """The stage's config from `[--config F] key=value ...`, or None after printing --help."""
+    if "-h" in argv or "--help" in argv:
+        print(describe(cls))
+        return None
+    return parse_args(cls, argv)
+
+
 def _check_data(argv: list[str]) -> int:
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
 
-    if "-h" in argv or "--help" in argv:
-        print(describe(DataCheckConfig))
-        return 0
-    cfg = parse_args(DataCheckConfig, argv)
-    print(format_table(run_data_check(cfg)))
+    if (cfg := _config(DataCheckConfig, argv)) is not None:
+        print(format_table(run_data_check(cfg)))
     return 0
 
 
 def _sft(argv: list[str]) -> int:
     from mathprm.sft import SFTConfig, train_sft
 
-    if "-h" in argv or "--help" in argv:
-        print(describe(SFTConfig))
-        return 0
-    cfg = parse_args(SFTConfig, argv)
-    print(f"[sft] policy: {train_sft(cfg)}")
+    if (cfg := _config(SFTConfig, argv)) is not None:
+        print(f"[sft] policy: {train_sft(cfg)}")
     return 0
 
 
