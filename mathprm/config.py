@@ -9,6 +9,7 @@ instead of a TypeError from deep inside. It never touches the network and never 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -37,7 +38,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 
 def parse_args(cls: type[T], argv: list[str]) -> T:
-    """The jobs' command line: `[--config FILE.yaml] [key=value ...]`."""
+    """The jobs' command line: `[--config FILE.yaml] [key=value ...]`.
+
+    Every field can also be given GNU-style, `--field value` or `--field=value` (dashes in the
+    name read as underscores: `--max-steps 10` sets `max_steps`). Later settings win.
+    """
     path: str | None = None
     overrides: list[str] = []
     it = iter(argv)
@@ -50,6 +55,13 @@ def parse_args(cls: type[T], argv: list[str]) -> T:
             path = arg.split("=", 1)[1]
         elif arg in ("-h", "--help"):
             raise ConfigError(describe(cls))
+        elif arg.startswith("--") and len(arg) > 2:
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                value = next(it, None)
+                if value is None or value.startswith("--"):
+                    raise ConfigError(f"{arg} needs a value")
+            overrides.append(f"{key.replace('-', '_')}={value}")
         elif "=" in arg:
             overrides.append(arg)
         else:
@@ -145,6 +157,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             return value
         return from_dict(tp, value, prefix=name + ".")
     if origin in (list, tuple):
+        if isinstance(value, str) and "," in value:  # --strategies greedy,pass@16
+            value = [yaml.safe_load(v) if v.strip() else "" for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"field {name!r}: expected a list, got {value!r}")
         inner = args[0] if args else Any
@@ -163,6 +177,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"field {name!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+            value = float(value)  # YAML 1.1 reads 2e-3 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"field {name!r}: expected a number, got {value!r}")
         return float(value)

@@ -19,10 +19,13 @@ _LOOPBACK_ENV = {
 }
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> dict:
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = True) -> dict:
     """Connect to `address` (or RAY_ADDRESS), else start a loopback-only local Ray. Idempotent.
 
-    Returns `ray.init`'s address info. `num_cpus` only applies to a cluster started here.
+    Returns `ray.init`'s address info. `num_cpus` only applies to a cluster started here. A
+    local cluster gets the dashboard (http://127.0.0.1:8265) by default: people watch runs on
+    it, and Ray's State API, which Ray Train's placement-group cleaner polls, lives in it
+    (without it that cleaner logs a warning every few seconds).
     """
     for key, value in _LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)

@@ -53,6 +53,7 @@ class SFTConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.0
     batch_size: int = 32  # examples per worker per step (global batch = batch_size * num_workers)
+    bucket: int = 16  # batches per length-sorting window (1: no bucketing; more: less padding)
     max_steps: int = 3000  # the cosine schedule ends here
     time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
     seed: int = 0
@@ -75,7 +76,7 @@ class SFTConfig:
                 raise ValueError(f"mixture: weight of {name!r} must be > 0, got {weight}")
         if self.preset not in MODEL_PRESETS:
             raise ValueError(f"preset: unknown model preset {self.preset!r}; presets: {', '.join(MODEL_PRESETS)}")
-        positive = ("num_problems", "batch_size", "max_steps", "num_workers", "log_every", "checkpoint_every")
+        positive = ("num_problems", "batch_size", "bucket", "max_steps", "num_workers", "log_every", "checkpoint_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -153,22 +154,44 @@ def mixture_counts(mixture: dict[str, float], n: int) -> dict[str, int]:
     return counts
 
 
-def batch_indices(n: int, batch_size: int, step: int, seed: str) -> list[int]:
-    """Indices of step `step`'s batch: epochs of seeded shuffles, a pure function of `step`.
+class BatchOrder:
+    """Which examples make up step `step`'s batch: a pure function of (lengths, seed, step).
 
-    Being a function of the step (not of an iterator's state) is what makes resuming from a
-    checkpoint replay exactly the batches an uninterrupted run would have seen.
+    Each epoch is a seeded shuffle cut into windows of `bucket` batches; inside a window the
+    examples are sorted by length before being cut into batches, and the window's batches are
+    then shuffled. Similar lengths share a batch, so padding (pure wasted compute on a CPU)
+    shrinks, while the windows keep the data order random at the scale of the run. An epoch
+    has `len(lengths) // batch_size` batches (a remainder waits for a later epoch's shuffle;
+    a pool smaller than one batch is repeated). Being a function of the step, not of an
+    iterator's state, is what makes a resumed run replay exactly the batches an uninterrupted
+    run would have seen.
     """
-    out: list[int] = []
-    pos = step * batch_size
-    while len(out) < batch_size:
-        epoch, offset = divmod(pos, n)
-        order = list(range(n))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        take = order[offset : offset + batch_size - len(out)]
-        out.extend(take)
-        pos += len(take)
-    return out
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: str, bucket: int = 16) -> None:
+        if not lengths:
+            raise ValueError("BatchOrder needs at least one example")
+        self.lengths, self.batch_size, self.seed, self.bucket = list(lengths), batch_size, seed, max(1, bucket)
+        self.per_epoch = max(1, len(self.lengths) // batch_size)
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            rng = random.Random(f"{self.seed}:{epoch}")
+            n, need = len(self.lengths), self.per_epoch * self.batch_size
+            order = [i for _ in range(-(-need // n)) for i in rng.sample(range(n), n)][:need]
+            batches: list[list[int]] = []
+            window = self.bucket * self.batch_size
+            for w in range(0, need, window):
+                chunk = sorted(order[w : w + window], key=lambda i: self.lengths[i])
+                group = [chunk[k : k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+                rng.shuffle(group)
+                batches.extend(group)
+            self._epoch = (epoch, batches)
+        return self._epoch[1]
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.per_epoch)
+        return self._batches(epoch)[k]
 
 
 def learning_rate(cfg: SFTConfig, step: int, progress: float) -> float:
@@ -281,6 +304,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
+        state["resumed_from"] = state["step"]
         if rank == 0:
             print(f"[sft] resuming from step {state['step']}", flush=True)
     model = ray.train.torch.prepare_model(model)
@@ -289,14 +313,14 @@ def _train_loop(config: dict[str, Any]) -> None:
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
 
+    order = BatchOrder([len(e.input_ids) for e in examples], cfg.batch_size, f"{cfg.seed}:{rank}", cfg.bucket)
     step, time_frac, first_loss, last_loss = (state[k] for k in ("step", "time_frac", "first_loss", "last_loss"))
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     started = time.monotonic() - state["elapsed"]
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, tokens since the last report
     window_start, stopped_by = time.monotonic(), "max_steps"
     while step < cfg.max_steps:
-        order = batch_indices(len(examples), cfg.batch_size, step, f"{cfg.seed}:{rank}")
-        batch = collate([examples[i] for i in order], tokenizer.pad_token_id)
+        batch = collate([examples[i] for i in order(step)], tokenizer.pad_token_id)
         lr = learning_rate(cfg, step, max(step / cfg.max_steps, time_frac))
         loss = train_step(model, batch.to(device), optimizer, lr)
         step += 1
@@ -320,8 +344,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                   f"{tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s", flush=True)
         stop = budget_s is not None and time_frac >= 1.0
         stopped_by = "time_budget" if stop else stopped_by
-        state = {"step": step, "elapsed": elapsed, "time_frac": time_frac,
-                 "first_loss": first_loss, "last_loss": last_loss}
+        state = {"step": step, "elapsed": elapsed, "time_frac": time_frac, "first_loss": first_loss,
+                 "last_loss": last_loss, "resumed_from": state.get("resumed_from", 0)}
         metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
         _report(model, optimizer, state, metrics, rank,
                 with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
@@ -337,6 +361,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             "final_loss": last_loss,
             "elapsed_s": time.monotonic() - started,
             "stopped_by": stopped_by,
+            "resumed_from_step": state.get("resumed_from", 0),
             "examples_per_worker": len(examples),
             "dropped_too_long_rank0": dropped,
             "config": {**config},

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from mathprm import sft
-from mathprm.config import ConfigError, parse_args
+from mathprm.config import ConfigError, parse_args, to_dict
 from mathprm.policy import build_policy
-from mathprm.sft import IGNORE_INDEX, SFTConfig, batch_indices, build_example, collate, mixture_counts
+from mathprm.sft import IGNORE_INDEX, BatchOrder, SFTConfig, build_example, collate, mixture_counts
 from mathprm.tokenizer import build_char_tokenizer
 
 
@@ -52,11 +59,31 @@ def test_mixture_counts_sum_and_follow_weights():
     assert sum(mixture_counts({"easy": 1, "medium": 1, "hard": 1}, 10).values()) == 10
 
 
-def test_batch_indices_cover_each_epoch_once_and_replay():
-    first_epoch = [i for step in range(5) for i in batch_indices(10, 2, step, "s")]
+def test_batch_order_covers_each_epoch_once_and_replays():
+    lengths = [random.Random(i).randint(5, 300) for i in range(10)]
+    order = BatchOrder(lengths, 2, "s", bucket=2)
+    first_epoch = [i for step in range(5) for i in order(step)]
     assert sorted(first_epoch) == list(range(10))
-    assert batch_indices(10, 4, 7, "s") == batch_indices(10, 4, 7, "s")  # a pure function of the step
-    assert len(batch_indices(3, 8, 0, "s")) == 8  # a batch larger than the data wraps into later epochs
+    # A pure function of the step: a fresh instance, asked out of order, gives the same batches.
+    fresh = BatchOrder(lengths, 2, "s", bucket=2)
+    assert [fresh(s) for s in (7, 3, 12)] == [order(s) for s in (7, 3, 12)]
+    assert order(5) != order(0) or order(6) != order(1)  # the next epoch is reshuffled
+    assert len(BatchOrder([4, 5, 6], 8, "s")(0)) == 8  # a pool smaller than a batch repeats
+
+
+def test_bucketing_cuts_padding():
+    rng = random.Random(0)
+    lengths = [rng.randint(50, 400) for _ in range(4096)]
+
+    def padded(bucket: int) -> int:
+        order = BatchOrder(lengths, 32, "s", bucket=bucket)
+        return sum(32 * max(lengths[i] for i in order(step)) for step in range(order.per_epoch))
+
+    assert padded(16) < 0.75 * padded(1)
+    # Still random at the scale of the run: batch sizes of examples are not in length order.
+    order = BatchOrder(lengths, 32, "s", bucket=16)
+    means = [sum(lengths[i] for i in order(step)) for step in range(16)]
+    assert means != sorted(means)
 
 
 def test_learning_rate_warms_up_then_decays():
@@ -135,3 +162,52 @@ def test_cli_sft_rejects_a_bad_field_with_status_2(capsys):
 
     assert main(["sft", "lr=0"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+def _tiny_run(out, **overrides) -> SFTConfig:
+    values = dict(
+        mixture={"easy": 1.0}, num_problems=256, word_fraction=0.0, preset="test", batch_size=16,
+        lr=3e-3, warmup_steps=5, max_steps=40, log_every=10, checkpoint_every=20, num_workers=2,
+        out_dir=str(out),
+    )
+    return SFTConfig(**{**values, **overrides})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_time_budget_stops_cleanly_and_still_saves(ray_cluster, tmp_path):
+    out = tmp_path / "budget"
+    sft.train_sft(_tiny_run(out, max_steps=100_000, time_budget_min=0.05))  # 3 seconds
+    summary = json.loads((out / sft.SUMMARY_FILE).read_text())
+    assert summary["stopped_by"] == "time_budget"
+    assert 0 < summary["steps"] < 100_000
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    """The driver is SIGKILLed after the first checkpoint; the rerun continues from it."""
+    out = tmp_path / "resume"
+    cfg = _tiny_run(out, max_steps=2000, log_every=10, checkpoint_every=10)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "sft", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    checkpoints = tmp_path / "ray_train" / "sft-resume"
+    deadline = time.monotonic() + 120
+    try:
+        while not list(checkpoints.glob("checkpoint_*/train_state.pt")):
+            assert proc.poll() is None, "the first run ended before writing a checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.5)
+        time.sleep(0.5)  # let the checkpoint's report finish
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()  # nothing half-written where the policy goes
+
+    sft.train_sft(dataclasses.replace(cfg, max_steps=60))
+    summary = json.loads((out / sft.SUMMARY_FILE).read_text())
+    assert summary["resumed_from_step"] >= 10
+    assert summary["steps"] == max(60, summary["resumed_from_step"])  # the first run may have passed 60

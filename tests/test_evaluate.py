@@ -1,0 +1,149 @@
+"""`mathprm evaluate`: strategies, voting, pass@k and scoring in-process; real runs on the tiny policy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mathprm import arith
+from mathprm.cli import main
+from mathprm.config import ConfigError, parse_args
+from mathprm.evaluate import (
+    EvalConfig,
+    majority_vote,
+    parse_strategy,
+    pass_at_k,
+    run_evaluation,
+)
+from mathprm.generation import Rollout
+from mathprm.problems import Problem
+from mathprm.steps import StepFormat
+from tests.conftest import MEMORISED
+
+
+def test_parse_strategy():
+    assert parse_strategy("greedy").k == 1
+    assert parse_strategy("majority@16").kind == "majority"
+    assert parse_strategy("pass@4").name == "pass@4"
+    for bad in ("best", "pass@0", "pass@", "majority@x", "greedy@2"):
+        with pytest.raises(ValueError, match="strategies"):
+            parse_strategy(bad)
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(16, 0, 16) == 0.0
+    assert pass_at_k(16, 1, 16) == 1.0  # n == k: "any of them"
+    assert pass_at_k(10, 9, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 2)
+
+
+def test_majority_vote_ties_go_to_the_first_and_none_is_ignored():
+    assert majority_vote(["3", None, "4", "4", "3"]) == "3"
+    assert majority_vote([None, "7", "8", "8"]) == "8"
+    assert majority_vote([None, None]) is None
+
+
+def test_cli_style_arguments_and_list_fields():
+    cfg = parse_args(EvalConfig, ["--policy", "p", "--dataset=arith:easy", "--limit", "5",
+                                  "--strategies", "greedy,majority@4,pass@4", "--max-solution-tokens", "64"])
+    assert (cfg.policy, cfg.dataset, cfg.limit, cfg.max_solution_tokens) == ("p", "arith:easy", 5, 64)
+    assert cfg.strategies == ["greedy", "majority@4", "pass@4"]
+    with pytest.raises(ConfigError, match="top@3"):
+        parse_args(EvalConfig, ["--strategies", "greedy,top@3"])
+    with pytest.raises(ConfigError, match="--limit needs a value"):
+        parse_args(EvalConfig, ["--limit"])
+
+
+class ScriptedGenerator:
+    """Hands out fixed completions (a test double for the contract; the real backends run below)."""
+
+    step_format = StepFormat("\n")
+
+    def __init__(self, greedy: dict[str, str], samples: dict[str, list[str]]) -> None:
+        self.greedy, self.samples = greedy, samples
+
+    def rollouts(self, prefixes, n, sampling):
+        out = []
+        for p in prefixes:
+            texts = [self.greedy[p.question]] if sampling.greedy else self.samples[p.question][:n]
+            assert len(texts) == n
+            out.append([Rollout(t.split("\n"), t, len(t) + 1, True) for t in texts])
+        return out
+
+
+def test_scores_and_diagnostics_on_scripted_solutions(tmp_path):
+    """Two arith problems; every number below follows from the scripted texts by hand."""
+    a, b = arith.generate("easy", 2, seed=3)
+    ref_a, ref_b = a.solution, b.solution
+    wrong_a = ref_a.replace(f"The answer is {a.answer}", f"The answer is {int(a.answer) + 1}")
+    garbage = "1 2 3"
+    gen = ScriptedGenerator(
+        greedy={a.question: ref_a, b.question: garbage},
+        # a: 1 right of 4, majority wrong; b: 3 right of 4, one unparseable.
+        samples={a.question: [wrong_a, wrong_a, ref_a, garbage], b.question: [ref_b, garbage, ref_b, ref_b]},
+    )
+    cfg = EvalConfig(strategies=["greedy", "majority@4", "pass@4", "pass@2"], out=str(tmp_path / "r.json"))
+    report = run_evaluation(cfg, generator=gen, problems=[a, b])
+    s = report["strategies"]
+    assert s["greedy"]["accuracy"] == 0.5
+    assert s["majority@4"]["accuracy"] == 0.5  # a votes the wrong answer, b the right one
+    assert s["pass@4"]["accuracy"] == 1.0
+    assert s["pass@2"]["accuracy"] == pytest.approx((0.5 + 1.0) / 2)  # a: 1 - C(3,2)/C(4,2)
+    assert s["pass@2"]["samples_per_problem"] == 2
+    assert s["greedy"]["generated_tokens"] == len(ref_a) + 1 + len(garbage) + 1
+    assert s["pass@2"]["generated_tokens"] == 2 * (len(wrong_a) + 1) + (len(ref_b) + 1) + (len(garbage) + 1)
+    sampled = report["diagnostics"]["sampled"]
+    assert sampled["parseable"] == 6 / 8
+    # easy = 2 operations + answer line = 3 steps. wrong_a: 2 of 3 steps right; garbage: 0 of 1.
+    assert sampled["step_accuracy"] == pytest.approx((2 * 2 + 3 + 0 + 3 * 3 + 0) / (3 * 6 + 1 * 2))
+    assert sampled["first_error_histogram"] == {"0": 2, "2": 2}
+    assert json.loads((tmp_path / "r.json").read_text()) == report
+    lines = (tmp_path / "r.problems.jsonl").read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == [a.id, b.id]
+
+
+def _memorised_problems() -> list[Problem]:
+    return [Problem(id=f"m{i}", question=q, answer=s[-1].split()[-1], source="test")
+            for i, (q, s) in enumerate(MEMORISED.items())]
+
+
+def test_hf_backend_on_the_tiny_policy(tiny_policy_dir, tmp_path):
+    cfg = EvalConfig(policy=str(tiny_policy_dir), strategies=["greedy", "pass@2"], temperature=0.5,
+                     separator="\n", max_solution_tokens=48, out=str(tmp_path / "hf.json"))
+    report = run_evaluation(cfg, problems=_memorised_problems())
+    assert report["strategies"]["greedy"]["accuracy"] == 1.0  # memorised, graded by the real grader
+    assert report["diagnostics"]["greedy"]["parseable"] == 1.0
+    assert report["strategies"]["pass@2"]["n_problems"] == 2
+
+
+@pytest.mark.vllm
+def test_vllm_backend_agrees_on_greedy(vllm_generator, tiny_policy_dir, tmp_path):
+    cfg = EvalConfig(policy=str(tiny_policy_dir), backend="vllm", strategies=["greedy", "majority@2"],
+                     separator="\n", max_solution_tokens=48, out=str(tmp_path / "v.json"))
+    report = run_evaluation(cfg, generator=vllm_generator, problems=_memorised_problems())
+    assert report["strategies"]["greedy"]["accuracy"] == 1.0
+    assert report["strategies"]["greedy"]["generated_tokens"] == sum(
+        len("\n".join(s)) + 1 for s in MEMORISED.values())  # characters + EOS
+
+
+def test_cli_evaluate_writes_the_report(tiny_policy_dir, tmp_path, capsys):
+    out = tmp_path / "cli.json"
+    rc = main(["evaluate", "--policy", str(tiny_policy_dir), "--dataset", "arith:easy", "--limit", "2",
+               "--strategies", "greedy,pass@2", "--max-solution-tokens", "32", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert set(report["strategies"]) == {"greedy", "pass@2"}
+    assert report["strategies"]["pass@2"]["samples_per_problem"] == 2
+    assert report["n_problems"] == 2
+    assert "step_accuracy" in report["diagnostics"]["greedy"]
+    assert "greedy" in capsys.readouterr().out
+
+
+def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["evaluate", "--policy", str(tmp_path / "nope"), "--limit", "1"]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+    assert main(["evaluate", "--strategies", "greedy,best@2"]) == 2
+    assert "best@2" in capsys.readouterr().err
