@@ -15,6 +15,7 @@ TORCH_CPU := torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+ARGS ?=
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
@@ -50,7 +51,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mathprm.cli demo
+	$(BIN)/python -m mathprm.cli demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -85,7 +85,8 @@ def _demo(argv: list[str]) -> int:
        into runs/arith/policy, or reused when a finished one is there;
     3. its greedy / majority@16 / pass@16 accuracy on fresh arith:hard test problems
        (jobs/configs/eval_arith.yaml).
-    `key=value` arguments go to the evaluation (e.g. `limit=50`). Later stages extend it.
+    Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
+    `sft.time_budget_min=5`, `eval.limit=50`. Later stages extend it.
     """
     from mathprm.config import load_config
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
@@ -94,18 +95,27 @@ def _demo(argv: list[str]) -> int:
     from mathprm.problems import data_dir
     from mathprm.sft import SFTConfig, train_sft
 
+    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": []}
+    for arg in argv:
+        stage, dot, rest = arg.partition(".")
+        if not dot or stage not in stages or "=" not in rest:
+            raise ConfigError(f"demo argument {arg!r}: use <stage>.<field>=<value> with stage one of "
+                              f"{', '.join(stages)} (e.g. eval.limit=50)")
+        stages[stage].append(rest)
     try:
         data_dir()
         datasets = ["math500", "gsm8k", "math_hard", "arith:hard"]
     except FileNotFoundError as e:
         print(f"[demo] {e}\n[demo] using the samples bundled with mathprm instead", flush=True)
         datasets = ["sample:math500", "sample:gsm8k", "arith:hard"]
-    eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", list(argv))  # bad input fails first
-    cfg = parse_args(DataCheckConfig, [f"datasets={datasets}", "out_dir=runs/demo/data_check"])
+    # Every config is read before any work starts, so a bad field fails in the first second.
+    data_cfg = parse_args(DataCheckConfig, [f"datasets={datasets}", "out_dir=runs/demo/data_check", *stages["data"]])
+    sft_cfg = load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml", stages["sft"])
+    eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", stages["eval"])
     print("[demo] 1/3 data check", flush=True)
-    print(format_table(run_data_check(cfg)))
+    print(format_table(run_data_check(data_cfg)))
     print("[demo] 2/3 base policy (trained once, then reused)", flush=True)
-    policy = train_sft(load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml"))
+    policy = train_sft(sft_cfg)
     print(f"[demo] 3/3 evaluating {policy} on {eval_cfg.dataset}", flush=True)
     eval_cfg.policy = str(policy)
     print(eval_table(run_evaluation(eval_cfg)))

@@ -157,7 +157,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             return value
         return from_dict(tp, value, prefix=name + ".")
     if origin in (list, tuple):
-        if isinstance(value, str) and "," in value:  # --strategies greedy,pass@16
+        if isinstance(value, str):  # --strategies greedy,pass@16 (or one item: --strategies greedy)
             value = [yaml.safe_load(v) if v.strip() else "" for v in value.split(",")]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"field {name!r}: expected a list, got {value!r}")

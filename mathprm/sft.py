@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -59,6 +59,7 @@ class SFTConfig:
     seed: int = 0
     num_workers: int = 2
     use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under bfloat16 autocast (GPU, or CPU with AVX-512 BF16)
     log_every: int = 50  # steps between progress lines / ray.train.report calls
     checkpoint_every: int = 500  # steps between rank-0 Ray Train checkpoints (a multiple of log_every)
     out_dir: str = "runs/arith/policy"
@@ -206,12 +207,21 @@ def learning_rate(cfg: SFTConfig, step: int, progress: float) -> float:
     return cfg.lr * (_MIN_LR_RATIO + (1.0 - _MIN_LR_RATIO) * cosine)
 
 
-def train_step(model: torch.nn.Module, batch: SFTBatch, optimizer: torch.optim.Optimizer, lr: float) -> float:
-    """One AdamW step on the mean token loss of `batch`; returns that loss."""
+def train_step(
+    model: torch.nn.Module, batch: SFTBatch, optimizer: torch.optim.Optimizer, lr: float, bf16: bool = False
+) -> float:
+    """One AdamW step on the mean token loss of `batch`; returns that loss.
+
+    `bf16` runs the forward pass under bfloat16 autocast (weights, optimiser state and the
+    loss's softmax stay float32): the usual choice on GPUs, and ~1.3x faster on CPUs with
+    AVX-512 BF16.
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    device_type = batch.input_ids.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
@@ -322,7 +332,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     while step < cfg.max_steps:
         batch = collate([examples[i] for i in order(step)], tokenizer.pad_token_id)
         lr = learning_rate(cfg, step, max(step / cfg.max_steps, time_frac))
-        loss = train_step(model, batch.to(device), optimizer, lr)
+        loss = train_step(model, batch.to(device), optimizer, lr, bf16=cfg.precision == "bf16")
         step += 1
         window += torch.tensor([loss, 1.0, float(batch.attention_mask.sum())], dtype=torch.float64)
         if step % cfg.log_every and step != 1 and step != cfg.max_steps:

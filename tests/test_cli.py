@@ -59,11 +59,29 @@ def test_job_script_runs_on_existing_cluster(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_demo_falls_back_to_bundled_samples(ray_cluster, tmp_path, monkeypatch, capsys):
+def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys):
+    """The whole demo at toy sizes: data check (bundled samples), SFT, evaluation; then reuse."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MATHPRM_DATA_DIR", str(tmp_path / "nowhere"))
-    assert main(["demo", "limit=10"]) == 0
+    args = ["data.limit=10", "sft.preset=test", "sft.num_problems=64", "sft.batch_size=8", "sft.max_steps=10",
+            "sft.log_every=5", "sft.checkpoint_every=10", "sft.time_budget_min=null", "eval.limit=3",
+            "eval.strategies=greedy,majority@2,pass@2", "eval.max_solution_tokens=24"]
+    assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "bundled with mathprm" in out
     assert "| sample:math500 | 10 | 10 |" in out
     assert (tmp_path / "runs/demo/data_check/sample_gsm8k/summary.json").exists()
+    assert (tmp_path / "runs/arith/policy/sft_summary.json").exists()
+    report = json.loads((tmp_path / "runs/arith/eval/policy_arith_hard.json").read_text())
+    assert set(report["strategies"]) == {"greedy", "majority@2", "pass@2"}
+    assert report["n_problems"] == 3
+    for name in ("greedy", "majority@2", "pass@2"):
+        assert name in out
+    # Second run: the policy is reused, not retrained.
+    assert main(["demo", *args]) == 0
+    assert "reusing the finished policy" in capsys.readouterr().out
+
+
+def test_demo_rejects_an_unprefixed_argument(capsys):
+    assert main(["demo", "limit=10"]) == 2
+    assert "eval.limit=50" in capsys.readouterr().err

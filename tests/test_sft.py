@@ -94,12 +94,14 @@ def test_learning_rate_warms_up_then_decays():
     assert sft.learning_rate(cfg, 99, 1.0) == pytest.approx(1e-4)  # ends at _MIN_LR_RATIO * lr
 
 
-def test_train_step_lowers_the_loss(tok):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_train_step_lowers_the_loss(tok, bf16):
     torch.manual_seed(0)
     model = build_policy("test", tok, seed=0)
     batch = collate([build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")], tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters())
-    losses = [sft.train_step(model, batch, opt, lr=1e-2) for _ in range(15)]
+    losses = [sft.train_step(model, batch, opt, lr=1e-2, bf16=bf16) for _ in range(15)]
+    assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
     assert losses[-1] < losses[0] * 0.7
 
 
