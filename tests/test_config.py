@@ -63,7 +63,7 @@ def test_null_override_for_optional():
         ("optim.steps=x", "'optim.steps'"),
         ("nope=1", "'nope'"),
         ("optim.nope=1", "'optim.nope'"),
-        ("datasets=gsm8k", "'datasets'"),
+        ("datasets={gsm8k: 1}", "'datasets'"),
         ("temperature=5", "temperature"),
         ("noequals", "key=value"),
     ],
@@ -101,3 +101,11 @@ def test_to_dict_round_trips():
     cfg = Cfg(seed=4, optim=Inner(steps=3))
     assert load_config(Cfg, None, [f"{k}={v}" for k, v in to_dict(cfg).items() if k != "optim" and v is not None]) == Cfg(seed=4)
     assert to_dict(cfg)["optim"] == {"lr": 1e-3, "steps": 3}
+
+
+def test_list_fields_take_comma_separated_text_and_gnu_flags():
+    assert load_config(Cfg, None, ["datasets=gsm8k"]).datasets == ["gsm8k"]
+    assert load_config(Cfg, None, ["datasets=math500,gsm8k"]).datasets == ["math500", "gsm8k"]
+    cfg = parse_args(Cfg, ["--datasets", "math500,arith:hard", "--seed=3", "--limit", "4"])
+    assert (cfg.datasets, cfg.seed, cfg.limit) == (["math500", "arith:hard"], 3, 4)
+    assert parse_args(Cfg, ["--optim.lr", "2e-3"]).optim.lr == 0.002  # YAML 1.1 reads 2e-3 as text
