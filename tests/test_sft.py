@@ -186,6 +186,13 @@ def test_time_budget_stops_cleanly_and_still_saves(ray_cluster, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
+def _registered_checkpoint(snapshot) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return False
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
@@ -196,14 +203,15 @@ def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "sft", *overrides], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    checkpoints = tmp_path / "ray_train" / "sft-resume"
+    snapshot = tmp_path / "ray_train" / "sft-resume" / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 120
     try:
-        while not list(checkpoints.glob("checkpoint_*/train_state.pt")):
-            assert proc.poll() is None, "the first run ended before writing a checkpoint"
-            assert time.monotonic() < deadline, "no checkpoint after 120 s"
-            time.sleep(0.5)
-        time.sleep(0.5)  # let the checkpoint's report finish
+        # Ray Train resumes from the checkpoints its controller has registered in this
+        # snapshot; a checkpoint directory alone is not yet part of the run.
+        while not _registered_checkpoint(snapshot):
+            assert proc.poll() is None, "the first run ended before registering a checkpoint"
+            assert time.monotonic() < deadline, "no registered checkpoint after 120 s"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
