@@ -95,7 +95,7 @@ def main() -> int:
     parser.add_argument("--policies", default="runs/arith/policy,runs/arith/policy_small")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=0.85)
     parser.add_argument("--backend", default="hf")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()

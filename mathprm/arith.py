@@ -62,10 +62,12 @@ class Preset:
 
 
 # Sized so that a ~1M-parameter character-level model trained from scratch for 15 minutes on
-# two CPU cores gets most steps right but not all (measured: docs/BENCHMARKS.md). Values stay
-# within 0..99 and non-negative (negatives were a measured weak spot and make word problems
-# absurd): difficulty comes from the length of the chain, where one wrong step anywhere
-# sinks the answer, and from operand sizes and operators.
+# two CPU cores gets most steps right but not all (measured: docs/BENCHMARKS.md, "SFT recipe").
+# Values stay non-negative (negatives were a measured weak spot and make word problems absurd).
+# easy and medium stay below 100, where the tiny policy learns + and - exactly; hard reaches
+# 199 and chains 7-9 operations. Its residual errors are mostly * and / facts and carries
+# across 100, and one wrong step anywhere sinks the answer. Moving hard to 3-digit numbers
+# made +/- unlearnable in the budget (5 % greedy); keeping it below 100 made it too easy (92 %).
 PRESETS: dict[str, Preset] = {
     "easy": Preset(
         n_ops=(2, 2), start=(1, 20), add_operand=(1, 9), mul_operand=(2, 5), operators="+-*", max_value=50
@@ -74,7 +76,7 @@ PRESETS: dict[str, Preset] = {
         n_ops=(3, 4), start=(1, 50), add_operand=(1, 9), mul_operand=(2, 5), operators="+-*/", max_value=99
     ),
     "hard": Preset(
-        n_ops=(5, 7), start=(1, 99), add_operand=(1, 19), mul_operand=(2, 9), operators="+-*/", max_value=99
+        n_ops=(7, 9), start=(1, 199), add_operand=(1, 19), mul_operand=(2, 19), operators="+-*/", max_value=199
     ),
 }
 

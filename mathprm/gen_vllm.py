@@ -50,6 +50,13 @@ class VLLMGenerator:
         options = {} if max_model_len is None else {"max_model_len": max_model_len}
         if on_gpu:
             options["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # vLLM rewinds a seeded request's torch.Generator when its prompt was only partly
+            # prefilled, and CPU generators cannot rewind ("CPU Generator does not use
+            # offset"): a seeded batch over the 4096-token step budget killed the engine.
+            # Without chunked prefill a prompt is always prefilled whole, in a later step if
+            # the budget is spent.
+            options["enable_chunked_prefill"] = False
         # Eager mode starts ~3x faster on CPU (no torch.compile warm-up) but decodes ~2x slower.
         eager = (not on_gpu) if enforce_eager is None else enforce_eager
         self.step_format = step_format

@@ -146,3 +146,15 @@ def test_vllm_prefix_cache_is_used(vllm_generator):
     vllm_generator.next_steps([prefix], 1, GREEDY)
     vllm_generator.next_steps([prefix], 1, GREEDY)
     assert vllm_generator.last_cached_tokens[0] > 0
+
+
+@pytest.mark.vllm
+def test_vllm_seeded_batch_over_the_step_token_budget(vllm_generator):
+    # 40 prompts of ~170 tokens exceed vLLM-CPU's 4096-token step budget; with chunked
+    # prefill a seeded request cut mid-prompt killed the engine ("CPU Generator does not use
+    # offset"), so the backend turns chunked prefill off on CPU.
+    prefixes = [Prefix(f"What is {i}+3?" + " 2 + 3" * 26) for i in range(40)]
+    sampling = Sampling(temperature=1.0, max_solution_tokens=8, seed=3)
+    first = vllm_generator.rollouts(prefixes, 2, sampling)
+    assert len(first) == 40 and all(len(r) == 2 for r in first)
+    assert first == vllm_generator.rollouts(prefixes, 2, sampling)

@@ -126,7 +126,7 @@ def test_config_errors_name_the_field(override, field):
 
 def test_job_config_parses():
     cfg = parse_args(SFTConfig, ["--config", "jobs/configs/sft_arith.yaml"])
-    assert cfg.out_dir == "runs/arith/policy" and cfg.mixture == {"easy": 1.0, "medium": 1.0, "hard": 2.0}
+    assert cfg.out_dir == "runs/arith/policy" and cfg.mixture == {"easy": 1.0, "medium": 3.0, "hard": 6.0}
 
 
 @pytest.mark.ray

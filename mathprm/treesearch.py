@@ -1,0 +1,389 @@
+"""Step labels by tree search: how often a prefix of a solution can still reach the gold answer.
+
+A process reward model needs a score for every step. Without human annotation, a step is
+scored by Monte-Carlo completion: roll the policy out from the prefix ending in that step and
+count how many completions reach the gold answer. Two searches decide which prefixes to score:
+
+- `math_shepherd` (Wang et al. 2023, arXiv 2312.08935): sample `num_solutions`
+  solutions, then score every step of every distinct solution with `rollouts_per_step`
+  completions. All prefixes of a problem go to the generator in one batched call.
+- `omegaprm` (Luo et al. 2024, arXiv 2406.06592): a tree of states (prefixes).
+  Wrong rollouts are kept as candidates, the most promising one by Q(s, r) + U(s) is picked,
+  and a binary search over its steps finds the first error, with `rollouts_per_step`
+  completions per probe. The rollouts of every probe join the pool. This repeats until the
+  per-problem `rollout_budget` or the pool runs out.
+
+Both return `StepLabel`s, one for each scored state: the state's last step, the steps before
+it, and score = MC = the fraction of its completions that reach the gold answer (the "soft
+estimation" of Math-Shepherd; the hard label `score > 0` is derived later, see `to_trl`).
+Grading is a plain callable (`Grader`), so the search never knows the answer format.
+
+Choices and departures from the papers:
+
+- Seeds: generator call `i` of a problem samples with `call_seed(cfg.seed, problem.id, i)`,
+  and the backend derives prefix and sample seeds from that, so every rollout replays.
+- The solution text that is graded is the prefix's steps followed by the completion, so an
+  answer written in the prefix still counts if the completion adds nothing.
+- Math-Shepherd: the last step of a finished solution is scored by grading that solution
+  (n_rollouts=1) instead of completing a finished text. A truncated solution's last step is
+  partial and gets no label. Identical prefixes across solutions are scored once.
+- OmegaPRM, pool: the paper's rule, wrong rollouts from states with 0 < MC(s) < 1, plus the
+  wrong rollouts of the root when MC(root) = 0. The empty prefix cannot hold an error, so the
+  binary search's lower end still holds there, and hard questions still yield labels.
+  Rollouts cut at `max_solution_tokens` count as wrong in MC but are never searched: without
+  an answer line there is no known-wrong end to search towards.
+- OmegaPRM, len(r) in Q is the rollout's generated tokens (as in the paper; `Rollout.n_tokens`,
+  counting EOS). Defaults c_puct=0.125, alpha=0.5, beta=0.9, L=500 are the paper's.
+- OmegaPRM, tree: every probed state becomes a node, including the MC = 0 ones at and past
+  the first error (the paper adds "the states before the first error"; the negatives are what
+  a PRM learns errors from). If the first error is the rollout's last step, nothing was probed
+  there, so the whole solution becomes a node graded directly (n_rollouts=1, score 0). A probe
+  whose state is already in the tree reuses its MC without new rollouts.
+- OmegaPRM, budget: the paper caps the number of searches; here the cap is on rollouts, which
+  is what costs. The search stops at the first probe that would go past `rollout_budget`.
+- A node can extend its parent by several steps, so its label's `prefix` is the full prefix,
+  not the parent. `to_trl` merges such steps into one completion (see there).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from mathprm.evaluate import Judge
+from mathprm.generation import Generator, Prefix, Rollout, Sampling
+from mathprm.problems import Problem
+from mathprm.steps import StepFormat
+
+State = tuple[str, ...]  # a prefix: the steps written so far
+Grader = Callable[[Problem, str], bool]  # (problem, solution text) -> reaches the gold answer
+
+
+def judge_grader(problem: Problem, text: str) -> bool:
+    """The project's grader: exact integers on arith, math-verify/sympy on real math."""
+    judge = Judge(problem)
+    return judge.correct(judge.key(text))
+
+
+@dataclass(frozen=True)
+class StepLabel:
+    """One scored step: `prefix + (step,)` is a state whose completions were graded."""
+
+    problem_id: str
+    question: str
+    prefix: tuple[str, ...]  # the steps before `step`, as the policy wrote them
+    step: str  # the step being scored
+    score: float  # in [0, 1]: fraction of completions from prefix + step that reach the gold answer
+    n_rollouts: int  # completions behind `score` (1: a finished solution graded directly)
+    n_correct: int  # of those, the ones that reach the gold answer
+    depth: int  # len(prefix): the step's 0-based index in the solution
+    method: str  # "math_shepherd" or "omegaprm"
+
+
+@dataclass
+class SearchStats:
+    """What one problem's search cost and produced."""
+
+    n_rollouts: int = 0  # completions generated (graded-only final steps not included)
+    n_tokens: int = 0  # tokens generated in those completions
+    n_calls: int = 0  # generator.rollouts calls
+    n_labels: int = 0  # StepLabels returned
+    n_all_failed: int = 0  # labels with score 0: no completion reached the gold answer
+    n_searches: int = 0  # omegaprm: binary searches started (0 for math_shepherd)
+
+
+@dataclass
+class TreeSearchConfig:
+    """Step labelling by tree search: the method, its knobs and the sampling of every call."""
+
+    method: Literal["math_shepherd", "omegaprm"] = "math_shepherd"
+    num_solutions: int = 8  # solutions sampled at the root (both methods)
+    rollouts_per_step: int = 8  # completions per scored state (K in Math-Shepherd, k in OmegaPRM)
+    rollout_budget: int = 200  # omegaprm: most completions generated per problem, root's included
+    c_puct: float = 0.125  # omegaprm: weight of the exploration term U(s)
+    alpha: float = 0.5  # omegaprm: Q(s, r) = alpha^(1 - MC(s)) * beta^(len(r) / L), alpha in (0, 1]
+    beta: float = 0.9  # omegaprm: in (0, 1]; below 1 prefers short wrong rollouts
+    length_scale: float = 500.0  # omegaprm: L, in generated tokens
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_solution_tokens: int = 384  # a longer completion is cut (and is wrong unless it has the answer)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {', '.join(METHODS)}, got {self.method!r}")
+        for name in ("num_solutions", "rollouts_per_step", "rollout_budget"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive int, got {value!r}")
+        if self.rollout_budget < self.num_solutions:
+            raise ValueError(
+                f"rollout_budget: must cover the {self.num_solutions} root solutions, got {self.rollout_budget}"
+            )
+        for name in ("alpha", "beta"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"{name}: must be in (0, 1], got {getattr(self, name)!r}")
+        if not self.c_puct >= 0:
+            raise ValueError(f"c_puct: must be >= 0, got {self.c_puct!r}")
+        if not self.length_scale > 0:
+            raise ValueError(f"length_scale: must be > 0, got {self.length_scale!r}")
+        self.sampling(0)  # Sampling's own checks, named by field (temperature, top_p, ...)
+
+    def sampling(self, seed: int) -> Sampling:
+        return Sampling(
+            temperature=self.temperature, top_p=self.top_p, max_solution_tokens=self.max_solution_tokens, seed=seed
+        )
+
+
+def call_seed(seed: int, problem_id: str, iteration: int) -> int:
+    """The sampling seed of generator call `iteration` for a problem; stable across processes
+    (sha256, not `hash`), in [0, 2^63)."""
+    digest = hashlib.sha256(f"{seed}\x00{problem_id}\x00{iteration}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+class _Search:
+    """What both methods share: one problem, its generator calls, grading and stats."""
+
+    def __init__(self, problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig) -> None:
+        self.problem, self.generator, self.grader, self.cfg = problem, generator, grader, cfg
+        self.fmt: StepFormat = generator.step_format
+        self.stats = SearchStats()
+
+    def rollouts(self, states: list[State], n: int) -> list[list[tuple[Rollout, bool]]]:
+        """`n` graded completions per state, in one generator call."""
+        seed = call_seed(self.cfg.seed, self.problem.id, self.stats.n_calls)
+        prefixes = [Prefix(self.problem.question, s) for s in states]
+        outs = self.generator.rollouts(prefixes, n, self.cfg.sampling(seed))
+        self.stats.n_calls += 1
+        graded = []
+        for state, rollouts in zip(states, outs, strict=True):
+            if len(rollouts) != n:
+                raise ValueError(f"generator returned {len(rollouts)} rollouts for a prefix, asked for {n}")
+            self.stats.n_rollouts += n
+            self.stats.n_tokens += sum(r.n_tokens for r in rollouts)
+            graded.append([(r, self.grade(state, r.text)) for r in rollouts])
+        return graded
+
+    def grade(self, state: State, completion: str) -> bool:
+        head = self.fmt.join(state) + self.fmt.separator if state else ""
+        return self.grader(self.problem, head + completion)
+
+    def label(self, state: State, n: int, correct: int, method: str) -> StepLabel:
+        return StepLabel(
+            problem_id=self.problem.id,
+            question=self.problem.question,
+            prefix=state[:-1],
+            step=state[-1],
+            score=correct / n,
+            n_rollouts=n,
+            n_correct=correct,
+            depth=len(state) - 1,
+            method=method,
+        )
+
+    def finish(self, labels: list[StepLabel]) -> tuple[list[StepLabel], SearchStats]:
+        self.stats.n_labels = len(labels)
+        self.stats.n_all_failed = sum(lab.n_correct == 0 for lab in labels)
+        return labels, self.stats
+
+
+def _writable(state: State) -> bool:
+    """Whether a generator can be prompted with `state`: the lone empty step is the one prefix
+    `StepFormat.join` refuses (it reads back as no steps), e.g. a solution opening with the
+    separator; every other prefix of a split text joins back."""
+    return state != ("",)
+
+
+def math_shepherd(
+    problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig
+) -> tuple[list[StepLabel], SearchStats]:
+    """Math-Shepherd labels: every step of every distinct sampled solution, scored by
+    `cfg.rollouts_per_step` completions from the prefix ending in it. Two generator calls."""
+    search = _Search(problem, generator, grader, cfg)
+    solutions: dict[State, bool] = {}  # distinct solutions, in sampling order -> finished
+    for rollout, _ in search.rollouts([()], cfg.num_solutions)[0]:
+        solutions.setdefault(tuple(rollout.steps), rollout.finished)
+
+    order: list[State] = []  # every state to label, first appearance first
+    ends: set[State] = set()  # last states of finished solutions: graded, not completed
+    inner: dict[State, None] = {}  # the other states, to complete (an ordered set)
+    for steps, finished in solutions.items():
+        states = [steps[: i + 1] for i in range(len(steps)) if _writable(steps[: i + 1])]
+        # A truncated solution's last step is partial; a finished one's is graded as is.
+        last = states.pop() if states and states[-1] == steps else None
+        for s in states:
+            inner.setdefault(s)
+        if last is not None and finished:
+            ends.add(last)
+            states.append(last)
+        order += states
+
+    counts: dict[State, tuple[int, int]] = {}  # state -> (n, correct)
+    to_complete = list(inner)
+    if to_complete:
+        k = cfg.rollouts_per_step
+        for state, graded in zip(to_complete, search.rollouts(to_complete, k), strict=True):
+            counts[state] = (k, sum(ok for _, ok in graded))
+    for state in ends - inner.keys():  # a state inside another solution is completed instead
+        counts[state] = (1, int(search.grade((), search.fmt.join(state))))
+
+    labels, done = [], set()
+    for state in order:
+        if state not in done:
+            done.add(state)
+            labels.append(search.label(state, *counts[state], "math_shepherd"))
+    return search.finish(labels)
+
+
+@dataclass
+class _Node:
+    """A state of the OmegaPRM tree."""
+
+    state: State
+    n: int  # completions from this state (1 for a finished solution graded directly)
+    correct: int  # of those, the ones that reach the gold answer
+    visits: int = 0  # N(s): times a rollout of this state was selected for a binary search
+
+    @property
+    def mc(self) -> float:
+        return self.correct / self.n
+
+
+@dataclass
+class _Tree:
+    nodes: dict[State, _Node] = field(default_factory=dict)  # in creation order
+    pool: list[tuple[_Node, Rollout]] = field(default_factory=list)  # candidate (state, wrong rollout)
+
+    def add(self, state: State, graded: list[tuple[Rollout, bool]]) -> _Node:
+        node = _Node(state, len(graded), sum(ok for _, ok in graded))
+        self.nodes[state] = node
+        if node.correct > 0 or not state:  # 0 < MC(s) < 1, or the root (module docstring)
+            for rollout, ok in graded:
+                if not ok and rollout.finished and rollout.steps and _writable(state + tuple(rollout.steps[:1])):
+                    self.pool.append((node, rollout))
+        return node
+
+    def select(self, cfg: TreeSearchConfig) -> tuple[_Node, Rollout]:
+        """Remove and return the candidate with the highest `selection_value`; ties go to the
+        oldest candidate."""
+        total = sum(node.visits for node in self.nodes.values())
+        values = [selection_value(cfg, node.mc, rollout.n_tokens, node.visits, total) for node, rollout in self.pool]
+        return self.pool.pop(values.index(max(values)))
+
+
+def selection_value(cfg: TreeSearchConfig, mc: float, n_tokens: int, visits: int, total_visits: int) -> float:
+    """OmegaPRM's Q(s, r) + U(s) for a wrong rollout r of `n_tokens` from state s (Luo et al.
+    2024): Q = alpha^(1 - MC(s)) * beta^(len(r) / L) favours wrong rollouts from
+    states that look right and short ones; U = c_puct * sqrt(sum_i N(s_i)) / (1 + N(s)) favours
+    states searched less often. `visits` is N(s), `total_visits` the sum over the tree."""
+    q = cfg.alpha ** (1 - mc) * cfg.beta ** (n_tokens / cfg.length_scale)
+    u = cfg.c_puct * math.sqrt(total_visits) / (1 + visits)
+    return q + u
+
+
+def omegaprm(
+    problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig
+) -> tuple[list[StepLabel], SearchStats]:
+    """OmegaPRM labels: one per tree node but the root (the node's state, score MC(s)).
+
+    Binary search over a wrong rollout r from state s, invariant: s + r[:lo] reaches the gold
+    answer at least once (MC > 0), s + r[:hi] never does; the first error is step hi - 1 of r.
+    """
+    search = _Search(problem, generator, grader, cfg)
+    k = cfg.rollouts_per_step
+    tree = _Tree()
+    tree.add((), search.rollouts([()], cfg.num_solutions)[0])
+    while tree.pool:
+        node, rollout = tree.select(cfg)
+        node.visits += 1
+        search.stats.n_searches += 1
+        steps = tuple(rollout.steps)
+        lo, hi = 0, len(steps)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            state = node.state + steps[:mid]
+            probe = tree.nodes.get(state)
+            if probe is None:
+                if search.stats.n_rollouts + k > cfg.rollout_budget:
+                    return search.finish(_omegaprm_labels(search, tree))
+                probe = tree.add(state, search.rollouts([state], k)[0])
+            if probe.correct > 0:
+                lo = mid
+            else:
+                hi = mid
+        end = node.state + steps
+        if hi == len(steps) and end not in tree.nodes:  # the error is the last step: never probed
+            tree.nodes[end] = _Node(end, 1, 0)  # a wrong finished solution, graded when sampled
+    return search.finish(_omegaprm_labels(search, tree))
+
+
+def _omegaprm_labels(search: _Search, tree: _Tree) -> list[StepLabel]:
+    return [search.label(s, node.n, node.correct, "omegaprm") for s, node in tree.nodes.items() if s]
+
+
+METHODS: dict[str, Callable[..., tuple[list[StepLabel], SearchStats]]] = {
+    "math_shepherd": math_shepherd,
+    "omegaprm": omegaprm,
+}
+
+
+# ----------------------------------------------------------------------------- using labels
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve: the chance that a random positive outscores a random negative,
+    ties counting one half. Computed as the Mann-Whitney U statistic over average ranks
+    (Mann & Whitney 1947; Hanley & McNeil 1982): AUROC = (R+ - n+(n+ + 1)/2) / (n+ n-), with R+
+    the sum of the positives' ranks, tied scores sharing the mean of their ranks."""
+    if len(scores) != len(labels):
+        raise ValueError(f"scores and labels differ in length: {len(scores)} != {len(labels)}")
+    n_pos = sum(bool(y) for y in labels)
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"auroc needs both classes, got {n_pos} positives and {n_neg} negatives")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        mean_rank = (i + j) / 2 + 1  # ranks i+1 .. j+1 share their mean
+        rank_sum += mean_rank * sum(bool(labels[order[t]]) for t in range(i, j + 1))
+        i = j + 1
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def to_trl(labels: Sequence[StepLabel], hard: bool, fmt: StepFormat) -> list[dict]:
+    """TRL stepwise-supervision rows {"prompt", "completions", "labels"}: one per root-to-leaf
+    path of each problem's labelled states.
+
+    A leaf is a labelled state that no other labelled state of the problem extends, so for
+    math_shepherd a row is a sampled solution (a solution that is a prefix of another rides in
+    the longer one's row); for omegaprm it is a path to a tree leaf. Along the path, the steps
+    between two labelled states are joined with `fmt.separator` into one completion carrying
+    the later state's label: an OmegaPRM node can extend its parent by several steps, and only
+    node states have measured scores. `prompt` is `fmt.prompt(question)`, so with TRL's
+    `step_separator = fmt.separator` the text is exactly the policy's. Labels are scores, or
+    `score > 0` (can still reach the gold answer; Math-Shepherd's hard estimation) when `hard`.
+    """
+    groups: dict[tuple[str, str], list[StepLabel]] = {}
+    for lab in labels:
+        groups.setdefault((lab.problem_id, lab.method), []).append(lab)
+    rows = []
+    for group in groups.values():
+        by_state = {(*lab.prefix, lab.step): lab for lab in group}
+        inner = {s[:i] for s in by_state for i in range(len(s))}  # every proper prefix
+        for leaf in (s for s in by_state if s not in inner):
+            completions, values, last = [], [], 0
+            for end in range(1, len(leaf) + 1):
+                lab = by_state.get(leaf[:end])
+                if lab is not None:
+                    completions.append(fmt.separator.join(leaf[last:end]))  # not join: a lone "" step is fine here
+                    values.append(lab.score > 0 if hard else lab.score)
+                    last = end
+            rows.append({"prompt": fmt.prompt(group[0].question), "completions": completions, "labels": values})
+    return rows

@@ -1,0 +1,316 @@
+"""Tree-search step labels on the arithmetic world, with a policy whose error rate is known."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from mathprm import arith
+from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.problems import Problem
+from mathprm.steps import StepFormat
+from mathprm.treesearch import (
+    StepLabel,
+    TreeSearchConfig,
+    auroc,
+    call_seed,
+    judge_grader,
+    math_shepherd,
+    omegaprm,
+    selection_value,
+    to_trl,
+)
+
+FMT = StepFormat(arith.STEP_SEPARATOR)
+
+
+class NoisyArithGenerator:
+    """Continues an arith solution from any prefix it wrote, each step (answer line included)
+    wrong with probability `p` (`p_root` from the empty prefix), off by 1-3.
+
+    Once a written value is wrong, no later step writes a value of the gold path (a collision
+    is bumped by one), so a wrong prefix can never reach the gold answer: from a correct prefix
+    with m steps still to write a completion is right with probability exactly (1 - p)^m, from
+    a wrong one never. Prefix i of a call draws from `prefix_seed(sampling.seed, i)`.
+    """
+
+    step_format = FMT
+
+    def __init__(self, problems: list[Problem], p: float, p_root: float | None = None) -> None:
+        self.problems = {pr.question: pr for pr in problems}
+        self.p, self.p_root = p, p if p_root is None else p_root
+        self.calls: list[list[Prefix]] = []
+        self.n_rollouts = 0
+
+    def _steps(self, problem: Problem, steps: tuple[str, ...], rng: random.Random, p: float) -> list[str]:
+        start, ops = arith.chain(problem)
+        gold = [start]  # gold[i]: the value after i operations
+        for op, n in ops:
+            gold.append(arith.apply_op(gold[-1], op, n))
+        if steps and steps[-1].startswith("The answer is"):
+            return []
+        value = int(steps[-1].rsplit("= ", 1)[1]) if steps else start
+        wrong = value != gold[len(steps)]
+        out = []
+        for i in range(len(steps), len(ops) + 1):
+            if i < len(ops):
+                op, n = ops[i]
+                result = value // n if op == "/" else arith.apply_op(value, op, n)
+            else:
+                result = value  # the answer line repeats the last value
+            if rng.random() < p:
+                result += rng.choice((-3, -2, -1, 1, 2, 3))
+                wrong = True
+            if wrong and result == gold[min(i + 1, len(ops))]:
+                result += 1
+            out.append(f"{value} {op} {n} = {result}" if i < len(ops) else f"The answer is {result}")
+            value = result
+        return out
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        self.calls.append(list(prefixes))
+        self.n_rollouts += n * len(prefixes)
+        out = []
+        for i, prefix in enumerate(prefixes):
+            rng = random.Random(prefix_seed(sampling.seed, i))
+            p = self.p if prefix.steps else self.p_root
+            texts = ["\n".join(self._steps(self.problems[prefix.question], prefix.steps, rng, p)) for _ in range(n)]
+            out.append([Rollout(FMT.split(t), t, len(t) + 1, finished=True) for t in texts])
+        return out
+
+    def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
+        """The protocol's other half (the searches here only roll out): a rollout's first step."""
+        return [[StepSample(r.steps[0], len(r.steps[0]) + 1, len(r.steps) == 1) if r.steps
+                 else StepSample("", 1, True) for r in rs] for rs in self.rollouts(prefixes, n, sampling)]
+
+
+def truth(problem: Problem, lab: StepLabel) -> bool:
+    """Whether every step up to and including the labelled one is right."""
+    return arith.step_labels(problem, [*lab.prefix, lab.step])[-1]
+
+
+def run(method, problems, p, cfg, p_root=None):
+    gen = NoisyArithGenerator(problems, p, p_root)
+    results = [method(pr, gen, judge_grader, cfg) for pr in problems]
+    return gen, results
+
+
+MEDIUM = arith.generate("medium", 30, seed=0)
+HARD = arith.generate("hard", 10, seed=0)
+CFG = TreeSearchConfig(num_solutions=4, rollouts_per_step=8, rollout_budget=120)
+
+
+def test_the_double_errs_at_the_rate_it_is_told():
+    pr = HARD[0]
+    gen = NoisyArithGenerator([pr], p=0.0)
+    [[r]] = gen.rollouts([Prefix(pr.question)], 1, Sampling(seed=1))
+    assert r.steps == arith.solution_steps(pr)
+    gen = NoisyArithGenerator([pr], p=0.2)
+    rs = gen.rollouts([Prefix(pr.question)], 400, Sampling(seed=1))[0]
+    n_steps = len(arith.solution_steps(pr))
+    assert sum(arith.is_correct(pr, r.text) for r in rs) / 400 == pytest.approx(0.8**n_steps, abs=0.06)
+    assert all(arith.first_error(pr, r.steps) == -1 for r in rs if arith.is_correct(pr, r.text))
+
+
+@pytest.mark.parametrize("method", [math_shepherd, omegaprm])
+def test_a_wrong_prefix_scores_zero_and_a_right_one_about_its_survival_odds(method):
+    p = 0.15
+    _, results = run(method, MEDIUM, p, CFG)
+    gaps, n_wrong = [], 0
+    for pr, (labels, _) in zip(MEDIUM, results):
+        n_steps = len(arith.solution_steps(pr))
+        for lab in labels:
+            if truth(pr, lab):
+                gaps.append(lab.score - (1 - p) ** (n_steps - lab.depth - 1))
+            else:
+                n_wrong += 1
+                assert lab.score == 0.0, lab
+    assert n_wrong > 20 and len(gaps) > 50
+    assert abs(sum(gaps) / len(gaps)) < 0.04
+
+
+@pytest.mark.parametrize("method", [math_shepherd, omegaprm])
+def test_scores_rank_steps_like_the_exact_labels(method):
+    _, results = run(method, MEDIUM, 0.15, CFG)
+    scores, truths = [], []
+    for pr, (labels, _) in zip(MEDIUM, results):
+        scores += [lab.score for lab in labels]
+        truths += [truth(pr, lab) for lab in labels]
+    assert auroc(scores, truths) > 0.9
+
+
+def test_math_shepherd_labels_every_step_once_in_two_calls():
+    gen, results = run(math_shepherd, MEDIUM[:5], 0.3, CFG)
+    assert len(gen.calls) == 10
+    for (labels, stats), batch in zip(results, gen.calls[1::2]):
+        assert stats.n_calls == 2
+        states = [(*lab.prefix, lab.step) for lab in labels]
+        assert len(set(states)) == len(states)
+        assert all(s[:-1] in states[:i] for i, s in enumerate(states) if len(s) > 1)  # in step order
+        # Every state but the finished solutions' last ones is completed, each once, in one call.
+        finals = [lab for lab in labels if lab.step.startswith("The answer is")]
+        assert all(lab.n_rollouts == 1 for lab in finals)
+        assert sorted(p.steps for p in batch) == sorted(set(states) - {(*f.prefix, f.step) for f in finals})
+        assert stats.n_rollouts == CFG.num_solutions + CFG.rollouts_per_step * len(batch)
+        assert stats.n_labels == len(labels) and stats.n_all_failed == sum(lab.score == 0 for lab in labels)
+
+
+class TrailingSeparator(NoisyArithGenerator):
+    """Ends every root solution with the separator before EOS, as a real policy may."""
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        out = super().rollouts(prefixes, n, sampling)
+        return [rs if p.steps else [Rollout(FMT.split(r.text + "\n"), r.text + "\n", r.n_tokens + 1, True) for r in rs]
+                for p, rs in zip(prefixes, out)]
+
+
+def test_a_completion_that_adds_nothing_is_graded_with_its_prefix():
+    gen = TrailingSeparator(MEDIUM[:3], 0.0)
+    for pr in MEDIUM[:3]:
+        labels, _ = math_shepherd(pr, gen, judge_grader, CFG)
+        answer, end = labels[-2:]
+        # The answer line is now inside the solution: completed, by nothing, and still right.
+        assert answer.step.startswith("The answer is") and (answer.n_rollouts, answer.score) == (8, 1.0)
+        assert (end.step, end.n_rollouts, end.score) == ("", 1, 1.0)
+
+
+class Truncating(NoisyArithGenerator):
+    """Cuts every root solution inside its answer line, as `max_solution_tokens` would."""
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        out = super().rollouts(prefixes, n, sampling)
+        return [rs if p.steps else [Rollout(FMT.split(r.text[:-4]), r.text[:-4], r.n_tokens - 4, False, True)
+                                    for r in rs] for p, rs in zip(prefixes, out)]
+
+
+def test_a_truncated_solution_has_no_label_on_its_cut_step_and_is_not_searched():
+    pr = MEDIUM[0]
+    labels, _ = math_shepherd(pr, Truncating([pr], 0.3), judge_grader, CFG)
+    n_ops = len(arith.chain(pr)[1])
+    assert labels and max(lab.depth for lab in labels) == n_ops - 1  # up to the last operation
+    assert not any(lab.step.startswith("The answer") for lab in labels)
+    labels, stats = omegaprm(pr, Truncating([pr], 0.3), judge_grader, CFG)
+    assert (labels, stats.n_searches, stats.n_rollouts) == ([], 0, CFG.num_solutions)
+
+
+@pytest.mark.parametrize("budget", [4, 12, 13, 37, 60])
+def test_omegaprm_never_goes_past_its_rollout_budget(budget):
+    cfg = replace(CFG, rollout_budget=budget)
+    gen, results = run(omegaprm, HARD, 0.3, cfg)
+    assert gen.n_rollouts == sum(stats.n_rollouts for _, stats in results)
+    for _, stats in results:
+        # Hard chains (6-8 steps) at p=0.3 always leave a wrong root solution to search, so
+        # the search stops only when the next probe of k=8 would not fit.
+        assert budget - cfg.rollouts_per_step < stats.n_rollouts <= budget
+        assert stats.n_calls == 1 + (stats.n_rollouts - cfg.num_solutions) // cfg.rollouts_per_step
+
+
+def root_solutions(problem: Problem, gen: NoisyArithGenerator, cfg: TreeSearchConfig) -> list[Rollout]:
+    """The solutions a search sampled at the root: its first call, replayed."""
+    sampling = cfg.sampling(call_seed(cfg.seed, problem.id, 0))
+    return gen.rollouts([Prefix(problem.question)], cfg.num_solutions, sampling)[0]
+
+
+def test_omegaprm_binary_search_finds_each_wrong_solutions_first_error():
+    # Errors only at the root: from any later prefix the policy is exact, so MC > 0 exactly
+    # when the prefix is right, and the binary search must land on arith.first_error.
+    cfg = replace(CFG, num_solutions=6, rollout_budget=1000)
+    _, results = run(omegaprm, HARD, 0.0, cfg, p_root=0.2)
+    n_checked = 0
+    for pr, (labels, stats) in zip(HARD, results):
+        scores = {(*lab.prefix, lab.step): lab.score for lab in labels}
+        wrong = [r.steps for r in root_solutions(pr, NoisyArithGenerator([pr], 0.0, 0.2), cfg)
+                 if not arith.is_correct(pr, r.text)]
+        assert stats.n_searches == len(wrong)
+        for steps in wrong:
+            err = arith.first_error(pr, steps)
+            assert scores[tuple(steps[: err + 1])] == 0.0  # the first wrong step is labelled wrong
+            if err > 0:
+                assert scores[tuple(steps[:err])] == 1.0  # and the step before it right
+            n_checked += 1
+    assert n_checked >= 10
+
+
+def test_omegaprm_searches_the_highest_valued_rollout_first():
+    # c_puct = 0 and a steep length term: the first search is on the shortest wrong root
+    # solution (in tokens), and a budget of one probe shows which one it was.
+    cfg = replace(CFG, c_puct=0.0, beta=0.5, length_scale=1.0, rollout_budget=CFG.num_solutions + 8)
+    n_not_first = 0
+    for pr in HARD:
+        gen = NoisyArithGenerator([pr], 0.3)
+        labels, stats = omegaprm(pr, gen, judge_grader, cfg)
+        wrong = [r for r in root_solutions(pr, gen, cfg) if not arith.is_correct(pr, r.text)]
+        shortest = min(wrong, key=lambda r: r.n_tokens)
+        [probed] = labels
+        assert [*probed.prefix, probed.step] == shortest.steps[: probed.depth + 1]
+        n_not_first += shortest is not wrong[0]
+    assert n_not_first >= 3
+
+
+@pytest.mark.parametrize("method", [math_shepherd, omegaprm])
+def test_same_seed_same_labels_other_seed_other_labels(method):
+    a = run(method, MEDIUM[:8], 0.2, CFG)[1]
+    b = run(method, MEDIUM[:8], 0.2, CFG)[1]
+    c = run(method, MEDIUM[:8], 0.2, replace(CFG, seed=1))[1]
+    assert a == b
+    assert [labels for labels, _ in a] != [labels for labels, _ in c]
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("method", "beam"), ("num_solutions", 0), ("rollouts_per_step", -1), ("rollout_budget", 2),
+     ("alpha", 0.0), ("beta", 1.5), ("c_puct", -0.1), ("length_scale", 0), ("temperature", 3.0), ("top_p", 0)],
+)
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        TreeSearchConfig(**{field: value})
+
+
+def test_selection_value_by_hand():
+    cfg = TreeSearchConfig(c_puct=0.125, alpha=0.5, beta=0.9, length_scale=500)
+    # Q = 0.5^(1-0.5) * 0.9^(250/500) = sqrt(0.45); U = 0.125 * sqrt(4) / (1 + 1) = 0.125.
+    assert selection_value(cfg, 0.5, 250, 1, 4) == pytest.approx(0.45**0.5 + 0.125)
+    assert selection_value(cfg, 1.0, 0, 0, 0) == 1.0  # Q's ceiling, nothing visited yet
+    # A wrong rollout from a state that looks right beats one from a state that looks wrong.
+    assert selection_value(cfg, 0.9, 100, 0, 0) > selection_value(cfg, 0.1, 100, 0, 0)
+
+
+def test_auroc_by_hand():
+    # Positives 0.9, 0.4; negatives 0.4, 0.1. Pairs: (.9,.4) 1, (.9,.1) 1, (.4,.4) 1/2, (.4,.1) 1.
+    # Ranks: .1 -> 1, .4 .4 -> 2.5 each, .9 -> 4; R+ = 6.5, U = 6.5 - 3 = 3.5, 3.5 / 4.
+    assert auroc([0.9, 0.4, 0.4, 0.1], [True, True, False, False]) == 0.875
+    assert auroc([0.5, 0.5, 0.5], [True, False, True]) == 0.5
+    assert auroc([0.2, 0.8], [False, True]) == 1.0
+    assert auroc([0.2, 0.8], [True, False]) == 0.0
+    with pytest.raises(ValueError, match="both classes"):
+        auroc([0.1, 0.2], [True, True])
+
+
+def test_to_trl_merges_steps_between_labelled_states():
+    def lab(*state: str, score: float) -> StepLabel:
+        return StepLabel("p", "Q?", state[:-1], state[-1], score, 8, round(8 * score), len(state) - 1, "omegaprm")
+
+    labels = [lab("a", score=0.5), lab("a", "b", "c", score=0.25), lab("a", "b", "c", "d", score=0.0),
+              lab("a", "e", score=1.0), lab("f", "g", score=0.0)]
+    rows = to_trl(labels, hard=False, fmt=FMT)
+    assert rows == [
+        {"prompt": "Q?\n", "completions": ["a", "b\nc", "d"], "labels": [0.5, 0.25, 0.0]},
+        {"prompt": "Q?\n", "completions": ["a", "e"], "labels": [0.5, 1.0]},
+        {"prompt": "Q?\n", "completions": ["f\ng"], "labels": [0.0]},
+    ]
+    assert to_trl(labels, hard=True, fmt=FMT)[0]["labels"] == [True, True, False]
+
+
+def test_to_trl_gives_one_row_per_math_shepherd_solution():
+    pr = MEDIUM[0]
+    gen = NoisyArithGenerator([pr], 0.3)
+    labels, _ = math_shepherd(pr, gen, judge_grader, CFG)
+    rows = to_trl(labels, hard=True, fmt=FMT)
+    solutions = {tuple(r.steps) for r in root_solutions(pr, gen, CFG)}
+    assert sorted(tuple(row["completions"]) for row in rows) == sorted(solutions)
+    for row in rows:
+        assert row["prompt"] == FMT.prompt(pr.question)
+        truths = arith.step_labels(pr, row["completions"])
+        assert all(ok for hard, ok in zip(row["labels"], truths, strict=True) if hard)  # reaches gold => right
