@@ -18,20 +18,29 @@ from pathlib import Path
 from typing import Any
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` atomically (temp file + fsync + rename)."""
+@contextlib.contextmanager
+def file(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+    """Yield a file open on a temporary sibling of `path` that becomes `path` (fsync + rename)
+    only if the block finishes; e.g. `with file(p) as f: pyarrow.parquet.write_table(t, f)`.
+    Temporaries are named `.<name>.tmp-<hex>`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically (temp file + fsync + rename)."""
+    with file(path, "w") as f:
+        f.write(text)
+    return Path(path)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:

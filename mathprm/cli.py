@@ -3,6 +3,7 @@
     mathprm demo                         run the pipeline on its embedded default
     mathprm check-data [--config F] ...  gold answers vs reference solutions, on Ray
     mathprm sft [--config F] ...         fine-tune the arithmetic policy, on Ray Train
+    mathprm mcts [--config F] ...        step labels by tree search, on Ray Data actors
     mathprm evaluate --policy DIR --dataset arith:hard --limit N --seed S \
         --strategies greedy,majority@16,pass@16 --out FILE.json
                                          accuracy of a policy per decoding strategy
@@ -67,6 +68,14 @@ def _sft(argv: list[str]) -> int:
     return 0
 
 
+def _mcts(argv: list[str]) -> int:
+    from mathprm.mcts import MCTSConfig, run_mcts
+
+    if (cfg := _config(MCTSConfig, argv)) is not None:
+        run_mcts(cfg)
+    return 0
+
+
 def _evaluate(argv: list[str]) -> int:
     from mathprm.evaluate import EvalConfig, format_table, run_evaluation
 
@@ -84,18 +93,21 @@ def _demo(argv: list[str]) -> int:
     2. the arithmetic policy from jobs/configs/sft_arith.yaml: trained (~15 min on 2 cores)
        into runs/arith/policy, or reused when a finished one is there;
     3. its greedy / majority@16 / pass@16 accuracy on fresh arith:hard test problems
-       (jobs/configs/eval_arith.yaml).
+       (jobs/configs/eval_arith.yaml);
+    4. step labels by tree search on arith:hard training problems with that policy
+       (jobs/configs/mcts_arith.yaml, DEMO_MCTS_LIMIT problems; a finished output is reused).
     Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
-    `sft.time_budget_min=5`, `eval.limit=50`. Later stages extend it.
+    `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`. Later stages extend it.
     """
     from mathprm.config import load_config
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
     from mathprm.evaluate import EvalConfig, run_evaluation
     from mathprm.evaluate import format_table as eval_table
+    from mathprm.mcts import MCTSConfig, run_mcts
     from mathprm.problems import data_dir
     from mathprm.sft import SFTConfig, train_sft
 
-    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": []}
+    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": []}
     for arg in argv:
         stage, dot, rest = arg.partition(".")
         if not dot or stage not in stages or "=" not in rest:
@@ -112,15 +124,27 @@ def _demo(argv: list[str]) -> int:
     data_cfg = parse_args(DataCheckConfig, [f"datasets={datasets}", "out_dir=runs/demo/data_check", *stages["data"]])
     sft_cfg = load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml", stages["sft"])
     eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", stages["eval"])
-    print("[demo] 1/3 data check", flush=True)
+    mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *stages["mcts"]])
+    print("[demo] 1/4 data check", flush=True)
     print(format_table(run_data_check(data_cfg)))
-    print("[demo] 2/3 base policy (trained once, then reused)", flush=True)
+    print("[demo] 2/4 base policy (trained once, then reused)", flush=True)
     policy = train_sft(sft_cfg)
-    print(f"[demo] 3/3 evaluating {policy} on {eval_cfg.dataset}", flush=True)
+    print(f"[demo] 3/4 evaluating {policy} on {eval_cfg.dataset}", flush=True)
     eval_cfg.policy = str(policy)
     print(eval_table(run_evaluation(eval_cfg)))
     print(f"[demo] report: {eval_cfg.out_path}")
+    print(f"[demo] 4/4 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
+          "training problems", flush=True)
+    mcts_cfg.policy = str(policy)
+    summary = run_mcts(mcts_cfg)
+    quality = summary.get("quality") or {}
+    print(f"[demo] {summary['labels']:,} labelled steps, {summary['n_rollouts']:,} rollouts; AUROC of the scores "
+          f"against the exact step truth: {quality.get('auroc')}; right steps scored 0: "
+          f"{quality.get('right_states_scored_0')} -> {mcts_cfg.out_dir}")
     return 0
+
+
+DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 
 
 def _grade(argv: list[str]) -> int:
@@ -133,7 +157,8 @@ def _grade(argv: list[str]) -> int:
     return 0 if equal else 1
 
 
-COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "evaluate": _evaluate, "grade": _grade}
+COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "mcts": _mcts, "evaluate": _evaluate,
+            "grade": _grade}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,8 +69,9 @@ def grade_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def run_data_check(cfg: DataCheckConfig) -> dict[str, Any]:
     """Check every dataset of `cfg`; returns {dataset: summary}. Finished datasets are reused."""
     from mathprm.ray_data import problems_dataset
-    from mathprm.ray_utils import init_ray
+    from mathprm.ray_utils import check_job_paths, init_ray
 
+    check_job_paths(out_dir=cfg.out_dir)
     init_ray(cfg.ray_address, cfg.num_cpus)
     results: dict[str, Any] = {}
     for name in cfg.datasets:

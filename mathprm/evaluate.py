@@ -77,9 +77,7 @@ class EvalConfig:
 
     @property
     def step_format(self) -> StepFormat:
-        if self.separator is not None:
-            return StepFormat(self.separator)
-        return StepFormat(arith.STEP_SEPARATOR if self.dataset.startswith("arith:") else "\n\n")
+        return step_format_for(self.dataset, self.separator)
 
     @property
     def out_path(self) -> Path:
@@ -87,6 +85,14 @@ class EvalConfig:
             return Path(self.out)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.dataset)
         return Path("runs/eval") / f"{Path(self.policy).name}__{safe}__seed{self.seed}.json"
+
+
+def step_format_for(dataset: str, separator: str | None) -> StepFormat:
+    """`separator`, or the dataset's own: one line per step in the arithmetic world, a blank line
+    between steps on real math."""
+    if separator is not None:
+        return StepFormat(separator)
+    return StepFormat(arith.STEP_SEPARATOR if dataset.startswith("arith:") else "\n\n")
 
 
 # ----------------------------------------------------------------------------- pure core

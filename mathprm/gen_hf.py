@@ -4,7 +4,7 @@ A hand-written decoding loop rather than `model.generate`, for two reasons:
 - sharing: each prompt is run through the model once and its KV cache is repeated for its
   `n` samples (`generate(num_return_sequences=n)` would prefill every copy);
 - seeds: every sample draws from its own `torch.Generator`, seeded from
-  `(prefix_seed(sampling.seed, prefix index), sample index)`, so a sample does not depend on
+  `(Prefix.sample_seed(sampling, prefix index), sample index)`, so a sample does not depend on
   which other prompts share its batch (up to float rounding from padding).
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
 merges into a longer token (".\\n\\n") still stops the step; the text is cut at its first
@@ -88,8 +88,8 @@ class HFGenerator:
             next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1
             rows = len(chunk) * n
             gens = [
-                torch.Generator(self.device).manual_seed(prefix_seed(prefix_seed(sampling.seed, start + i), j))
-                for i in range(len(chunk))
+                torch.Generator(self.device).manual_seed(prefix_seed(p.sample_seed(sampling, start + i), j))
+                for i, p in enumerate(chunk)
                 for j in range(n)
             ]
             generated: list[list[int]] = [[] for _ in range(rows)]

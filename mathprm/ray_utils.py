@@ -57,3 +57,19 @@ def _quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def check_job_paths(**paths: str | None) -> None:
+    """Refuse relative paths under `ray job submit --working-dir`: the job runs in a temporary
+    copy of the working directory (without git-ignored folders such as runs/), so a relative
+    policy would not be found and a relative output would vanish with the copy. ValueError
+    naming the field and the fix."""
+    import os
+    from pathlib import Path
+
+    if "/runtime_resources/working_dir_files/" not in os.getcwd() + "/":
+        return
+    for name, value in paths.items():
+        if value and not Path(value).is_absolute():
+            raise ValueError(f"{name}: {value!r} is relative, but this job runs in a temporary copy of its working "
+                             f"directory; pass an absolute path, e.g. {name}=$PWD/{value}")

@@ -262,6 +262,9 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
+    from mathprm.ray_utils import check_job_paths
+
+    check_job_paths(out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
     if out.exists() and not cfg.overwrite:
         if is_finished(out):

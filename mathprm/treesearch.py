@@ -20,8 +20,12 @@ Grading is a plain callable (`Grader`), so the search never knows the answer for
 
 Choices and departures from the papers:
 
-- Seeds: generator call `i` of a problem samples with `call_seed(cfg.seed, problem.id, i)`,
-  and the backend derives prefix and sample seeds from that, so every rollout replays.
+- Searches are coroutines (`Search`): they yield `Request`s for completions instead of calling
+  a generator, so `run_searches` can merge the requests of many problems into one batched
+  generator call (a Ray actor holds one engine and keeps it busy this way).
+- Seeds: request `i` of a problem seeds its prefix `j` with
+  `prefix_seed(call_seed(cfg.seed, problem.id, i), j)`, carried on the `Prefix`, so every
+  rollout replays whichever problems share its batch.
 - The solution text that is graded is the prefix's steps followed by the completion, so an
   answer written in the prefix still counts if the completion adds nothing.
 - Math-Shepherd: the last step of a finished solution is scored by grading that solution
@@ -47,14 +51,16 @@ Choices and departures from the papers:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from mathprm.evaluate import Judge
-from mathprm.generation import Generator, Prefix, Rollout, Sampling
+from mathprm.generation import Generator as GeneratorProtocol
+from mathprm.generation import Prefix, Rollout, Sampling, prefix_seed
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
 
@@ -145,20 +151,34 @@ def call_seed(seed: int, problem_id: str, iteration: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-class _Search:
-    """What both methods share: one problem, its generator calls, grading and stats."""
+@dataclass(frozen=True)
+class Request:
+    """What a running search needs next: `n` completions of each prefix (each carries its seed)."""
 
-    def __init__(self, problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig) -> None:
-        self.problem, self.generator, self.grader, self.cfg = problem, generator, grader, cfg
-        self.fmt: StepFormat = generator.step_format
+    prefixes: list[Prefix]
+    n: int
+
+
+# A running search: yields Requests, is sent each one's completions (per prefix, in order),
+# and returns (labels, stats).
+Search = Generator[Request, list[list[Rollout]], tuple[list["StepLabel"], SearchStats]]
+
+
+class _Search:
+    """What both methods share: one problem, its rollout requests, grading and stats."""
+
+    def __init__(self, problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> None:
+        self.problem, self.grader, self.cfg, self.fmt = problem, grader, cfg, fmt
         self.stats = SearchStats()
 
-    def rollouts(self, states: list[State], n: int) -> list[list[tuple[Rollout, bool]]]:
-        """`n` graded completions per state, in one generator call."""
+    def rollouts(self, states: list[State], n: int) -> Generator[Request, list[list[Rollout]], list[list[tuple[Rollout, bool]]]]:
+        """`n` graded completions per state, as one request (`yield from` it)."""
         seed = call_seed(self.cfg.seed, self.problem.id, self.stats.n_calls)
-        prefixes = [Prefix(self.problem.question, s) for s in states]
-        outs = self.generator.rollouts(prefixes, n, self.cfg.sampling(seed))
+        prefixes = [Prefix(self.problem.question, s, seed=prefix_seed(seed, i)) for i, s in enumerate(states)]
+        outs = yield Request(prefixes, n)
         self.stats.n_calls += 1
+        if len(outs) != len(states):
+            raise ValueError(f"generator returned completions for {len(outs)} prefixes, asked for {len(states)}")
         graded = []
         for state, rollouts in zip(states, outs, strict=True):
             if len(rollouts) != n:
@@ -198,14 +218,12 @@ def _writable(state: State) -> bool:
     return state != ("",)
 
 
-def math_shepherd(
-    problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig
-) -> tuple[list[StepLabel], SearchStats]:
+def math_shepherd_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> Search:
     """Math-Shepherd labels: every step of every distinct sampled solution, scored by
-    `cfg.rollouts_per_step` completions from the prefix ending in it. Two generator calls."""
-    search = _Search(problem, generator, grader, cfg)
+    `cfg.rollouts_per_step` completions from the prefix ending in it. Two requests."""
+    search = _Search(problem, grader, cfg, fmt)
     solutions: dict[State, bool] = {}  # distinct solutions, in sampling order -> finished
-    for rollout, _ in search.rollouts([()], cfg.num_solutions)[0]:
+    for rollout, _ in (yield from search.rollouts([()], cfg.num_solutions))[0]:
         solutions.setdefault(tuple(rollout.steps), rollout.finished)
 
     order: list[State] = []  # every state to label, first appearance first
@@ -226,7 +244,7 @@ def math_shepherd(
     to_complete = list(inner)
     if to_complete:
         k = cfg.rollouts_per_step
-        for state, graded in zip(to_complete, search.rollouts(to_complete, k), strict=True):
+        for state, graded in zip(to_complete, (yield from search.rollouts(to_complete, k)), strict=True):
             counts[state] = (k, sum(ok for _, ok in graded))
     for state in ends - inner.keys():  # a state inside another solution is completed instead
         counts[state] = (1, int(search.grade((), search.fmt.join(state))))
@@ -285,18 +303,16 @@ def selection_value(cfg: TreeSearchConfig, mc: float, n_tokens: int, visits: int
     return q + u
 
 
-def omegaprm(
-    problem: Problem, generator: Generator, grader: Grader, cfg: TreeSearchConfig
-) -> tuple[list[StepLabel], SearchStats]:
+def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> Search:
     """OmegaPRM labels: one per tree node but the root (the node's state, score MC(s)).
 
     Binary search over a wrong rollout r from state s, invariant: s + r[:lo] reaches the gold
     answer at least once (MC > 0), s + r[:hi] never does; the first error is step hi - 1 of r.
     """
-    search = _Search(problem, generator, grader, cfg)
+    search = _Search(problem, grader, cfg, fmt)
     k = cfg.rollouts_per_step
     tree = _Tree()
-    tree.add((), search.rollouts([()], cfg.num_solutions)[0])
+    tree.add((), (yield from search.rollouts([()], cfg.num_solutions))[0])
     while tree.pool:
         node, rollout = tree.select(cfg)
         node.visits += 1
@@ -310,7 +326,7 @@ def omegaprm(
             if probe is None:
                 if search.stats.n_rollouts + k > cfg.rollout_budget:
                     return search.finish(_omegaprm_labels(search, tree))
-                probe = tree.add(state, search.rollouts([state], k)[0])
+                probe = tree.add(state, (yield from search.rollouts([state], k))[0])
             if probe.correct > 0:
                 lo = mid
             else:
@@ -325,10 +341,77 @@ def _omegaprm_labels(search: _Search, tree: _Tree) -> list[StepLabel]:
     return [search.label(s, node.n, node.correct, "omegaprm") for s, node in tree.nodes.items() if s]
 
 
-METHODS: dict[str, Callable[..., tuple[list[StepLabel], SearchStats]]] = {
-    "math_shepherd": math_shepherd,
-    "omegaprm": omegaprm,
+SEARCHES: dict[str, Callable[[Problem, Grader, TreeSearchConfig, StepFormat], Search]] = {
+    "math_shepherd": math_shepherd_search,
+    "omegaprm": omegaprm_search,
 }
+METHODS = tuple(SEARCHES)
+
+
+def run_searches(
+    problems: Sequence[Problem],
+    generator: GeneratorProtocol,
+    grader: Grader,
+    cfg: TreeSearchConfig,
+    on_done: Callable[[int, list[StepLabel], SearchStats], None] | None = None,
+) -> list[tuple[list[StepLabel], SearchStats]]:
+    """Run `cfg.method` on every problem at once, in lockstep: each round, the pending requests
+    of all unfinished searches become one `generator.rollouts` call per distinct `n`, so the
+    engine sees one large batch instead of many small ones. Every prefix carries its own seed,
+    so a problem's labels do not depend on which problems it was batched with.
+
+    `on_done(index, labels, stats)` is called as each problem finishes. Returns (labels, stats)
+    per problem, in order.
+    """
+    search_fn = SEARCHES[cfg.method]
+    fmt = generator.step_format
+    sampling = cfg.sampling(0)  # its seed is unused: every prefix has its own
+    results: list[tuple[list[StepLabel], SearchStats] | None] = [None] * len(problems)
+    running: dict[int, Search] = {}
+    pending: dict[int, Request] = {}
+
+    def advance(i: int, reply: list[list[Rollout]] | None) -> None:
+        try:
+            pending[i] = running[i].send(reply)
+        except StopIteration as stop:
+            del running[i]
+            pending.pop(i, None)
+            results[i] = stop.value
+            if on_done is not None:
+                on_done(i, *stop.value)
+
+    for i, problem in enumerate(problems):
+        running[i] = search_fn(problem, grader, cfg, fmt)
+        advance(i, None)
+    while pending:
+        by_n: dict[int, list[int]] = {}
+        for i, request in pending.items():
+            by_n.setdefault(request.n, []).append(i)
+        for n, members in by_n.items():
+            prefixes = [p for i in members for p in pending[i].prefixes]
+            outs = generator.rollouts(prefixes, n, sampling)
+            if len(outs) != len(prefixes):
+                raise ValueError(f"generator returned completions for {len(outs)} prefixes, asked for {len(prefixes)}")
+            at = 0
+            for i in members:
+                size = len(pending[i].prefixes)
+                advance(i, outs[at : at + size])
+                at += size
+    return results  # type: ignore[return-value]
+
+
+def math_shepherd(
+    problem: Problem, generator: GeneratorProtocol, grader: Grader, cfg: TreeSearchConfig
+) -> tuple[list[StepLabel], SearchStats]:
+    """`math_shepherd_search` on one problem with `generator` (whatever `cfg.method` says)."""
+    return run_searches([problem], generator, grader, dataclasses.replace(cfg, method="math_shepherd"))[0]
+
+
+def omegaprm(
+    problem: Problem, generator: GeneratorProtocol, grader: Grader, cfg: TreeSearchConfig
+) -> tuple[list[StepLabel], SearchStats]:
+    """`omegaprm_search` on one problem with `generator` (whatever `cfg.method` says)."""
+    return run_searches([problem], generator, grader, dataclasses.replace(cfg, method="omegaprm"))[0]
 
 
 # ----------------------------------------------------------------------------- using labels

@@ -65,7 +65,8 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("MATHPRM_DATA_DIR", str(tmp_path / "nowhere"))
     args = ["data.limit=10", "sft.preset=test", "sft.num_problems=64", "sft.batch_size=8", "sft.max_steps=10",
             "sft.log_every=5", "sft.checkpoint_every=10", "sft.time_budget_min=null", "eval.limit=3",
-            "eval.strategies=greedy,majority@2,pass@2", "eval.max_solution_tokens=24"]
+            "eval.strategies=greedy,majority@2,pass@2", "eval.max_solution_tokens=24", "mcts.limit=2",
+            "mcts.num_solutions=2", "mcts.rollouts_per_step=2", "mcts.max_solution_tokens=24", "mcts.num_actors=1"]
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "bundled with mathprm" in out
@@ -77,9 +78,13 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
     assert report["n_problems"] == 3
     for name in ("greedy", "majority@2", "pass@2"):
         assert name in out
-    # Second run: the policy is reused, not retrained.
+    summary = json.loads((tmp_path / "runs/arith/mcts/summary.json").read_text())
+    assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
+    assert "[demo] 4/4 step labels" in out
+    # Second run: the policy and the labels are reused, not made again.
     assert main(["demo", *args]) == 0
-    assert "reusing the finished policy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reusing the finished policy" in out and "2 already labelled" in out
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):

@@ -107,6 +107,21 @@ def test_hf_seeds_replay_and_differ(hf):
     assert batched[0] == a[0]
 
 
+def test_hf_a_seeded_prefix_samples_the_same_at_any_position(hf):
+    seeded = Prefix(UNSEEN.question, UNSEEN.steps, seed=12345)
+    alone = hf.next_steps([seeded], 3, HOT)[0]
+    behind = hf.next_steps([UNSEEN, seeded], 3, HOT)[1]
+    assert behind == alone
+    assert hf.next_steps([UNSEEN], 3, HOT)[0] != alone  # its own seed, not the call's
+
+
+def test_prefix_seed_must_fit_63_bits():
+    with pytest.raises(ValueError, match="seed"):
+        Prefix("q", seed=-1)
+    with pytest.raises(ValueError, match="seed"):
+        Prefix("q", seed=1 << 63)
+
+
 def test_hf_tiny_top_p_is_greedy(hf):
     prefixes = [p for p, _, _ in CASES[:2]]
     nucleus = hf.next_steps(prefixes, 3, Sampling(temperature=2.0, top_p=1e-6))
@@ -137,6 +152,8 @@ def test_vllm_seeds_replay_and_differ(vllm_generator):
     assert [s.text for s in b[0]] != texts
     for s in a[0]:
         assert "\n" not in s.text and s.n_tokens <= 12
+    seeded = Prefix(UNSEEN.question, UNSEEN.steps, seed=12345)
+    assert vllm_generator.next_steps([UNSEEN, seeded], 4, HOT)[1] == vllm_generator.next_steps([seeded], 4, HOT)[0]
 
 
 @pytest.mark.vllm

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from mathprm import arith
-from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.generation import Prefix, Rollout, Sampling, StepSample
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
 from mathprm.treesearch import (
@@ -19,6 +19,7 @@ from mathprm.treesearch import (
     judge_grader,
     math_shepherd,
     omegaprm,
+    run_searches,
     selection_value,
     to_trl,
 )
@@ -33,7 +34,7 @@ class NoisyArithGenerator:
     Once a written value is wrong, no later step writes a value of the gold path (a collision
     is bumped by one), so a wrong prefix can never reach the gold answer: from a correct prefix
     with m steps still to write a completion is right with probability exactly (1 - p)^m, from
-    a wrong one never. Prefix i of a call draws from `prefix_seed(sampling.seed, i)`.
+    a wrong one never. Prefix i of a call draws from `prefix.sample_seed(sampling, i)`.
     """
 
     step_format = FMT
@@ -74,7 +75,7 @@ class NoisyArithGenerator:
         self.n_rollouts += n * len(prefixes)
         out = []
         for i, prefix in enumerate(prefixes):
-            rng = random.Random(prefix_seed(sampling.seed, i))
+            rng = random.Random(prefix.sample_seed(sampling, i))
             p = self.p if prefix.steps else self.p_root
             texts = ["\n".join(self._steps(self.problems[prefix.question], prefix.steps, rng, p)) for _ in range(n)]
             out.append([Rollout(FMT.split(t), t, len(t) + 1, finished=True) for t in texts])
@@ -314,3 +315,26 @@ def test_to_trl_gives_one_row_per_math_shepherd_solution():
         assert row["prompt"] == FMT.prompt(pr.question)
         truths = arith.step_labels(pr, row["completions"])
         assert all(ok for hard, ok in zip(row["labels"], truths, strict=True) if hard)  # reaches gold => right
+
+
+@pytest.mark.parametrize("method", ["math_shepherd", "omegaprm"])
+def test_lockstep_searches_batch_many_problems_per_call_and_label_exactly_as_one_by_one(method):
+    cfg = replace(CFG, method=method)
+    one_gen, alone = run(math_shepherd if method == "math_shepherd" else omegaprm, HARD, 0.1, cfg)
+    gen = NoisyArithGenerator(HARD, 0.1)
+    done = []
+    together = run_searches(HARD, gen, judge_grader, cfg, on_done=lambda i, labels, stats: done.append(i))
+    assert together == alone  # seeds travel with the prefixes, not with the batch
+    assert sorted(done) == list(range(len(HARD)))
+    # Many problems share each call: far fewer calls, each with prefixes of several problems.
+    assert len(gen.calls) < len(one_gen.calls) / 3
+    assert max(len({p.question for p in call}) for call in gen.calls) == len(HARD)
+
+
+def test_lockstep_searches_refuse_a_generator_that_drops_prefixes():
+    class Short(NoisyArithGenerator):
+        def rollouts(self, prefixes, n, sampling):
+            return super().rollouts(prefixes, n, sampling)[:-1]
+
+    with pytest.raises(ValueError, match="completions for 1 prefixes, asked for 2"):
+        run_searches(HARD[:2], Short(HARD, 0.1), judge_grader, CFG)

@@ -1,0 +1,262 @@
+"""The tree-search stage on Ray: config and input errors, the output files, resume, a killed
+actor, metrics, and `ray job submit` against the shared local head."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mathprm import arith, steptable
+from mathprm.config import ConfigError, load_config
+from mathprm.mcts import (
+    PROBLEMS_KEY,
+    MCTSConfig,
+    committed_problems,
+    load_stage_problems,
+    problems_block,
+    read_labels,
+    run_mcts,
+    write_labels_file,
+)
+from mathprm.problems import Problem
+from mathprm.treesearch import SearchStats, StepLabel
+
+from .conftest import MEMORISED, REPO
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config(policy, out, **kw) -> MCTSConfig:
+    """A small, fast search: the tiny policy writes junk on arith, so rollouts are short-capped."""
+    base = dict(policy=str(policy), dataset="arith:easy", limit=4, num_solutions=2, rollouts_per_step=2,
+                max_solution_tokens=40, num_actors=1, problems_per_batch=2, out_dir=str(out), progress_every_s=2)
+    return MCTSConfig(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- no Ray
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="'methd'"):
+        load_config(MCTSConfig, REPO / "jobs/configs/mcts_arith.yaml", ["methd=omegaprm"])
+    with pytest.raises(ConfigError, match="'method'"):
+        load_config(MCTSConfig, None, ["method=beam"])
+    with pytest.raises(ConfigError, match="trl_export"):
+        load_config(MCTSConfig, None, ["trl_export=[soft, fuzzy]"])
+    with pytest.raises(ConfigError, match="rollout_budget"):
+        load_config(MCTSConfig, None, ["num_solutions=8", "rollout_budget=4"])
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(MCTSConfig, None, ["backend=tgi"])
+    cfg = load_config(MCTSConfig, REPO / "jobs/configs/mcts_arith.yaml", ["method=omegaprm"])
+    assert (cfg.method, cfg.out_dir, cfg.split) == ("omegaprm", "runs/arith/mcts", "train")
+
+
+def test_problems_without_gold_are_skipped_and_none_usable_is_an_error(tmp_path):
+    rows = [{"question": "What is 1+1?", "answer": "2"}, {"question": "Prove it.", "answer": ""},
+            {"question": "What is 2+3?", "answer": "5"}]
+    cfg = MCTSConfig(dataset=str(_jsonl(tmp_path / "p.jsonl", rows)), limit=None)
+    problems, skipped = load_stage_problems(cfg)
+    assert [p.answer for p in problems] == ["2", "5"] and skipped == 1
+    cfg = MCTSConfig(dataset=str(_jsonl(tmp_path / "none.jsonl", rows[1:2])), limit=None)
+    with pytest.raises(ValueError, match="none of its 1 problems has a usable gold answer"):
+        load_stage_problems(cfg)
+
+
+def test_arith_labels_come_from_the_split_asked_for():
+    problems, skipped = load_stage_problems(MCTSConfig(dataset="arith:medium", limit=20, seed=3))
+    assert skipped == 0 and {arith.split_of(p) for p in problems} == {"train"}
+    problems, _ = load_stage_problems(MCTSConfig(dataset="arith:medium", limit=20, seed=3, split="test"))
+    assert {arith.split_of(p) for p in problems} == {"test"}
+
+
+def _labels(pid: str, n: int) -> list[StepLabel]:
+    return [StepLabel(pid, "q?", tuple(f"s{j}" for j in range(i)), f"s{i}", 0.5, 2, 1, i, "math_shepherd")
+            for i in range(n)]
+
+
+def test_a_block_becomes_one_atomic_parquet_file_with_its_problems_in_the_metadata(tmp_path):
+    problems = [Problem(id="a", question="q?", answer="1", source="t"), Problem(id="b", question="q?", answer="2", source="t"),
+                Problem(id="c", question="q?", answer="3", source="t")]
+    block = problems_block([(problems[0], _labels("a", 3), SearchStats(n_rollouts=6, n_tokens=60), 1.5),
+                            (problems[1], [], SearchStats(n_rollouts=2), 0.5),
+                            (problems[2], _labels("c", 1), SearchStats(n_rollouts=2), 0.2)], "hf:x", 7)
+    assert block.num_rows == 3  # one row per problem, the empty one included
+    labels_dir = tmp_path / "labels"
+    labels_dir.mkdir()
+    assert write_labels_file(block, labels_dir / "part-x-00000-000.parquet") == (3, 4)
+    assert [p.name for p in labels_dir.iterdir()] == ["part-x-00000-000.parquet"]  # no temporary left
+    table = pq.read_table(labels_dir / "part-x-00000-000.parquet")
+    assert table.schema.remove_metadata() == steptable.SCHEMA
+    assert steptable.from_table(table) == _labels("a", 3) + _labels("c", 1)
+    assert set(table.column("generator").to_pylist()) == {"hf:x"} and set(table.column("seed").to_pylist()) == {7}
+    done = committed_problems(labels_dir)
+    assert set(done) == {"a", "b", "c"}  # b has no labels but is done: a rerun skips it
+    assert (done["a"]["n_rollouts"], done["a"]["n_labels"], done["b"]["n_labels"]) == (6, 3, 0)
+    # The same problem in two files is refused, not counted twice.
+    write_labels_file(block.slice(0, 1), labels_dir / "part-y-00000-000.parquet")
+    with pytest.raises(ValueError, match="problem 'a' is in two files"):
+        committed_problems(labels_dir)
+
+
+def test_a_foreign_parquet_file_in_labels_is_refused(tmp_path):
+    (tmp_path / "labels").mkdir()
+    pq.write_table(steptable.SCHEMA.empty_table(), tmp_path / "labels" / "part-0.parquet")
+    with pytest.raises(ValueError, match="not written by the tree-search stage"):
+        committed_problems(tmp_path / "labels")
+
+
+# ----------------------------------------------------------------------------- real Ray
+
+
+@pytest.mark.ray
+def test_the_stage_writes_labels_trl_rows_and_a_summary_then_resumes(ray_cluster, tiny_policy_dir, tmp_path):
+    memorised = [{"question": q, "answer": steps[-1].rsplit(" ", 1)[1]} for q, steps in MEMORISED.items()]
+    data = _jsonl(tmp_path / "p.jsonl", [*memorised, {"question": "No answer here.", "answer": None}])
+    out = tmp_path / "mcts"
+    cfg = _config(tiny_policy_dir, out, dataset=str(data), separator="\n", limit=None, temperature=0.2)
+    summary = run_mcts(cfg)
+    assert (summary["problems"], summary["skipped_without_gold"], summary["searched_this_run"]) == (2, 1, 2)
+    table = read_labels(out)
+    assert table.schema == steptable.SCHEMA
+    labels = steptable.from_table(table)
+    # The policy knows these two solutions by heart: at a low temperature it writes them, and
+    # every step reaches the answer.
+    assert {(lab.step, lab.score) for lab in labels} == {(s, 1.0) for steps in MEMORISED.values() for s in steps}
+    assert summary["labels"] == len(labels) == summary["n_labels"]
+    assert summary["rollouts_per_s"] > 0 and summary["n_rollouts"] > 0
+    soft, hard = pq.read_table(out / "trl/soft.parquet"), pq.read_table(out / "trl/hard.parquet")
+    assert soft.column_names == ["prompt", "completions", "labels"]
+    assert soft.num_rows == hard.num_rows >= 2
+    assert hard.schema.field("labels").type.value_type == "bool"
+    assert soft.schema.field("labels").type.value_type == "double"
+    # Rerun: nothing left to search, same table.
+    again = run_mcts(cfg)
+    assert again["searched_this_run"] == 0 and read_labels(out).equals(table)
+    # Another method into the same directory is refused, naming the field.
+    with pytest.raises(ValueError, match="method"):
+        run_mcts(_config(tiny_policy_dir, out, dataset=str(data), separator="\n", limit=None, temperature=0.2,
+                         method="omegaprm"))
+
+
+@pytest.mark.ray
+def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster, tiny_policy_dir, tmp_path):
+    out = tmp_path / "mcts"
+    cfg = _config(tiny_policy_dir, out, limit=4, problems_per_batch=1)
+    first = run_mcts(cfg)
+    files = sorted((out / "labels").glob("part-*.parquet"))
+    assert first["searched_this_run"] == 4 and len(files) == 4
+    before = read_labels(out)
+    lost = pq.read_schema(files[1]).metadata[PROBLEMS_KEY]
+    files[1].unlink()  # as if the run had been killed before this batch was committed
+    (out / "labels" / ".part-zzz.parquet.tmp-0123abcd").write_bytes(b"half a file")  # and left this
+    second = run_mcts(cfg)
+    assert second["searched_this_run"] == 1
+    assert not list((out / "labels").glob(".*"))
+    assert set(committed_problems(out / "labels")) >= {row["problem_id"] for row in json.loads(lost)}
+    after = read_labels(out)
+    key = ["problem_id", "depth", "step"]
+    assert after.sort_by([(k, "ascending") for k in key]).equals(before.sort_by([(k, "ascending") for k in key]))
+
+
+@pytest.mark.ray
+def test_runs_on_gsm8k_with_any_model_directory(ray_cluster, tiny_policy_dir, tmp_path):
+    out = tmp_path / "gsm8k"
+    summary = run_mcts(_config(tiny_policy_dir, out, dataset="sample:gsm8k", limit=2, num_solutions=1,
+                               rollouts_per_step=1, max_solution_tokens=24))
+    assert summary["problems"] == 2 and summary["dataset"] == "sample:gsm8k"
+    assert "quality" not in summary  # exact step truth exists only in the arithmetic world
+    assert set(read_labels(out).column("problem_id").to_pylist()) <= {p for p in committed_problems(out / "labels")}
+
+
+def _metrics_text(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+@pytest.mark.ray
+def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_policy_dir, tmp_path):
+    """Run the job script against the shared cluster, SIGKILL an expander actor once the first
+    batch is committed, and check that every problem is in the output exactly once. Meanwhile
+    the actors' Ray metrics appear on the node's Prometheus endpoint."""
+    from ray.util.state import list_actors
+
+    out = tmp_path / "mcts"
+    args = [sys.executable, str(REPO / "jobs/mcts.py"), f"policy={tiny_policy_dir}", "dataset=arith:easy",
+            "limit=16", "num_solutions=4", "rollouts_per_step=4", "max_solution_tokens=64", "num_actors=2",
+            "cpus_per_actor=0.5", "problems_per_batch=1", f"out_dir={out}", "progress_every_s=2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    labels_dir = out / "labels"
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and proc.poll() is None and time.monotonic() < deadline:
+        if labels_dir.exists() and list(labels_dir.glob("part-*.parquet")):
+            alive = [a for a in list_actors(address=f"http://{ray_cluster['webui_url']}", filters=[("state", "=", "ALIVE")])
+                     if "Expander" in a.class_name]
+            if alive:
+                committed = len(committed_problems(labels_dir))
+                os.kill(alive[0].pid, signal.SIGKILL)
+                killed = (alive[0].actor_id, committed)
+        time.sleep(0.1)
+    seen_metrics = False
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen_metrics = seen_metrics or "mathprm_mcts_problems" in _metrics_text(ray_cluster["metrics_export_port"])
+        time.sleep(1)
+    log = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, log[-4000:]
+    assert killed is not None and killed[1] < 16, f"the actor must die mid-run; killed={killed}\n{log[-3000:]}"
+    table = read_labels(out)
+    done = committed_problems(labels_dir)
+    assert len(done) == 16
+    assert set(table.column("problem_id").to_pylist()) <= set(done)
+    rows = list(zip(table.column("problem_id").to_pylist(), table.column("prefix").to_pylist(),
+                    table.column("step").to_pylist()))
+    assert len(rows) == len(set(map(str, rows))), "a labelled step appears twice"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 16 and summary["labels"] == len(rows)
+    assert "[mcts] 16/16 problems" in log
+    seen_metrics = seen_metrics or "mathprm_mcts_problems" in _metrics_text(ray_cluster["metrics_export_port"])
+    assert seen_metrics, "mathprm_mcts_* metrics never reached the metrics endpoint"
+
+
+@pytest.mark.ray
+def test_ray_job_submit_runs_the_job_on_the_local_head(ray_cluster, tiny_policy_dir, tmp_path):
+    out = tmp_path / "submitted"
+    entry = [sys.executable, "jobs/mcts.py", "--config", "jobs/configs/mcts_arith.yaml", f"policy={tiny_policy_dir}",
+             "dataset=arith:easy", "limit=2", "num_solutions=2", "rollouts_per_step=2", "max_solution_tokens=32",
+             "num_actors=1", f"out_dir={out}"]
+    ray_bin = Path(sys.executable).with_name("ray")
+    r = subprocess.run([str(ray_bin), "job", "submit", "--address", f"http://{ray_cluster['webui_url']}",
+                        "--working-dir", str(REPO), "--", *entry],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "succeeded" in r.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["problems"] == 2 and summary["labels"] > 0
+
+
+def test_relative_paths_are_refused_inside_a_ray_job_working_dir_copy(tmp_path, monkeypatch):
+    from mathprm.ray_utils import check_job_paths
+
+    check_job_paths(out_dir="runs/x")  # a normal checkout: fine
+    copy = tmp_path / "session" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    check_job_paths(out_dir=str(tmp_path / "out"), policy=None)
+    with pytest.raises(ValueError, match=r"out_dir: 'runs/arith/mcts' is relative.*out_dir=\$PWD/runs/arith/mcts"):
+        check_job_paths(policy=str(tmp_path), out_dir="runs/arith/mcts")
