@@ -40,15 +40,20 @@ SECTION = "Tree-search labels"
 PLOT = REPO / "docs" / "img" / "mcts_auroc.png"
 
 
-def raw_speed(gen, problems, cfg: TreeSearchConfig) -> dict:
-    """Tokens/s of plain sampling: every problem's root prefix x num_solutions, one call."""
+def raw_speed(gen, problems, cfg: TreeSearchConfig, repeats: int = 3) -> dict:
+    """Tokens/s of plain sampling: every problem's root prefix x num_solutions in one call; the
+    best of `repeats` calls after a warm-up (the raw side of the ratio is not flattered)."""
     prefixes = [Prefix(p.question) for p in problems]
     gen.rollouts(prefixes[:2], 2, cfg.sampling(99))  # warm-up
-    t0 = time.perf_counter()
-    out = gen.rollouts(prefixes, cfg.num_solutions, cfg.sampling(7))
-    dt = time.perf_counter() - t0
-    tokens = sum(r.n_tokens for rs in out for r in rs)
-    return {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
+    best = None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        out = gen.rollouts(prefixes, cfg.num_solutions, cfg.sampling(7 + r))
+        dt = time.perf_counter() - t0
+        tokens = sum(x.n_tokens for rs in out for x in rs)
+        if best is None or tokens / dt > best["tokens_per_s"]:
+            best = {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
+    return best
 
 
 def search(gen, problems, cfg: TreeSearchConfig) -> dict:
@@ -63,18 +68,19 @@ def search(gen, problems, cfg: TreeSearchConfig) -> dict:
            "steps_labelled_per_s": round(len(labels) / dt, 2), "rollouts_per_s": round(rollouts / dt, 1),
            "tokens_per_s": round(tokens / dt, 1), **label_quality(problems, labels)}
     print(f"{cfg.method:13} K={cfg.rollouts_per_step:<3} {len(labels):5} labels  AUROC {row['auroc']}  "
-          f"local {row['auroc_local']}  right->0 {row['right_states_scored_0']}  {rollouts} rollouts "
+          f"reachable {row['auroc_reachable']}  local {row['auroc_local']}  right->0 {row['right_states_scored_0']}  "
+          f"unreachable>0 {row['unreachable_states_scored_above_0']}  {rollouts} rollouts "
           f"{dt:.0f}s  {row['tokens_per_s']:,.0f} tok/s", flush=True)
     return row
 
 
 def run(policy: str, backend: str, n_problems: int, budgets: list[int], num_solutions: int,
-        temperature: float) -> dict:
+        temperature: float, rollout_temperature: float | None) -> dict:
     problems = arith.generate("hard", n_problems, seed=0, split="train")
     options = {"batch_prefixes": 64} if backend == "hf" else {"run_dir": str(REPO / "runs" / "vllm")}
     gen = load_generator(backend, policy, StepFormat(arith.STEP_SEPARATOR), **options)
     base = TreeSearchConfig(num_solutions=num_solutions, temperature=temperature, max_solution_tokens=384,
-                            rollout_budget=10_000)
+                            rollout_budget=10_000, rollout_temperature=rollout_temperature)
     raw = raw_speed(gen, problems, base)
     print(f"raw sampling: {raw['tokens_per_s']:,.0f} tok/s", flush=True)
     rows = []
@@ -85,7 +91,7 @@ def run(policy: str, backend: str, n_problems: int, budgets: list[int], num_solu
                                                        rollout_budget=budget))
         rows += [ms, om]
     return {"policy": str(policy), "backend": backend, "problems": n_problems, "num_solutions": num_solutions,
-            "temperature": temperature, "raw": raw, "rows": rows, "date": time.strftime("%Y-%m-%d")}
+            "temperature": temperature, "rollout_temperature": rollout_temperature, "raw": raw, "rows": rows, "date": time.strftime("%Y-%m-%d")}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -121,14 +127,15 @@ def _pct(x: float | None) -> str:
 
 def table(results: dict) -> str:
     raw = results["raw"]["tokens_per_s"]
-    lines = ["| method | K | labels | rollouts / problem | AUROC | AUROC (local) | right states scored 0 | "
-             "wrong states scored > 0 | labelled steps/s | rollouts/s | rollout tok/s | vs raw |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | K | labels | rollouts / problem | AUROC (first error) | AUROC (reachable) | AUROC (local) | "
+             "right states scored 0 | unreachable states scored > 0 | labelled steps/s | rollouts/s | "
+             "rollout tok/s | vs raw |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['method']} | {r['k']} | {r['labels']} | {r['rollouts_per_problem']} | {r['auroc']} | "
-                     f"{r['auroc_local']} | {_pct(r['right_states_scored_0'])} | "
-                     f"{_pct(r['wrong_states_scored_above_0'])} | {r['steps_labelled_per_s']} | {r['rollouts_per_s']} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / raw:.2f} |")
+                     f"{r['auroc_reachable']} | {r['auroc_local']} | {_pct(r['right_states_scored_0'])} | "
+                     f"{_pct(r['unreachable_states_scored_above_0'])} | {r['steps_labelled_per_s']} | "
+                     f"{r['rollouts_per_s']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / raw:.2f} |")
     lines += ["", f"Raw sampling of the same generator in the same run: {raw:,.0f} tok/s "
               f"({results['raw']['tokens']} tokens, {results['problems']} prompts x {results['num_solutions']} samples "
               "in one call)."]
@@ -143,13 +150,14 @@ def main() -> int:
     parser.add_argument("--budgets", default="4,8,16,32")
     parser.add_argument("--num-solutions", type=int, default=4)
     parser.add_argument("--temperature", type=float, default=0.85)
+    parser.add_argument("--rollout-temperature", type=float, default=None, help="default: --temperature")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     if not (Path(args.policy) / "config.json").is_file():
         print(f"no policy at {args.policy}: run `make demo` (or `mathprm sft`) first", file=sys.stderr)
         return 2
     results = run(args.policy, args.backend, args.problems, [int(k) for k in args.budgets.split(",")],
-                  args.num_solutions, args.temperature)
+                  args.num_solutions, args.temperature, args.rollout_temperature)
     out = REPO / "runs" / "bench" / f"mcts_{args.backend}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, results)

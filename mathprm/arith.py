@@ -348,6 +348,29 @@ def check_step(problem: Problem, previous_steps: list[str], step: str) -> bool:
     return False
 
 
+def can_reach_gold(problem: Problem, steps: list[str]) -> bool:
+    """Whether finishing `steps` with exact arithmetic reaches the gold answer: the value the
+    last step wrote, put through the operations still to come (after an answer line, the
+    answer written). This is what a Monte-Carlo step score estimates with a perfect completer.
+    Unlike `step_labels`, a state whose last value is back on the gold path after a wrong step
+    (52 written instead of 51, then "52 / 17 = 3") counts as reachable; a step that does not
+    parse cannot be continued."""
+    start, ops = chain(problem)
+    if not steps:
+        value = start
+    elif m := _ANSWER_STEP.fullmatch(steps[-1].strip()):
+        return problem.answer is not None and int(m[1]) == int(problem.answer)
+    elif (m := _OP_STEP.fullmatch(steps[-1].strip())) and len(steps) <= len(ops):
+        value = int(m[4])
+    else:
+        return False
+    for op, n in ops[len(steps):]:
+        value = apply_op(value, op, n)
+        if value is None:
+            return False
+    return problem.answer is not None and value == int(problem.answer)
+
+
 def step_labels(problem: Problem, steps: list[str]) -> list[bool]:
     """Label i is True iff steps 0..i are all correct, i.e. the prefix is still on the way to the gold answer."""
     labels, ok = [], True

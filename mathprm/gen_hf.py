@@ -6,6 +6,9 @@ A hand-written decoding loop rather than `model.generate`, for two reasons:
 - seeds: every sample draws from its own `torch.Generator`, seeded from
   `(Prefix.sample_seed(sampling, prefix index), sample index)`, so a sample does not depend on
   which other prompts share its batch (up to float rounding from padding).
+Prompts are batched by length, and rows that have stopped are dropped from the batch (with
+their KV cache) once a quarter of it has stopped, so rollouts of very different lengths do not
+all pay for the longest.
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
 merges into a longer token (".\\n\\n") still stops the step; the text is cut at its first
 separator, as vLLM's `stop` strings do.
@@ -63,19 +66,27 @@ class HFGenerator:
 
     def _sample(self, prefixes: list[Prefix], n: int, sampling: Sampling, max_tokens: int, stop: str | None):
         """Per prefix: (the n samples' generated token ids, their stop reasons), where a reason
-        is "eos", "separator" or "length"."""
+        is "eos", "separator" or "length".
+
+        Prefixes are batched by prompt length (a deep prefix of a search has a long prompt and
+        little left to write), so a batch holds rows that finish at similar times; each keeps
+        its seed from its position in the call."""
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
-        results = []
-        for start in range(0, len(prefixes), self.batch_prefixes):
-            chunk = prefixes[start : start + self.batch_prefixes]
-            results += self._sample_chunk(chunk, start, n, sampling, max_tokens, stop)
+        prompts = [p.prompt(self.step_format) for p in prefixes]
+        order = sorted(range(len(prefixes)), key=lambda i: len(prompts[i]))
+        results: list = [None] * len(prefixes)
+        for start in range(0, len(order), self.batch_prefixes):
+            members = order[start : start + self.batch_prefixes]
+            seeds = [prefixes[i].sample_seed(sampling, i) for i in members]
+            outs = self._sample_chunk([prompts[i] for i in members], seeds, n, sampling, max_tokens, stop)
+            for i, out in zip(members, outs):
+                results[i] = out
         return results
 
-    def _sample_chunk(self, chunk, start, n, sampling, max_tokens, stop):
+    def _sample_chunk(self, prompts: list[str], seeds: list[int], n, sampling, max_tokens, stop):
         import torch
 
-        prompts = [p.prompt(self.step_format) for p in chunk]
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0
@@ -86,28 +97,31 @@ class HFGenerator:
             logits = out.logits[:, -1].float().repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
             next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1
-            rows = len(chunk) * n
-            gens = [
-                torch.Generator(self.device).manual_seed(prefix_seed(p.sample_seed(sampling, start + i), j))
-                for i, p in enumerate(chunk)
-                for j in range(n)
-            ]
+            rows = len(prompts) * n
+            gens = [torch.Generator(self.device).manual_seed(prefix_seed(seed, j)) for seed in seeds for j in range(n)]
             generated: list[list[int]] = [[] for _ in range(rows)]
             reasons: list[str | None] = [None] * rows
+            active = list(range(rows))  # the rows still in the batch, in batch order
             for _ in range(max_tokens):
-                tokens = self._pick(logits, gens, reasons, sampling)
-                for r in range(rows):
-                    if reasons[r] is not None:
+                tokens = self._pick(logits, [gens[r] for r in active], sampling)
+                for k, r in enumerate(active):
+                    if reasons[r] is not None:  # stopped earlier, not yet dropped from the batch
                         continue
-                    tok = int(tokens[r])
+                    tok = int(tokens[k])
                     generated[r].append(tok)
                     if tok in self.eos_ids:
                         reasons[r] = "eos"
                     elif stop is not None and stop in self.tokenizer.decode(generated[r], skip_special_tokens=True):
                         reasons[r] = "separator"
-                if all(r is not None for r in reasons):
+                keep = [k for k, r in enumerate(active) if reasons[r] is None]
+                if not keep:
                     break
-                mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+                if len(keep) <= 0.75 * len(active):  # drop finished rows: their work is wasted
+                    idx = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(idx)
+                    mask, next_pos, tokens = mask[idx], next_pos[idx], tokens[idx]
+                    active = [active[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 out = self.model(
                     input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
                     past_key_values=cache, use_cache=True,
@@ -115,10 +129,11 @@ class HFGenerator:
                 next_pos = next_pos + 1
                 logits = out.logits[:, -1].float()
         reasons = [r or "length" for r in reasons]
-        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n]) for i in range(len(chunk))]
+        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n]) for i in range(len(prompts))]
 
-    def _pick(self, logits, gens, reasons, sampling: Sampling):
-        """One next token per row (rows already stopped get the pad id, which is never read)."""
+    def _pick(self, logits, gens, sampling: Sampling):
+        """One next token per row of `logits`, row k drawing from `gens[k]`. Rows that already
+        stopped but are still in the batch draw too; their tokens are never read."""
         import torch
 
         if sampling.greedy:
@@ -129,8 +144,4 @@ class HFGenerator:
             # Drop a token when the mass before it already reaches top_p (the first always stays).
             drop = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        tokens = torch.full((len(gens),), self.tokenizer.pad_token_id, dtype=torch.long, device=logits.device)
-        for r, gen in enumerate(gens):
-            if reasons[r] is None:
-                tokens[r] = torch.multinomial(probs[r], 1, generator=gen)[0]
-        return tokens
+        return torch.stack([torch.multinomial(probs[k], 1, generator=gen)[0] for k, gen in enumerate(gens)])

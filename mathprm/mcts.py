@@ -59,7 +59,7 @@ PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed
 TRL_FORMATS = ("soft", "hard")
 # The fields that make two runs' labels the same experiment: a rerun must match them.
 _IDENTITY = ("policy", "dataset", "split", "columns", "separator", "method", "num_solutions", "rollouts_per_step",
-             "rollout_budget", "c_puct", "alpha", "beta", "length_scale", "temperature", "top_p",
+             "rollout_budget", "c_puct", "alpha", "beta", "length_scale", "temperature", "rollout_temperature", "top_p",
              "max_solution_tokens", "seed")
 
 
@@ -392,34 +392,46 @@ def read_labels(out_dir: str | Path) -> pa.Table:
 
 
 def label_quality(problems: list[Problem], labels: list[StepLabel]) -> dict[str, Any]:
-    """Arith only: `score` against the exact truth. Two truths, both from `arith.check_step`:
-    `auroc` against "every step so far is right" (`arith.step_labels`: the state is still on
-    the gold path, what a step score estimates) and `auroc_local` against "this step is right
-    given the steps before it as written". Also how often a truly right state got no correct
-    rollout (score 0), by depth, and how often a wrong one scored above 0 (floor division can
-    turn a wrong value back into the right one, so a wrong state can still reach the answer)."""
+    """Arith only: `score` against the exact truth, three ways, each an AUROC:
+
+    - `auroc`: "every step so far is right" (`arith.step_labels`, from `arith.check_step`):
+      ProcessBench's first-error truth;
+    - `auroc_reachable`: "finishing with exact arithmetic reaches the gold answer"
+      (`arith.can_reach_gold`), what a Monte-Carlo score estimates with a perfect completer.
+      It differs from the first when a wrong step lands back on the gold value
+      (`wrong_states_reachable` says how often);
+    - `auroc_local`: "this step is right given the steps before it as written" (`check_step`).
+
+    Also how often a right state got no correct rollout (score 0), overall and by depth, and
+    how often a state that cannot reach the answer scored above 0."""
     by_id = {p.id: p for p in problems}
-    truth, local = [], []
+    truth, reach, local = [], [], []
     for lab in labels:
-        problem = by_id[lab.problem_id]
-        truth.append(arith.step_labels(problem, [*lab.prefix, lab.step])[-1])
+        problem, steps = by_id[lab.problem_id], [*lab.prefix, lab.step]
+        truth.append(arith.step_labels(problem, steps)[-1])
+        reach.append(arith.can_reach_gold(problem, steps))
         local.append(arith.check_step(problem, list(lab.prefix), lab.step))
     scores = [lab.score for lab in labels]
 
     def area(y: list[bool]) -> float | None:
         return round(auroc(scores, y), 4) if 0 < sum(y) < len(y) else None
 
-    out: dict[str, Any] = {"n_right_states": sum(truth), "n_wrong_states": len(truth) - sum(truth),
-                           "auroc": area(truth), "auroc_local": area(local)}
+    def share(values: list[bool]) -> float | None:
+        return round(sum(values) / len(values), 4) if values else None
+
     right = [(lab.depth, s) for lab, s, t in zip(labels, scores, truth) if t]
-    out["right_states_scored_0"] = round(sum(s == 0 for _, s in right) / len(right), 4) if right else None
     depths: dict[int, list[bool]] = {}
     for depth, s in right:
         depths.setdefault(depth, []).append(s == 0)
-    out["right_states_scored_0_by_depth"] = {str(d): round(sum(v) / len(v), 4) for d, v in sorted(depths.items())}
-    wrong = [s for s, t in zip(scores, truth) if not t]
-    out["wrong_states_scored_above_0"] = round(sum(s > 0 for s in wrong) / len(wrong), 4) if wrong else None
-    return out
+    return {
+        "n_right_states": sum(truth), "n_wrong_states": len(truth) - sum(truth),
+        "auroc": area(truth), "auroc_reachable": area(reach), "auroc_local": area(local),
+        "right_states_scored_0": share([s == 0 for _, s in right]),
+        "right_states_scored_0_by_depth": {str(d): round(sum(v) / len(v), 4) for d, v in sorted(depths.items())},
+        "reachable_states_scored_0": share([s == 0 for s, r in zip(scores, reach) if r]),
+        "unreachable_states_scored_above_0": share([s > 0 for s, r in zip(scores, reach) if not r]),
+        "wrong_states_reachable": share([r for r, t in zip(reach, truth) if not t]),
+    }
 
 
 def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set[str],

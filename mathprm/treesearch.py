@@ -113,7 +113,10 @@ class TreeSearchConfig:
     alpha: float = 0.5  # omegaprm: Q(s, r) = alpha^(1 - MC(s)) * beta^(len(r) / L), alpha in (0, 1]
     beta: float = 0.9  # omegaprm: in (0, 1]; below 1 prefers short wrong rollouts
     length_scale: float = 500.0  # omegaprm: L, in generated tokens
-    temperature: float = 1.0
+    temperature: float = 1.0  # of the solutions sampled at the root
+    # Of the completions that score a state; None: `temperature`. Lower makes a weak policy's
+    # completions from a right state succeed more often (docs/BENCHMARKS.md, tree-search labels).
+    rollout_temperature: float | None = None
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer completion is cut (and is wrong unless it has the answer)
     seed: int = 0
@@ -137,11 +140,13 @@ class TreeSearchConfig:
         if not self.length_scale > 0:
             raise ValueError(f"length_scale: must be > 0, got {self.length_scale!r}")
         self.sampling(0)  # Sampling's own checks, named by field (temperature, top_p, ...)
+        if self.rollout_temperature is not None and not 0 <= self.rollout_temperature <= 2:
+            raise ValueError(f"rollout_temperature: must be in [0, 2] or null, got {self.rollout_temperature!r}")
 
-    def sampling(self, seed: int) -> Sampling:
-        return Sampling(
-            temperature=self.temperature, top_p=self.top_p, max_solution_tokens=self.max_solution_tokens, seed=seed
-        )
+    def sampling(self, seed: int, root: bool = True) -> Sampling:
+        """The sampling of root solutions (`root`) or of the completions that score a state."""
+        t = self.temperature if root or self.rollout_temperature is None else self.rollout_temperature
+        return Sampling(temperature=t, top_p=self.top_p, max_solution_tokens=self.max_solution_tokens, seed=seed)
 
 
 def call_seed(seed: int, problem_id: str, iteration: int) -> int:
@@ -153,10 +158,12 @@ def call_seed(seed: int, problem_id: str, iteration: int) -> int:
 
 @dataclass(frozen=True)
 class Request:
-    """What a running search needs next: `n` completions of each prefix (each carries its seed)."""
+    """What a running search needs next: `n` completions of each prefix (each carries its seed),
+    sampled as root solutions (`root`, at `temperature`) or as scoring completions."""
 
     prefixes: list[Prefix]
     n: int
+    root: bool = False
 
 
 # A running search: yields Requests, is sent each one's completions (per prefix, in order),
@@ -175,7 +182,7 @@ class _Search:
         """`n` graded completions per state, as one request (`yield from` it)."""
         seed = call_seed(self.cfg.seed, self.problem.id, self.stats.n_calls)
         prefixes = [Prefix(self.problem.question, s, seed=prefix_seed(seed, i)) for i, s in enumerate(states)]
-        outs = yield Request(prefixes, n)
+        outs = yield Request(prefixes, n, root=states == [()])
         self.stats.n_calls += 1
         if len(outs) != len(states):
             raise ValueError(f"generator returned completions for {len(outs)} prefixes, asked for {len(states)}")
@@ -356,7 +363,8 @@ def run_searches(
     on_done: Callable[[int, list[StepLabel], SearchStats], None] | None = None,
 ) -> list[tuple[list[StepLabel], SearchStats]]:
     """Run `cfg.method` on every problem at once, in lockstep: each round, the pending requests
-    of all unfinished searches become one `generator.rollouts` call per distinct `n`, so the
+    of all unfinished searches become one `generator.rollouts` call per distinct (`n`, root or
+    not), so the
     engine sees one large batch instead of many small ones. Every prefix carries its own seed,
     so a problem's labels do not depend on which problems it was batched with.
 
@@ -365,7 +373,6 @@ def run_searches(
     """
     search_fn = SEARCHES[cfg.method]
     fmt = generator.step_format
-    sampling = cfg.sampling(0)  # its seed is unused: every prefix has its own
     results: list[tuple[list[StepLabel], SearchStats] | None] = [None] * len(problems)
     running: dict[int, Search] = {}
     pending: dict[int, Request] = {}
@@ -384,12 +391,13 @@ def run_searches(
         running[i] = search_fn(problem, grader, cfg, fmt)
         advance(i, None)
     while pending:
-        by_n: dict[int, list[int]] = {}
+        groups: dict[tuple[int, bool], list[int]] = {}
         for i, request in pending.items():
-            by_n.setdefault(request.n, []).append(i)
-        for n, members in by_n.items():
+            groups.setdefault((request.n, request.root), []).append(i)
+        for (n, root), members in groups.items():
             prefixes = [p for i in members for p in pending[i].prefixes]
-            outs = generator.rollouts(prefixes, n, sampling)
+            # The sampling's seed is unused: every prefix carries its own.
+            outs = generator.rollouts(prefixes, n, cfg.sampling(0, root=root))
             if len(outs) != len(prefixes):
                 raise ValueError(f"generator returned completions for {len(outs)} prefixes, asked for {len(prefixes)}")
             at = 0

@@ -269,3 +269,17 @@ def test_grading_reads_the_answer_line():
     for p in arith.generate("hard", 50, seed=0, word_problems=0.5):
         assert extract_answer(p.solution) == p.answer
     assert extract_answer("\n".join(GOOD[:3] + ["The answer is 78."])) == "78"
+
+
+def test_can_reach_gold_follows_the_written_value_through_the_remaining_operations():
+    p = Problem(id="x", question="q", answer="3", source="arith:hard",
+                metadata={"start": 50, "ops": ["+", "/"], "operands": [1, 17]})
+    assert arith.can_reach_gold(p, []) and arith.can_reach_gold(p, ["50 + 1 = 51"])
+    assert not arith.can_reach_gold(p, ["50 + 1 = 52"])  # 52 / 17 is not exact: no way on
+    # A wrong quotient that lands back on the gold value: reachable again, though the
+    # first-error truth stays wrong for good.
+    steps = ["50 + 1 = 52", "52 / 17 = 3"]
+    assert arith.can_reach_gold(p, steps) and not arith.step_labels(p, steps)[-1]
+    assert arith.can_reach_gold(p, ["50 + 1 = 51", "51 / 17 = 3", "The answer is 3"])
+    assert not arith.can_reach_gold(p, ["50 + 1 = 51", "51 / 17 = 3", "The answer is 4"])
+    assert not arith.can_reach_gold(p, ["garbage"])

@@ -338,3 +338,20 @@ def test_lockstep_searches_refuse_a_generator_that_drops_prefixes():
 
     with pytest.raises(ValueError, match="completions for 1 prefixes, asked for 2"):
         run_searches(HARD[:2], Short(HARD, 0.1), judge_grader, CFG)
+
+
+@pytest.mark.parametrize("method", ["math_shepherd", "omegaprm"])
+def test_root_solutions_and_scoring_completions_use_their_own_temperatures(method):
+    class Recording(NoisyArithGenerator):
+        def rollouts(self, prefixes, n, sampling):
+            self.temps = getattr(self, "temps", []) + [(any(p.steps for p in prefixes), sampling.temperature)]
+            return super().rollouts(prefixes, n, sampling)
+
+    gen = Recording(MEDIUM, 0.2)
+    run_searches(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9, rollout_temperature=0.3))
+    assert gen.temps[0] == (False, 0.9) and {t for deep, t in gen.temps if deep} == {0.3}
+    gen = Recording(MEDIUM, 0.2)
+    run_searches(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9))
+    assert {t for _, t in gen.temps} == {0.9}
+    with pytest.raises(ValueError, match="rollout_temperature"):
+        replace(CFG, rollout_temperature=3.0)
