@@ -238,8 +238,8 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
 def test_ray_job_submit_runs_the_job_on_the_local_head(ray_cluster, tiny_policy_dir, tmp_path):
     out = tmp_path / "submitted"
     entry = [sys.executable, "jobs/mcts.py", "--config", "jobs/configs/mcts_arith.yaml", f"policy={tiny_policy_dir}",
-             "dataset=arith:easy", "limit=2", "num_solutions=2", "rollouts_per_step=2", "max_solution_tokens=32",
-             "num_actors=1", f"out_dir={out}"]
+             "method=math_shepherd", "dataset=arith:easy", "limit=2", "num_solutions=2", "rollouts_per_step=2",
+             "max_solution_tokens=32", "num_actors=1", f"out_dir={out}"]
     ray_bin = Path(sys.executable).with_name("ray")
     r = subprocess.run([str(ray_bin), "job", "submit", "--address", f"http://{ray_cluster['webui_url']}",
                         "--working-dir", str(REPO), "--", *entry],
