@@ -36,6 +36,24 @@ def repo_relative(path: str | Path) -> Path:
     return path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
+def rollout_speed(gen, prefixes: list, n: int, sampling, repeats: int) -> dict:
+    """Best generated tokens/s of `gen.rollouts(prefixes, n, ...)` over `repeats` timed calls
+    (seeds `sampling.seed + 1 ...`) after one warm-up call with `sampling` itself."""
+    import dataclasses
+    import time
+
+    gen.rollouts(prefixes, n, sampling)  # warm-up (allocations, vLLM's first-batch paths)
+    best = None
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        out = gen.rollouts(prefixes, n, dataclasses.replace(sampling, seed=sampling.seed + r + 1))
+        dt = time.perf_counter() - t0
+        tokens = sum(roll.n_tokens for rolls in out for roll in rolls)
+        if best is None or tokens / dt > best["tokens_per_s"]:
+            best = {"tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
+    return best
+
+
 def write_section(title: str, command: str, body: str) -> None:
     """Replace (or append) the `## title` section with the command, date, machine and `body`."""
     section = f"## {title}"

@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import repo_relative, write_section  # noqa: E402
+from _doc import repo_relative, rollout_speed, write_section  # noqa: E402
 
 from mathprm import arith, atomic  # noqa: E402
 from mathprm.generation import Prefix, Sampling, load_generator  # noqa: E402
@@ -33,17 +33,7 @@ SHAPES = [(1, 1), (16, 1), (64, 1), (4, 16)]  # (prompts, samples per prompt)
 
 def measure(gen, questions: list[str], prompts: int, n: int, repeats: int) -> dict:
     sampling = Sampling(temperature=1.0, max_solution_tokens=256, seed=0)
-    prefixes = [Prefix(q) for q in questions[:prompts]]
-    gen.rollouts(prefixes, n, sampling)  # warm-up (allocations, vLLM's first-batch paths)
-    best = None
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        out = gen.rollouts(prefixes, n, Sampling(temperature=1.0, max_solution_tokens=256, seed=r + 1))
-        dt = time.perf_counter() - t0
-        tokens = sum(roll.n_tokens for rolls in out for roll in rolls)
-        if best is None or tokens / dt > best["tokens_per_s"]:
-            best = {"tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
-    return best
+    return rollout_speed(gen, [Prefix(q) for q in questions[:prompts]], n, sampling, repeats)
 
 
 def run(policy: str, backends: list[str], repeats: int) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import repo_relative, write_section  # noqa: E402
+from _doc import repo_relative, rollout_speed, write_section  # noqa: E402
 
 from mathprm import arith, atomic  # noqa: E402
 from mathprm.generation import Prefix, load_generator  # noqa: E402
@@ -43,17 +43,7 @@ PLOT = REPO / "docs" / "img" / "mcts_auroc.png"
 def raw_speed(gen, problems, cfg: TreeSearchConfig, repeats: int = 3) -> dict:
     """Tokens/s of plain sampling: every problem's root prefix x num_solutions in one call; the
     best of `repeats` calls after a warm-up (the raw side of the ratio is not flattered)."""
-    prefixes = [Prefix(p.question) for p in problems]
-    gen.rollouts(prefixes[:2], 2, cfg.sampling(99))  # warm-up
-    best = None
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        out = gen.rollouts(prefixes, cfg.num_solutions, cfg.sampling(7 + r))
-        dt = time.perf_counter() - t0
-        tokens = sum(x.n_tokens for rs in out for x in rs)
-        if best is None or tokens / dt > best["tokens_per_s"]:
-            best = {"tokens": tokens, "seconds": round(dt, 2), "tokens_per_s": round(tokens / dt, 1)}
-    return best
+    return rollout_speed(gen, [Prefix(p.question) for p in problems], cfg.num_solutions, cfg.sampling(7), repeats)
 
 
 def search(gen, problems, cfg: TreeSearchConfig) -> dict:

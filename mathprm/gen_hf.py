@@ -104,10 +104,11 @@ class HFGenerator:
             active = list(range(rows))  # the rows still in the batch, in batch order
             for _ in range(max_tokens):
                 tokens = self._pick(logits, [gens[r] for r in active], sampling)
+                picked = tokens.tolist()  # one device-to-host copy per step, not one per row
                 for k, r in enumerate(active):
                     if reasons[r] is not None:  # stopped earlier, not yet dropped from the batch
                         continue
-                    tok = int(tokens[k])
+                    tok = picked[k]
                     generated[r].append(tok)
                     if tok in self.eos_ids:
                         reasons[r] = "eos"

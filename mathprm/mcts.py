@@ -172,13 +172,13 @@ def problems_block(results: Iterable[tuple[Problem, list[StepLabel], SearchStats
     flat = pa.concat_tables(tables) if tables else steptable.SCHEMA.empty_table()
     structs = pa.StructArray.from_arrays([flat.column(n).combine_chunks() for n in steptable.SCHEMA.names],
                                          fields=list(steptable.SCHEMA))
+    # Counts the labels themselves give are taken from them; the rest from the search's stats.
+    derived = {"n_labels": lambda labels: len(labels),
+               "n_all_failed": lambda labels: sum(lab.n_correct == 0 for lab in labels)}
     columns: dict[str, Any] = {"problem_id": pa.array([p.id for p, *_ in rows], pa.string())}
     for name in PROBLEM_FIELDS:
-        columns[name] = pa.array([getattr(stats, name) for _, _, stats, _ in rows], pa.int64())
-    # What the labels themselves say wins over the stats' copy of it.
-    columns["n_labels"] = pa.array([len(labels) for _, labels, _, _ in rows], pa.int64())
-    columns["n_all_failed"] = pa.array([sum(lab.n_correct == 0 for lab in labels) for _, labels, _, _ in rows],
-                                       pa.int64())
+        values = [derived[name](labels) if name in derived else getattr(stats, name) for _, labels, stats, _ in rows]
+        columns[name] = pa.array(values, pa.int64())
     columns["seconds"] = pa.array([s for *_, s in rows], pa.float64())
     columns["labels"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
                                                  type=pa.list_(pa.field("item", _LABEL_STRUCT, nullable=False)))
@@ -346,6 +346,7 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     """Label every problem of `cfg` (resuming what `out_dir` already holds); returns the summary."""
     import ray.data
 
+    from mathprm.ray_data import problems_dataset
     from mathprm.ray_utils import check_job_paths, init_ray
 
     local_data = cfg.dataset if Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet") else None
@@ -366,8 +367,7 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     if todo:
         init_ray(cfg.ray_address, cfg.num_cpus)
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        ds = ray.data.from_items([p.to_dict() for p in todo],
-                                 override_num_blocks=max(1, -(-len(todo) // cfg.problems_per_batch)))
+        ds = problems_dataset(todo, override_num_blocks=max(1, -(-len(todo) // cfg.problems_per_batch)))
         labelled = ds.map_batches(
             Expander,
             fn_constructor_kwargs={"cfg": cfg},
