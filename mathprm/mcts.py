@@ -47,6 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mathprm import arith, atomic, steptable
+from mathprm.config import ConfigError
 from mathprm.evaluate import step_format_for
 from mathprm.generation import GENERATORS
 from mathprm.problems import BadRecordError, Problem, load_problems
@@ -128,7 +129,7 @@ def usable(problem: Problem) -> bool:
 
 
 def load_stage_problems(cfg: MCTSConfig) -> tuple[list[Problem], int]:
-    """(the usable problems, how many were skipped for lack of a gold answer); ValueError if
+    """(the usable problems, how many were skipped for lack of a gold answer); ConfigError if
     none is usable."""
     no_gold = 0
     if cfg.dataset.startswith("arith:"):
@@ -143,15 +144,16 @@ def load_stage_problems(cfg: MCTSConfig) -> tuple[list[Problem], int]:
             raise other[0]
         no_gold = len(errors)
     if problems and not isinstance(problems[0], Problem):
-        raise ValueError(f"dataset {cfg.dataset!r} holds step labels, not problems with gold answers")
+        raise ConfigError(f"dataset: {cfg.dataset!r} holds step labels, not problems with gold answers")
     keep = [p for p in problems if usable(p)]
     no_gold += len(problems) - len(keep)
     if not keep:
-        raise ValueError(f"dataset {cfg.dataset!r}: none of its {len(keep) + no_gold} problems has a usable gold answer")
+        raise ConfigError(f"dataset: {cfg.dataset!r}: none of its {len(keep) + no_gold} problems has a usable gold "
+                          "answer")
     ids = [p.id for p in keep]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"dataset {cfg.dataset!r}: problem id {dup!r} appears more than once")
+        raise ConfigError(f"dataset: {cfg.dataset!r}: problem id {dup!r} appears more than once")
     return keep, no_gold
 
 
@@ -236,10 +238,10 @@ def committed_problems(labels_dir: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(labels_dir.glob("part-*.parquet")):
         meta = pq.read_schema(path).metadata or {}
         if PROBLEMS_KEY not in meta:
-            raise ValueError(f"{path}: not written by the tree-search stage (no {PROBLEMS_KEY.decode()} metadata)")
+            raise ConfigError(f"out_dir: {path} was not written by the tree-search stage (no {PROBLEMS_KEY.decode()} metadata)")
         for row in json.loads(meta[PROBLEMS_KEY]):
             if row["problem_id"] in out:
-                raise ValueError(f"{labels_dir}: problem {row['problem_id']!r} is in two files (one is {path.name})")
+                raise ConfigError(f"out_dir: {labels_dir}: problem {row['problem_id']!r} is in two files (one is {path.name})")
             out[row["problem_id"]] = {**row, "file": path.name}
     return out
 
@@ -333,8 +335,8 @@ def _prepare_out_dir(cfg: MCTSConfig) -> Path:
         diff = [k for k in _IDENTITY if previous.get(k) != identity.get(k)]
         if diff:
             k = diff[0]
-            raise ValueError(
-                f"out_dir {out} holds labels of another run ({k}: {previous.get(k)!r} there, {identity.get(k)!r} "
+            raise ConfigError(
+                f"out_dir: {out} holds labels of another run ({k}: {previous.get(k)!r} there, {identity.get(k)!r} "
                 "now); use another out_dir or overwrite=true"
             )
     else:
@@ -359,6 +361,10 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     out = _prepare_out_dir(cfg)
     labels_dir = out / "labels"
     done = committed_problems(labels_dir)
+    extra = done.keys() - {p.id for p in problems}
+    if extra:  # refused before any work, not after it
+        raise ConfigError(f"out_dir: {out} holds labels of problems this config does not select, e.g. "
+                          f"{sorted(extra)[0]!r} (limit changed?); use another out_dir or overwrite=true")
     todo = [p for p in problems if p.id not in done]
     print(f"[mcts] {cfg.dataset}: {len(problems)} problems ({skipped} skipped without a gold answer), "
           f"{len(problems) - len(todo)} already labelled in {out}; method {cfg.method}, {cfg.generator_name}",
@@ -444,10 +450,6 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
     missing = wanted - done.keys()
     if missing:
         raise RuntimeError(f"{len(missing)} problem(s) have no committed labels, e.g. {sorted(missing)[0]!r}")
-    extra_ids = done.keys() - wanted
-    if extra_ids:
-        raise RuntimeError(f"{cfg.out_dir} holds labels of problems this config does not select, e.g. "
-                           f"{sorted(extra_ids)[0]!r} (limit changed?); use another out_dir or overwrite=true")
     table = read_labels(out)
     labels = steptable.from_table(table)
     totals = {name: sum(r[name] for r in done.values()) for name in PROBLEM_FIELDS}

@@ -63,13 +63,15 @@ def check_job_paths(**paths: str | None) -> None:
     """Refuse relative paths under `ray job submit --working-dir`: the job runs in a temporary
     copy of the working directory (without git-ignored folders such as runs/), so a relative
     policy would not be found and a relative output would vanish with the copy. ValueError
-    naming the field and the fix."""
+    naming the field and the fix (a `ConfigError`, which the commands print without a traceback)."""
     import os
     from pathlib import Path
+
+    from mathprm.config import ConfigError
 
     if "/runtime_resources/working_dir_files/" not in os.getcwd() + "/":
         return
     for name, value in paths.items():
         if value and not Path(value).is_absolute():
-            raise ValueError(f"{name}: {value!r} is relative, but this job runs in a temporary copy of its working "
+            raise ConfigError(f"{name}: {value!r} is relative, but this job runs in a temporary copy of its working "
                              f"directory; pass an absolute path, e.g. {name}=$PWD/{value}")

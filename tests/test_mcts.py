@@ -74,6 +74,14 @@ def test_problems_without_gold_are_skipped_and_none_usable_is_an_error(tmp_path)
         load_stage_problems(cfg)
 
 
+def test_the_job_refuses_bad_input_in_one_line_without_a_traceback(tmp_path, tiny_policy_dir):
+    data = _jsonl(tmp_path / "none.jsonl", [{"question": "Prove it.", "answer": ""}])
+    r = subprocess.run([sys.executable, str(REPO / "jobs/mcts.py"), f"dataset={data}", f"policy={tiny_policy_dir}",
+                        f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "none of its 1 problems has a usable gold answer" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_arith_labels_come_from_the_split_asked_for():
     problems, skipped = load_stage_problems(MCTSConfig(dataset="arith:medium", limit=20, seed=3))
     assert skipped == 0 and {arith.split_of(p) for p in problems} == {"train"}
@@ -113,7 +121,7 @@ def test_a_block_becomes_one_atomic_parquet_file_with_its_problems_in_the_metada
 def test_a_foreign_parquet_file_in_labels_is_refused(tmp_path):
     (tmp_path / "labels").mkdir()
     pq.write_table(steptable.SCHEMA.empty_table(), tmp_path / "labels" / "part-0.parquet")
-    with pytest.raises(ValueError, match="not written by the tree-search stage"):
+    with pytest.raises(ValueError, match="was not written by the tree-search stage"):
         committed_problems(tmp_path / "labels")
 
 
@@ -168,6 +176,10 @@ def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster,
     after = read_labels(out)
     key = ["problem_id", "depth", "step"]
     assert after.sort_by([(k, "ascending") for k in key]).equals(before.sort_by([(k, "ascending") for k in key]))
+    # A smaller limit would leave labels of unselected problems: refused before any search.
+    with pytest.raises(ConfigError, match="limit changed"):
+        run_mcts(_config(tiny_policy_dir, out, limit=2, problems_per_batch=1))
+    assert read_labels(out).num_rows == after.num_rows
 
 
 @pytest.mark.ray
