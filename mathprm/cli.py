@@ -7,6 +7,11 @@
     mathprm evaluate --policy DIR --dataset arith:hard --limit N --seed S \
         --strategies greedy,majority@16,pass@16 --out FILE.json
                                          accuracy of a policy per decoding strategy
+    mathprm train-prm [--config F] ...   train a process reward model on step labels, on Ray Train
+    mathprm evaluate-prm --prm DIR --policy DIR --dataset arith:hard --limit N --seed S --out F.json
+                                         step AUROC, first-error F1, best-of-n of a PRM
+    mathprm processbench --prm DIR [--threshold T] ...
+                                         a scorer on ProcessBench's four subsets (official metric)
     mathprm grade PRED GOLD              are two answers mathematically equivalent?
 
 Every stage also takes its fields GNU-style (`--max-steps 10`); `mathprm CMD --help` lists them.
@@ -86,6 +91,32 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _train_prm(argv: list[str]) -> int:
+    from mathprm.train_prm import TrainPRMConfig, train_prm
+
+    if (cfg := _config(TrainPRMConfig, argv)) is not None:
+        print(f"[train-prm] PRM: {train_prm(cfg)}")
+    return 0
+
+
+def _evaluate_prm(argv: list[str]) -> int:
+    from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
+
+    if (cfg := _config(PRMEvalConfig, argv)) is not None:
+        print(format_report(run_prm_evaluation(cfg)))
+        print(f"[evaluate-prm] wrote {cfg.out}")
+    return 0
+
+
+def _processbench(argv: list[str]) -> int:
+    from mathprm.processbench import ProcessBenchConfig, format_table, run_processbench
+
+    if (cfg := _config(ProcessBenchConfig, argv)) is not None:
+        print(format_table(run_processbench(cfg)))
+        print(f"[processbench] wrote {cfg.out}")
+    return 0
+
+
 def _demo(argv: list[str]) -> int:
     """The pipeline so far, on the embedded default: data check, base policy, its evaluation.
 
@@ -158,7 +189,7 @@ def _grade(argv: list[str]) -> int:
 
 
 COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "mcts": _mcts, "evaluate": _evaluate,
-            "grade": _grade}
+            "train-prm": _train_prm, "evaluate-prm": _evaluate_prm, "processbench": _processbench, "grade": _grade}
 
 if __name__ == "__main__":
     sys.exit(main())

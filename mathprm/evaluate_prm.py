@@ -1,0 +1,258 @@
+"""`mathprm evaluate-prm`: how good a PRM is, on solutions its policy samples for fresh problems.
+
+    mathprm evaluate-prm --prm runs/arith/prm --policy runs/arith/policy --dataset arith:hard \\
+        --limit 200 --seed 0 --out runs/arith/prm_eval.json
+
+For each problem the policy samples `n` solutions; the scorer scores every step. Reported:
+
+- `step_auroc`: AUROC of the step scores against the exact truth "every step so far is
+  right" (`arith.step_labels`, ProcessBench's first-error label), over all sampled steps;
+- `first_error_f1`: the ProcessBench metric on the same solutions: the predicted earliest
+  error is the first step scored below `threshold` (or -1), compared with `arith.first_error`;
+  F1 of the accuracies on erroneous and on correct solutions (in percent);
+- `best_of_n@n`: accuracy when the solution with the highest aggregated score is kept
+  (`aggregation`: last / min / prod / mean; all four are in `best_of_n_by_aggregation`),
+  beside `majority@n` (self-consistency over the same samples) and `pass@n` (the ceiling).
+
+Step truth exists only in the arithmetic world; on real math (gsm8k, math500) the step
+metrics are None and best-of-n / majority are still measured. `scorer: oracle` swaps the PRM
+for the exact checker: the upper bound every PRM figure should be read against.
+
+The core (`sample_and_score` for a batch of problems, `summarise` for the metrics) is plain
+Python; `run_prm_evaluation` runs it in-process, or with `use_ray: true` as a Ray Data
+`map_batches` over problems with an actor pool, each actor holding one generator and one
+scorer (`jobs/eval_prm.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mathprm import arith, atomic
+from mathprm.evaluate import Judge, majority_vote, pass_at_k, step_format_for
+from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
+from mathprm.problems import Problem, load_problems
+from mathprm.scorer import AGGREGATIONS, SCORERS, ArithOracle, aggregate, load_scorer
+from mathprm.treesearch import auroc
+
+
+@dataclasses.dataclass
+class PRMEvalConfig:
+    prm: str = "runs/arith/prm"  # a PRM directory (mathprm train-prm)
+    policy: str = "runs/arith/policy"  # the HF causal-LM that samples the solutions
+    scorer: str = "prm"  # a key of mathprm.scorer.SCORERS, or "oracle" (arith: the exact checker)
+    dataset: str = "arith:hard"  # arith:* (fresh test-split problems), gsm8k, math500, ...
+    limit: int | None = 200
+    seed: int = 0  # problem seed (arith) and sampling seed
+    n: int = 8  # solutions sampled per problem
+    temperature: float = 0.85
+    top_p: float = 1.0
+    max_solution_tokens: int = 384
+    aggregation: str = "min"  # step scores -> solution score for best_of_n
+    threshold: float = 0.5  # a step scored below this is the predicted first error
+    separator: str | None = None  # None: the dataset's ("\n" for arith:*)
+    backend: str = "hf"  # generator backend, a key of mathprm.generation.GENERATORS
+    batch_problems: int = 16  # problems per generator / scorer call
+    device: str | None = None  # hf generator and PRM; None: cuda if available
+    use_ray: bool = False  # run batches as a Ray Data actor pool (jobs/eval_prm.py sets it)
+    num_actors: int = 2  # with use_ray
+    ray_address: str | None = None
+    out: str = "runs/arith/prm_eval.json"
+
+    def __post_init__(self) -> None:
+        if self.scorer != "oracle" and self.scorer not in SCORERS:
+            raise ValueError(f"scorer: unknown {self.scorer!r}; choose oracle or one of {', '.join(SCORERS)}")
+        if self.scorer == "oracle" and not self.dataset.startswith("arith:"):
+            raise ValueError(f"scorer: the oracle knows only arith:* problems, not {self.dataset!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
+        for name in ("n", "batch_problems", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
+        if self.backend not in GENERATORS:
+            raise ValueError(f"backend: unknown {self.backend!r}; backends: {', '.join(GENERATORS)}")
+        self.sampling  # noqa: B018 - Sampling validates temperature, top_p, max_solution_tokens
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(temperature=self.temperature, top_p=self.top_p,
+                        max_solution_tokens=self.max_solution_tokens, seed=self.seed)
+
+
+# ----------------------------------------------------------------------------- core
+
+
+def sample_and_score(problems: Sequence[Problem], generator: Any, scorer: Any, cfg: PRMEvalConfig,
+                     batch_index: int) -> list[dict[str, Any]]:
+    """For each problem: its `n` sampled solutions, each with steps, step scores, answer key,
+    correctness and (arith) the true first error. `batch_index` seeds the call, so batch b of
+    a run samples the same solutions however the batches are distributed."""
+    sampling = dataclasses.replace(cfg.sampling, seed=cfg.seed * 1_000_003 + batch_index)
+    rollouts = generator.rollouts([Prefix(p.question) for p in problems], cfg.n, sampling)
+    flat = [(p, [s for s in r.steps if s.strip()], r) for p, rs in zip(problems, rollouts) for r in rs]
+    scored = [(p, steps, r) for p, steps, r in flat if steps]
+    scores = iter(scorer.score([p.question for p, _, _ in scored], [steps for _, steps, _ in scored]))
+    out = []
+    for p, rs in zip(problems, rollouts):
+        judge, solutions = Judge(p), []
+        for r in rs:
+            steps = [s for s in r.steps if s.strip()]
+            key = judge.key(r.text)
+            solutions.append({
+                "steps": steps, "scores": next(scores) if steps else [], "key": key, "correct": judge.correct(key),
+                "tokens": r.n_tokens,
+                "first_error": arith.first_error(p, steps) if judge.arith else None,
+            })
+        out.append({"id": p.id, "gold": p.answer, "solutions": solutions})
+    return out
+
+
+def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, threshold: float) -> dict[str, Any]:
+    """The metrics of the module docstring from `sample_and_score` records."""
+    from mathprm.processbench import predicted_first_error, processbench_f1
+
+    step_scores, step_truth, labels, predicted = [], [], [], []
+    hits = {"majority": 0.0, "pass": 0.0, **{f"best_of_n:{a}": 0.0 for a in AGGREGATIONS}}
+    for rec in records:
+        sols = rec["solutions"]
+        for s in sols:
+            if s["first_error"] is None or not s["steps"]:
+                continue
+            first = s["first_error"]
+            step_truth += [first == -1 or i < first for i in range(len(s["steps"]))]
+            step_scores += s["scores"]
+            labels.append(first)
+            predicted.append(predicted_first_error(s["scores"], threshold))
+        voted = majority_vote([s["key"] for s in sols])
+        hits["majority"] += voted is not None and any(s["correct"] and s["key"] == voted for s in sols)
+        hits["pass"] += pass_at_k(len(sols), sum(s["correct"] for s in sols), len(sols))
+        for a in AGGREGATIONS:
+            ranked = [s for s in sols if s["steps"]]
+            if ranked:
+                best = max(ranked, key=lambda s: aggregate(s["scores"], a))  # first of equals wins
+                hits[f"best_of_n:{a}"] += best["correct"]
+    m = max(len(records), 1)
+    f1 = processbench_f1(labels, predicted) if labels else None
+    has_both = 0 < sum(step_truth) < len(step_truth)
+    return {
+        "step_auroc": round(auroc(step_scores, step_truth), 4) if has_both else None,
+        "first_error_f1": None if f1 is None or f1["f1"] is None else round(f1["f1"], 2),
+        f"best_of_n@{n}": round(hits[f"best_of_n:{aggregation}"] / m, 4),
+        f"majority@{n}": round(hits["majority"] / m, 4),
+        f"pass@{n}": round(hits["pass"] / m, 4),
+        "best_of_n_by_aggregation": {a: round(hits[f"best_of_n:{a}"] / m, 4) for a in AGGREGATIONS},
+        "processbench": f1,
+        "n_problems": len(records),
+        "n_solutions": sum(len(r["solutions"]) for r in records),
+        "n_steps": len(step_scores),
+        "wrong_steps": len(step_truth) - sum(step_truth),
+    }
+
+
+# ----------------------------------------------------------------------------- shells
+
+
+def _problems(cfg: PRMEvalConfig) -> list[Problem]:
+    if cfg.dataset.startswith("arith:"):
+        return load_problems(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
+    return load_problems(cfg.dataset, limit=cfg.limit)
+
+
+def _scorer(cfg: PRMEvalConfig, problems: Sequence[Problem]) -> Any:
+    if cfg.scorer == "oracle":
+        return ArithOracle(problems)
+    return load_scorer(cfg.scorer, cfg.prm, **({"device": cfg.device} if cfg.device else {}))
+
+
+def _generator(cfg: PRMEvalConfig) -> Any:
+    if not (Path(cfg.policy) / "config.json").is_file():
+        raise FileNotFoundError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
+    options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
+    return load_generator(cfg.backend, cfg.policy, step_format_for(cfg.dataset, cfg.separator), **options)
+
+
+class _Worker:
+    """Ray Data callable class: one generator and one scorer per actor."""
+
+    def __init__(self, cfg: PRMEvalConfig, problems: list[Problem]) -> None:
+        self.cfg, self.generator = cfg, _generator(cfg)
+        self.scorer = _scorer(cfg, problems)
+        self.by_id = {p.id: p for p in problems}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        import json
+
+        ids = [str(i) for i in batch["id"]]
+        records = sample_and_score([self.by_id[i] for i in ids], self.generator, self.scorer, self.cfg,
+                                   int(batch["batch_index"][0]))
+        return {"record": [json.dumps(r) for r in records]}
+
+
+def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer: Any | None = None) -> dict:
+    """Sample, score and summarise; writes `cfg.out` (and one JSON line per problem) atomically."""
+    import json
+
+    if cfg.scorer != "oracle" and scorer is None:
+        from mathprm.prm import read_prm_config
+
+        read_prm_config(cfg.prm)  # fail now, not inside an actor
+    problems = _problems(cfg)
+    if not problems:
+        raise ValueError(f"dataset: {cfg.dataset!r} gave no problems")
+    started = time.monotonic()
+    chunks = [problems[lo : lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
+    records: list[dict[str, Any]] = []
+    if cfg.use_ray:
+        import ray.data
+
+        from mathprm.ray_utils import init_ray
+
+        init_ray(cfg.ray_address)
+        rows = [{"id": p.id, "batch_index": b} for b, chunk in enumerate(chunks) for p in chunk]
+        ds = ray.data.from_items(rows).map_batches(
+            _Worker, fn_constructor_args=(cfg, problems), batch_size=cfg.batch_problems,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        )
+        order = {p.id: i for i, p in enumerate(problems)}
+        records = sorted((json.loads(r["record"]) for r in ds.iter_rows()), key=lambda r: order[r["id"]])
+    else:
+        generator = generator or _generator(cfg)
+        scorer = scorer or _scorer(cfg, problems)
+        for b, chunk in enumerate(chunks):
+            records += sample_and_score(chunk, generator, scorer, cfg, b)
+            elapsed = time.monotonic() - started
+            print(f"[evaluate-prm] {len(records)}/{len(problems)} problems, {elapsed:.0f}s, "
+                  f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
+    report = {"prm": cfg.prm if cfg.scorer != "oracle" else "oracle", "policy": cfg.policy, "dataset": cfg.dataset,
+              "seed": cfg.seed, "n": cfg.n, "temperature": cfg.temperature, "aggregation": cfg.aggregation,
+              "threshold": cfg.threshold, **summarise(records, cfg.n, cfg.aggregation, cfg.threshold),
+              "elapsed_s": round(time.monotonic() - started, 1), "date": time.strftime("%Y-%m-%d")}
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out, report)
+    atomic.write_text(out.with_suffix(".problems.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    n = report["n"]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    return "\n".join([
+        f"{report['dataset']}  prm={report['prm']}  policy={report['policy']}  ({report['n_problems']} problems, "
+        f"{report['n_solutions']} solutions, T={report['temperature']})",
+        f"step AUROC {report['step_auroc']}   first-error F1 {report['first_error_f1']}   "
+        f"({report['n_steps']} steps, {report['wrong_steps']} wrong)",
+        f"best_of_n@{n} ({report['aggregation']}) {pct(report[f'best_of_n@{n}'])}   majority@{n} "
+        f"{pct(report[f'majority@{n}'])}   pass@{n} {pct(report[f'pass@{n}'])}",
+    ])

@@ -1,0 +1,206 @@
+"""ProcessBench: can a step scorer find the first wrong step of a solution?
+
+ProcessBench (Zheng et al. 2024, "ProcessBench: Identifying Process Errors in Mathematical
+Reasoning", arXiv:2412.06559) gives 3,400 model-written solutions to GSM8K, MATH,
+OlympiadBench and Omni-MATH problems, each with the human label of its earliest wrong step
+(-1 when every step is right). A critic predicts that index; per subset the metric is
+
+    error_acc   = % of erroneous solutions whose predicted index equals the label exactly
+    correct_acc = % of correct solutions predicted -1
+    F1          = 2 * error_acc * correct_acc / (error_acc + correct_acc)
+
+and the headline number is the mean F1 over the four subsets.
+
+A `Scorer` becomes a critic the usual way for process reward models: the first step whose
+score falls below a threshold is the predicted error (`predicted_first_error`, as in the
+Qwen2.5-Math-PRM report, Zhang et al. 2025). The threshold is a config field (0.5 by
+default; a PRM calibrated on other data may want another). Departure from the paper: where a subset has no
+erroneous (or no correct) solutions, which only a `limit` can cause, its accuracy and F1
+are None instead of a division by zero.
+
+`evaluate_scorer` is the pure core; `run_processbench` loads the data, builds the scorer,
+and writes the report JSON atomically. This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mathprm import atomic
+from mathprm.problems import ProcessBenchItem, load_problems
+from mathprm.scorer import SCORERS, Scorer, check_shapes, load_scorer
+
+SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
+
+
+def predicted_first_error(scores: Sequence[float], threshold: float) -> int:
+    """Index of the first step scored strictly below `threshold`, else -1 (no error found).
+
+    A score equal to the threshold counts as right. NaN is a ValueError: it compares False
+    with everything and would silently pass as a right step.
+    """
+    for i, s in enumerate(scores):
+        if math.isnan(s):
+            raise ValueError(f"scores: step {i} is NaN")
+        if s < threshold:
+            return i
+    return -1
+
+
+def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, Any]:
+    """ProcessBench's per-subset metric (module docstring), accuracies and F1 in percent.
+
+    A group with no samples has accuracy None, and then F1 is None too: the harmonic mean of
+    a missing number is not 0. F1 is 0 when both accuracies are 0.
+    """
+    if len(labels) != len(predictions):
+        raise ValueError(f"processbench_f1: {len(labels)} labels but {len(predictions)} predictions")
+    erroneous = [p == y for y, p in zip(labels, predictions) if y != -1]
+    correct = [p == -1 for y, p in zip(labels, predictions) if y == -1]
+    error_acc = 100.0 * sum(erroneous) / len(erroneous) if erroneous else None
+    correct_acc = 100.0 * sum(correct) / len(correct) if correct else None
+    if error_acc is None or correct_acc is None:
+        f1 = None
+    else:
+        total = error_acc + correct_acc
+        f1 = 2 * error_acc * correct_acc / total if total else 0.0
+    return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1,
+            "n_erroneous": len(erroneous), "n_correct": len(correct)}
+
+
+class ProcessBenchOracle:
+    """A `Scorer` that knows the human labels: step i scores 1.0 if the solution is right
+    (label -1) or i comes before the first error, else 0.0. With any threshold in (0, 1] it
+    is a perfect critic, the ceiling of the benchmark and a check of the evaluation plumbing.
+    Solutions are looked up by (problem text, steps); an unknown one is a ValueError."""
+
+    def __init__(self, items: Sequence[ProcessBenchItem]) -> None:
+        self.labels: dict[tuple[str, tuple[str, ...]], int] = {}
+        for it in items:
+            key = (it.problem, tuple(it.steps))
+            if self.labels.setdefault(key, it.label) != it.label:
+                raise ValueError(f"ProcessBenchOracle: {it.id} repeats a solution with a different label")
+
+    def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
+        check_shapes(questions, steps_per_question)
+        out = []
+        for q, steps in zip(questions, steps_per_question):
+            label = self.labels.get((q, tuple(steps)))
+            if label is None:
+                raise ValueError(f"score: the ProcessBench oracle does not know the solution to {q[:80]!r}")
+            out.append([1.0 if label == -1 or i < label else 0.0 for i in range(len(steps))])
+        return out
+
+
+@dataclasses.dataclass
+class ProcessBenchConfig:
+    scorer_backend: str = "prm"  # a key of mathprm.scorer.SCORERS, or "oracle" (the human labels)
+    prm: str | None = "runs/arith/prm"  # the scorer's directory; unused by the oracle
+    subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
+    threshold: float = 0.5  # a step scored below it is the predicted first error
+    limit: int | None = None  # first N items of each subset
+    batch_size: int = 8  # solutions per scorer call
+    out: str = "runs/eval/processbench.json"
+
+    def __post_init__(self) -> None:
+        if self.scorer_backend != "oracle" and self.scorer_backend not in SCORERS:
+            raise ValueError(f"scorer_backend: unknown {self.scorer_backend!r}; "
+                             f"choose oracle or one of {', '.join(SCORERS)}")
+        if self.scorer_backend != "oracle" and not self.prm:
+            raise ValueError(f"prm: the {self.scorer_backend!r} backend needs a directory")
+        if not self.subsets:
+            raise ValueError(f"subsets: give at least one of {', '.join(SUBSETS)}")
+        for s in self.subsets:
+            if s not in SUBSETS:
+                raise ValueError(f"subsets: unknown subset {s!r}; choose from {', '.join(SUBSETS)}")
+        if len(set(self.subsets)) != len(self.subsets):
+            raise ValueError(f"subsets: {self.subsets} names a subset twice")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1, got {self.batch_size}")
+
+
+def evaluate_scorer(
+    scorer: Scorer,
+    items_by_subset: dict[str, list[ProcessBenchItem]],
+    threshold: float,
+    batch_size: int,
+    progress: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Score every solution, predict its first error, and compute the metric per subset.
+
+    Returns {"subsets": {name: {error_acc, correct_acc, f1, n_erroneous, n_correct, n_items}},
+    "average_f1": the mean subset F1 (None if any is None), "threshold": threshold,
+    "predictions": {name: [{"id", "label", "predicted"}, ...]}} (per item, in input order).
+    """
+    subsets: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[dict[str, Any]]] = {}
+    for name, items in items_by_subset.items():
+        started = time.monotonic()
+        preds: list[int] = []
+        next_tenth = 1  # report at each tenth of the subset, so a slow PRM shows it is alive
+        for lo in range(0, len(items), batch_size):
+            batch = items[lo: lo + batch_size]
+            scores = scorer.score([it.problem for it in batch], [list(it.steps) for it in batch])
+            if len(scores) != len(batch):
+                raise ValueError(f"score: {len(scores)} score lists for a batch of {len(batch)} "
+                                 f"(from {batch[0].id})")
+            for it, s in zip(batch, scores):
+                if len(s) != len(it.steps):
+                    raise ValueError(f"score: {it.id} has {len(it.steps)} steps but got {len(s)} scores")
+                preds.append(predicted_first_error(s, threshold))
+            done = lo + len(batch)
+            if 10 * done >= next_tenth * len(items):
+                elapsed = time.monotonic() - started
+                progress(f"[processbench] {name}: {done}/{len(items)} solutions, "
+                         f"{done / max(elapsed, 1e-9):.1f} items/s")
+                next_tenth = 10 * done // len(items) + 1
+        labels = [it.label for it in items]
+        subsets[name] = processbench_f1(labels, preds) | {"n_items": len(items)}
+        predictions[name] = [{"id": it.id, "label": it.label, "predicted": p} for it, p in zip(items, preds)]
+    f1s = [m["f1"] for m in subsets.values()]
+    average = sum(f1s) / len(f1s) if f1s and None not in f1s else None
+    return {"subsets": subsets, "average_f1": average, "threshold": threshold, "predictions": predictions}
+
+
+def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> dict[str, Any]:
+    """Evaluate `cfg.scorer_backend` (or a ready `scorer`) and write `cfg.out` atomically."""
+    items_by_subset: dict[str, list[ProcessBenchItem]] = {
+        s: load_problems(f"processbench:{s}", limit=cfg.limit) for s in cfg.subsets
+    }
+    if scorer is None:
+        if cfg.scorer_backend == "oracle":
+            scorer = ProcessBenchOracle([it for items in items_by_subset.values() for it in items])
+        else:
+            scorer = load_scorer(cfg.scorer_backend, cfg.prm)
+    started = time.monotonic()
+    result = evaluate_scorer(scorer, items_by_subset, cfg.threshold, cfg.batch_size)
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "backend": cfg.scorer_backend,
+        "prm": cfg.prm if cfg.scorer_backend != "oracle" else None,
+        "limit": cfg.limit,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    } | result
+    atomic.write_json(cfg.out, report)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report's per-subset numbers as an aligned text table, average F1 last."""
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    rows = [f"{'subset':<14} {'error acc':>9} {'correct acc':>11} {'F1':>6} {'n':>5}"]
+    for name, m in report["subsets"].items():
+        rows.append(f"{name:<14} {pct(m['error_acc']):>9} {pct(m['correct_acc']):>11} "
+                    f"{pct(m['f1']):>6} {m['n_items']:>5}")
+    rows.append(f"{'average':<14} {'':>9} {'':>11} {pct(report['average_f1']):>6}")
+    return "\n".join(rows)

@@ -1,0 +1,471 @@
+"""PRM training on Ray Train: BCE on soft step scores, from tree-search Parquet or TRL rows.
+
+    mathprm train-prm --config jobs/configs/prm_arith.yaml            # runs/arith/mcts -> runs/arith/prm
+
+Data. `data` is a tree-search output directory (its `labels/`), step-score Parquet files
+(`mathprm.steptable.SCHEMA`), or a TRL stepwise-supervision dataset (Parquet or JSONL with
+`prompt`, `completions`, `labels`, bool or float labels). It is read as a Ray Dataset and
+turned into labelled solutions, one row per root-to-leaf path of each problem's labelled
+states (`solutions_of_problem`, run by `groupby("problem_id").map_groups`). A state shared
+by several paths (the root solutions of a tree share their first steps) carries its label
+in one path only, so every label weighs the same in the loss. Problems go to validation by a
+hash of their id (`val_fraction`), never by row, so no problem is on both sides.
+
+Training. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU) shards the training
+rows with `get_dataset_shard`; each worker encodes its batches (`prm.encode_solution`) and
+runs DDP through `prepare_model`. The loss is `prm.bce_step_loss`, at step ends only.
+Optional LoRA through PEFT (the head is always trained in full; the adapters are merged
+before saving, so the output is a plain HF directory). `precision: bf16` runs the forward
+under bfloat16 autocast (GPUs; CPUs with AVX-512 BF16). Every `eval_every` steps rank 0
+scores the whole validation set: BCE against the soft labels and step AUROC against
+`score > 0` (the state can still reach the gold answer; Math-Shepherd's hard label).
+Checkpoints go through `ray.train.report` every `checkpoint_every` steps; a killed run
+resumes from the latest one (same step, optimiser and schedule; the batches of the resumed
+epoch already trained are skipped by count). The finished PRM is written once, atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyarrow as pa
+import torch
+
+from mathprm import atomic
+from mathprm.config import ConfigError, to_dict
+from mathprm.prm import PRMExample, bce_step_loss, build_prm, collate, encode_solution, save_prm, step_logits
+from mathprm.steps import StepFormat
+from mathprm.treesearch import auroc
+
+SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
+_STATE_FILE = "train_state.pt"
+_GRAD_CLIP = 1.0
+_MIN_LR_RATIO = 0.1
+SOLUTIONS = pa.schema([
+    pa.field("problem_id", pa.string()),
+    pa.field("question", pa.string()),
+    pa.field("steps", pa.list_(pa.string())),  # the path's steps, without separators
+    pa.field("targets", pa.list_(pa.float64())),  # per step: its soft label, NaN where unlabelled
+])
+
+
+@dataclasses.dataclass
+class TrainPRMConfig:
+    data: str = "runs/arith/mcts"  # tree-search output dir, step-score Parquet, or TRL stepwise Parquet/JSONL
+    base: str = "runs/arith/policy"  # HF causal-LM (or PRM) directory whose backbone the PRM starts from
+    separator: str | None = None  # step separator; None: the tree-search run's (run.json), else "\n\n"
+    val_fraction: float = 0.1  # share of problems held out for validation (by a hash of the id)
+    epochs: int = 10
+    batch_size: int = 16  # solutions per worker per step (global batch = batch_size * num_workers)
+    lr: float = 5e-4  # peak learning rate (AdamW), after `warmup_steps`, cosine to 10 % at the end
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    max_length: int = 512  # longer solutions are dropped (counted), never truncated
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank (PEFT) instead of the whole backbone
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    log_every: int = 10  # steps between progress lines / ray.train.report calls
+    eval_every: int = 100  # steps between validation passes (a multiple of log_every)
+    checkpoint_every: int = 100  # steps between rank-0 checkpoints (a multiple of log_every)
+    seed: int = 0
+    num_workers: int = 2
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    out_dir: str = "runs/arith/prm"
+    overwrite: bool = False  # retrain from scratch even if out_dir holds a finished PRM
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local loopback cluster
+    num_cpus: int | None = None  # CPUs of a local cluster started by this run
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_length", "log_every", "eval_every", "checkpoint_every",
+                     "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) % self.log_every:
+                raise ValueError(f"{name}: must be a multiple of log_every ({self.log_every}), got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "weight_decay", "lora_r"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.lora_r and (self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"lora_alpha / lora_dropout: need alpha >= 1 and dropout in [0, 1), got "
+                             f"{self.lora_alpha} / {self.lora_dropout}")
+        if self.separator is not None:
+            StepFormat(self.separator)
+
+
+# ----------------------------------------------------------------------------- pure core
+
+
+def solutions_of_problem(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One problem's labelled states -> its labelled paths (rows of `SOLUTIONS`).
+
+    A state is `prefix + (step,)`; the same state labelled twice (two sampled solutions that
+    share a first step) is merged by pooling its rollouts. Each leaf (a state no other state
+    extends) becomes one path; each state's label goes to the first path, in sorted order,
+    that passes through it, and is NaN in the others."""
+    pooled: dict[tuple[str, ...], list[int]] = {}
+    first = rows[0]
+    for r in rows:
+        state = (*r["prefix"], r["step"])
+        n, c = pooled.setdefault(state, [0, 0])
+        pooled[state] = [n + int(r["n_rollouts"]), c + int(r["n_correct"])]
+    inner = {s[:i] for s in pooled for i in range(len(s))}
+    out, given = [], set()
+    for leaf in sorted(s for s in pooled if s not in inner):
+        targets = []
+        for end in range(1, len(leaf) + 1):
+            state = leaf[:end]
+            if state in pooled and state not in given:
+                n, c = pooled[state]
+                targets.append(c / n)
+                given.add(state)
+            else:
+                targets.append(math.nan)
+        out.append({"problem_id": first["problem_id"], "question": first["question"], "steps": list(leaf),
+                    "targets": targets})
+    return out
+
+
+def solution_of_trl_row(row: dict[str, Any], fmt: StepFormat) -> dict[str, Any]:
+    """A TRL stepwise row -> a labelled path. The question is `prompt` without its trailing
+    separator; a completion holding the separator is several steps, the label going to the last."""
+    prompt, completions, labels = row["prompt"], row["completions"], row["labels"]
+    if not isinstance(prompt, str) or len(completions) != len(labels):
+        raise ValueError(f"TRL row {str(prompt)[:60]!r}: needs a string prompt and one label per completion "
+                         f"({len(completions)} completions, {len(labels)} labels)")
+    question = prompt[: -len(fmt.separator)] if prompt.endswith(fmt.separator) else prompt
+    steps, targets = [], []
+    for completion, label in zip(completions, labels):
+        pieces = completion.split(fmt.separator)
+        steps += pieces
+        targets += [math.nan] * (len(pieces) - 1) + [float(label)]
+    for t in targets:
+        if not (math.isnan(t) or 0.0 <= t <= 1.0):
+            raise ValueError(f"TRL row {question[:60]!r}: label {t} is outside [0, 1]")
+    pid = "trl:" + hashlib.sha256(question.encode()).hexdigest()[:12]
+    return {"problem_id": pid, "question": question, "steps": steps, "targets": targets}
+
+
+def is_validation(problem_id: str, fraction: float) -> bool:
+    """A stable, seed-free split by problem: the same problems are held out on every run."""
+    h = int.from_bytes(hashlib.sha256(problem_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def to_example(row: dict[str, Any], tokenizer: Any, fmt: StepFormat) -> PRMExample | None:
+    """The training example of a labelled path (only labelled steps carry a target); None if
+    no step is labelled."""
+    ids, positions = encode_solution(tokenizer, fmt, row["question"], row["steps"])
+    keep = [(p, t) for p, t in zip(positions, row["targets"]) if t is not None and not math.isnan(t)]
+    if not keep:
+        return None
+    return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep])
+
+
+def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
+    """Linear warmup, then cosine from `lr` to 10 % of it at `total` steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (_MIN_LR_RATIO + (1 - _MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int, device: torch.device,
+             batch_size: int) -> dict[str, float | None]:
+    """BCE against the soft labels and AUROC against `label > 0`, over every labelled step."""
+    model.eval()
+    preds, targets, loss_sum, n = [], [], 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for lo in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[lo : lo + batch_size]], pad_id).to(device)
+        logits = step_logits(model, batch).float()
+        k = int(batch.step_mask.sum())
+        loss_sum += float(bce_step_loss(logits, batch.targets, batch.step_mask)) * k
+        n += k
+        preds += torch.sigmoid(logits[batch.step_mask]).tolist()
+        targets += batch.targets[batch.step_mask].tolist()
+    model.train()
+    hard = [t > 0 for t in targets]
+    return {"val_bce": loss_sum / n if n else None,
+            "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n}
+
+
+# ----------------------------------------------------------------------------- data on Ray
+
+
+def resolve_separator(cfg: TrainPRMConfig) -> str:
+    if cfg.separator is not None:
+        return cfg.separator
+    run = Path(cfg.data) / "run.json"
+    if run.is_file():
+        return json.loads(run.read_text())["separator"]
+    return "\n\n"
+
+
+def _table_to_solutions(table: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist(solutions_of_problem(table.to_pylist()), schema=SOLUTIONS)
+
+
+def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
+    """The labelled paths of `cfg.data` as a materialised Ray Dataset (rows of `SOLUTIONS`)."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    from mathprm import steptable
+
+    path = Path(cfg.data)
+    if path.is_dir() and (path / "labels").is_dir():
+        path = path / "labels"
+    if path.is_dir():
+        files = sorted(str(f) for f in path.rglob("*.parquet") if not f.name.startswith("."))
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        raise FileNotFoundError(f"data: {cfg.data} does not exist")
+    if not files:
+        raise ConfigError(f"data: {cfg.data} holds no Parquet files")
+    if files[0].endswith((".jsonl", ".json")):
+        names = {"prompt", "completions", "labels"}
+        ds = ray.data.read_json(files)
+    else:
+        names = set(pq.read_schema(files[0]).names)
+        ds = ray.data.read_parquet(files)
+    if set(steptable.SCHEMA.names) <= names:
+        ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")
+    elif {"prompt", "completions", "labels"} <= names:
+        sep = fmt.separator
+        ds = ds.map_batches(lambda t: pa.Table.from_pylist(
+            [solution_of_trl_row(r, StepFormat(sep)) for r in t.to_pylist()], schema=SOLUTIONS), batch_format="pyarrow")
+    else:
+        raise ConfigError(f"data: {files[0]} is neither a step-score table (columns {', '.join(steptable.SCHEMA.names)}) "
+                          "nor TRL stepwise rows (prompt, completions, labels)")
+    return ds.materialize()
+
+
+# ----------------------------------------------------------------------------- Ray shell
+
+
+def is_finished(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / SUMMARY_FILE).is_file()
+
+
+def train_prm(cfg: TrainPRMConfig) -> Path:
+    """Train (or reuse, or resume) the PRM; returns its directory."""
+    from mathprm.ray_utils import check_job_paths
+
+    check_job_paths(data=cfg.data, base=cfg.base, out_dir=cfg.out_dir)
+    out = Path(cfg.out_dir).resolve()
+    if out.exists() and not cfg.overwrite:
+        if is_finished(out):
+            print(f"[train-prm] reusing the finished PRM in {out} (overwrite=true retrains)", flush=True)
+            return out
+        raise ConfigError(f"out_dir: {out} exists but holds no finished PRM (pass overwrite=true)")
+    if not (Path(cfg.base) / "config.json").is_file():
+        raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
+    fmt = StepFormat(resolve_separator(cfg))
+
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mathprm.ray_utils import init_ray
+
+    init_ray(cfg.ray_address, cfg.num_cpus)
+    data = solutions_dataset(cfg, fmt)
+    frac = cfg.val_fraction
+    train_ds = data.filter(lambda r: not is_validation(r["problem_id"], frac)).materialize()
+    val_ds = data.filter(lambda r: is_validation(r["problem_id"], frac)).materialize()
+    n_train, n_val = train_ds.count(), val_ds.count()
+    per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
+    if per_epoch < 1:
+        raise ConfigError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} workers is more than the "
+                          f"{n_train} training solutions in {cfg.data}")
+    total = per_epoch * cfg.epochs
+    print(f"[train-prm] {n_train} training / {n_val} validation solutions from {cfg.data}; "
+          f"{cfg.epochs} epochs x {per_epoch} steps = {total} steps", flush=True)
+    storage, name = out.parent / "ray_train", f"prm-{out.name}"
+    if cfg.overwrite:
+        shutil.rmtree(storage / name, ignore_errors=True)
+    datasets = {"train": train_ds, **({"val": val_ds} if n_val else {})}
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={**to_dict(cfg), "out_dir": str(out), "base": str(Path(cfg.base).resolve()),
+                           "separator": fmt.separator, "_total_steps": total, "_per_epoch": per_epoch,
+                           "_n_train": n_train, "_n_val": n_val},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),  # rank 0 validates on all of val
+        run_config=RunConfig(storage_path=str(storage), name=name,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    trainer.fit()
+    if not is_finished(out):
+        raise RuntimeError(f"PRM training finished without writing a PRM to {out}")
+    return out
+
+
+def _rows(batch: pa.Table) -> list[dict[str, Any]]:
+    return batch.to_pylist() if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch).to_pylist()
+
+
+def _train_loop(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    total, per_epoch = config.pop("_total_steps"), config.pop("_per_epoch")
+    n_train, n_val = config.pop("_n_train"), config.pop("_n_val")
+    cfg = TrainPRMConfig(**config)
+    fmt = StepFormat(cfg.separator)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(cfg.seed)
+    model = build_prm(cfg.base)
+    if cfg.lora_r:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear",
+                                                 exclude_modules=["score"]))  # the head: trained in full
+    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "first_loss": None, "last_loss": None, "dropped": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        state["resumed_from"] = state["step"]
+        if rank == 0:
+            print(f"[train-prm] resuming from step {state['step']}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    unwrapped = model.module if hasattr(model, "module") else model
+
+    val_examples: list[PRMExample] = []
+    if rank == 0 and n_val:
+        for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="pyarrow"):
+            for row in _rows(batch):
+                ex = to_example(row, tokenizer, fmt)
+                if ex is not None and len(ex.input_ids) <= cfg.max_length:
+                    val_examples.append(ex)
+
+    step, dropped = state["step"], state["dropped"]
+    first_loss, last_loss, val = state["first_loss"], state["last_loss"], state.get("val", {})
+    started = time.monotonic() - state["elapsed"]
+    window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, solutions, labelled steps
+    window_start = time.monotonic()
+    shard = ray.train.get_dataset_shard("train")
+    while step < total:
+        epoch, skip = divmod(step, per_epoch)
+        batches = iter(shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
+                                          local_shuffle_buffer_size=cfg.batch_size * 8,
+                                          local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank))
+        for _ in range(skip):  # a resumed epoch: these batches were trained before the kill
+            next(batches, None)
+        while step < min(total, (epoch + 1) * per_epoch):
+            batch = next(batches, None)
+            have = torch.tensor([batch is not None], dtype=torch.int64)
+            if dist.is_initialized():  # every rank stops an epoch together, or DDP would hang
+                dist.all_reduce(have, op=dist.ReduceOp.MIN)
+            if not have.item():  # a shard ran short (equal splits should prevent it): next epoch
+                step = (epoch + 1) * per_epoch
+                break
+            examples = []
+            for row in _rows(batch):
+                ex = to_example(row, tokenizer, fmt)
+                if ex is None:
+                    continue
+                if len(ex.input_ids) > cfg.max_length:
+                    dropped += 1
+                    continue
+                examples.append(ex)
+            weight = 1.0 if examples else 0.0  # a batch of only too-long solutions: a zero-weight
+            examples = examples or [PRMExample([pad_id], [0], [0.5])]  # step keeps DDP's ranks in step
+            loss = _train_step(model, collate(examples, pad_id).to(device), optimizer,
+                               learning_rate(cfg, step, total), cfg.precision == "bf16", weight)
+            step += 1
+            window += torch.tensor([loss, 1, len(examples), sum(len(e.positions) for e in examples)],
+                                   dtype=torch.float64)
+            if step % cfg.log_every and step != total:
+                continue
+            stats = window.clone()
+            if dist.is_initialized():
+                dist.all_reduce(stats)
+            seconds = max(time.monotonic() - window_start, 1e-9)
+            last_loss = float(stats[0] / stats[1])
+            first_loss = last_loss if first_loss is None else first_loss
+            metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": learning_rate(cfg, step - 1, total),
+                       "solutions_per_s": float(stats[2]) / seconds, "labelled_steps_per_s": float(stats[3]) / seconds,
+                       "elapsed_s": time.monotonic() - started}
+            if rank == 0 and val_examples and (step % cfg.eval_every == 0 or step == total):
+                val = validate(unwrapped, val_examples, pad_id, device, cfg.batch_size * 2)
+            metrics.update({k: v for k, v in val.items() if v is not None})
+            if rank == 0:
+                shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
+                print(f"[train-prm] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
+                      f"{metrics['solutions_per_s']:.1f} solutions/s {shown}", flush=True)
+            state = {"step": step, "elapsed": metrics["elapsed_s"], "first_loss": first_loss, "last_loss": last_loss,
+                     "dropped": dropped, "val": val, "resumed_from": state.get("resumed_from", 0)}
+            _report(unwrapped, optimizer, state, metrics, rank,
+                    with_checkpoint=step % cfg.checkpoint_every == 0 or step == total)
+            window.zero_()
+            window_start = time.monotonic()
+
+    if rank == 0:
+        final = unwrapped.merge_and_unload() if cfg.lora_r else unwrapped
+        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, **val,
+                   "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
+                   "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
+                   "config": {**config}}
+        with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+            save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r})
+            atomic.write_json(tmp / SUMMARY_FILE, summary)
+        print(f"[train-prm] saved the PRM to {cfg.out_dir} after {step} steps", flush=True)
+
+
+def _train_step(model: torch.nn.Module, batch, optimizer: torch.optim.Optimizer, lr: float, bf16: bool,
+                weight: float = 1.0) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    model.train()
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = step_logits(model, batch)
+    loss = bce_step_loss(logits, batch.targets, batch.step_mask) * weight
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], _GRAD_CLIP)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _report(model, optimizer, state: dict, metrics: dict, rank: int, with_checkpoint: bool) -> None:
+    """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint."""
+    import ray.train
+
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / _STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -1,0 +1,105 @@
+"""The PRM core: encoding, windows, the BCE step loss, saving and one-pass scoring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mathprm.prm import (
+    PRMExample, PRMScorer, bce_step_loss, build_prm, collate, encode_solution, read_prm_config, save_prm, windows,
+)
+from mathprm.steps import StepFormat
+from mathprm.tokenizer import build_char_tokenizer
+
+FMT = StepFormat("\n")
+
+
+def test_each_step_is_read_at_its_separator_token():
+    tok = build_char_tokenizer()
+    ids, positions = encode_solution(tok, FMT, "1+2?", ["1 + 2 = 3", "The answer is 3"])
+    text = tok.decode(ids)
+    assert text == "<s>1+2?\n1 + 2 = 3\nThe answer is 3\n"
+    assert [tok.convert_ids_to_tokens(ids[p]) for p in positions] == ["\n", "\n"]
+    assert positions == [len(ids) - 1 - len("The answer is 3\n"), len(ids) - 1]
+    with pytest.raises(ValueError, match="step 1: contains the separator"):
+        encode_solution(tok, FMT, "q", ["a", "b\nc"])
+
+
+def test_windows_cover_every_step_once_and_end_at_step_ends():
+    assert windows([3, 7, 9], 100) == [(0, 10, range(0, 3))]
+    # Steps end at 4, 9, 14, 19 (five tokens each, prompt included in the first); windows of 10.
+    cut = windows([4, 9, 14, 19], 10)
+    assert cut == [(0, 10, range(0, 2)), (10, 20, range(2, 4))]
+    # A step longer than the window is scored alone with its beginning cut.
+    assert windows([2, 30, 33], 10) == [(0, 3, range(0, 1)), (21, 31, range(1, 2)), (24, 34, range(2, 3))]
+    for start, end, which in cut:
+        assert end - start <= 10
+
+
+def test_bce_step_loss_by_hand():
+    # Position 0: logit 0 (p = 0.5), label 0.5 -> ln 2 = 0.693147.
+    # Position 2: logit ln 3 (p = 0.75), label 0.75 -> -(0.75 ln 0.75 + 0.25 ln 0.25) = 0.562335.
+    # Position 1 is not a step end: its huge logit and label 0 must not count.
+    logits = torch.tensor([[0.0, 50.0, math.log(3)]])
+    targets = torch.tensor([[0.5, 0.0, 0.75]])
+    mask = torch.tensor([[True, False, True]])
+    assert bce_step_loss(logits, targets, mask).item() == pytest.approx((0.693147 + 0.562335) / 2, abs=1e-5)
+    # A soft label is learned as itself: the loss is lowest at p = y, not at a rounded label.
+    grid = torch.linspace(-4, 4, 801)
+    losses = [bce_step_loss(torch.tensor([[g]]), torch.tensor([[0.25]]), torch.tensor([[True]])) for g in grid]
+    assert torch.sigmoid(grid[int(torch.stack(losses).argmin())]).item() == pytest.approx(0.25, abs=0.01)
+    with pytest.raises(ValueError, match="no labelled step"):
+        bce_step_loss(logits, targets, torch.zeros_like(mask))
+
+
+def test_collate_places_targets_at_step_ends_only():
+    batch = collate([PRMExample([1, 2, 3], [2], [0.25]), PRMExample([1, 2], [0, 1], [1.0, 0.0])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [1, 2, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert batch.step_mask.tolist() == [[False, False, True], [True, True, False]]
+    assert batch.targets[0, 2].item() == 0.25 and batch.targets[1].tolist() == [1.0, 0.0, 0.0]
+
+
+@pytest.fixture(scope="module")
+def prm_dir(tiny_policy_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    model = build_prm(tiny_policy_dir)
+    out = tmp_path_factory.mktemp("prm")
+    save_prm(model, AutoTokenizer.from_pretrained(tiny_policy_dir), FMT, out, {"base": str(tiny_policy_dir)})
+    return out
+
+
+def test_a_prm_starts_from_the_policy_backbone_and_saves_as_a_plain_hf_directory(tiny_policy_dir, prm_dir):
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    prm = AutoModelForTokenClassification.from_pretrained(prm_dir)
+    assert torch.equal(prm.model.embed_tokens.weight, policy.model.embed_tokens.weight)
+    assert prm.score.out_features == 1
+    assert read_prm_config(prm_dir)["separator"] == "\n"
+    with pytest.raises(FileNotFoundError, match="not a PRM directory"):
+        read_prm_config(tiny_policy_dir)
+
+
+def test_one_pass_gives_the_scores_of_one_pass_per_prefix(prm_dir):
+    scorer = PRMScorer(prm_dir, device="cpu", batch_size=2)
+    steps = ["12 + 5 = 17", "17 * 2 = 34", "34 - 4 = 30", "The answer is 30"]
+    questions = ["Start with 12, add 5, multiply by 2, subtract 4.", "What is 2+3?"]
+    one_pass = scorer.score(questions, [steps, steps[:2]])
+    assert [len(s) for s in one_pass] == [4, 2]
+    per_prefix = [scorer.score([questions[0]], [steps[: i + 1]])[0][-1] for i in range(len(steps))]
+    assert one_pass[0] == pytest.approx(per_prefix, abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in one_pass[0])
+    # Windows: with a context too short for the whole solution, the steps of the first
+    # window keep their scores and every step still gets one.
+    full = scorer.score(["What is 2+3?"], [steps])[0]  # prompt 14 tokens, steps end at 25, 37, 49, 66
+    scorer.max_length = 40
+    windowed = scorer.score(["What is 2+3?"], [steps])[0]
+    assert windowed[:2] == pytest.approx(full[:2], abs=1e-5) and windowed[2:] != pytest.approx(full[2:], abs=1e-5)
+    assert len(windowed) == 4
+    assert scorer.score(["q"], [[]]) == [[]]
+    with pytest.raises(ValueError, match="solution 0: step 0: contains the separator"):
+        scorer.score(["q"], [["a\nb"]])

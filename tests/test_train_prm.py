@@ -1,0 +1,180 @@
+"""PRM training: labelled paths from tree-search rows and TRL rows, the split, and real Ray
+Train runs (2 workers, reuse, LoRA, TRL input, a kill and a resume)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from mathprm import arith, steptable
+from mathprm.config import to_dict
+from mathprm.steps import StepFormat
+from mathprm.train_prm import (
+    SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
+)
+from mathprm.treesearch import StepLabel, to_trl
+
+FMT = StepFormat("\n")
+
+
+def _row(prefix, step, n, c, pid="p", q="q?"):
+    return {"problem_id": pid, "question": q, "prefix": list(prefix), "step": step, "n_rollouts": n, "n_correct": c}
+
+
+def test_paths_carry_each_label_once_and_pool_repeated_states():
+    rows = [_row([], "a", 4, 3), _row(["a"], "b", 4, 4), _row(["a"], "c", 4, 0), _row([], "a", 4, 1),
+            _row(["a", "c"], "d", 1, 0)]
+    paths = solutions_of_problem(rows)
+    assert [p["steps"] for p in paths] == [["a", "b"], ["a", "c", "d"]]
+    # "a" was labelled twice (3/4 and 1/4): pooled to 4/8, given to the first path only.
+    assert paths[0]["targets"] == [0.5, 1.0]
+    assert math.isnan(paths[1]["targets"][0]) and paths[1]["targets"][1:] == [0.0, 0.0]
+    assert all(p["problem_id"] == "p" and p["question"] == "q?" for p in paths)
+
+
+def test_trl_rows_split_multi_step_completions_and_check_labels():
+    row = {"prompt": "q?\n", "completions": ["a\nb", "c"], "labels": [True, 0.25]}
+    sol = solution_of_trl_row(row, FMT)
+    assert sol["question"] == "q?" and sol["steps"] == ["a", "b", "c"]
+    assert math.isnan(sol["targets"][0]) and sol["targets"][1:] == [1.0, 0.25]
+    with pytest.raises(ValueError, match="outside"):
+        solution_of_trl_row({**row, "labels": [1.0, 2.0]}, FMT)
+    with pytest.raises(ValueError, match="one label per completion"):
+        solution_of_trl_row({**row, "labels": [1.0]}, FMT)
+
+
+def test_the_validation_split_is_by_problem_and_stable():
+    ids = [f"arith:hard:{i}" for i in range(2000)]
+    held = [i for i in ids if is_validation(i, 0.1)]
+    assert 150 < len(held) < 250 and held == [i for i in ids if is_validation(i, 0.1)]
+    assert not any(is_validation(i, 0.0) for i in ids)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    cfg = TrainPRMConfig(lr=1e-3, warmup_steps=10)
+    assert learning_rate(cfg, 0, 100) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 9, 100) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 100, 100) == pytest.approx(1e-4)
+    assert learning_rate(cfg, 40, 100) < learning_rate(cfg, 20, 100)
+
+
+@pytest.mark.parametrize("override, field", [("epochs=0", "epochs"), ("val_fraction=1", "val_fraction"),
+                                             ("eval_every=15", "eval_every"), ("separator=''", "separator"),
+                                             ("lora_r=-1", "lora_r")])
+def test_config_errors_name_the_field(override, field):
+    from mathprm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=field):
+        load_config(TrainPRMConfig, None, [override])
+
+
+# ----------------------------------------------------------------------------- real Ray Train
+
+
+def _labels(n_problems: int) -> list[StepLabel]:
+    """Exact labels for arith:easy problems: the reference path scored 1, and at each depth a
+    wrong branch (the result off by one) scored 0."""
+    labels = []
+    for p in arith.generate("easy", n_problems, seed=11, split="train"):
+        steps = arith.solution_steps(p)
+        for d, step in enumerate(steps):
+            labels.append(StepLabel(p.id, p.question, tuple(steps[:d]), step, 1.0, 4, 4, d, "math_shepherd"))
+            if " = " in step:
+                lhs, value = step.rsplit(" = ", 1)
+                wrong = f"{lhs} = {int(value) + 1}"
+                labels.append(StepLabel(p.id, p.question, tuple(steps[:d]), wrong, 0.0, 4, 0, d, "math_shepherd"))
+    return labels
+
+
+@pytest.fixture(scope="module")
+def labels_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mcts")
+    (out / "labels").mkdir()
+    labels = _labels(60)
+    pq.write_table(steptable.to_table(labels, "hf:test", 0), out / "labels" / "part-0.parquet")
+    (out / "run.json").write_text(json.dumps({"separator": "\n"}))
+    return out
+
+
+def _cfg(labels_dir, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
+    values = dict(data=str(labels_dir), base=str(tiny_policy_dir), epochs=3, batch_size=8, lr=2e-3, warmup_steps=2,
+                  log_every=2, eval_every=4, checkpoint_every=4, val_fraction=0.2, num_workers=2, out_dir=str(out))
+    return TrainPRMConfig(**{**values, **kw})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster, labels_dir, tiny_policy_dir,
+                                                                     tmp_path, monkeypatch):
+    from mathprm.prm import PRMScorer
+
+    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=8)
+    assert train_prm(cfg) == (tmp_path / "prm").resolve()
+    summary = json.loads((tmp_path / "prm" / SUMMARY_FILE).read_text())
+    assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
+    assert summary["final_loss"] < summary["first_loss"]
+    assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
+    assert summary["config"]["num_workers"] == 2
+    scorer = PRMScorer(tmp_path / "prm", device="cpu")
+    p = arith.generate("easy", 1, seed=11, split="train")[0]
+    assert len(scorer.score([p.question], [arith.solution_steps(p)])[0]) == len(arith.solution_steps(p))
+    # Reuse: a finished PRM comes back without Ray.
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
+    assert train_prm(cfg) == (tmp_path / "prm").resolve()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
+    import pyarrow as pa
+    from transformers import AutoModelForTokenClassification
+
+    rows = to_trl(_labels(40), hard=False, fmt=FMT)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "soft.parquet")
+    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, tmp_path / "prm", separator="\n", epochs=1, lora_r=4)
+    train_prm(cfg)
+    assert not list((tmp_path / "prm").glob("adapter_*"))  # merged: a plain HF directory
+    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "prm")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def _registered_checkpoint(snapshot) -> bool:
+    try:
+        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
+    out = tmp_path / "resume"
+    cfg = _cfg(labels_dir, tiny_policy_dir, out, epochs=200, checkpoint_every=2, eval_every=100)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
+    proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "train-prm", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    snapshot = tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 180
+    try:
+        while not _registered_checkpoint(snapshot):
+            assert proc.poll() is None, "the first run ended before registering a checkpoint"
+            assert time.monotonic() < deadline, "no registered checkpoint after 180 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+    train_prm(dataclasses.replace(cfg, epochs=2))
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["resumed_from_step"] >= 2
+    assert summary["steps"] >= summary["resumed_from_step"]
