@@ -126,9 +126,13 @@ def _demo(argv: list[str]) -> int:
     3. its greedy / majority@16 / pass@16 accuracy on fresh arith:hard test problems
        (jobs/configs/eval_arith.yaml);
     4. step labels by tree search on arith:hard training problems with that policy
-       (jobs/configs/mcts_arith.yaml, DEMO_MCTS_LIMIT problems; a finished output is reused).
+       (jobs/configs/mcts_arith.yaml, DEMO_MCTS_LIMIT problems; a finished output is reused);
+    5. a PRM trained on those labels from the policy's backbone (jobs/configs/prm_arith.yaml,
+       reused when finished), then its step AUROC / first-error F1 / best-of-n on fresh
+       arith:hard problems (jobs/configs/eval_prm_arith.yaml).
     Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
-    `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`. Later stages extend it.
+    `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`, `prm.epochs=5`,
+    `prm_eval.limit=50`. Later stages extend it.
     """
     from mathprm.config import load_config
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
@@ -136,9 +140,11 @@ def _demo(argv: list[str]) -> int:
     from mathprm.evaluate import format_table as eval_table
     from mathprm.mcts import MCTSConfig, run_mcts
     from mathprm.problems import data_dir
+    from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
     from mathprm.sft import SFTConfig, train_sft
+    from mathprm.train_prm import TrainPRMConfig, train_prm
 
-    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": []}
+    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": [], "prm": [], "prm_eval": []}
     for arg in argv:
         stage, dot, rest = arg.partition(".")
         if not dot or stage not in stages or "=" not in rest:
@@ -156,15 +162,17 @@ def _demo(argv: list[str]) -> int:
     sft_cfg = load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml", stages["sft"])
     eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", stages["eval"])
     mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *stages["mcts"]])
-    print("[demo] 1/4 data check", flush=True)
+    prm_cfg = load_config(TrainPRMConfig, JOB_CONFIGS / "prm_arith.yaml", stages["prm"])
+    prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", stages["prm_eval"])
+    print("[demo] 1/5 data check", flush=True)
     print(format_table(run_data_check(data_cfg)))
-    print("[demo] 2/4 base policy (trained once, then reused)", flush=True)
+    print("[demo] 2/5 base policy (trained once, then reused)", flush=True)
     policy = train_sft(sft_cfg)
-    print(f"[demo] 3/4 evaluating {policy} on {eval_cfg.dataset}", flush=True)
+    print(f"[demo] 3/5 evaluating {policy} on {eval_cfg.dataset}", flush=True)
     eval_cfg.policy = str(policy)
     print(eval_table(run_evaluation(eval_cfg)))
     print(f"[demo] report: {eval_cfg.out_path}")
-    print(f"[demo] 4/4 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
+    print(f"[demo] 4/5 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
           "training problems", flush=True)
     mcts_cfg.policy = str(policy)
     summary = run_mcts(mcts_cfg)
@@ -172,6 +180,13 @@ def _demo(argv: list[str]) -> int:
     print(f"[demo] {summary['labels']:,} labelled steps, {summary['n_rollouts']:,} rollouts; AUROC of the scores "
           f"against the exact step truth: {quality.get('auroc')}; right steps scored 0: "
           f"{quality.get('right_states_scored_0')} -> {mcts_cfg.out_dir}")
+    print(f"[demo] 5/5 the PRM: trained on {mcts_cfg.out_dir}, evaluated on {prm_eval_cfg.limit} fresh "
+          f"{prm_eval_cfg.dataset} problems", flush=True)
+    prm_cfg.data, prm_cfg.base = mcts_cfg.out_dir, str(policy)
+    prm = train_prm(prm_cfg)
+    prm_eval_cfg.prm, prm_eval_cfg.policy = str(prm), str(policy)
+    print(format_report(run_prm_evaluation(prm_eval_cfg)))
+    print(f"[demo] PRM report: {prm_eval_cfg.out}")
     return 0
 
 

@@ -212,8 +212,11 @@ def resolve_separator(cfg: TrainPRMConfig) -> str:
     if cfg.separator is not None:
         return cfg.separator
     run = Path(cfg.data) / "run.json"
-    if run.is_file():
-        return json.loads(run.read_text())["separator"]
+    if run.is_file():  # the tree-search config: its separator, or its dataset's default
+        from mathprm.evaluate import step_format_for
+
+        identity = json.loads(run.read_text())
+        return step_format_for(identity["dataset"], identity.get("separator")).separator
     return "\n\n"
 
 
@@ -291,6 +294,8 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
     val_ds = data.filter(lambda r: is_validation(r["problem_id"], frac)).materialize()
     n_train, n_val = train_ds.count(), val_ds.count()
     per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
+    if n_train == 0:
+        raise ConfigError(f"data: {cfg.data} holds no labelled solution for training ({n_val} went to validation)")
     if per_epoch < 1:
         raise ConfigError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} workers is more than the "
                           f"{n_train} training solutions in {cfg.data}")

@@ -66,7 +66,10 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
     args = ["data.limit=10", "sft.preset=test", "sft.num_problems=64", "sft.batch_size=8", "sft.max_steps=10",
             "sft.log_every=5", "sft.checkpoint_every=10", "sft.time_budget_min=null", "eval.limit=3",
             "eval.strategies=greedy,majority@2,pass@2", "eval.max_solution_tokens=24", "mcts.limit=2",
-            "mcts.num_solutions=2", "mcts.rollouts_per_step=2", "mcts.max_solution_tokens=24", "mcts.num_actors=1"]
+            "mcts.num_solutions=2", "mcts.rollouts_per_step=2", "mcts.max_solution_tokens=24", "mcts.num_actors=1",
+            "prm.epochs=1", "prm.batch_size=1", "prm.num_workers=1", "prm.val_fraction=0", "prm.log_every=1",
+            "prm.eval_every=1", "prm.checkpoint_every=1", "prm_eval.limit=2", "prm_eval.n=2",
+            "prm_eval.max_solution_tokens=24"]
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "bundled with mathprm" in out
@@ -80,11 +83,16 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
         assert name in out
     summary = json.loads((tmp_path / "runs/arith/mcts/summary.json").read_text())
     assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
-    assert "[demo] 4/4 step labels" in out
-    # Second run: the policy and the labels are reused, not made again.
+    assert "[demo] 4/5 step labels" in out and "[demo] 5/5 the PRM" in out
+    assert (tmp_path / "runs/arith/prm/prm_config.json").exists()
+    prm_report = json.loads((tmp_path / "runs/arith/prm_eval.json").read_text())
+    assert prm_report["n_problems"] == 2 and {"step_auroc", "first_error_f1", "best_of_n@2", "majority@2"} <= set(
+        prm_report)
+    assert "first-error F1" in out
+    # Second run: the policy, the labels and the PRM are reused, not made again.
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
-    assert "reusing the finished policy" in out and "2 already labelled" in out
+    assert "reusing the finished policy" in out and "2 already labelled" in out and "reusing the finished PRM" in out
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):

@@ -67,6 +67,16 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
     assert learning_rate(cfg, 40, 100) < learning_rate(cfg, 20, 100)
 
 
+def test_the_separator_comes_from_the_tree_search_run(tmp_path):
+    from mathprm.train_prm import resolve_separator
+
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "arith:hard", "separator": None}))
+    assert resolve_separator(TrainPRMConfig(data=str(tmp_path))) == "\n"
+    (tmp_path / "run.json").write_text(json.dumps({"dataset": "gsm8k", "separator": None}))
+    assert resolve_separator(TrainPRMConfig(data=str(tmp_path))) == "\n\n"
+    assert resolve_separator(TrainPRMConfig(data=str(tmp_path), separator="; ")) == "; "
+
+
 @pytest.mark.parametrize("override, field", [("epochs=0", "epochs"), ("val_fraction=1", "val_fraction"),
                                              ("eval_every=15", "eval_every"), ("separator=''", "separator"),
                                              ("lora_r=-1", "lora_r")])
@@ -99,9 +109,9 @@ def _labels(n_problems: int) -> list[StepLabel]:
 def labels_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("mcts")
     (out / "labels").mkdir()
-    labels = _labels(60)
+    labels = _labels(30)
     pq.write_table(steptable.to_table(labels, "hf:test", 0), out / "labels" / "part-0.parquet")
-    (out / "run.json").write_text(json.dumps({"separator": "\n"}))
+    (out / "run.json").write_text(json.dumps({"dataset": "arith:easy", "separator": None}))  # as mcts writes it
     return out
 
 
@@ -117,7 +127,7 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
                                                                      tmp_path, monkeypatch):
     from mathprm.prm import PRMScorer
 
-    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=8)
+    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=6)
     assert train_prm(cfg) == (tmp_path / "prm").resolve()
     summary = json.loads((tmp_path / "prm" / SUMMARY_FILE).read_text())
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
@@ -138,7 +148,7 @@ def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, la
     import pyarrow as pa
     from transformers import AutoModelForTokenClassification
 
-    rows = to_trl(_labels(40), hard=False, fmt=FMT)
+    rows = to_trl(_labels(16), hard=False, fmt=FMT)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "soft.parquet")
     cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, tmp_path / "prm", separator="\n", epochs=1, lora_r=4)
     train_prm(cfg)

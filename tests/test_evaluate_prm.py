@@ -1,0 +1,83 @@
+"""`mathprm evaluate-prm`'s core: sampling, scoring and the metrics, on hand-made solutions."""
+
+from __future__ import annotations
+
+import pytest
+
+from mathprm import arith
+from mathprm.evaluate_prm import PRMEvalConfig, sample_and_score, summarise
+from mathprm.generation import Rollout
+from mathprm.scorer import ArithOracle
+from mathprm.steps import StepFormat
+
+FMT = StepFormat("\n")
+
+
+class ScriptedPolicy:
+    """A Generator that returns given solutions (the contract's `rollouts`, nothing sampled):
+    the metrics are then known by hand."""
+
+    def __init__(self, solutions: dict[str, list[list[str]]]) -> None:
+        self.solutions, self.step_format = solutions, FMT
+
+    def rollouts(self, prefixes, n, sampling):
+        out = []
+        for p in prefixes:
+            sols = self.solutions[p.question][:n]
+            out.append([Rollout(steps=s, text=FMT.join(s), n_tokens=len(FMT.join(s)), finished=True) for s in sols])
+        return out
+
+
+def _wrong(step: str) -> str:
+    lhs, value = step.rsplit(" = ", 1)
+    return f"{lhs} = {int(value) + 1}"
+
+
+def test_the_oracle_scores_perfectly_and_best_of_n_beats_a_wrong_majority():
+    problems = arith.generate("easy", 2, seed=3, split="test")
+    good = [arith.solution_steps(p) for p in problems]
+    # Problem 0: one right solution and two identical wrong ones (error at step 1, the wrong
+    # value carried on, so both end on the same wrong answer): majority picks the wrong answer,
+    # best-of-n the right one.
+    g0 = good[0]
+    bad0 = [g0[0], _wrong(g0[1])]
+    wrong_value = bad0[1].rsplit(" = ", 1)[1]
+    bad0 += [f"The answer is {wrong_value}"] if len(g0) == 3 else [f"{wrong_value} + 0 = {wrong_value}",
+                                                                    f"The answer is {wrong_value}"]
+    # Problem 1: three right solutions.
+    policy = ScriptedPolicy({problems[0].question: [bad0, g0, bad0], problems[1].question: [good[1]] * 3})
+    cfg = PRMEvalConfig(scorer="oracle", dataset="arith:easy", n=3, limit=2)
+    records = sample_and_score(problems, policy, ArithOracle(problems), cfg, batch_index=0)
+    assert [s["first_error"] for s in records[0]["solutions"]] == [1, -1, 1]
+    assert [s["correct"] for s in records[0]["solutions"]] == [False, True, False]
+    report = summarise(records, 3, "min", 0.5)
+    assert report["step_auroc"] == 1.0
+    assert report["first_error_f1"] == 100.0
+    assert report["best_of_n@3"] == 1.0  # the oracle finds the right solution of problem 0
+    assert report["majority@3"] == 0.5  # the wrong answer outvotes it there
+    assert report["pass@3"] == 1.0
+    assert report["n_solutions"] == 6 and report["wrong_steps"] == 2 * (len(bad0) - 1)
+
+
+def test_a_constant_scorer_finds_no_error_and_ranks_nothing():
+    records = [{"id": "a", "gold": "1", "solutions": [
+        {"steps": ["x", "y"], "scores": [0.9, 0.9], "key": "2", "correct": False, "tokens": 3, "first_error": 0},
+        {"steps": ["x", "z"], "scores": [0.9, 0.9], "key": "1", "correct": True, "tokens": 3, "first_error": -1},
+    ]}]
+    report = summarise(records, 2, "last", 0.5)
+    # No step is below the threshold: the erroneous solution is missed (0 %), the correct one
+    # is right (100 %): F1 = 0. Ties go to the first solution, which is wrong.
+    assert report["processbench"]["error_acc"] == 0 and report["processbench"]["correct_acc"] == 100
+    assert report["first_error_f1"] == 0
+    assert report["best_of_n@2"] == 0.0 and report["step_auroc"] == 0.5
+
+
+@pytest.mark.parametrize("override, field", [("scorer=nope", "scorer"), ("aggregation=max", "aggregation"),
+                                             ("threshold=2", "threshold"), ("n=0", "n"),
+                                             ("dataset=gsm8k", "scorer")])
+def test_config_errors_name_the_field(override, field):
+    from mathprm.config import ConfigError, load_config
+
+    extra = ["scorer=oracle"] if override.startswith("dataset") else []
+    with pytest.raises(ConfigError, match=field):
+        load_config(PRMEvalConfig, None, [*extra, override])
