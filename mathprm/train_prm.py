@@ -231,7 +231,7 @@ def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
 
     from mathprm import steptable
 
-    path = Path(cfg.data)
+    path = Path(cfg.data).resolve()  # Ray Data reads in workers, whose working directory is not ours
     if path.is_dir() and (path / "labels").is_dir():
         path = path / "labels"
     if path.is_dir():
