@@ -59,6 +59,17 @@ def test_the_validation_split_is_by_problem_and_stable():
     assert not any(is_validation(i, 0.0) for i in ids)
 
 
+def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
+    from mathprm.config import ConfigError
+    from mathprm.train_prm import check_resume
+
+    settings = to_dict(TrainPRMConfig())
+    check_resume(tmp_path / "run", settings)
+    check_resume(tmp_path / "run", {**settings, "epochs": 50})  # training longer resumes
+    with pytest.raises(ConfigError, match="lr: .* started with lr=0.0005"):
+        check_resume(tmp_path / "run", {**settings, "lr": 1e-3})
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     cfg = TrainPRMConfig(lr=1e-3, warmup_steps=10)
     assert learning_rate(cfg, 0, 100) == pytest.approx(1e-4)
