@@ -32,12 +32,12 @@ import dataclasses
 import math
 import re
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mathprm import arith, atomic
+from mathprm.answers import Judge, majority_vote  # noqa: F401  (re-exported)
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.steps import StepFormat
@@ -125,42 +125,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def majority_vote(answers: Sequence[str | None]) -> str | None:
-    """The most frequent non-None answer; a tie goes to the one that appears first."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
-
-
-class Judge:
-    """Reads and grades final answers: exact integers in the arithmetic world, the project's
-    grader (math-verify / sympy) on real math. `key` is the form answers are voted in."""
-
-    def __init__(self, problem: Problem) -> None:
-        self.problem = problem
-        self.arith = problem.source.startswith("arith:")
-
-    def key(self, text: str) -> str | None:
-        if self.arith:
-            found = arith._ANSWER_ANYWHERE.findall(text)
-            return str(int(found[-1])) if found else None
-        from mathprm.grading import extract_answer, normalize_answer
-
-        answer = extract_answer(text)
-        return None if answer is None else normalize_answer(answer)
-
-    def correct(self, key: str | None) -> bool:
-        if key is None or self.problem.answer is None:
-            return False
-        if self.arith:
-            return int(key) == int(self.problem.answer)
-        from mathprm.grading import is_equivalent
-
-        return is_equivalent(key, self.problem.answer)
 
 
 def step_stats(problem: Problem, steps: Sequence[str]) -> tuple[int, int, int]:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from mathprm import arith, atomic
-from mathprm.evaluate import Judge, majority_vote, pass_at_k, step_format_for
+from mathprm.answers import Judge, majority_vote
+from mathprm.evaluate import pass_at_k, step_format_for
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, SCORERS, ArithOracle, aggregate, load_scorer

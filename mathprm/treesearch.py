@@ -58,7 +58,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mathprm.evaluate import Judge
+from mathprm.answers import Judge
 from mathprm.generation import Generator as GeneratorProtocol
 from mathprm.generation import Prefix, Rollout, Sampling, prefix_seed
 from mathprm.problems import Problem

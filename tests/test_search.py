@@ -1,0 +1,296 @@
+"""PRM-guided search strategies, with a scripted noisy policy and the exact arithmetic oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import pytest
+
+from mathprm import arith
+from mathprm.generation import Rollout, StepSample
+from mathprm.scorer import ArithOracle
+from mathprm.search import (
+    NEEDS_PRM,
+    STRATEGIES,
+    SearchConfig,
+    parse_strategy,
+    run_search,
+    run_search_async,
+    run_searches,
+)
+from mathprm.steps import StepFormat
+from tests.conftest import MEMORISED
+
+FMT = StepFormat(arith.STEP_SEPARATOR)
+
+
+class NoisyArithPolicy:
+    """A Generator for arithmetic-world problems that writes each operation right with
+    probability `p_correct`, else one too high, and continues from what it wrote (so an error
+    carries to the answer). Greedy decoding takes the likelier branch. Samples depend only on
+    each prefix's seed, as the contract asks. `calls` logs every call's kind."""
+
+    def __init__(self, problems, p_correct: float, finish: bool = True) -> None:
+        self.by_q = {p.question: p for p in problems}
+        self.p, self.finish, self.step_format, self.calls = p_correct, finish, FMT, []
+
+    def _step(self, problem, steps, rng, greedy):
+        start, ops = arith.chain(problem)
+        i = len(steps)
+        value = start if i == 0 else int(steps[-1].rsplit(" = ", 1)[1])
+        if i >= len(ops):
+            if not self.finish:  # a policy that never ends: keeps adding zero
+                return StepSample(f"{value} + 0 = {value}", 8, False)
+            text = f"The answer is {value}"
+            return StepSample(text, len(text) + 1, True)
+        op, b = ops[i]
+        right = arith.apply_op(value, op, b)
+        right = value // b if right is None else right  # after an error a division may not be exact
+        ok = (self.p >= 0.5) if greedy else rng.random() < self.p
+        text = f"{value} {op} {b} = {right if ok else right + 1}"
+        return StepSample(text, len(text) + 1, False)
+
+    def next_steps(self, prefixes, n, sampling):
+        self.calls.append(("next_steps", len(prefixes), n))
+        out = []
+        for pre in prefixes:
+            rng = random.Random(pre.seed)
+            out.append([self._step(self.by_q[pre.question], list(pre.steps), rng, sampling.greedy) for _ in range(n)])
+        return out
+
+    def rollouts(self, prefixes, n, sampling):
+        self.calls.append(("rollouts", len(prefixes), n))
+        out = []
+        for pre in prefixes:
+            rng, rolls = random.Random(pre.seed), []
+            for _ in range(n):
+                steps, tokens = list(pre.steps), 0
+                while True:
+                    s = self._step(self.by_q[pre.question], steps, rng, sampling.greedy)
+                    steps.append(s.text)
+                    tokens += s.n_tokens
+                    if s.finished or len(steps) > 30:
+                        break
+                rolls.append(Rollout(steps=steps[len(pre.steps):], text=FMT.join(steps[len(pre.steps):]),
+                                     n_tokens=tokens, finished=s.finished))
+            out.append(rolls)
+        return out
+
+
+class CountingOracle(ArithOracle):
+    def __init__(self, problems) -> None:
+        super().__init__(problems)
+        self.calls = []
+
+    def score(self, questions, steps_per_question):
+        self.calls.append(len(questions))
+        return super().score(questions, steps_per_question)
+
+
+PROBLEMS = arith.generate("medium", 12, seed=5, split="test")
+
+
+def accuracy(results, problems):
+    return sum(r.answer is not None and int(r.answer) == int(p.answer) for r, p in zip(results, problems)) / len(problems)
+
+
+def test_guided_search_with_an_exact_verifier_fixes_a_policy_whose_greedy_answer_is_always_wrong():
+    policy, oracle = NoisyArithPolicy(PROBLEMS, p_correct=0.4), ArithOracle(PROBLEMS)
+    cfg = SearchConfig(n=8, seed=1)
+    greedy = run_searches("greedy", policy, None, PROBLEMS, cfg)
+    guided = run_searches("guided", policy, oracle, PROBLEMS, cfg)
+    majority = run_searches("majority", policy, None, PROBLEMS, cfg)
+    assert accuracy(greedy, PROBLEMS) == 0.0  # the likelier branch is the wrong one
+    # P(all 8 candidates wrong at a step) = 0.6^8 < 2 %: guided with an exact PRM nearly always succeeds.
+    assert accuracy(guided, PROBLEMS) >= 10 / 12
+    assert accuracy(guided, PROBLEMS) > accuracy(majority, PROBLEMS)
+    for r, p in zip(guided, PROBLEMS):
+        if int(r.answer) == int(p.answer):
+            assert [s.score for s in r.steps] == [1.0] * len(r.steps) and r.finished
+            assert arith.first_error(p, [s.text for s in r.steps]) == -1
+
+
+@pytest.mark.parametrize("strategy", ["best_of_n", "weighted_majority", "beam", "dvts", "mcts"])
+def test_every_prm_strategy_finds_right_answers_with_the_oracle(strategy):
+    policy, oracle = NoisyArithPolicy(PROBLEMS, p_correct=0.5), ArithOracle(PROBLEMS)
+    cfg = SearchConfig(n=8, beam_width=2, simulations=24, seed=2)
+    results = run_searches(strategy, policy, oracle, PROBLEMS, cfg)
+    majority = run_searches("majority", policy, None, PROBLEMS, cfg)
+    assert accuracy(results, PROBLEMS) >= 0.75, strategy
+    assert accuracy(results, PROBLEMS) > accuracy(majority, PROBLEMS), strategy
+    for r in results:
+        kept = [node for node in r.trace if node["kept"]]
+        assert [node["step"] for node in kept] == [s.text for s in r.steps]  # the trace holds the answer's path
+        assert r.usage.prm_calls >= 1 and r.usage.generated_tokens > 0
+
+
+def test_best_of_n_beats_a_wrong_majority_and_weighted_majority_weighs_votes():
+    problem = PROBLEMS[0]
+    good = arith.solution_steps(problem)
+    start, ops = arith.chain(problem)
+    bad = [f"{start} {ops[0][0]} {ops[0][1]} = 1000", *good[1:]]  # wrong first step, same right answer text
+    wrong = [f"{start} {ops[0][0]} {ops[0][1]} = 999", "The answer is 999"]
+
+    class Fixed:
+        step_format = FMT
+
+        def rollouts(self, prefixes, n, sampling):
+            sols = [wrong, wrong, good, bad][:n]
+            return [[Rollout(s, FMT.join(s), 10, True) for s in sols]]
+
+    cfg = SearchConfig(n=4)
+    maj = run_search("majority", Fixed(), None, problem, cfg)
+    assert maj.answer == "999" and [s.text for s in maj.steps] == wrong and maj.steps[0].score is None
+    best = run_search("best_of_n", Fixed(), ArithOracle([problem]), problem, cfg)
+    assert best.answer == str(int(problem.answer)) and [s.text for s in best.steps] == good
+    # weighted: "999" weighs 0 + 0 (min of its step scores), the right answer 1 (good) + 0 (bad).
+    wm = run_search("weighted_majority", Fixed(), ArithOracle([problem]), problem, cfg)
+    assert wm.answer == str(int(problem.answer)) and [s.text for s in wm.steps] == good
+    assert best.usage.prm_calls == 1 and best.usage.scored_solutions == 4 and best.usage.generator_calls == 1
+    assert best.usage.generated_tokens == 40 and best.usage.scored_steps == 2 * 2 + 2 * len(good)
+
+
+def test_usage_counts_every_sampled_token_and_prm_call():
+    problem = PROBLEMS[1]
+    policy, oracle = NoisyArithPolicy([problem], p_correct=1.0), CountingOracle([problem])
+    result = run_search("guided", policy, oracle, problem, SearchConfig(n=5))
+    steps = arith.solution_steps(problem)
+    assert [s.text for s in result.steps] == steps and result.finished
+    u = result.usage
+    assert u.generator_calls == len(steps) == len(policy.calls) and u.samples == 5 * len(steps)
+    assert u.generated_tokens == 5 * sum(len(s) + 1 for s in steps)
+    # All 5 candidates of a step are the same text: the PRM scores it once per step.
+    assert u.prm_calls == len(steps) == len(oracle.calls) and u.scored_solutions == len(steps)
+    assert u.scored_steps == sum(range(1, len(steps) + 1))
+    assert len(result.trace) == 5 * len(steps)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_merged_searches_equal_searches_run_alone(strategy):
+    problems = PROBLEMS[:5]
+    cfg = SearchConfig(n=4, beam_width=2, simulations=6, seed=7)
+    scorer = ArithOracle(problems) if strategy in NEEDS_PRM else None
+    merged_policy = NoisyArithPolicy(problems, p_correct=0.6)
+    merged = run_searches(strategy, merged_policy, scorer, problems, cfg)
+    alone = [run_search(strategy, NoisyArithPolicy(problems, 0.6), scorer, p, cfg) for p in problems]
+    assert [r.to_dict() for r in merged] == [r.to_dict() for r in alone]
+    # Merging means fewer, bigger generator calls.
+    alone_calls = sum(r.usage.generator_calls for r in alone)
+    assert len(merged_policy.calls) < alone_calls or alone_calls == len(problems)
+
+
+def test_guided_streams_each_step_as_soon_as_it_is_decided_and_other_strategies_at_the_end():
+    problem = PROBLEMS[2]
+    policy = NoisyArithPolicy([problem], p_correct=0.5)
+    seen = []
+    result = run_search("guided", policy, ArithOracle([problem]), problem, SearchConfig(n=8),
+                        on_step=lambda s: seen.append((s, len(policy.calls))))
+    assert [s for s, _ in seen] == result.steps
+    assert [calls for _, calls in seen] == list(range(1, len(result.steps) + 1))  # step k streamed after call k
+    seen.clear()
+    result = run_search("beam", policy, ArithOracle([problem]), problem, SearchConfig(n=4, beam_width=2),
+                        on_step=lambda s: seen.append((s, len(policy.calls))))
+    assert [s for s, _ in seen] == result.steps
+
+
+def test_the_async_driver_equals_the_sync_one():
+    problem = PROBLEMS[3]
+    policy, oracle = NoisyArithPolicy([problem], 0.5), ArithOracle([problem])
+
+    class AsyncGen:
+        async def next_steps(self, *a):
+            await asyncio.sleep(0)
+            return policy.next_steps(*a)
+
+        async def rollouts(self, *a):
+            return policy.rollouts(*a)
+
+    class AsyncScorer:
+        async def score(self, *a):
+            return oracle.score(*a)
+
+    streamed = []
+
+    async def on_step(step):
+        streamed.append(step)
+
+    for strategy in ("guided", "best_of_n", "beam"):
+        cfg = SearchConfig(n=4, beam_width=2, seed=3)
+        sync = run_search(strategy, policy, oracle, problem, cfg)
+        streamed.clear()
+        got = asyncio.run(run_search_async(strategy, AsyncGen(), AsyncScorer(), problem, cfg, FMT, on_step))
+        assert got.to_dict() == sync.to_dict() and streamed == got.steps
+
+
+def test_a_policy_that_never_finishes_stops_at_max_steps():
+    problem = PROBLEMS[0]
+    policy = NoisyArithPolicy([problem], 1.0, finish=False)
+    for strategy in ("guided", "beam", "dvts", "mcts"):
+        r = run_search(strategy, policy, ArithOracle([problem]), problem, SearchConfig(n=2, max_steps=9, simulations=4))
+        assert len(r.steps) == 9 and not r.finished and r.answer is None, strategy
+
+
+def test_mcts_spends_its_simulation_budget():
+    problem = PROBLEMS[4]
+    policy = NoisyArithPolicy([problem], 0.5)
+    r = run_search("mcts", policy, ArithOracle([problem]), problem, SearchConfig(n=3, simulations=30, max_steps=12))
+    # Each simulation expands at most one node (one generator call); the budget is far more than
+    # the tree needs to finish, so it also explores beyond the first finished solution.
+    assert r.finished and int(r.answer) == int(problem.answer)
+    assert len(arith.solution_steps(problem)) < r.usage.generator_calls <= 30
+    assert r.usage.prm_calls == r.usage.generator_calls
+
+
+def test_errors_name_what_is_wrong():
+    problem = PROBLEMS[0]
+    policy = NoisyArithPolicy([problem], 0.5)
+    with pytest.raises(ValueError, match="guided needs a PRM"):
+        run_search("guided", policy, None, problem, SearchConfig())
+    with pytest.raises(ValueError, match="unknown 'nope'"):
+        run_search("nope", policy, None, problem, SearchConfig())
+    for bad, field in [({"n": 0}, "n"), ({"beam_width": -1}, "beam_width"), ({"aggregation": "max"}, "aggregation"),
+                       ({"temperature": 3.0}, "temperature"), ({"max_steps": 1.5}, "max_steps"),
+                       ({"c_puct": -1}, "c_puct")]:
+        with pytest.raises(ValueError, match=field):
+            SearchConfig(**bad)
+    assert parse_strategy("guided@8") == ("guided", 8) and parse_strategy("beam") == ("beam", None)
+    for text in ("guided@0", "guided@", "greedy@4", "search@8", "best_of_n@x"):
+        with pytest.raises(ValueError, match="strategy"):
+            parse_strategy(text)
+
+    class Broken(ArithOracle):
+        def score(self, questions, steps):
+            return super().score(questions, steps)[:-1]
+
+    with pytest.raises(RuntimeError, match="returned"):
+        run_search("best_of_n", policy, Broken([problem]), problem, SearchConfig(n=2))
+
+
+def test_search_runs_on_the_real_hf_backend_and_a_real_prm(tiny_policy_dir, tmp_path):
+    """The strategies drive the project's real generator and PRM (untrained head: the scores
+    are arbitrary, the plumbing is not): the memorised solution comes out of greedy and of
+    guided search with every candidate identical, scores are probabilities, and merged
+    batches equal single runs."""
+    from mathprm.generation import load_generator
+    from mathprm.prm import PRMScorer, build_prm, save_prm
+    from mathprm.problems import Problem
+    from mathprm.tokenizer import build_char_tokenizer
+
+    prm_dir = tmp_path / "prm"
+    save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), FMT, prm_dir, {"base": str(tiny_policy_dir)})
+    scorer = PRMScorer(str(prm_dir), device="cpu")
+    gen = load_generator("hf", str(tiny_policy_dir), FMT, device="cpu")
+    problems = [Problem(f"m{i}", q, steps[-1].rsplit(" ", 1)[1], "arith:memorised")
+                for i, (q, steps) in enumerate(MEMORISED.items())]
+    cfg = SearchConfig(n=3, temperature=0.0, max_steps=6)
+    for strategy in ("greedy", "guided", "beam"):
+        results = run_searches(strategy, gen, scorer if strategy != "greedy" else None, problems, cfg)
+        for r, (q, steps) in zip(results, MEMORISED.items()):
+            assert [s.text for s in r.steps] == list(steps) and r.finished, strategy
+            assert r.answer == steps[-1].rsplit(" ", 1)[1]
+            if strategy != "greedy":
+                assert all(0.0 <= s.score <= 1.0 for s in r.steps)
+        alone = run_search(strategy, gen, scorer if strategy != "greedy" else None, problems[1], cfg)
+        assert [s.text for s in alone.steps] == [s.text for s in results[1].steps]
