@@ -1,13 +1,20 @@
-"""Accuracy of a policy per decoding strategy (greedy, majority@k, pass@k).
+"""Accuracy of a policy per decoding strategy, PRM-guided search included, on Ray.
 
-    python jobs/evaluate.py --config jobs/configs/eval_arith.yaml
-    python jobs/evaluate.py --policy runs/arith/policy --dataset arith:hard --limit 200 \
-        --strategies greedy,majority@16,pass@16 --out runs/arith/eval/policy.json
-    python jobs/evaluate.py --policy /models/Qwen2.5-Math-1.5B --dataset math500 --backend vllm
+    ray start --head
+    ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/eval_guided_arith.yaml \
+        policy=$PWD/runs/arith/policy prm=$PWD/runs/arith/prm out=$PWD/runs/arith/eval.json \
+        plot=$PWD/runs/arith/accuracy_vs_n.png
+    python jobs/evaluate.py --config jobs/configs/eval_guided_arith.yaml limit=50        # local Ray
+    python jobs/evaluate.py --config jobs/configs/eval_arith.yaml                        # no PRM: greedy, majority, pass
+    python jobs/evaluate.py --policy /models/Qwen2.5-Math-1.5B --prm /models/my-prm --dataset math500 \
+        --backend vllm --strategies greedy,majority@8,best_of_n@8,guided@8 num_actors=1
 
-Writes the JSON report (per strategy: accuracy, n_problems, samples_per_problem,
-generated_tokens; plus diagnostics) and one JSON line per problem beside it. Runs in this
-process: no Ray cluster needed. Fields: see `mathprm.evaluate.EvalConfig`.
+Problems flow through a Ray Data actor pool (`num_actors`, one generator and one PRM per
+actor; each actor searches `batch_problems` problems in lockstep). Writes the JSON report (per
+strategy: accuracy, samples_per_problem, generated_tokens, prm_scored_solutions; plus
+diagnostics), one JSON line per problem beside it, and the accuracy-vs-N PNG (`plot`).
+`mathprm evaluate` runs the same in one process. Fields: `mathprm.evaluate.EvalConfig`
+(`python jobs/evaluate.py --help`).
 """
 
 import sys
@@ -15,4 +22,4 @@ import sys
 from mathprm.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["evaluate", *sys.argv[1:]]))
+    sys.exit(main(["evaluate", "use_ray=true", *sys.argv[1:]]))

@@ -4,9 +4,10 @@
     mathprm check-data [--config F] ...  gold answers vs reference solutions, on Ray
     mathprm sft [--config F] ...         fine-tune the arithmetic policy, on Ray Train
     mathprm mcts [--config F] ...        step labels by tree search, on Ray Data actors
-    mathprm evaluate --policy DIR --dataset arith:hard --limit N --seed S \
-        --strategies greedy,majority@16,pass@16 --out FILE.json
-                                         accuracy of a policy per decoding strategy
+    mathprm evaluate --policy DIR [--prm DIR] --dataset arith:hard --limit N --seed S \
+        --strategies greedy,majority@8,best_of_n@8,guided@8,beam@8,dvts@8 --out FILE.json
+                                         accuracy per decoding strategy, PRM-guided search
+                                         included, + an accuracy-vs-N PNG
     mathprm train-prm [--config F] ...   train a process reward model on step labels, on Ray Train
     mathprm evaluate-prm --prm DIR --policy DIR --dataset arith:hard --limit N --seed S --out F.json
                                          step AUROC, first-error F1, best-of-n of a PRM
@@ -129,10 +130,13 @@ def _demo(argv: list[str]) -> int:
        (jobs/configs/mcts_arith.yaml, DEMO_MCTS_LIMIT problems; a finished output is reused);
     5. a PRM trained on those labels from the policy's backbone (jobs/configs/prm_arith.yaml,
        reused when finished), then its step AUROC / first-error F1 / best-of-n on fresh
-       arith:hard problems (jobs/configs/eval_prm_arith.yaml).
+       arith:hard problems (jobs/configs/eval_prm_arith.yaml);
+    6. PRM-guided search (guided, beam, dvts, best_of_n, weighted_majority) against greedy and
+       majority at N = 1..16 on fresh arith:hard problems (jobs/configs/eval_guided_arith.yaml):
+       the accuracy-vs-N table, runs/arith/eval.json and runs/arith/accuracy_vs_n.png.
     Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
     `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`, `prm.epochs=5`,
-    `prm_eval.limit=50`. Later stages extend it.
+    `prm_eval.limit=50`, `search.limit=20`.
     """
     from mathprm.config import load_config
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
@@ -144,7 +148,8 @@ def _demo(argv: list[str]) -> int:
     from mathprm.sft import SFTConfig, train_sft
     from mathprm.train_prm import TrainPRMConfig, train_prm
 
-    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": [], "prm": [], "prm_eval": []}
+    stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": [], "prm": [], "prm_eval": [],
+                                   "search": []}
     for arg in argv:
         stage, dot, rest = arg.partition(".")
         if not dot or stage not in stages or "=" not in rest:
@@ -164,15 +169,16 @@ def _demo(argv: list[str]) -> int:
     mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *stages["mcts"]])
     prm_cfg = load_config(TrainPRMConfig, JOB_CONFIGS / "prm_arith.yaml", stages["prm"])
     prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", stages["prm_eval"])
-    print("[demo] 1/5 data check", flush=True)
+    search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml", stages["search"])
+    print("[demo] 1/6 data check", flush=True)
     print(format_table(run_data_check(data_cfg)))
-    print("[demo] 2/5 base policy (trained once, then reused)", flush=True)
+    print("[demo] 2/6 base policy (trained once, then reused)", flush=True)
     policy = train_sft(sft_cfg)
-    print(f"[demo] 3/5 evaluating {policy} on {eval_cfg.dataset}", flush=True)
+    print(f"[demo] 3/6 evaluating {policy} on {eval_cfg.dataset}", flush=True)
     eval_cfg.policy = str(policy)
     print(eval_table(run_evaluation(eval_cfg)))
     print(f"[demo] report: {eval_cfg.out_path}")
-    print(f"[demo] 4/5 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
+    print(f"[demo] 4/6 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
           "training problems", flush=True)
     mcts_cfg.policy = str(policy)
     summary = run_mcts(mcts_cfg)
@@ -180,13 +186,19 @@ def _demo(argv: list[str]) -> int:
     print(f"[demo] {summary['labels']:,} labelled steps, {summary['n_rollouts']:,} rollouts; AUROC of the scores "
           f"against the exact step truth: {quality.get('auroc')}; right steps scored 0: "
           f"{quality.get('right_states_scored_0')} -> {mcts_cfg.out_dir}")
-    print(f"[demo] 5/5 the PRM: trained on {mcts_cfg.out_dir}, evaluated on {prm_eval_cfg.limit} fresh "
+    print(f"[demo] 5/6 the PRM: trained on {mcts_cfg.out_dir}, evaluated on {prm_eval_cfg.limit} fresh "
           f"{prm_eval_cfg.dataset} problems", flush=True)
     prm_cfg.data, prm_cfg.base = mcts_cfg.out_dir, str(policy)
     prm = train_prm(prm_cfg)
     prm_eval_cfg.prm, prm_eval_cfg.policy = str(prm), str(policy)
     print(format_report(run_prm_evaluation(prm_eval_cfg)))
     print(f"[demo] PRM report: {prm_eval_cfg.out}")
+    print(f"[demo] 6/6 PRM-guided search vs sampling on {search_cfg.limit} fresh {search_cfg.dataset} problems",
+          flush=True)
+    search_cfg.policy, search_cfg.prm = str(policy), str(prm)
+    report = run_evaluation(search_cfg)
+    print(eval_table(report))
+    print(f"[demo] report: {search_cfg.out_path}; accuracy vs N: {report['plot']}")
     return 0
 
 

@@ -2,33 +2,48 @@
 
     mathprm evaluate --policy runs/arith/policy --dataset arith:hard --limit 200 --seed 0 \\
         --strategies greedy,majority@16,pass@16 --out runs/eval/policy.json
+    mathprm evaluate --policy runs/arith/policy --prm runs/arith/prm --dataset arith:hard --limit 100 \\
+        --strategies greedy,majority@8,best_of_n@8,weighted_majority@8,guided@8,beam@8,dvts@8 \\
+        --out runs/arith/eval.json --plot runs/arith/accuracy_vs_n.png
 
-Strategies (later stages add PRM-guided ones to `STRATEGIES`):
+Strategies:
 
 - `greedy`: one solution at temperature 0.
-- `majority@k`: k sampled solutions, the most frequent final answer wins (self-consistency,
-  Wang et al. 2023); ties go to the answer reached first.
-- `pass@k`: whether any of k samples is right, i.e. the ceiling a perfect verifier could
-  reach. With a pool of n >= k samples it is the unbiased estimator of Chen et al. (2021),
-  1 - C(n-c, k) / C(n, k), which is exactly "any of the k" when n == k.
+- From one pool of sampled solutions per problem (n = the largest k asked for, one temperature
+  and seed; `x@4` judges the first 4 of the same samples `x@16` judges):
+  - `majority@k`: the most frequent final answer wins (self-consistency, Wang et al. 2023);
+    ties go to the answer reached first.
+  - `pass@k`: whether any of k samples is right, i.e. the ceiling a perfect verifier could
+    reach. With a pool of n >= k samples it is the unbiased estimator of Chen et al. (2021),
+    1 - C(n-c, k) / C(n, k), which is exactly "any of the k" when n == k.
+  - `best_of_n@k` (PRM): the sample whose step scores aggregate highest (`aggregation`).
+  - `weighted_majority@k` (PRM): each answer weighs the sum of its samples' aggregated scores.
+- Step by step, by `mathprm.search` (PRM; many problems in lockstep, one batched generator
+  call and one PRM call per round): `guided@k` (k candidate next steps, the PRM keeps the
+  best), `beam@k` (`beam_width` beams, k candidates each), `dvts@k`, `mcts@k`. See
+  `mathprm.search` for each one's definition; the pool strategies are the same definitions
+  evaluated on a shared pool.
 
-All sampled strategies draw from one pool per problem (n = the largest k asked for, at one
-temperature and seed), so `majority@16` and `pass@16` judge the same 16 samples, and
-`majority@4` the first 4 of them. Each strategy reports `accuracy`, `n_problems`,
-`samples_per_problem` and `generated_tokens` (the tokens of the samples it uses).
+Each strategy reports `accuracy`, `n_problems`, `samples_per_problem`, `generated_tokens`
+(the tokens of the samples it used: the equal-compute axis) and, for PRM strategies,
+`prm_scored_solutions`. With two or more values of k for one strategy, a PNG of accuracy
+versus k per strategy is written beside the JSON (`plot`).
 
 Diagnostics say how the policy fails: `parseable` (a final answer can be read),
 `finished` (the model ended the solution itself) and, in the arithmetic world where
 `arith.check_step` judges every line exactly, `step_accuracy` (steps correct given the
 steps before them as written) and `first_error` (where wrong solutions go wrong).
 
-The core (strategy parsing, voting, pass@k, scoring) is pure; `run_evaluation` wires it to a
-`Generator` backend and writes the JSON (and one JSON line per problem) atomically.
+The core (strategy parsing, voting, pass@k, scoring from per-problem records) is pure;
+`run_evaluation` wires it to a `Generator` (and a `Scorer` for PRM strategies), in this
+process or, with `use_ray`, on a Ray Data actor pool (one generator and PRM per actor), and
+writes the JSON (and one JSON line per problem) atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import time
@@ -37,12 +52,16 @@ from pathlib import Path
 from typing import Any
 
 from mathprm import arith, atomic
-from mathprm.answers import Judge, majority_vote  # noqa: F401  (re-exported)
+from mathprm.answers import Judge, majority_vote, weighted_vote  # noqa: F401  (Judge, majority_vote re-exported)
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
+from mathprm.scorer import AGGREGATIONS, aggregate
 from mathprm.steps import StepFormat
 
-STRATEGIES = ("greedy", "majority", "pass")  # greedy, majority@k, pass@k
+POOL = ("majority", "pass", "best_of_n", "weighted_majority")  # judged on one pool of samples
+SEARCH = ("guided", "beam", "dvts", "mcts")  # step by step, by mathprm.search
+STRATEGIES = ("greedy", *POOL, *SEARCH)
+NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", *SEARCH})
 
 
 @dataclasses.dataclass
@@ -52,28 +71,50 @@ class EvalConfig:
     limit: int | None = 200  # first N problems (arith: N fresh test-split problems)
     seed: int = 0  # arith problem seed and sampling seed
     strategies: list[str] = dataclasses.field(default_factory=lambda: ["greedy", "majority@16", "pass@16"])
+    prm: str | None = None  # a PRM directory (mathprm train-prm); needed by best_of_n, weighted_majority, guided, ...
     temperature: float = 1.0  # of the sampled strategies
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer solution is cut (and counts as unparseable if no answer yet)
+    max_step_tokens: int = 64  # step-by-step strategies: a longer step is cut
+    aggregation: str = "min"  # PRM step scores -> solution score: last | min | prod | mean
+    beam_width: int = 4  # beam: beams kept; dvts: candidates per step of each subtree
+    max_steps: int = 24  # step-by-step strategies stop a solution after this many steps
+    simulations: int = 16  # mcts: rounds per problem
     separator: str | None = None  # step separator; None: "\n" for arith:*, "\n\n" otherwise
     backend: str = "hf"  # a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator call (each brings its samples)
-    device: str | None = None  # hf backend only; None: cuda if available
+    device: str | None = None  # hf backend and PRM; None: cuda if available
     out: str | None = None  # JSON path; None: runs/eval/<policy dir name>__<dataset>__seed<seed>.json
+    plot: str | None = None  # accuracy-vs-k PNG; None: beside `out` as <out stem>.accuracy_vs_n.png
+    use_ray: bool = False  # run the problems on a Ray Data actor pool (jobs/evaluate.py sets it)
+    num_actors: int = 2  # use_ray: actors, each with its own generator and PRM
+    ray_address: str | None = None  # use_ray: None joins RAY_ADDRESS or starts a local cluster
 
     def __post_init__(self) -> None:
-        for s in self.strategies:
-            parse_strategy(s)  # ValueError names the bad one
         if not self.strategies:
             raise ValueError("strategies: give at least one, e.g. greedy,majority@16,pass@16")
+        parsed = [parse_strategy(s) for s in self.strategies]  # ValueError names the bad one
+        needing = [s.name for s in parsed if s.kind in NEEDS_PRM]
+        if needing and not self.prm:
+            raise ValueError(f"prm: {', '.join(needing)} need a PRM; give one, e.g. --prm runs/arith/prm")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if self.backend not in GENERATORS:
             raise ValueError(f"backend: unknown {self.backend!r}; backends: {', '.join(GENERATORS)}")
-        if self.batch_problems < 1:
-            raise ValueError(f"batch_problems: must be >= 1, got {self.batch_problems}")
-        Sampling(temperature=self.temperature, top_p=self.top_p, max_solution_tokens=self.max_solution_tokens,
-                 seed=self.seed)  # its own checks, named by field
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        for name in ("batch_problems", "num_actors"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        self.search_config(1)  # SearchConfig's checks (beam_width, max_steps, simulations, token limits)
+
+    def search_config(self, k: int):
+        from mathprm.search import SearchConfig
+
+        return SearchConfig(n=k, beam_width=self.beam_width, max_steps=self.max_steps, temperature=self.temperature,
+                            top_p=self.top_p, max_step_tokens=self.max_step_tokens,
+                            max_solution_tokens=self.max_solution_tokens, aggregation=self.aggregation,
+                            simulations=self.simulations, seed=self.seed)
 
     @property
     def step_format(self) -> StepFormat:
@@ -85,6 +126,10 @@ class EvalConfig:
             return Path(self.out)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.dataset)
         return Path("runs/eval") / f"{Path(self.policy).name}__{safe}__seed{self.seed}.json"
+
+    @property
+    def plot_path(self) -> Path:
+        return Path(self.plot) if self.plot else self.out_path.with_suffix(".accuracy_vs_n.png")
 
 
 def step_format_for(dataset: str, separator: str | None) -> StepFormat:
@@ -101,7 +146,7 @@ def step_format_for(dataset: str, separator: str | None) -> StepFormat:
 @dataclasses.dataclass(frozen=True)
 class Strategy:
     kind: str  # one of STRATEGIES
-    k: int  # samples per problem
+    k: int  # samples (or candidates per step) per problem
 
     @property
     def name(self) -> str:
@@ -109,13 +154,14 @@ class Strategy:
 
 
 def parse_strategy(text: str) -> Strategy:
-    """`greedy`, `majority@K` or `pass@K` (K >= 1); ValueError naming the text otherwise."""
+    """`greedy` or `KIND@K` (K >= 1, KIND in STRATEGIES); ValueError naming the text otherwise."""
     if text == "greedy":
         return Strategy("greedy", 1)
     kind, at, k = str(text).partition("@")
     if kind in STRATEGIES and kind != "greedy" and at and k.isdigit() and int(k) >= 1:
         return Strategy(kind, int(k))
-    raise ValueError(f"strategies: {text!r} is not greedy, majority@K or pass@K (K >= 1)")
+    raise ValueError(f"strategies: {text!r} is not greedy or KIND@K (K >= 1) with KIND one of "
+                     f"{', '.join(s for s in STRATEGIES if s != 'greedy')}")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -134,16 +180,6 @@ def step_stats(problem: Problem, steps: Sequence[str]) -> tuple[int, int, int]:
     return len(ok), sum(ok), next((i for i, good in enumerate(ok) if not good), -1)
 
 
-@dataclasses.dataclass
-class ProblemResult:
-    """One problem's solutions, reduced to what the strategies and diagnostics need."""
-
-    id: str
-    gold: str | None
-    greedy: dict[str, Any] | None = None  # {"text", "key", "correct", "tokens", "finished"}
-    samples: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the same, per sample
-
-
 def judge_rollout(judge: Judge, rollout: Rollout) -> dict[str, Any]:
     key = judge.key(rollout.text)
     out = {"text": rollout.text, "key": key, "correct": judge.correct(key), "tokens": rollout.n_tokens,
@@ -153,33 +189,60 @@ def judge_rollout(judge: Judge, rollout: Rollout) -> dict[str, Any]:
     return out
 
 
-def score(results: Sequence[ProblemResult], strategies: Sequence[Strategy], judges: Sequence[Judge]) -> dict:
-    """Per strategy: accuracy, n_problems, samples_per_problem, generated_tokens."""
+def _solution_score(sample: dict[str, Any], how: str) -> float:
+    scores = sample.get("scores")
+    return aggregate(scores, how) if scores else -math.inf
+
+
+def _pool_pick(used: Sequence[dict[str, Any]], kind: str, how: str) -> bool:
+    """Whether the pool strategy `kind` picks a right answer from the samples `used`."""
+    if kind == "best_of_n":
+        totals = [_solution_score(s, how) for s in used]
+        return bool(used[totals.index(max(totals))]["correct"])  # index: ties go to the first
+    keys = [s["key"] for s in used]
+    if kind == "majority":
+        winner = majority_vote(keys)
+    else:  # weighted_majority: an unscored (empty) sample votes with weight 0
+        winner = weighted_vote(keys, [max(_solution_score(s, how), 0.0) for s in used])
+    return winner is not None and any(s["correct"] for s in used if s["key"] == winner)
+
+
+def score(records: Sequence[dict[str, Any]], strategies: Sequence[Strategy], aggregation: str = "min") -> dict:
+    """Per strategy: accuracy, n_problems, samples_per_problem, generated_tokens (and
+    prm_scored_solutions for PRM strategies), from the per-problem records."""
     out: dict[str, dict[str, Any]] = {}
     for strategy in strategies:
-        hits, tokens = 0.0, 0
-        for r, judge in zip(results, judges, strict=True):
+        hits, tokens, scored = 0.0, 0, 0
+        for r in records:
             if strategy.kind == "greedy":
-                hits += r.greedy["correct"]
-                tokens += r.greedy["tokens"]
-                continue
-            used = r.samples[: strategy.k]
-            tokens += sum(s["tokens"] for s in used)
-            if strategy.kind == "majority":
-                hits += judge.correct(majority_vote([s["key"] for s in used]))
+                hits += r["greedy"]["correct"]
+                tokens += r["greedy"]["tokens"]
+            elif strategy.kind in SEARCH:
+                s = r["search"][strategy.name]
+                hits += s["correct"]
+                tokens += s["tokens"]
+                scored += s["scored_solutions"]
             else:
-                hits += pass_at_k(len(r.samples), sum(s["correct"] for s in r.samples), strategy.k)
-        n = len(results)
+                used = r["samples"][: strategy.k]
+                tokens += sum(s["tokens"] for s in used)
+                if strategy.kind == "pass":
+                    hits += pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), strategy.k)
+                else:
+                    hits += _pool_pick(used, strategy.kind, aggregation)
+                    scored += sum(1 for s in used if s.get("scores")) if strategy.kind in NEEDS_PRM else 0
+        n = len(records)
         out[strategy.name] = {"accuracy": hits / n if n else 0.0, "n_problems": n,
                               "samples_per_problem": strategy.k, "generated_tokens": tokens}
+        if strategy.kind in NEEDS_PRM:
+            out[strategy.name]["prm_scored_solutions"] = scored
     return out
 
 
-def diagnostics(results: Sequence[ProblemResult]) -> dict[str, dict[str, Any]]:
+def diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """How the greedy and the sampled solutions fail (see the module docstring)."""
     out = {}
-    for name, rows in (("greedy", [r.greedy for r in results if r.greedy]),
-                       ("sampled", [s for r in results for s in r.samples])):
+    for name, rows in (("greedy", [r["greedy"] for r in records if r.get("greedy")]),
+                       ("sampled", [s for r in records for s in r.get("samples", [])])):
         if not rows:
             continue
         d: dict[str, Any] = {
@@ -199,76 +262,216 @@ def diagnostics(results: Sequence[ProblemResult]) -> dict[str, dict[str, Any]]:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{report['dataset']}  policy={report['policy']}  ({report['n_problems']} problems, "
+    prm = f"  prm={report['prm']}" if report.get("prm") else ""
+    lines = [f"{report['dataset']}  policy={report['policy']}{prm}  ({report['n_problems']} problems, "
              f"T={report['sampling']['temperature']}, {report['backend']})",
-             f"{'strategy':<14}{'accuracy':>10}{'samples':>9}{'tokens':>12}"]
+             f"{'strategy':<22}{'accuracy':>10}{'k':>5}{'tokens':>12}{'PRM-scored':>12}"]
     for name, s in report["strategies"].items():
-        lines.append(f"{name:<14}{s['accuracy']:>10.1%}{s['samples_per_problem']:>9}{s['generated_tokens']:>12,}")
+        prm_col = f"{s['prm_scored_solutions']:>12,}" if "prm_scored_solutions" in s else f"{'-':>12}"
+        lines.append(f"{name:<22}{s['accuracy']:>10.1%}{s['samples_per_problem']:>5}{s['generated_tokens']:>12,}"
+                     f"{prm_col}")
     for name, d in report["diagnostics"].items():
         extra = f", step accuracy {d['step_accuracy']:.1%}" if "step_accuracy" in d else ""
         lines.append(f"{name} solutions: {d['parseable']:.1%} parseable, {d['finished']:.1%} finished{extra}")
     return "\n".join(lines)
 
 
+def plot_accuracy_vs_n(report: dict[str, Any], path: str | Path) -> Path | None:
+    """A PNG of accuracy against k, one line per strategy with two or more values of k (greedy
+    as a dashed line); None (and no file) when no strategy has two values of k."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for name, s in report["strategies"].items():
+        if name != "greedy":
+            series.setdefault(name.split("@")[0], []).append((s["samples_per_problem"], s["accuracy"]))
+    series = {kind: sorted(points) for kind, points in series.items() if len(points) >= 2}
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for kind, points in series.items():
+        style = ":" if kind == "pass" else "-"
+        ax.plot([k for k, _ in points], [100 * a for _, a in points], style, marker="o", label=kind)
+    if "greedy" in report["strategies"]:
+        ax.axhline(100 * report["strategies"]["greedy"]["accuracy"], color="grey", ls="--", label="greedy")
+    ax.set_xscale("log", base=2)
+    ks = sorted({k for points in series.values() for k, _ in points})
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("N (samples, or candidates per step)")
+    ax.set_ylabel("accuracy (%)")
+    prm = f", PRM {Path(report['prm']).name}" if report.get("prm") else ""
+    ax.set_title(f"{report['dataset']}: {report['n_problems']} problems, policy {Path(report['policy']).name}{prm}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic.file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------- shell
 
 
-def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list[Problem] | None = None) -> dict:
-    """Evaluate `cfg.policy` (or a ready `generator`) and write `cfg.out_path` atomically."""
-    strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
-    if problems is None:
-        problems = load_problems(cfg.dataset, limit=cfg.limit, seed=cfg.seed) if cfg.dataset.startswith(
-            "arith:") else load_problems(cfg.dataset, limit=cfg.limit)
-    if not problems:
-        raise ValueError(f"dataset {cfg.dataset!r} gave no problems")
-    if generator is None:
-        if not (Path(cfg.policy) / "config.json").is_file():
-            raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
-        options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
-        generator = load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
-    pool = max((s.k for s in strategies if s.kind != "greedy"), default=0)
-    greedy = Sampling(temperature=0.0, max_solution_tokens=cfg.max_solution_tokens, seed=cfg.seed)
-    sampled = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_solution_tokens=cfg.max_solution_tokens,
-                       seed=cfg.seed)
+def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg: EvalConfig,
+                   strategies: Sequence[Strategy], chunk_index: int) -> list[dict[str, Any]]:
+    """Every strategy on one chunk of problems: one record (a JSON-able dict) per problem."""
+    from mathprm.search import run_searches
 
     judges = [Judge(p) for p in problems]
-    results = [ProblemResult(p.id, p.answer) for p in problems]
-    started = time.monotonic()
-    for lo in range(0, len(problems), cfg.batch_problems):
-        chunk = slice(lo, lo + cfg.batch_problems)
-        prefixes = [Prefix(p.question) for p in problems[chunk]]
-        if any(s.kind == "greedy" for s in strategies):
-            for r, j, (roll,) in zip(results[chunk], judges[chunk], generator.rollouts(prefixes, 1, greedy)):
-                r.greedy = judge_rollout(j, roll)
-        if pool:
-            # A generator seeds prefix i of a call from (seed, i): give each chunk its own seed,
-            # or problem 0 of every chunk would draw the same random stream.
-            chunk_sampling = dataclasses.replace(sampled, seed=cfg.seed * 1_000_003 + lo)
-            for r, j, rolls in zip(results[chunk], judges[chunk], generator.rollouts(prefixes, pool, chunk_sampling)):
-                r.samples = [judge_rollout(j, roll) for roll in rolls]
-        done = min(lo + cfg.batch_problems, len(problems))
-        elapsed = time.monotonic() - started
-        print(f"[evaluate] {done}/{len(problems)} problems, {elapsed:.0f}s, "
-              f"eta {elapsed / done * (len(problems) - done):.0f}s", flush=True)
+    records: list[dict[str, Any]] = [{"id": p.id, "gold": p.answer, "greedy": None, "samples": [], "search": {}}
+                                     for p in problems]
+    prefixes = [Prefix(p.question) for p in problems]
+    if any(s.kind == "greedy" for s in strategies):
+        greedy = Sampling(temperature=0.0, max_solution_tokens=cfg.max_solution_tokens, seed=cfg.seed)
+        for r, j, (roll,) in zip(records, judges, generator.rollouts(prefixes, 1, greedy)):
+            r["greedy"] = judge_rollout(j, roll)
+    pool = max((s.k for s in strategies if s.kind in POOL), default=0)
+    if pool:
+        # A generator seeds prefix i of a call from (seed, i): give each chunk its own seed,
+        # or problem 0 of every chunk would draw the same random stream.
+        sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_solution_tokens=cfg.max_solution_tokens,
+                            seed=cfg.seed * 1_000_003 + chunk_index)
+        for r, j, rolls in zip(records, judges, generator.rollouts(prefixes, pool, sampling)):
+            r["samples"] = [judge_rollout(j, roll) | {"_steps": [s for s in roll.steps if s.strip()]} for roll in rolls]
+        if any(s.kind in NEEDS_PRM for s in strategies if s.kind in POOL):
+            todo = [(p, s) for p, r in zip(problems, records) for s in r["samples"] if s["_steps"]]
+            got = scorer.score([p.question for p, _ in todo], [s["_steps"] for _, s in todo]) if todo else []
+            for (_, s), scores in zip(todo, got):
+                s["scores"] = [round(float(x), 6) for x in scores]
+        for r in records:
+            for s in r["samples"]:
+                del s["_steps"]
+    for strategy in strategies:
+        if strategy.kind not in SEARCH:
+            continue
+        started = time.monotonic()
+        results = run_searches(strategy.kind, generator, scorer, problems, cfg.search_config(strategy.k))
+        print(f"[evaluate] chunk {chunk_index}: {strategy.name} on {len(problems)} problems, "
+              f"{time.monotonic() - started:.0f}s", flush=True)
+        for r, j, res in zip(records, judges, results):
+            r["search"][strategy.name] = {
+                "key": res.answer, "correct": j.correct(res.answer), "finished": res.finished,
+                "steps": [s.text for s in res.steps], "scores": [s.score for s in res.steps],
+                "tokens": res.usage.generated_tokens, "scored_solutions": res.usage.scored_solutions,
+                "prm_calls": res.usage.prm_calls,
+            }
+    return records
 
+
+def _problems(cfg: EvalConfig) -> list[Problem]:
+    if cfg.dataset.startswith("arith:"):
+        return load_problems(cfg.dataset, limit=cfg.limit, seed=cfg.seed)
+    return load_problems(cfg.dataset, limit=cfg.limit)
+
+
+def _generator(cfg: EvalConfig) -> Any:
+    if not (Path(cfg.policy) / "config.json").is_file():
+        raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
+    return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
+
+
+def _scorer(cfg: EvalConfig) -> Any:
+    if not cfg.prm:
+        return None
+    from mathprm.scorer import load_scorer
+
+    return load_scorer("prm", cfg.prm, **({"device": cfg.device} if cfg.device else {}))
+
+
+class _Worker:
+    """Ray Data callable class: one generator and one PRM per actor, a chunk of problems per call."""
+
+    def __init__(self, cfg: EvalConfig, problems: list[Problem]) -> None:
+        self.cfg, self.generator, self.scorer = cfg, _generator(cfg), _scorer(cfg)
+        self.strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
+        self.by_id = {p.id: p for p in problems}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        chunk = [self.by_id[str(i)] for i in batch["id"]]
+        records = evaluate_chunk(chunk, self.generator, self.scorer, self.cfg, self.strategies,
+                                 int(batch["chunk"][0]))
+        return {"record": [json.dumps(r) for r in records]}
+
+
+def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list[Problem] | None = None,
+                   scorer: Any | None = None) -> dict:
+    """Evaluate `cfg.policy` (or a ready `generator`, and `scorer` for PRM strategies) and write
+    `cfg.out_path` (+ one JSON line per problem, + the accuracy-vs-k PNG) atomically."""
+    strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
+    if problems is None:
+        problems = _problems(cfg)
+    if not problems:
+        raise ValueError(f"dataset {cfg.dataset!r} gave no problems")
+    if cfg.prm and scorer is None:
+        from mathprm.prm import read_prm_config
+
+        prm_sep = read_prm_config(cfg.prm)["separator"]  # fails now, naming the directory, not inside an actor
+        if prm_sep != cfg.step_format.separator:
+            raise ValueError(f"prm: {cfg.prm} was trained with the step separator {prm_sep!r} but this evaluation "
+                             f"uses {cfg.step_format.separator!r}; set separator or pick another PRM")
+    if generator is None and not (Path(cfg.policy) / "config.json").is_file():
+        raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    chunks = [problems[lo: lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
+    started = time.monotonic()
+    records: list[dict[str, Any]] = []
+    if cfg.use_ray and generator is None:
+        import ray.data
+
+        from mathprm.ray_utils import check_job_paths, init_ray
+
+        check_job_paths(policy=cfg.policy, prm=cfg.prm, out=str(cfg.out_path), plot=str(cfg.plot_path))
+        # Actors run in another working directory: ship absolute model paths.
+        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
+                                  prm=str(Path(cfg.prm).resolve()) if cfg.prm else None)
+        init_ray(cfg.ray_address)
+        rows = [{"id": p.id, "chunk": c} for c, chunk in enumerate(chunks) for p in chunk]
+        ds = ray.data.from_items(rows).map_batches(
+            _Worker, fn_constructor_args=(cfg, problems), batch_size=cfg.batch_problems,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        )
+        order = {p.id: i for i, p in enumerate(problems)}
+        for row in ds.iter_rows():
+            records.append(json.loads(row["record"]))
+            if len(records) % cfg.batch_problems == 0 or len(records) == len(problems):
+                print(f"[evaluate] {len(records)}/{len(problems)} problems, {time.monotonic() - started:.0f}s",
+                      flush=True)
+        records.sort(key=lambda r: order[r["id"]])
+    else:
+        generator = generator or _generator(cfg)
+        scorer = scorer if scorer is not None else _scorer(cfg)
+        for c, chunk in enumerate(chunks):
+            records += evaluate_chunk(chunk, generator, scorer, cfg, strategies, c)
+            elapsed = time.monotonic() - started
+            print(f"[evaluate] {len(records)}/{len(problems)} problems, {elapsed:.0f}s, "
+                  f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
+
+    pool = max((s.k for s in strategies if s.kind in POOL), default=0)
     report = {
         "policy": str(cfg.policy),
+        "prm": cfg.prm,
         "dataset": cfg.dataset,
         "n_problems": len(problems),
         "seed": cfg.seed,
         "backend": cfg.backend,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_solution_tokens": cfg.max_solution_tokens, "pool": pool},
-        "strategies": score(results, strategies, judges),
-        "diagnostics": diagnostics(results),
+        "search": {"aggregation": cfg.aggregation, "beam_width": cfg.beam_width, "max_steps": cfg.max_steps,
+                   "simulations": cfg.simulations, "max_step_tokens": cfg.max_step_tokens},
+        "strategies": score(records, strategies, cfg.aggregation),
+        "diagnostics": diagnostics(records),
         "elapsed_s": round(time.monotonic() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
     out = cfg.out_path
     out.parent.mkdir(parents=True, exist_ok=True)
+    plot = plot_accuracy_vs_n(report, cfg.plot_path)
+    report["plot"] = str(plot) if plot else None
+    atomic.write_text(out.with_suffix(".problems.jsonl"), "".join(json.dumps(r) + "\n" for r in records))
     atomic.write_json(out, report)
-    import json
-
-    lines = (json.dumps({"id": r.id, "gold": r.gold, "greedy": r.greedy, "samples": r.samples}) for r in results)
-    atomic.write_text(out.with_suffix(".problems.jsonl"), "\n".join(lines) + "\n")
     return report

@@ -69,7 +69,9 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
             "mcts.num_solutions=2", "mcts.rollouts_per_step=2", "mcts.max_solution_tokens=24", "mcts.num_actors=1",
             "prm.epochs=1", "prm.batch_size=1", "prm.num_workers=1", "prm.val_fraction=0", "prm.log_every=1",
             "prm.eval_every=1", "prm.checkpoint_every=1", "prm_eval.limit=2", "prm_eval.n=2",
-            "prm_eval.max_solution_tokens=24"]
+            "prm_eval.max_solution_tokens=24", "search.limit=2", "search.max_solution_tokens=24",
+            "search.max_steps=3", "search.max_step_tokens=12",
+            "search.strategies=greedy,majority@1,majority@2,best_of_n@2,guided@1,guided@2,beam@2,dvts@2"]
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "bundled with mathprm" in out
@@ -83,12 +85,18 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
         assert name in out
     summary = json.loads((tmp_path / "runs/arith/mcts/summary.json").read_text())
     assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
-    assert "[demo] 4/5 step labels" in out and "[demo] 5/5 the PRM" in out
+    assert "[demo] 4/6 step labels" in out and "[demo] 5/6 the PRM" in out and "[demo] 6/6 PRM-guided" in out
     assert (tmp_path / "runs/arith/prm/prm_config.json").exists()
     prm_report = json.loads((tmp_path / "runs/arith/prm_eval.json").read_text())
     assert prm_report["n_problems"] == 2 and {"step_auroc", "first_error_f1", "best_of_n@2", "majority@2"} <= set(
         prm_report)
     assert "first-error F1" in out
+    search = json.loads((tmp_path / "runs/arith/eval.json").read_text())
+    assert set(search["strategies"]) == {"greedy", "majority@1", "majority@2", "best_of_n@2", "guided@1", "guided@2",
+                                         "beam@2", "dvts@2"}
+    assert search["prm"] == str((tmp_path / "runs/arith/prm").resolve()) or search["prm"].endswith("runs/arith/prm")
+    assert (tmp_path / "runs/arith/accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    assert "guided@2" in out and "accuracy vs N" in out
     # Second run: the policy, the labels and the PRM are reused, not made again.
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out

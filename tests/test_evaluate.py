@@ -147,3 +147,73 @@ def test_cli_evaluate_bad_input_is_one_line(tmp_path, capsys):
     assert "not a Hugging Face model directory" in capsys.readouterr().err
     assert main(["evaluate", "--strategies", "greedy,best@2"]) == 2
     assert "best@2" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- PRM strategies
+
+
+def test_prm_strategies_from_the_pool_and_step_by_step_with_the_oracle(tmp_path):
+    """The noisy scripted policy (right with p=0.45 per operation, greedy always wrong) and the
+    exact oracle as PRM: PRM strategies must beat greedy and majority, k must help, and the
+    accuracy-vs-k plot must be written."""
+    from mathprm.scorer import ArithOracle
+    from tests.test_search import NoisyArithPolicy
+
+    problems = arith.generate("medium", 12, seed=9, split="test")
+    policy, oracle = NoisyArithPolicy(problems, p_correct=0.45), ArithOracle(problems)
+    strategies = ["greedy", "majority@8", "pass@8", "best_of_n@1", "best_of_n@8", "weighted_majority@8",
+                  "guided@1", "guided@8", "dvts@8", "beam@4"]
+    cfg = EvalConfig(dataset="arith:medium", strategies=strategies, prm="(oracle)", temperature=0.8, beam_width=2,
+                     batch_problems=5, out=str(tmp_path / "e.json"))
+    report = run_evaluation(cfg, generator=policy, problems=problems, scorer=oracle)
+    s = {name: v["accuracy"] for name, v in report["strategies"].items()}
+    assert s["greedy"] == 0.0
+    # An exact verifier: best_of_n@8 is right exactly when some sample is (pass@8 with n == k).
+    assert s["best_of_n@8"] == s["pass@8"] > s["majority@8"]
+    assert s["weighted_majority@8"] == s["pass@8"]  # wrong solutions weigh 0 under min
+    assert s["guided@8"] >= 10 / 12 and s["guided@8"] > s["guided@1"] and s["dvts@8"] > s["majority@8"]
+    assert s["best_of_n@1"] == pytest.approx(sum(r["samples"][0]["correct"] for r in map(
+        json.loads, (tmp_path / "e.problems.jsonl").read_text().splitlines())) / 12)
+    g8 = report["strategies"]["guided@8"]
+    assert g8["samples_per_problem"] == 8 and g8["generated_tokens"] > report["strategies"]["guided@1"]["generated_tokens"]
+    assert report["strategies"]["best_of_n@8"]["prm_scored_solutions"] == 8 * 12
+    assert "prm_scored_solutions" not in report["strategies"]["majority@8"]
+    plot = tmp_path / "e.accuracy_vs_n.png"
+    assert report["plot"] == str(plot) and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((tmp_path / "e.problems.jsonl").read_text().splitlines()[0])
+    assert set(record["search"]) == {"guided@1", "guided@8", "dvts@8", "beam@4"}
+    assert all(len(x["scores"]) == x["steps"] for x in record["samples"])  # one score per judged step
+
+
+def test_prm_strategies_need_a_prm_and_a_matching_separator(tmp_path, tiny_policy_dir):
+    with pytest.raises(ConfigError, match="prm: guided@8, best_of_n@4 need a PRM"):
+        parse_args(EvalConfig, ["--strategies", "greedy,guided@8,best_of_n@4"])
+    with pytest.raises(ConfigError, match="strategies"):
+        parse_args(EvalConfig, ["--strategies", "guided"])
+    with pytest.raises(ConfigError, match="aggregation"):
+        parse_args(EvalConfig, ["--aggregation", "max"])
+    with pytest.raises(ConfigError, match="beam_width"):
+        parse_args(EvalConfig, ["--beam-width", "0"])
+    cfg = EvalConfig(policy=str(tiny_policy_dir), prm=str(tmp_path / "none"), strategies=["guided@2"],
+                     out=str(tmp_path / "x.json"))
+    with pytest.raises((FileNotFoundError, ValueError), match="none"):
+        run_evaluation(cfg)
+
+
+@pytest.mark.ray
+def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_policy_dir, tmp_path):
+    """jobs/evaluate.py's path: problems on a Ray Data actor pool (2 actors, each with the real
+    hf generator and a real PRM) give exactly the in-process report."""
+    from mathprm.prm import build_prm, save_prm
+    from mathprm.tokenizer import build_char_tokenizer
+
+    prm = tmp_path / "prm"
+    save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), prm, {"base": "tiny"})
+    common = dict(policy=str(tiny_policy_dir), prm=str(prm), dataset="arith:easy", limit=4, batch_problems=2,
+                  strategies=["greedy", "majority@2", "best_of_n@2", "guided@1", "guided@2"], max_solution_tokens=40,
+                  max_step_tokens=16, max_steps=3, temperature=0.9, device="cpu")
+    local = run_evaluation(EvalConfig(**common, out=str(tmp_path / "local.json")))
+    remote = run_evaluation(EvalConfig(**common, use_ray=True, num_actors=2, out=str(tmp_path / "ray.json")))
+    assert remote["strategies"] == local["strategies"]
+    assert (tmp_path / "ray.problems.jsonl").read_text() == (tmp_path / "local.problems.jsonl").read_text()
+    assert (tmp_path / "ray.accuracy_vs_n.png").is_file()

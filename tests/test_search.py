@@ -47,7 +47,8 @@ class NoisyArithPolicy:
             return StepSample(text, len(text) + 1, True)
         op, b = ops[i]
         right = arith.apply_op(value, op, b)
-        right = value // b if right is None else right  # after an error a division may not be exact
+        if right is None:  # only after an error: an inexact division; write a value that stays wrong
+            right = value // b + 1000
         ok = (self.p >= 0.5) if greedy else rng.random() < self.p
         text = f"{value} {op} {b} = {right if ok else right + 1}"
         return StepSample(text, len(text) + 1, False)
@@ -55,16 +56,16 @@ class NoisyArithPolicy:
     def next_steps(self, prefixes, n, sampling):
         self.calls.append(("next_steps", len(prefixes), n))
         out = []
-        for pre in prefixes:
-            rng = random.Random(pre.seed)
+        for i, pre in enumerate(prefixes):
+            rng = random.Random(pre.sample_seed(sampling, i))
             out.append([self._step(self.by_q[pre.question], list(pre.steps), rng, sampling.greedy) for _ in range(n)])
         return out
 
     def rollouts(self, prefixes, n, sampling):
         self.calls.append(("rollouts", len(prefixes), n))
         out = []
-        for pre in prefixes:
-            rng, rolls = random.Random(pre.seed), []
+        for i, pre in enumerate(prefixes):
+            rng, rolls = random.Random(pre.sample_seed(sampling, i)), []
             for _ in range(n):
                 steps, tokens = list(pre.steps), 0
                 while True:
