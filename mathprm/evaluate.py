@@ -71,7 +71,8 @@ class EvalConfig:
     limit: int | None = 200  # first N problems (arith: N fresh test-split problems)
     seed: int = 0  # arith problem seed and sampling seed
     strategies: list[str] = dataclasses.field(default_factory=lambda: ["greedy", "majority@16", "pass@16"])
-    prm: str | None = None  # a PRM directory (mathprm train-prm); needed by best_of_n, weighted_majority, guided, ...
+    prm: str | None = None  # a PRM directory (mathprm train-prm), or `oracle` (arith: exact step truth, the upper
+    #                          bound); needed by best_of_n, weighted_majority, guided, beam, dvts, mcts
     temperature: float = 1.0  # of the sampled strategies
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer solution is cut (and counts as unparseable if no answer yet)
@@ -97,6 +98,8 @@ class EvalConfig:
         needing = [s.name for s in parsed if s.kind in NEEDS_PRM]
         if needing and not self.prm:
             raise ValueError(f"prm: {', '.join(needing)} need a PRM; give one, e.g. --prm runs/arith/prm")
+        if self.prm == "oracle" and not self.dataset.startswith("arith:"):
+            raise ValueError(f"prm: the oracle knows only the arithmetic world's problems, not {self.dataset!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if self.backend not in GENERATORS:
@@ -376,9 +379,13 @@ def _generator(cfg: EvalConfig) -> Any:
     return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
 
 
-def _scorer(cfg: EvalConfig) -> Any:
+def _scorer(cfg: EvalConfig, problems: Sequence[Problem]) -> Any:
     if not cfg.prm:
         return None
+    if cfg.prm == "oracle":
+        from mathprm.scorer import ArithOracle
+
+        return ArithOracle(problems)
     from mathprm.scorer import load_scorer
 
     return load_scorer("prm", cfg.prm, **({"device": cfg.device} if cfg.device else {}))
@@ -388,7 +395,7 @@ class _Worker:
     """Ray Data callable class: one generator and one PRM per actor, a chunk of problems per call."""
 
     def __init__(self, cfg: EvalConfig, problems: list[Problem]) -> None:
-        self.cfg, self.generator, self.scorer = cfg, _generator(cfg), _scorer(cfg)
+        self.cfg, self.generator, self.scorer = cfg, _generator(cfg), _scorer(cfg, problems)
         self.strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
         self.by_id = {p.id: p for p in problems}
 
@@ -408,7 +415,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         problems = _problems(cfg)
     if not problems:
         raise ValueError(f"dataset {cfg.dataset!r} gave no problems")
-    if cfg.prm and scorer is None:
+    if cfg.prm and cfg.prm != "oracle" and scorer is None:
         from mathprm.prm import read_prm_config
 
         prm_sep = read_prm_config(cfg.prm)["separator"]  # fails now, naming the directory, not inside an actor
@@ -425,10 +432,11 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
 
         from mathprm.ray_utils import check_job_paths, init_ray
 
-        check_job_paths(policy=cfg.policy, prm=cfg.prm, out=str(cfg.out_path), plot=str(cfg.plot_path))
+        check_job_paths(policy=cfg.policy, prm=None if cfg.prm == "oracle" else cfg.prm, out=str(cfg.out_path),
+                        plot=str(cfg.plot_path))
         # Actors run in another working directory: ship absolute model paths.
         cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
-                                  prm=str(Path(cfg.prm).resolve()) if cfg.prm else None)
+                                  prm=str(Path(cfg.prm).resolve()) if cfg.prm not in (None, "oracle") else cfg.prm)
         init_ray(cfg.ray_address)
         rows = [{"id": p.id, "chunk": c} for c, chunk in enumerate(chunks) for p in chunk]
         ds = ray.data.from_items(rows).map_batches(
@@ -444,7 +452,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         records.sort(key=lambda r: order[r["id"]])
     else:
         generator = generator or _generator(cfg)
-        scorer = scorer if scorer is not None else _scorer(cfg)
+        scorer = scorer if scorer is not None else _scorer(cfg, problems)
         for c, chunk in enumerate(chunks):
             records += evaluate_chunk(chunk, generator, scorer, cfg, strategies, c)
             elapsed = time.monotonic() - started

@@ -156,16 +156,15 @@ def test_prm_strategies_from_the_pool_and_step_by_step_with_the_oracle(tmp_path)
     """The noisy scripted policy (right with p=0.45 per operation, greedy always wrong) and the
     exact oracle as PRM: PRM strategies must beat greedy and majority, k must help, and the
     accuracy-vs-k plot must be written."""
-    from mathprm.scorer import ArithOracle
     from tests.test_search import NoisyArithPolicy
 
     problems = arith.generate("medium", 12, seed=9, split="test")
-    policy, oracle = NoisyArithPolicy(problems, p_correct=0.45), ArithOracle(problems)
+    policy = NoisyArithPolicy(problems, p_correct=0.45)
     strategies = ["greedy", "majority@8", "pass@8", "best_of_n@1", "best_of_n@8", "weighted_majority@8",
                   "guided@1", "guided@8", "dvts@8", "beam@4"]
-    cfg = EvalConfig(dataset="arith:medium", strategies=strategies, prm="(oracle)", temperature=0.8, beam_width=2,
+    cfg = EvalConfig(dataset="arith:medium", strategies=strategies, prm="oracle", temperature=0.8, beam_width=2,
                      batch_problems=5, out=str(tmp_path / "e.json"))
-    report = run_evaluation(cfg, generator=policy, problems=problems, scorer=oracle)
+    report = run_evaluation(cfg, generator=policy, problems=problems)  # prm=oracle: ArithOracle(problems)
     s = {name: v["accuracy"] for name, v in report["strategies"].items()}
     assert s["greedy"] == 0.0
     # An exact verifier: best_of_n@8 is right exactly when some sample is (pass@8 with n == k).
@@ -192,6 +191,8 @@ def test_prm_strategies_need_a_prm_and_a_matching_separator(tmp_path, tiny_polic
         parse_args(EvalConfig, ["--strategies", "guided"])
     with pytest.raises(ConfigError, match="aggregation"):
         parse_args(EvalConfig, ["--aggregation", "max"])
+    with pytest.raises(ConfigError, match="prm: the oracle knows only"):
+        parse_args(EvalConfig, ["--prm", "oracle", "--dataset", "gsm8k", "--strategies", "guided@2"])
     with pytest.raises(ConfigError, match="beam_width"):
         parse_args(EvalConfig, ["--beam-width", "0"])
     cfg = EvalConfig(policy=str(tiny_policy_dir), prm=str(tmp_path / "none"), strategies=["guided@2"],

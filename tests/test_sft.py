@@ -169,7 +169,8 @@ def test_cli_sft_rejects_a_bad_field_with_status_2(capsys):
 def _tiny_run(out, **overrides) -> SFTConfig:
     values = dict(
         mixture={"easy": 1.0}, num_problems=256, word_fraction=0.0, preset="test", batch_size=16,
-        lr=3e-3, warmup_steps=5, max_steps=40, log_every=10, checkpoint_every=20, num_workers=2,
+        lr=3e-3, warmup_steps=5, max_steps=40, log_every=10, checkpoint_every=20,
+        num_workers=1,  # two workers (DDP) are the first test's job; one starts faster
         out_dir=str(out),
     )
     return SFTConfig(**{**values, **overrides})

@@ -161,7 +161,8 @@ def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, la
 
     rows = to_trl(_labels(16), hard=False, fmt=FMT)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "soft.parquet")
-    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, tmp_path / "prm", separator="\n", epochs=1, lora_r=4)
+    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, tmp_path / "prm", separator="\n", epochs=1, lora_r=4,
+               num_workers=1)  # DDP is the two-worker test's job
     train_prm(cfg)
     assert not list((tmp_path / "prm").glob("adapter_*"))  # merged: a plain HF directory
     model = AutoModelForTokenClassification.from_pretrained(tmp_path / "prm")
@@ -179,7 +180,7 @@ def _registered_checkpoint(snapshot) -> bool:
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
     out = tmp_path / "resume"
-    cfg = _cfg(labels_dir, tiny_policy_dir, out, epochs=200, checkpoint_every=2, eval_every=100)
+    cfg = _cfg(labels_dir, tiny_policy_dir, out, epochs=200, checkpoint_every=2, eval_every=100, num_workers=1)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
     proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "train-prm", *overrides], env=env,
