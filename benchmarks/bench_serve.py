@@ -1,0 +1,187 @@
+"""The Serve app under load: guided search for concurrent clients, PRM batched vs unbatched.
+
+    .venv/bin/python benchmarks/bench_serve.py [--requests 96] [--clients 16] [--n 8] [--write]
+
+Starts the app of mathprm/serve.py on a local loopback Ray (or RAY_ADDRESS) with the demo's
+models (runs/arith/policy, runs/arith/prm); without them, an untrained `tiny` policy and a
+PRM on it are built in a temporary directory (speed only: the answers are then junk).
+`--clients` threads post arith:hard test problems (seed 0) to /v1/solve with `guided@N` (the
+app's default temperature, one seed per request) until `--requests` have been answered,
+after one untimed warm-up request per client. Run twice: the PRM deployment's
+`max_batch_size` 64 (solutions of every concurrent request share a forward batch) and 1 (one
+forward pass per solution); everything else, the generator's batching included, is the same.
+Reports problems/s, p50 / p95 latency, the accuracy, and the mean PRM batch the deployment
+ran (its `stats()`); the throughput ratio batched / unbatched is the headline. Clients, proxy
+and replicas share this machine's cores. With --write the table replaces the
+"## Serve: guided search under load" section of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _doc import repo_relative, write_section  # noqa: E402
+
+from mathprm import arith, atomic  # noqa: E402
+
+SECTION = "Serve: guided search under load"
+BATCH_SIZES = (64, 1)  # the PRM deployment's max_batch_size: batched, then the unbatched baseline
+
+
+def models(policy: Path, prm: Path, tmp: str) -> tuple[Path, Path, str]:
+    """(policy, prm, how to describe them): the demo's, else untrained ones built in `tmp`."""
+    if (policy / "config.json").is_file() and (prm / "prm_config.json").is_file():
+        return policy, prm, f"`{repo_relative(policy)}` and `{repo_relative(prm)}`"
+    from mathprm.policy import build_policy
+    from mathprm.prm import build_prm, save_prm
+    from mathprm.steps import StepFormat
+    from mathprm.tokenizer import build_char_tokenizer
+
+    print(f"no policy/PRM at {policy} / {prm}: building untrained tiny ones in {tmp} (speed only)", flush=True)
+    tok = build_char_tokenizer()
+    policy, prm = Path(tmp) / "policy", Path(tmp) / "prm"
+    build_policy("tiny", tok).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    save_prm(build_prm(policy), tok, StepFormat(arith.STEP_SEPARATOR), prm, {"base": "untrained tiny"})
+    return policy, prm, "untrained `tiny` policy and PRM (no demo models found; answers are junk)"
+
+
+def load(url: str, problems: list, clients: int, requests_total: int, n: int) -> dict:
+    """`clients` threads solving `problems` in turn until `requests_total` answers; latencies,
+    accuracy and wall time."""
+    import requests
+
+    lock, latencies, correct, failures = threading.Lock(), [], [0], []
+    issued = [0]
+
+    def client() -> None:
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    i = issued[0]
+                    if i >= requests_total:
+                        return
+                    issued[0] += 1
+                p = problems[i % len(problems)]
+                t0 = time.perf_counter()
+                r = session.post(url, json={"question": p.question, "strategy": "guided", "n": n, "seed": i},
+                                 timeout=600)
+                dt = time.perf_counter() - t0
+                with lock:
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code}: {r.text[:200]}")
+                        continue
+                    latencies.append(dt)
+                    correct[0] += r.json()["answer"] == p.answer
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
+    return {"requests": len(latencies), "wall_s": round(wall, 2), "problems_per_s": round(len(latencies) / wall, 3),
+            "p50_s": round(statistics.median(latencies), 3),
+            "p95_s": round(statistics.quantiles(latencies, n=20)[-1] if len(latencies) > 1 else latencies[0], 3),
+            "accuracy": round(correct[0] / len(latencies), 3)}
+
+
+def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
+    from ray import serve
+
+    from mathprm.ray_utils import init_ray
+    from mathprm.serve import build_app
+
+    init_ray(dashboard=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}/v1/solve"
+    problems = arith.generate(args.difficulty, max(args.requests, args.clients), seed=0, split="test")
+    rows = []
+    try:
+        for size in BATCH_SIZES:
+            app = build_app({"policy": str(policy), "prm": str(prm_dir), "dataset": f"arith:{args.difficulty}",
+                             "device": "cpu", "search": {"n": args.n}, "limits": {"n": args.n},
+                             "prm_batch": {"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s}})
+            serve.run(app, name="bench", route_prefix="/", blocking=False)
+            print(f"PRM max_batch_size {size}: warming up", flush=True)
+            load(url, problems[::-1], args.clients, args.clients, args.n)  # untimed: first calls, lazy init
+            prm = serve.get_deployment_handle("PRMDeployment", app_name="bench")
+            before = prm.stats.remote().result()
+            result = load(url, problems, args.clients, args.requests, args.n)
+            after = prm.stats.remote().result()
+            batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
+            result |= {"prm_max_batch_size": size, "prm_batches": batches,
+                       "mean_prm_batch": round(items / batches, 2) if batches else 0.0,
+                       "largest_prm_batch": after["largest_batch"]}
+            print(result, flush=True)
+            rows.append(result)
+            serve.delete("bench")
+    finally:
+        serve.shutdown()
+    return rows
+
+
+def table(rows: list[dict], source: str, args: argparse.Namespace) -> str:
+    lines = ["| PRM max_batch_size | problems/s | p50 latency | p95 latency | mean PRM batch | accuracy |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['prm_max_batch_size']} | {r['problems_per_s']:.2f} | {r['p50_s']:.2f} s | "
+                     f"{r['p95_s']:.2f} s | {r['mean_prm_batch']:.1f} | {r['accuracy']:.1%} |")
+    by_size = {r["prm_max_batch_size"]: r for r in rows}
+    ratio = by_size[BATCH_SIZES[0]]["problems_per_s"] / by_size[BATCH_SIZES[1]]["problems_per_s"]
+    lines += ["", f"Throughput batched / unbatched: **{ratio:.2f}x**.", "",
+              f"{args.clients} concurrent clients, {rows[0]['requests']} arith:{args.difficulty} test problems per "
+              f"run (seed 0), `guided@{args.n}` at the app's default temperature, one seed per request, after one "
+              f"warm-up request per client. Models: {source}. One replica per deployment (generator batching on "
+              f"in both runs, PRM `batch_wait_timeout_s` {args.batch_wait_s}); clients, HTTP proxy and replicas "
+              "share the machine's cores."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", default=str(REPO / "runs" / "arith" / "policy"))
+    parser.add_argument("--prm", default=str(REPO / "runs" / "arith" / "prm"))
+    parser.add_argument("--difficulty", default="hard", help="arith preset of the problems")
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=96, help="timed requests per run")
+    parser.add_argument("--n", type=int, default=8, help="guided@N: candidates per step")
+    parser.add_argument("--batch-wait-s", type=float, default=0.01, help="PRM batch_wait_timeout_s")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    if args.requests < 1 or args.clients < 1:
+        parser.error("--requests and --clients must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        policy, prm, source = models(Path(args.policy), Path(args.prm), tmp)
+        rows = run(policy, prm, args)
+    text = table(rows, source, args)
+    print(text)
+    out = REPO / "runs" / "bench" / "serve.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(out, {"runs": rows, "models": source, "clients": args.clients, "n": args.n})
+    if args.write:
+        command = "python benchmarks/bench_serve.py" + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k != "write" and v != parser.get_default(k)) + " --write"
+        write_section(SECTION, command, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

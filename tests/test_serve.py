@@ -1,0 +1,338 @@
+"""The Serve app (mathprm/serve.py) on real Ray Serve: HTTP solve, SSE stream, bad input, batching,
+and the `serve run` CLI on serve_configs/guided.yaml.
+
+One app serves every HTTP test (module fixture `app`); the CLI test runs before it, because
+stopping `serve run` with Ctrl-C shuts Serve down on the cluster, as it does for a user.
+Models: the memorised `tiny_policy_dir` and an untrained PRM built on it.
+"""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import MEMORISED
+
+REPO = Path(__file__).resolve().parents[1]
+LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prm_dir(tiny_policy_dir, tmp_path_factory) -> Path:
+    """An untrained PRM on the tiny policy: scores are probabilities, just not good ones."""
+    from mathprm.prm import build_prm, save_prm
+    from mathprm.steps import StepFormat
+    from mathprm.tokenizer import build_char_tokenizer
+
+    path = tmp_path_factory.mktemp("serve_prm")
+    save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), path, {"base": "tiny"})
+    return path
+
+
+def _args(policy, prm, **more) -> dict:
+    return {"policy": str(policy), "prm": None if prm is None else str(prm), "dataset": "arith", "device": "cpu",
+            "search": {"n": 4, "max_steps": 6, "max_step_tokens": 32, "max_solution_tokens": 96},
+            "limits": dict(LIMITS)} | more
+
+
+# ----------------------------------------------------------------------------- without Ray
+
+
+@pytest.fixture
+def model_dirs(tmp_path) -> tuple[Path, Path]:
+    """A policy and a PRM directory as the config sees them (its checks read marker files only)."""
+    from mathprm.prm import PRM_CONFIG_FILE, PRM_KIND
+
+    policy, prm = tmp_path / "policy", tmp_path / "prm"
+    for d in (policy, prm):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    (prm / PRM_CONFIG_FILE).write_text(json.dumps({"kind": PRM_KIND, "separator": "\n"}))
+    return policy, prm
+
+
+def test_bad_args_name_the_arg(model_dirs, tmp_path, monkeypatch):
+    from mathprm.serve import load_serve_config
+
+    policy, prm = model_dirs
+    cases = {
+        "policy": {"policy": str(tmp_path / "nowhere")},
+        "prm": {"prm": str(policy)},  # a policy, not a PRM: no prm_config.json
+        "backend": {"backend": "tgi"},
+        "strategy": {"prm": None},  # the default strategy, guided, needs a PRM
+        "search.n": {"search": {"n": 9}},  # over limits.n
+        "limits.timeout_s": {"limits": LIMITS | {"timeout_s": 0}},
+        "prm_batch.max_batch_size": {"prm_batch": {"max_batch_size": 0}},
+        "separator": {"separator": "\n\n"},  # the PRM was trained with "\n"
+        "bogus": {"bogus": 1},
+    }
+    for name, change in cases.items():
+        with pytest.raises(ValueError, match=name):
+            load_serve_config(_args(policy, prm) | change)
+    monkeypatch.chdir(tmp_path)  # relative paths become absolute: replicas run in other directories
+    cfg = load_serve_config(_args("policy", "prm"))
+    assert cfg.policy == str(policy.resolve()) and cfg.prm == str(prm.resolve()) and cfg.separator == "\n"
+    real_math = load_serve_config(_args(policy, None, strategy="majority@4", dataset="math500"))
+    assert real_math.separator == "\n\n" and real_math.search.n == 4
+
+
+class _SlowGenerator:
+    """An async generator that never answers in time."""
+
+    async def next_steps(self, prefixes, n, sampling):
+        await asyncio.sleep(30)
+
+    async def rollouts(self, prefixes, n, sampling):
+        await asyncio.sleep(30)
+
+
+def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dirs):
+    from mathprm.serve import RequestError, SolveRequest, Solver, load_serve_config
+
+    cfg = load_serve_config(_args(model_dirs[0], None, strategy="greedy", limits=LIMITS | {"timeout_s": 0.2}))
+    solver = Solver(cfg, _SlowGenerator(), None)
+    with pytest.raises(RequestError) as e:
+        solver.plan(SolveRequest(question="What is 1+1?", strategy="guided"))
+    assert e.value.field == "strategy" and e.value.status == 400 and "needs a PRM" in e.value.message
+    t0 = time.perf_counter()
+    with pytest.raises(RequestError) as e:
+        asyncio.run(solver.solve(SolveRequest(question="What is 1+1?")))
+    assert e.value.status == 504 and "timeout_s" in e.value.message
+    assert time.perf_counter() - t0 < 5
+
+
+# ----------------------------------------------------------------------------- the `serve run` CLI
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"`serve run` exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except (requests.ConnectionError, requests.Timeout):  # the proxy or the app is still starting
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {timeout} s" + (f":\n{log.read_text()[-4000:]}" if log else ""))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_run_cli_on_the_guided_yaml(ray_cluster, tiny_policy_dir, prm_dir, tmp_path):
+    """`serve run` on a copy of serve_configs/guided.yaml (only the model paths and the port
+    changed) against the test cluster, as a user would run it; Ctrl-C stops it and Serve."""
+    config = yaml.safe_load((REPO / "serve_configs" / "guided.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    app["args"] |= {"policy": str(tiny_policy_dir), "prm": str(prm_dir)}
+    copy = tmp_path / "guided.yaml"
+    copy.write_text(yaml.safe_dump(config))
+    log = tmp_path / "serve_run.log"
+    env = os.environ | {"RAY_ADDRESS": ray_cluster["gcs_address"]}
+    with open(log, "w") as out:
+        # Ctrl-C must reach it even when this run ignores SIGINT (a backgrounded `make test`
+        # hands SIG_IGN down, and Python then installs no KeyboardInterrupt handler).
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", str(copy)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        base = f"http://127.0.0.1:{port}{app['route_prefix'].rstrip('/')}"
+        _wait_healthy(base + "/healthz", proc, log)
+        r = requests.post(base + "/v1/solve", json={"question": "What is 1+1?", "temperature": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["answer"] == "2" and r.json()["strategy"] == "guided"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+    finally:
+        if proc.poll() is None:  # the test failed before Ctrl-C: leave no app behind for the next tests
+            proc.kill()
+            proc.wait()
+            from ray import serve
+
+            serve.shutdown()
+    with pytest.raises(requests.ConnectionError):  # Ctrl-C shut Serve down, proxy included
+        requests.get(base + "/healthz", timeout=5)
+
+
+# ----------------------------------------------------------------------------- one app for the HTTP tests
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, tiny_policy_dir, prm_dir):
+    from ray import serve
+
+    from mathprm.serve import build_app
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = _args(tiny_policy_dir, prm_dir, prm_batch={"max_batch_size": 32, "batch_wait_timeout_s": 0.05},
+                 generator_batch={"max_batch_size": 8, "batch_wait_timeout_s": 0.02})
+    serve.run(build_app(args), name="mathprm", route_prefix="/", blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    _wait_healthy(base + "/healthz", None, None)
+    yield base
+    serve.shutdown()
+
+
+def _solve(base: str, body: dict, session=requests) -> dict:
+    r = session.post(base + "/v1/solve", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_solve_greedy_and_guided(app):
+    for question, steps in MEMORISED.items():
+        greedy = _solve(app, {"question": question, "strategy": "greedy"})
+        assert [s["text"] for s in greedy["steps"]] == list(steps) and greedy["finished"]
+        assert all(s["score"] is None for s in greedy["steps"]) and greedy["usage"]["prm_calls"] == 0
+        guided = _solve(app, {"question": question, "strategy": "guided", "n": 3, "temperature": 0})
+        assert [s["text"] for s in guided["steps"]] == list(steps)
+        assert guided["answer"] == steps[-1].rsplit(" ", 1)[1] == greedy["answer"]
+        assert all(0.0 <= s["score"] <= 1.0 for s in guided["steps"])
+        usage = guided["usage"]
+        assert usage["generated_tokens"] > 0 and usage["samples"] == 3 * usage["generator_calls"] > 0
+        assert usage["prm_calls"] > 0 and usage["scored_steps"] >= len(steps)
+        assert guided["config"]["n"] == 3 and guided["latency_ms"] > 0
+    # The defaults from args fill what a request leaves out.
+    assert _solve(app, {"question": "What is 1+1?"})["config"] == {
+        "n": 4, "beam_width": 4, "max_steps": 6, "temperature": 0.85, "aggregation": "min", "seed": 0}
+
+
+def _events(response) -> list[tuple[str, dict]]:
+    events, event = [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            event = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((event, json.loads(line[len("data: "):])))
+    return events
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_stream_sends_each_step_then_done(app):
+    body = {"question": "What is 2+3?", "strategy": "guided", "n": 2, "temperature": 0}
+    with requests.post(app + "/v1/solve/stream", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = _events(r)
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["step"] * len(MEMORISED["What is 2+3?"]) + ["done"]
+    steps, done = [data for _, data in events[:-1]], events[-1][1]
+    plain = _solve(app, body)
+    assert done["answer"] == plain["answer"] == "5" and done["usage"] == plain["usage"]
+    # A step's score is streamed when the step is chosen; the final result holds the same
+    # number from a later pass over the longer solution (equal up to float rounding).
+    for other in (done["steps"], plain["steps"]):
+        assert [s["text"] for s in other] == [s["text"] for s in steps] == list(MEMORISED["What is 2+3?"])
+        assert all(abs(a["score"] - b["score"]) < 1e-5 for a, b in zip(other, steps))
+    with requests.post(app + "/v1/solve/stream", json={"question": "What is 2+3?", "n": 99}, timeout=60) as r:
+        assert r.status_code == 422 and r.json()["field"] == "n"  # refused before the stream starts
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_health_and_openapi(app):
+    health = requests.get(app + "/healthz", timeout=10).json()
+    assert health["status"] == "ok" and health["limits"]["n"] == LIMITS["n"] and "guided" in health["strategies"]
+    assert requests.get(app + "/docs", timeout=10).status_code == 200
+    spec = requests.get(app + "/openapi.json", timeout=10).json()
+    assert {"/v1/solve", "/v1/solve/stream", "/healthz"} <= set(spec["paths"])
+
+
+def _malformed() -> list[tuple[str, str, object, str | None]]:
+    """(method, path, body: bytes or a JSON value, the field the answer must name or None).
+    Every bad body goes to both /v1/solve and /v1/solve/stream."""
+    q = "What is 1+1?"
+    bodies: list[tuple[object, str]] = []
+    for raw in (b"{", b"{'question': 'x'}", b"nul", b"\xff\xfe\x00", b"", b"[1, 2", b'{"question": "x",}',
+                b'{"question": NaN', b"\x00" * 64, b"question=x", b"{}}", b'{"question": "x"} tail', b'"open',
+                b'{"question": "x", "n": }', b"true", b"1e400", b" "):
+        bodies.append((raw, "body"))
+    for value in ([], [q], "x", 3, None, True, 2.5):
+        bodies.append((value, "body"))
+    wrong = {
+        "question": [5, 2.5, True, ["x"], {"q": q}, None, "", " " * 5, "\n\t", "x" * (LIMITS["question_chars"] + 1),
+                     "9" * 1_000_000],
+        "strategy": ["bogus", "guided@0", "guided@x", "greedy@3", "GUIDED", "", 3, ["guided"], "beam@-1", "mcts@",
+                     "@8", "guided@8@2", " guided"],
+        "n": [0, -1, -(10**6), LIMITS["n"] + 1, 10**40, "3", 2.5, True, [2], {"n": 2}],
+        "beam_width": [0, -1, LIMITS["beam_width"] + 1, 10**9, "2", 1.5, False, [1]],
+        "max_steps": [0, -1, -5, LIMITS["max_steps"] + 1, 10**12, "4", 3.0, [4]],
+        "temperature": [5, -5, -0.1, 2.0001, 1e9, "hot", "0.5", [0.5], True, {"t": 1}],
+        "seed": [-1, 1 << 63, 10**30, "1", 1.5, [0]],
+    }
+    for name, values in wrong.items():
+        for value in values:
+            bodies.append(({"question": q} | {name: value}, name))
+    for extra in ("foo", "Question", "top_p", "prm", "__class__"):
+        bodies.append(({"question": q, extra: 1}, extra))
+    bodies += [({"n": 2}, "question"), ({}, "question"), ({"question": q, "strategy": "guided@2", "n": 3}, "n"),
+               ({"question": q, "strategy": f"guided@{LIMITS['n'] + 1}"}, "n")]
+    cases = [("POST", path, body, name) for body, name in bodies for path in ("/v1/solve", "/v1/solve/stream")]
+    return cases + [("GET", "/v1/solve", None, None), ("PUT", "/v1/solve", {"question": q}, None),
+                    ("POST", "/v1/nothing", {"question": q}, None), ("POST", "/healthz", {}, None)]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_malformed_requests_are_4xx_naming_the_field(app):
+    cases = _malformed()
+    assert len(cases) >= 200
+    with requests.Session() as session:
+        for method, path, body, field in cases:
+            if isinstance(body, bytes):
+                r = session.request(method, app + path, data=body, headers={"content-type": "application/json"},
+                                    timeout=30)
+            else:
+                r = session.request(method, app + path, json=body, timeout=30)
+            assert 400 <= r.status_code < 500, (method, path, body, r.status_code, r.text[:300])
+            if field is not None:
+                answer = r.json()
+                assert answer.get("field") == field and answer["error"].startswith(field), (path, body, answer)
+        # Not JSON at all (a form post): refused, naming the body.
+        r = session.post(app + "/v1/solve", data={"question": "What is 1+1?"}, timeout=30)
+        assert r.status_code == 422 and r.json()["field"] == "body"
+        assert session.get(app + "/healthz", timeout=10).status_code == 200
+        assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_concurrent_requests_share_prm_batches(app):
+    from ray import serve
+
+    prm = serve.get_deployment_handle("PRMDeployment", app_name="mathprm")
+    before = prm.stats.remote().result()["batch_sizes"]
+    n = 3
+    bodies = [{"question": q, "strategy": "guided", "n": n, "temperature": 0.7, "seed": seed}
+              for seed in range(4) for q in MEMORISED]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: _solve(app, b), bodies))
+    for body, got in zip(bodies, answers):
+        assert got["steps"] and got["config"]["seed"] == body["seed"]
+        assert all(0.0 <= s["score"] <= 1.0 for s in got["steps"])
+    after = prm.stats.remote().result()["batch_sizes"]
+    new = {size for size, count in after.items() if count > before.get(size, 0)}
+    # One request scores n candidates at a time; a larger batch holds other requests' solutions.
+    assert max(new) > n, after
