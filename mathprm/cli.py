@@ -132,7 +132,8 @@ def _demo(argv: list[str]) -> int:
        reused when finished), then its step AUROC / first-error F1 / best-of-n on fresh
        arith:hard problems (jobs/configs/eval_prm_arith.yaml);
     6. PRM-guided search (guided, beam, dvts, best_of_n, weighted_majority) against greedy and
-       majority at N = 1..16 on fresh arith:hard problems (jobs/configs/eval_guided_arith.yaml):
+       majority at N = 1..16 on DEMO_SEARCH_LIMIT fresh arith:hard problems
+       (jobs/configs/eval_guided_arith.yaml):
        the accuracy-vs-N table, runs/arith/eval.json and runs/arith/accuracy_vs_n.png.
     Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
     `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`, `prm.epochs=5`,
@@ -169,7 +170,8 @@ def _demo(argv: list[str]) -> int:
     mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *stages["mcts"]])
     prm_cfg = load_config(TrainPRMConfig, JOB_CONFIGS / "prm_arith.yaml", stages["prm"])
     prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", stages["prm_eval"])
-    search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml", stages["search"])
+    search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml",
+                             [f"limit={DEMO_SEARCH_LIMIT}", *stages["search"]])
     print("[demo] 1/6 data check", flush=True)
     print(format_table(run_data_check(data_cfg)))
     print("[demo] 2/6 base policy (trained once, then reused)", flush=True)
@@ -203,6 +205,8 @@ def _demo(argv: list[str]) -> int:
 
 
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
+DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; ~2 s of PRM scoring per
+#                         problem and strategy on 2 cores)
 
 
 def _grade(argv: list[str]) -> int:
