@@ -12,15 +12,16 @@ Three deployments, each scaled and placed on its own (`serve_configs/guided.yaml
   prefix keeps its own seed, so a search samples the same alone or merged, up to the float
   rounding that padding brings on `hf`). One backend call
   runs at a time, which a vLLM `LLM` object needs.
-- `PRMDeployment` holds a `PRMScorer`; its `score_solution(question, steps)` scores ONE
-  solution and is `@serve.batch`ed, so solutions from every concurrent request go through one
-  forward batch (`max_batch_size: 1` is the unbatched baseline). `stats()` reports the batch
-  sizes it ran.
+- `PRMDeployment` holds a `PRMScorer`; its `score_solutions(questions, steps)` scores one
+  search round's solutions and is `@serve.batch`ed, so the rounds of every concurrent request
+  go through one forward pass in batches of `max_batch_size` solutions (`max_batch_size: 1` is
+  the unbatched baseline: one call and one forward pass per solution). `stats()` reports the
+  solutions per Serve batch.
 - `SolveAPI`, the FastAPI ingress: `POST /v1/solve`, `POST /v1/solve/stream` (server-sent
   events: one `step` event per decided step, then `done`), `GET /healthz`, OpenAPI at `/docs`.
 
 The search itself is `search.run_search_async` over two handle adapters (`HandleGenerator`,
-`HandleScorer`, which fans a `Score` request out into one `score_solution` call per solution);
+`HandleScorer`, which sends a `Score` request as one `score_solutions` call);
 this module only turns HTTP into a `Problem` and a `SearchConfig` (`Solver`, which knows
 nothing of HTTP or Ray) and results back into JSON. Bad input is a 4xx `{"error", "field"}`
 naming the field, never a 5xx; a search still running after `limits.timeout_s` is cancelled
@@ -304,16 +305,15 @@ class HandleGenerator:
 
 
 class HandleScorer:
-    """The `Scorer` contract, async, over a `PRMDeployment` handle: one call per solution, all
-    in flight at once, so the deployment's `@serve.batch` can put them in one forward batch
-    (with whatever other requests' solutions arrive meanwhile)."""
+    """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
+    go in one call, and the deployment's `@serve.batch` merges the rounds of concurrent
+    requests into forward batches."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
     async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
-        calls = [self.handle.score_solution.remote(q, list(s)) for q, s in zip(questions, steps_per_question)]
-        return list(await asyncio.gather(*calls))
+        return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
 
 
 # ----------------------------------------------------------------------------- model deployments
@@ -380,16 +380,26 @@ class PRMDeployment:
 
         # One Serve batch is one forward batch: the scorer's own batch is as large.
         self.scorer = PRMScorer(prm_dir, device=device, batch_size=batching.max_batch_size)
-        self.score_solution.set_max_batch_size(batching.max_batch_size)
-        self.score_solution.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        # A Serve batch holds up to max_batch_size calls (rounds); the scorer cuts their
+        # solutions into forward batches of max_batch_size.
+        self.score_solutions.set_max_batch_size(batching.max_batch_size)
+        self.score_solutions.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.log = _BatchLog()
 
     @serve.batch
-    async def score_solution(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
-        """Call with ONE solution, `(question, steps) -> one score per step`; Serve hands the
-        method every waiting call's arguments as lists."""
-        self.log.add(len(questions))
-        return await asyncio.to_thread(self.scorer.score, questions, steps)
+    async def score_solutions(self, questions: list[list[str]], steps: list[list[list[str]]]) -> list[list[list[float]]]:
+        """Call with one round's solutions, `(questions, steps) -> per solution, one score per
+        step`; Serve hands the method every waiting call's arguments as lists, scored here in
+        one go."""
+        flat_q = [q for qs in questions for q in qs]
+        flat_s = [s for ss in steps for s in ss]
+        self.log.add(len(flat_q))
+        scores = await asyncio.to_thread(self.scorer.score, flat_q, flat_s)
+        out, lo = [], 0
+        for qs in questions:
+            out.append(scores[lo: lo + len(qs)])
+            lo += len(qs)
+        return out
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes in solutions per forward batch."""
