@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 _LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -75,3 +76,48 @@ def check_job_paths(**paths: str | None) -> None:
         if value and not Path(value).is_absolute():
             raise ConfigError(f"{name}: {value!r} is relative, but this job runs in a temporary copy of its working "
                              f"directory; pass an absolute path, e.g. {name}=$PWD/{value}")
+
+
+# ----------------------------------------------------------------------------- Ray Train state
+
+TRAIN_STATE_FILE = "train_state.pt"  # inside a Ray Train checkpoint: model, optimiser, step, clocks
+
+
+def restore_train_state(model: Any, state: dict, tag: str, rank: int) -> dict:
+    """Inside a Ray Train worker: the latest checkpoint's state, its weights loaded into the
+    (not yet wrapped) `model` and `resumed_from` set; `state` unchanged when the run has none."""
+    from pathlib import Path
+
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return state
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    state["resumed_from"] = state["step"]
+    if rank == 0:
+        print(f"[{tag}] resuming from step {state['step']}", flush=True)
+    return state
+
+
+def report_train_step(model: Any, optimizer: Any, state: dict, metrics: dict, rank: int,
+                      with_checkpoint: bool) -> None:
+    """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint
+    (`state` + the unwrapped model's and the optimiser's state dicts)."""
+    import tempfile
+    from pathlib import Path
+
+    import ray.train
+    import torch
+
+    if not (with_checkpoint and rank == 0):
+        ray.train.report(metrics)
+        return
+    unwrapped = model.module if hasattr(model, "module") else model
+    with tempfile.TemporaryDirectory() as d:
+        full = {**state, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict()}
+        torch.save(full, Path(d) / TRAIN_STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -20,7 +20,6 @@ import dataclasses
 import math
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,7 +35,6 @@ from mathprm.tokenizer import build_char_tokenizer
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding)
 SUMMARY_FILE = "sft_summary.json"  # written into the policy dir; its presence marks a finished policy
-_STATE_FILE = "train_state.pt"  # inside a Ray Train checkpoint: model, optimiser, step, clocks
 _GRAD_CLIP = 1.0
 _MIN_LR_RATIO = 0.1  # cosine decays to this fraction of `lr`
 
@@ -304,6 +302,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    from mathprm.ray_utils import report_train_step, restore_train_state
+
     cfg = SFTConfig(**config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -312,14 +312,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
     model = build_policy(cfg.preset, tokenizer, seed=cfg.seed)  # same init everywhere; DDP broadcasts anyway
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        state["resumed_from"] = state["step"]
-        if rank == 0:
-            print(f"[sft] resuming from step {state['step']}", flush=True)
+    state = restore_train_state(model, state, "sft", rank)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -360,7 +353,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         state = {"step": step, "elapsed": elapsed, "time_frac": time_frac, "first_loss": first_loss,
                  "last_loss": last_loss, "resumed_from": state.get("resumed_from", 0)}
         metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
-        _report(model, optimizer, state, metrics, rank,
+        report_train_step(model, optimizer, state, metrics, rank,
                 with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
         window.zero_()
         window_start = time.monotonic()
@@ -387,15 +380,3 @@ def _train_loop(config: dict[str, Any]) -> None:
         print(f"[sft] saved the policy to {cfg.out_dir} after {step} steps ({stopped_by})", flush=True)
 
 
-def _report(model, optimizer, state: dict, metrics: dict, rank: int, with_checkpoint: bool) -> None:
-    """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint."""
-    import ray.train
-
-    if not (with_checkpoint and rank == 0):
-        ray.train.report(metrics)
-        return
-    unwrapped = model.module if hasattr(model, "module") else model
-    with tempfile.TemporaryDirectory() as d:
-        full = {**state, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict()}
-        torch.save(full, Path(d) / _STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

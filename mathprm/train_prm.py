@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +46,6 @@ from mathprm.steps import StepFormat
 from mathprm.treesearch import auroc
 
 SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
-_STATE_FILE = "train_state.pt"
 _GRAD_CLIP = 1.0
 _MIN_LR_RATIO = 0.1
 SOLUTIONS = pa.schema([
@@ -358,6 +356,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
+    from mathprm.ray_utils import report_train_step, restore_train_state
+
     total, per_epoch = config.pop("_total_steps"), config.pop("_per_epoch")
     n_train, n_val = config.pop("_n_train"), config.pop("_n_val")
     cfg = TrainPRMConfig(**config)
@@ -375,14 +375,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                                                  lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                                                  exclude_modules=["score"]))  # the head: trained in full
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "first_loss": None, "last_loss": None, "dropped": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / _STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        state["resumed_from"] = state["step"]
-        if rank == 0:
-            print(f"[train-prm] resuming from step {state['step']}", flush=True)
+    state = restore_train_state(model, state, "train-prm", rank)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
@@ -456,7 +449,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                       f"{metrics['solutions_per_s']:.1f} solutions/s {shown}", flush=True)
             state = {"step": step, "elapsed": metrics["elapsed_s"], "first_loss": first_loss, "last_loss": last_loss,
                      "dropped": dropped, "val": val, "resumed_from": state.get("resumed_from", 0)}
-            _report(unwrapped, optimizer, state, metrics, rank,
+            report_train_step(unwrapped, optimizer, state, metrics, rank,
                     with_checkpoint=step % cfg.checkpoint_every == 0 or step == total)
             window.zero_()
             window_start = time.monotonic()
@@ -488,13 +481,3 @@ def _train_step(model: torch.nn.Module, batch, optimizer: torch.optim.Optimizer,
     return float(loss.detach())
 
 
-def _report(model, optimizer, state: dict, metrics: dict, rank: int, with_checkpoint: bool) -> None:
-    """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint."""
-    import ray.train
-
-    if not (with_checkpoint and rank == 0):
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as d:
-        torch.save({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(d) / _STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -96,3 +96,35 @@ def vllm_generator(tiny_policy_dir, tmp_path_factory):
     gen = load_generator("vllm", str(tiny_policy_dir), StepFormat("\n"), run_dir=str(run_dir))
     yield gen
     gen.llm.llm_engine.engine_core.shutdown()
+
+
+def kill_after_first_checkpoint(command: list[str], ray_address: str, snapshot: Path, timeout_s: float) -> None:
+    """Run `python -m mathprm.cli COMMAND...` against the cluster at `ray_address` and SIGKILL
+    its whole process group as soon as Ray Train has registered a checkpoint in `snapshot`
+    (its checkpoint_manager_snapshot.json): the resume tests' interrupted first run. Ray Train
+    resumes only from checkpoints its controller registered; a checkpoint directory alone is
+    not yet part of the run."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def registered() -> bool:
+        try:
+            return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return False
+
+    env = {**os.environ, "RAY_ADDRESS": ray_address}
+    proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", *command], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not registered():
+            assert proc.poll() is None, "the first run ended before registering a checkpoint"
+            assert time.monotonic() < deadline, f"no registered checkpoint after {timeout_s:.0f} s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

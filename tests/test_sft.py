@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -19,6 +14,7 @@ from mathprm.config import ConfigError, parse_args, to_dict
 from mathprm.policy import build_policy
 from mathprm.sft import IGNORE_INDEX, BatchOrder, SFTConfig, build_example, collate, mixture_counts
 from mathprm.tokenizer import build_char_tokenizer
+from tests.conftest import kill_after_first_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -187,13 +183,6 @@ def test_time_budget_stops_cleanly_and_still_saves(ray_cluster, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-def _registered_checkpoint(snapshot) -> bool:
-    try:
-        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return False
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
@@ -201,21 +190,8 @@ def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     out = tmp_path / "resume"
     cfg = _tiny_run(out, max_steps=2000, log_every=10, checkpoint_every=10)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "sft", *overrides], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    snapshot = tmp_path / "ray_train" / "sft-resume" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 120
-    try:
-        # Ray Train resumes from the checkpoints its controller has registered in this
-        # snapshot; a checkpoint directory alone is not yet part of the run.
-        while not _registered_checkpoint(snapshot):
-            assert proc.poll() is None, "the first run ended before registering a checkpoint"
-            assert time.monotonic() < deadline, "no registered checkpoint after 120 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(["sft", *overrides], ray_cluster["gcs_address"],
+                                tmp_path / "ray_train" / "sft-resume" / "checkpoint_manager_snapshot.json", 120)
     assert not out.exists()  # nothing half-written where the policy goes
 
     sft.train_sft(dataclasses.replace(cfg, max_steps=60))

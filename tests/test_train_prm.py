@@ -6,11 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,6 +17,7 @@ from mathprm.train_prm import (
     SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
 )
 from mathprm.treesearch import StepLabel, to_trl
+from tests.conftest import kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
 
@@ -169,32 +165,14 @@ def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, la
     assert not any("lora" in name for name, _ in model.named_parameters())
 
 
-def _registered_checkpoint(snapshot) -> bool:
-    try:
-        return bool(json.loads(snapshot.read_text()).get("latest_checkpoint_result"))
-    except (OSError, ValueError):
-        return False
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
     out = tmp_path / "resume"
     cfg = _cfg(labels_dir, tiny_policy_dir, out, epochs=200, checkpoint_every=2, eval_every=100, num_workers=1)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, "-m", "mathprm.cli", "train-prm", *overrides], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    snapshot = tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json"
-    deadline = time.monotonic() + 180
-    try:
-        while not _registered_checkpoint(snapshot):
-            assert proc.poll() is None, "the first run ended before registering a checkpoint"
-            assert time.monotonic() < deadline, "no registered checkpoint after 180 s"
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
+                                tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 180)
     assert not out.exists()
     train_prm(dataclasses.replace(cfg, epochs=2))
     summary = json.loads((out / SUMMARY_FILE).read_text())
