@@ -428,8 +428,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
     started = time.monotonic()
     records: list[dict[str, Any]] = []
     if cfg.use_ray and generator is None:
-        import ray.data
-
+        from mathprm.ray_data import records_on_actor_pool
         from mathprm.ray_utils import check_job_paths, init_ray
 
         check_job_paths(policy=cfg.policy, prm=None if cfg.prm == "oracle" else cfg.prm, out=str(cfg.out_path),
@@ -438,18 +437,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
                                   prm=str(Path(cfg.prm).resolve()) if cfg.prm not in (None, "oracle") else cfg.prm)
         init_ray(cfg.ray_address)
-        rows = [{"id": p.id, "chunk": c} for c, chunk in enumerate(chunks) for p in chunk]
-        ds = ray.data.from_items(rows).map_batches(
-            _Worker, fn_constructor_args=(cfg, problems), batch_size=cfg.batch_problems,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        )
-        order = {p.id: i for i, p in enumerate(problems)}
-        for row in ds.iter_rows():
-            records.append(json.loads(row["record"]))
-            if len(records) % cfg.batch_problems == 0 or len(records) == len(problems):
-                print(f"[evaluate] {len(records)}/{len(problems)} problems, {time.monotonic() - started:.0f}s",
-                      flush=True)
-        records.sort(key=lambda r: order[r["id"]])
+        records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate")
     else:
         generator = generator or _generator(cfg)
         scorer = scorer if scorer is not None else _scorer(cfg, problems)

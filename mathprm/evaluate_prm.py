@@ -193,7 +193,7 @@ class _Worker:
 
         ids = [str(i) for i in batch["id"]]
         records = sample_and_score([self.by_id[i] for i in ids], self.generator, self.scorer, self.cfg,
-                                   int(batch["batch_index"][0]))
+                                   int(batch["chunk"][0]))
         return {"record": [json.dumps(r) for r in records]}
 
 
@@ -212,18 +212,14 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     chunks = [problems[lo : lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
     records: list[dict[str, Any]] = []
     if cfg.use_ray:
-        import ray.data
-
+        from mathprm.ray_data import records_on_actor_pool
         from mathprm.ray_utils import init_ray
 
+        # Actors run in another working directory: ship absolute model paths.
+        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
+                                  prm=str(Path(cfg.prm).resolve()) if cfg.scorer != "oracle" else cfg.prm)
         init_ray(cfg.ray_address)
-        rows = [{"id": p.id, "batch_index": b} for b, chunk in enumerate(chunks) for p in chunk]
-        ds = ray.data.from_items(rows).map_batches(
-            _Worker, fn_constructor_args=(cfg, problems), batch_size=cfg.batch_problems,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        )
-        order = {p.id: i for i, p in enumerate(problems)}
-        records = sorted((json.loads(r["record"]) for r in ds.iter_rows()), key=lambda r: order[r["id"]])
+        records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate-prm")
     else:
         generator = generator or _generator(cfg)
         scorer = scorer or _scorer(cfg, problems)

@@ -52,3 +52,31 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+def records_on_actor_pool(worker: type, constructor_args: tuple, chunks: list[list[Problem]], num_actors: int,
+                          progress: str | None = None) -> list[dict[str, Any]]:
+    """Per-problem records (JSON-able dicts) from a Ray Data actor pool, in problem order.
+
+    `worker(*constructor_args)` is built once per actor (its models load there); each call
+    gets a batch `{"id": [problem ids], "chunk": [index of the chunk]}` of up to one chunk's
+    size and returns `{"record": [one JSON string per problem]}`. With `progress`, a line
+    `[progress] done/total problems, seconds` is printed after every chunk's worth."""
+    import json
+    import time
+
+    import ray.data
+
+    problems = [p for chunk in chunks for p in chunk]
+    size = max(len(c) for c in chunks)
+    rows = [{"id": p.id, "chunk": c} for c, chunk in enumerate(chunks) for p in chunk]
+    ds = ray.data.from_items(rows).map_batches(worker, fn_constructor_args=constructor_args, batch_size=size,
+                                                 compute=ray.data.ActorPoolStrategy(size=num_actors))
+    started, records = time.monotonic(), []
+    for row in ds.iter_rows():
+        records.append(json.loads(row["record"]))
+        if progress and (len(records) % size == 0 or len(records) == len(problems)):
+            print(f"[{progress}] {len(records)}/{len(problems)} problems, {time.monotonic() - started:.0f}s",
+                  flush=True)
+    order = {p.id: i for i, p in enumerate(problems)}
+    return sorted(records, key=lambda r: order[r["id"]])

@@ -81,3 +81,21 @@ def test_config_errors_name_the_field(override, field):
     extra = ["scorer=oracle"] if override.startswith("dataset") else []
     with pytest.raises(ConfigError, match=field):
         load_config(PRMEvalConfig, None, [*extra, override])
+
+
+@pytest.mark.ray
+def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_policy_dir, tmp_path, monkeypatch):
+    """jobs/eval_prm.py's path, with a policy path relative to the driver's directory (the
+    actors run elsewhere): the Ray Data actor pool gives exactly the in-process records."""
+    import json
+
+    from mathprm.evaluate_prm import run_prm_evaluation
+
+    monkeypatch.chdir(tiny_policy_dir.parent)
+    common = dict(scorer="oracle", policy=tiny_policy_dir.name, dataset="arith:easy", limit=3, n=2,
+                  batch_problems=2, max_solution_tokens=24, device="cpu")
+    local = run_prm_evaluation(PRMEvalConfig(**common, out=str(tmp_path / "local.json")))
+    remote = run_prm_evaluation(PRMEvalConfig(**common, use_ray=True, num_actors=1, out=str(tmp_path / "ray.json")))
+    assert remote["n_solutions"] == local["n_solutions"] == 6
+    assert [json.loads(x)["solutions"] for x in (tmp_path / "ray.problems.jsonl").read_text().splitlines()] == [
+        json.loads(x)["solutions"] for x in (tmp_path / "local.problems.jsonl").read_text().splitlines()]
