@@ -9,6 +9,7 @@
                                          accuracy per decoding strategy, PRM-guided search
                                          included, + an accuracy-vs-N PNG
     mathprm train-prm [--config F] ...   train a process reward model on step labels, on Ray Train
+    mathprm train-ppo [--config F] ...   PPO with per-step PRM reward, on Ray Train
     mathprm evaluate-prm --prm DIR --policy DIR --dataset arith:hard --limit N --seed S --out F.json
                                          step AUROC, first-error F1, best-of-n of a PRM
     mathprm processbench --prm DIR [--threshold T] ...
@@ -100,6 +101,14 @@ def _train_prm(argv: list[str]) -> int:
     return 0
 
 
+def _train_ppo(argv: list[str]) -> int:
+    from mathprm.train_ppo import PPOConfig, train_ppo
+
+    if (cfg := _config(PPOConfig, argv)) is not None:
+        print(f"[ppo] policy: {train_ppo(cfg)}")
+    return 0
+
+
 def _evaluate_prm(argv: list[str]) -> int:
     from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
 
@@ -134,10 +143,13 @@ def _demo(argv: list[str]) -> int:
     6. PRM-guided search (guided, beam, dvts, best_of_n, weighted_majority) against greedy and
        majority at N = 1..16 on DEMO_SEARCH_LIMIT fresh arith:hard problems
        (jobs/configs/eval_guided_arith.yaml):
-       the accuracy-vs-N table, runs/arith/eval.json and runs/arith/accuracy_vs_n.png.
+       the accuracy-vs-N table, runs/arith/eval.json and runs/arith/accuracy_vs_n.png;
+    7. PPO of the policy with the PRM's per-step reward (jobs/configs/ppo_arith.yaml, at most
+       DEMO_PPO_MINUTES, reused when finished) into runs/arith/policy-ppo, then the greedy
+       accuracy of the PPO policy on stage 3's problems next to the base policy's.
     Arguments override one stage's fields, prefixed by the stage: `data.limit=20`,
     `sft.time_budget_min=5`, `eval.limit=50`, `mcts.method=omegaprm`, `prm.epochs=5`,
-    `prm_eval.limit=50`, `search.limit=20`.
+    `prm_eval.limit=50`, `search.limit=20`, `ppo.updates=10`, `ppo_eval.limit=50`.
     """
     from mathprm.config import load_config
     from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
@@ -147,10 +159,11 @@ def _demo(argv: list[str]) -> int:
     from mathprm.problems import data_dir
     from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
     from mathprm.sft import SFTConfig, train_sft
+    from mathprm.train_ppo import PPOConfig, train_ppo
     from mathprm.train_prm import TrainPRMConfig, train_prm
 
     stages: dict[str, list[str]] = {"data": [], "sft": [], "eval": [], "mcts": [], "prm": [], "prm_eval": [],
-                                   "search": []}
+                                   "search": [], "ppo": [], "ppo_eval": []}
     for arg in argv:
         stage, dot, rest = arg.partition(".")
         if not dot or stage not in stages or "=" not in rest:
@@ -172,15 +185,21 @@ def _demo(argv: list[str]) -> int:
     prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", stages["prm_eval"])
     search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml",
                              [f"limit={DEMO_SEARCH_LIMIT}", *stages["search"]])
-    print("[demo] 1/6 data check", flush=True)
+    ppo_cfg = load_config(PPOConfig, JOB_CONFIGS / "ppo_arith.yaml",
+                          [f"time_budget_min={DEMO_PPO_MINUTES}", *stages["ppo"]])
+    ppo_eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml",
+                               ["strategies=[greedy]", "out=runs/arith/eval/policy_ppo_arith_hard.json",
+                                *stages["eval"], *stages["ppo_eval"]])
+    print("[demo] 1/7 data check", flush=True)
     print(format_table(run_data_check(data_cfg)))
-    print("[demo] 2/6 base policy (trained once, then reused)", flush=True)
+    print("[demo] 2/7 base policy (trained once, then reused)", flush=True)
     policy = train_sft(sft_cfg)
-    print(f"[demo] 3/6 evaluating {policy} on {eval_cfg.dataset}", flush=True)
+    print(f"[demo] 3/7 evaluating {policy} on {eval_cfg.dataset}", flush=True)
     eval_cfg.policy = str(policy)
-    print(eval_table(run_evaluation(eval_cfg)))
+    base_report = run_evaluation(eval_cfg)
+    print(eval_table(base_report))
     print(f"[demo] report: {eval_cfg.out_path}")
-    print(f"[demo] 4/6 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
+    print(f"[demo] 4/7 step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} "
           "training problems", flush=True)
     mcts_cfg.policy = str(policy)
     summary = run_mcts(mcts_cfg)
@@ -188,23 +207,33 @@ def _demo(argv: list[str]) -> int:
     print(f"[demo] {summary['labels']:,} labelled steps, {summary['n_rollouts']:,} rollouts; AUROC of the scores "
           f"against the exact step truth: {quality.get('auroc')}; right steps scored 0: "
           f"{quality.get('right_states_scored_0')} -> {mcts_cfg.out_dir}")
-    print(f"[demo] 5/6 the PRM: trained on {mcts_cfg.out_dir}, evaluated on {prm_eval_cfg.limit} fresh "
+    print(f"[demo] 5/7 the PRM: trained on {mcts_cfg.out_dir}, evaluated on {prm_eval_cfg.limit} fresh "
           f"{prm_eval_cfg.dataset} problems", flush=True)
     prm_cfg.data, prm_cfg.base = mcts_cfg.out_dir, str(policy)
     prm = train_prm(prm_cfg)
     prm_eval_cfg.prm, prm_eval_cfg.policy = str(prm), str(policy)
     print(format_report(run_prm_evaluation(prm_eval_cfg)))
     print(f"[demo] PRM report: {prm_eval_cfg.out}")
-    print(f"[demo] 6/6 PRM-guided search vs sampling on {search_cfg.limit} fresh {search_cfg.dataset} problems",
+    print(f"[demo] 6/7 PRM-guided search vs sampling on {search_cfg.limit} fresh {search_cfg.dataset} problems",
           flush=True)
     search_cfg.policy, search_cfg.prm = str(policy), str(prm)
     report = run_evaluation(search_cfg)
     print(eval_table(report))
     print(f"[demo] report: {search_cfg.out_path}; accuracy vs N: {report['plot']}")
+    print(f"[demo] 7/7 PPO with the PRM's per-step reward ({ppo_cfg.mode}, {ppo_cfg.advantage}), then greedy "
+          f"accuracy of the PPO policy on stage 3's problems", flush=True)
+    ppo_cfg.policy, ppo_cfg.prm = str(policy), str(prm)
+    ppo_policy = train_ppo(ppo_cfg)
+    ppo_eval_cfg.policy = str(ppo_policy)
+    ppo_report = run_evaluation(ppo_eval_cfg)
+    base, after = (r["strategies"]["greedy"]["accuracy"] for r in (base_report, ppo_report))
+    print(f"[demo] greedy accuracy on {ppo_eval_cfg.limit} {ppo_eval_cfg.dataset} problems: base policy "
+          f"{100 * base:.1f} %, PPO policy {100 * after:.1f} % ({ppo_policy}; curves: {ppo_policy / 'ppo_curves.png'})")
     return 0
 
 
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
+DEMO_PPO_MINUTES = 10  # PPO's time budget in the demo (the job's config says 20)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; ~2 s of PRM scoring per
 #                         problem and strategy on 2 cores)
 
@@ -220,7 +249,7 @@ def _grade(argv: list[str]) -> int:
 
 
 COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "mcts": _mcts, "evaluate": _evaluate,
-            "train-prm": _train_prm, "evaluate-prm": _evaluate_prm, "processbench": _processbench, "grade": _grade}
+            "train-prm": _train_prm, "train-ppo": _train_ppo, "evaluate-prm": _evaluate_prm, "processbench": _processbench, "grade": _grade}
 
 if __name__ == "__main__":
     sys.exit(main())

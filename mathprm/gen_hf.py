@@ -34,8 +34,28 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"  # every row continues from its last column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
-        eos = self.model.generation_config.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
+        self._attach(model, batch_prefixes)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, step_format: StepFormat, batch_prefixes: int = 16) -> HFGenerator:
+        """A generator over a model already in memory (PPO samples with the weights it is
+        training, no copy); the model stays on its device. `tokenizer` is copied, not changed."""
+        import copy
+
+        self = cls.__new__(cls)
+        self.step_format = step_format
+        self.device = next(model.parameters()).device
+        self.tokenizer = copy.copy(tokenizer)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._attach(model, batch_prefixes)
+        return self
+
+    def _attach(self, model, batch_prefixes: int) -> None:
+        self.model = model
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} - {None})
         self.batch_prefixes = batch_prefixes  # prompts per forward pass; each brings n rows
@@ -87,6 +107,7 @@ class HFGenerator:
     def _sample_chunk(self, prompts: list[str], seeds: list[int], n, sampling, max_tokens, stop):
         import torch
 
+        self.model.eval()  # a model shared with a trainer may have been left in train mode
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         mask = enc["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0

@@ -121,3 +121,28 @@ def report_train_step(model: Any, optimizer: Any, state: dict, metrics: dict, ra
         full = {**state, "model": unwrapped.state_dict(), "optimizer": optimizer.state_dict()}
         torch.save(full, Path(d) / TRAIN_STATE_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def check_resume(run_dir: Any, may_change: tuple[str, ...], settings: dict[str, Any]) -> None:
+    """Ray Train resumes whatever checkpoint `run_dir` holds; refuse it (a `ConfigError` naming
+    the field) when the run there was started with other settings: another lr, data or base
+    would silently continue the old run. Only the fields in `may_change` may differ (e.g. more
+    epochs, to train longer). The first call writes the settings to `run_dir`."""
+    import json
+    from pathlib import Path
+
+    from mathprm import atomic
+    from mathprm.config import ConfigError
+
+    keep = {k: v for k, v in settings.items() if k not in may_change}
+    file = Path(run_dir) / "mathprm_run.json"
+    if file.is_file():
+        before = json.loads(file.read_text())
+        diff = sorted(k for k in keep.keys() | before.keys() if keep.get(k) != before.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"{k}: {run_dir} holds an interrupted run started with {k}={before.get(k)!r}, not "
+                              f"{keep.get(k)!r}; rerun with its settings to resume, or pass overwrite=true")
+        return
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(file, keep)

@@ -283,7 +283,7 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mathprm.ray_utils import init_ray
+    from mathprm.ray_utils import check_resume, init_ray
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     data = solutions_dataset(cfg, fmt)
@@ -303,7 +303,7 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
     storage, name = out.parent / "ray_train", f"prm-{out.name}"
     if cfg.overwrite:
         shutil.rmtree(storage / name, ignore_errors=True)
-    check_resume(storage / name, {**to_dict(cfg), "data": str(Path(cfg.data).resolve()),
+    check_resume(storage / name, _MAY_CHANGE_ON_RESUME, {**to_dict(cfg), "data": str(Path(cfg.data).resolve()),
                                   "base": str(Path(cfg.base).resolve()), "separator": fmt.separator})
     datasets = {"train": train_ds, **({"val": val_ds} if n_val else {})}
     trainer = TorchTrainer(
@@ -326,24 +326,6 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
 
 _MAY_CHANGE_ON_RESUME = ("epochs", "log_every", "eval_every", "checkpoint_every", "out_dir", "overwrite",
                          "ray_address", "num_cpus")
-
-
-def check_resume(run_dir: Path, settings: dict[str, Any]) -> None:
-    """Ray Train resumes whatever checkpoint `run_dir` holds; refuse it when the run there was
-    started with other settings (another lr, data or base would silently continue the old
-    run). Only `_MAY_CHANGE_ON_RESUME` may differ: e.g. more epochs to train longer."""
-    keep = {k: v for k, v in settings.items() if k not in _MAY_CHANGE_ON_RESUME}
-    file = run_dir / "mathprm_run.json"
-    if file.is_file():
-        before = json.loads(file.read_text())
-        diff = sorted(k for k in keep.keys() | before.keys() if keep.get(k) != before.get(k))
-        if diff:
-            k = diff[0]
-            raise ConfigError(f"{k}: {run_dir} holds an interrupted run started with {k}={before.get(k)!r}, not "
-                              f"{keep.get(k)!r}; rerun with its settings to resume, or pass overwrite=true")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(file, keep)
 
 
 def _rows(batch: pa.Table) -> list[dict[str, Any]]:

@@ -71,7 +71,10 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
             "prm.eval_every=1", "prm.checkpoint_every=1", "prm_eval.limit=2", "prm_eval.n=2",
             "prm_eval.max_solution_tokens=24", "search.limit=2", "search.max_solution_tokens=24",
             "search.max_steps=3", "search.max_step_tokens=12",
-            "search.strategies=greedy,majority@1,majority@2,best_of_n@2,guided@1,guided@2,beam@2,dvts@2"]
+            "search.strategies=greedy,majority@1,majority@2,best_of_n@2,guided@1,guided@2,beam@2,dvts@2",
+            "ppo.updates=2", "ppo.num_problems=20", "ppo.prompts_per_update=2", "ppo.group_size=2",
+            "ppo.minibatch_size=4", "ppo.eval_problems=2", "ppo.max_step_tokens=12", "ppo.max_solution_tokens=24",
+            "ppo.cpus_per_worker=1"]
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "bundled with mathprm" in out
@@ -85,7 +88,7 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
         assert name in out
     summary = json.loads((tmp_path / "runs/arith/mcts/summary.json").read_text())
     assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
-    assert "[demo] 4/6 step labels" in out and "[demo] 5/6 the PRM" in out and "[demo] 6/6 PRM-guided" in out
+    assert "[demo] 4/7 step labels" in out and "[demo] 5/7 the PRM" in out and "[demo] 6/7 PRM-guided" in out
     assert (tmp_path / "runs/arith/prm/prm_config.json").exists()
     prm_report = json.loads((tmp_path / "runs/arith/prm_eval.json").read_text())
     assert prm_report["n_problems"] == 2 and {"step_auroc", "first_error_f1", "best_of_n@2", "majority@2"} <= set(
@@ -97,10 +100,16 @@ def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys)
     assert search["prm"] == str((tmp_path / "runs/arith/prm").resolve()) or search["prm"].endswith("runs/arith/prm")
     assert (tmp_path / "runs/arith/accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
     assert "guided@2" in out and "accuracy vs N" in out
-    # Second run: the policy, the labels and the PRM are reused, not made again.
+    assert "[demo] 7/7 PPO" in out and "PPO policy" in out
+    ppo_summary = json.loads((tmp_path / "runs/arith/policy-ppo/ppo_summary.json").read_text())
+    assert ppo_summary["updates"] == 2 and ppo_summary["config"]["prm"].endswith("runs/arith/prm")
+    ppo_eval = json.loads((tmp_path / "runs/arith/eval/policy_ppo_arith_hard.json").read_text())
+    assert ppo_eval["n_problems"] == 3 and ppo_eval["policy"].endswith("policy-ppo")
+    # Second run: the policy, the labels, the PRM and the PPO policy are reused, not made again.
     assert main(["demo", *args]) == 0
     out = capsys.readouterr().out
     assert "reusing the finished policy" in out and "2 already labelled" in out and "reusing the finished PRM" in out
+    assert f"reusing the finished policy in {(tmp_path / 'runs/arith/policy-ppo').resolve()}" in out
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):

@@ -57,13 +57,14 @@ def test_the_validation_split_is_by_problem_and_stable():
 
 def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
     from mathprm.config import ConfigError
-    from mathprm.train_prm import check_resume
+    from mathprm.ray_utils import check_resume
+    from mathprm.train_prm import _MAY_CHANGE_ON_RESUME as may_change
 
     settings = to_dict(TrainPRMConfig())
-    check_resume(tmp_path / "run", settings)
-    check_resume(tmp_path / "run", {**settings, "epochs": 50})  # training longer resumes
+    check_resume(tmp_path / "run", may_change, settings)
+    check_resume(tmp_path / "run", may_change, {**settings, "epochs": 50})  # training longer resumes
     with pytest.raises(ConfigError, match="lr: .* started with lr=0.0005"):
-        check_resume(tmp_path / "run", {**settings, "lr": 1e-3})
+        check_resume(tmp_path / "run", may_change, {**settings, "lr": 1e-3})
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():

@@ -1,0 +1,233 @@
+"""PPO with per-step PRM reward: episode encoding, rewards, one learner update, and real Ray Train runs."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mathprm import arith
+from mathprm.config import ConfigError, load_config, to_dict
+from mathprm.generation import Rollout, StepSample
+from mathprm.policy import build_policy
+from mathprm.scorer import ArithOracle
+from mathprm.steps import StepFormat
+from mathprm.tokenizer import build_char_tokenizer
+from mathprm.train_ppo import (
+    METRICS_FILE,
+    PLOT_FILE,
+    SUMMARY_FILE,
+    Episode,
+    PolicyWithValue,
+    PPOConfig,
+    collect_episodes,
+    encode_episode,
+    make_batch,
+    pick_prompts,
+    ppo_update,
+    train_ppo,
+)
+from tests.conftest import kill_after_first_checkpoint
+
+FMT = StepFormat("\n")
+TOK = build_char_tokenizer()
+
+
+def test_an_episode_is_prompt_then_steps_with_rewards_on_their_last_tokens():
+    ep = Episode(0, "What is 3+4?", ["3 + 4 = 7"], ["7 * 2 = 14", "The answer is 14"], finished=True,
+                 truncated=False, rewards=[0.25, 1.0])
+    prompt = TOK(FMT.prompt(ep.question, ep.prefix))["input_ids"]
+    ids, n_prompt, ends = encode_episode(TOK, FMT, ep, 512)
+    first = TOK("7 * 2 = 14\n", add_special_tokens=False)["input_ids"]
+    last = TOK("The answer is 14", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+    assert ids == prompt + first + last and n_prompt == len(prompt)
+    assert ends == [len(prompt) + len(first) - 1, len(ids) - 1]
+
+    batch = make_batch(TOK, FMT, [ep, dataclasses.replace(ep, steps=["7 * 2"], finished=False, truncated=True,
+                                                          rewards=[0.0])], 512)
+    # Position t is about token t + 1: the action tokens are positions n_prompt - 1 .. len - 2.
+    assert batch.mask[0].nonzero().flatten().tolist() == list(range(n_prompt - 1, len(ids) - 1))
+    assert batch.step_mask[0].nonzero().flatten().tolist() == [e - 1 for e in ends]
+    assert batch.step_rewards[0, ends[0] - 1] == 0.25 and batch.step_rewards[0, ends[1] - 1] == 1.0
+    cut = TOK("7 * 2", add_special_tokens=False)["input_ids"]  # cut: no separator, no EOS
+    assert batch.ids[1, n_prompt : n_prompt + len(cut)].tolist() == cut
+    assert int(batch.mask[1].sum()) == len(cut) and int(batch.attention_mask[1].sum()) == n_prompt + len(cut)
+
+
+def test_a_too_long_episode_is_cut_and_its_rewards_move_to_the_last_kept_token():
+    ep = Episode(0, "What is 3+4?", [], ["3 + 4 = 7", "The answer is 7"], True, False, rewards=[1.0, 0.5])
+    full, n_prompt, _ = encode_episode(TOK, FMT, ep, 512)
+    ids, _, ends = encode_episode(TOK, FMT, ep, n_prompt + 3)
+    assert ids == full[: n_prompt + 3] and ends == [n_prompt + 2, n_prompt + 2]
+    batch = make_batch(TOK, FMT, [ep], n_prompt + 3)
+    assert batch.step_rewards[0, n_prompt + 1] == 1.5
+    with pytest.raises(ValueError, match="no room for an action"):
+        encode_episode(TOK, FMT, ep, n_prompt)
+
+
+class ScriptedGenerator:
+    """A Generator that writes the reference step (odd samples: the reference step off by one)."""
+
+    step_format = FMT
+
+    def __init__(self, problems):
+        self.by_q = {p.question: p for p in problems}
+        self.rollout_calls = 0
+
+    def _next(self, prefix, j):
+        ref = arith.solution_steps(self.by_q[prefix.question])
+        step = ref[len(prefix.steps)]
+        if j % 2 and " = " in step:
+            lhs, value = step.rsplit(" = ", 1)
+            step = f"{lhs} = {int(value) + 1}"
+        return step, len(prefix.steps) == len(ref) - 1
+
+    def next_steps(self, prefixes, n, sampling):
+        return [[StepSample(*self._step(p, j)) for j in range(n)] for p in prefixes]
+
+    def _step(self, p, j):
+        text, finished = self._next(p, j)
+        return text, len(text) + 1, finished
+
+    def rollouts(self, prefixes, n, sampling):
+        self.rollout_calls += 1
+        out = []
+        for p in prefixes:
+            rolls = []
+            for j in range(n):
+                steps = arith.solution_steps(self.by_q[p.question])
+                if j % 2:  # a wrong first result (the later steps are unchanged, so the answer is right)
+                    lhs, value = steps[0].rsplit(" = ", 1)
+                    steps = [f"{lhs} = {int(value) + 1}", *steps[1:]]
+                text = FMT.join(steps)
+                rolls.append(Rollout(steps, text, len(text) + 1, True))
+            out.append(rolls)
+        return out
+
+
+def test_one_step_episodes_are_rewarded_by_the_scorer_for_the_step_written():
+    problems = arith.generate("medium", 6, seed=3, split="train")
+    gen, oracle = ScriptedGenerator(problems), ArithOracle(problems)
+    cfg = PPOConfig(prm="oracle", group_size=4, reference_prefix_fraction=1.0)
+    episodes = collect_episodes(gen, oracle, problems, cfg, FMT, seed=5)
+    assert gen.rollout_calls == 0  # every prefix came from a reference solution
+    assert [ep.group for ep in episodes] == [g for g in range(6) for _ in range(4)]
+    for ep in episodes:
+        p = problems[ep.group]
+        assert ep.prefix == arith.solution_steps(p)[: len(ep.prefix)]
+        right = arith.check_step(p, ep.prefix, ep.steps[0])
+        assert ep.rewards == [1.0 if right else 0.0]
+    assert {ep.rewards[0] for ep in episodes} == {0.0, 1.0}
+    # With no reference prefixes, the prefixes come from the policy's own rollouts.
+    collect_episodes(gen, oracle, problems, dataclasses.replace(cfg, reference_prefix_fraction=0.0), FMT, seed=5)
+    assert gen.rollout_calls == 1
+
+
+def test_full_solution_episodes_get_a_reward_per_step_plus_the_outcome():
+    problems = arith.generate("easy", 3, seed=4, split="train")
+    cfg = PPOConfig(prm="oracle", mode="full_solution", group_size=2, outcome_reward=1.0)
+    episodes = collect_episodes(ScriptedGenerator(problems), ArithOracle(problems), problems, cfg, FMT, seed=0)
+    right, wrong = episodes[0], episodes[1]
+    assert right.correct and right.rewards == [1.0] * (len(right.steps) - 1) + [2.0]
+    # A wrong first result whose later steps still end at the gold answer: the steps get 0
+    # from the scorer, the right answer still gets its outcome bonus (shaping stays explicit).
+    assert wrong.correct and wrong.rewards == [0.0] * (len(wrong.steps) - 1) + [1.0]
+
+
+def test_prompts_replay_for_the_same_seed_rank_and_update():
+    pool = arith.generate("easy", 50, seed=0, split="train")
+    assert pick_prompts(pool, 8, 0, 1, 7) == pick_prompts(pool, 8, 0, 1, 7)
+    assert pick_prompts(pool, 8, 0, 1, 7) != pick_prompts(pool, 8, 0, 0, 7)
+
+
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_one_update_makes_the_rewarded_step_more_likely(advantage):
+    # One prompt, four samples: two write the right step (reward 1), two a wrong one (reward 0).
+    torch.manual_seed(0)
+    lm = build_policy("test", TOK, seed=0)
+    model = PolicyWithValue(lm, value_head=advantage == "gae")
+    good = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
+    bad = dataclasses.replace(good, steps=["3 + 4 = 8"], rewards=[0.0])
+    batch = make_batch(TOK, FMT, [good, bad, good, bad], 512)
+    cfg = PPOConfig(prm="oracle", advantage=advantage, group_size=4, ppo_epochs=4, minibatch_size=4, lr=3e-3,
+                    kl_coef=0.0)
+
+    def action_logp():
+        with torch.no_grad():
+            logits, _ = model(batch.ids, batch.attention_mask)
+        from mathprm.ppo import token_logprobs
+
+        return (token_logprobs(logits, batch.ids) * batch.mask).sum(-1)
+
+    before = action_logp()
+    frozen = before.clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    stats = ppo_update(model, lambda b: torch.zeros_like(b.mask), batch, optimizer, cfg, 0.0, seed=0)
+    after = action_logp()
+    assert after[0] > frozen[0] + 0.05 and after[1] < frozen[1] - 0.05
+    assert stats["optimizer_steps"] == 4 and 0.0 <= stats["clip_frac"] <= 1.0
+    assert (stats["value_loss"] > 0) == (advantage == "gae")
+
+
+@pytest.mark.parametrize("overrides, field", [(["group_size=1"], "group_size"), (["mode=outcome"], "mode"),
+                                              (["reference_prefix_fraction=2"], "reference_prefix_fraction"),
+                                              (["kl_target=0"], "kl_target"), (["temperature=0"], "temperature"),
+                                              (["prm=oracle", "dataset=gsm8k"], "prm")])
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(PPOConfig, "jobs/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])
+
+
+# ----------------------------------------------------------------------------- real Ray Train
+
+
+def _cfg(policy, out, **kw) -> PPOConfig:
+    values = dict(policy=str(policy), prm="oracle", dataset="arith:easy", num_problems=40, eval_dataset="arith:easy",
+                  eval_problems=4, prompts_per_update=2, group_size=2, updates=3, minibatch_size=2, ppo_epochs=1,
+                  lr=1e-3, max_step_tokens=12, max_solution_tokens=40, eval_every=2, checkpoint_every=1,
+                  num_workers=2, out_dir=str(out))
+    return PPOConfig(**{**values, **kw})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_workers_resume_a_killed_run_and_save_a_plain_hf_policy(ray_cluster, tiny_policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ppo"
+    cfg = _cfg(tiny_policy_dir, out, updates=40)
+    overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
+    kill_after_first_checkpoint(["train-ppo", *overrides], ray_cluster["gcs_address"],
+                                tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 180)
+    assert not out.exists()  # killed: no half-written policy
+    assert train_ppo(dataclasses.replace(cfg, updates=3)) == out.resolve()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["resumed_from_update"] >= 1 and summary["updates"] == 3
+    assert summary["config"]["num_workers"] == 2
+    history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert [h["update"] for h in history] == [0, 1, 2, 3]  # the resumed run kept the killed run's history
+    for key in ("reward", "kl", "clip_frac", "entropy", "value_loss", "tokens_per_s"):
+        assert all(key in h for h in history[1:]), key
+    assert "held_out_accuracy" in history[0] and "held_out_accuracy" in history[2]
+    assert (out / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("v_head" in name for name, _ in model.named_parameters())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_full_solution_grpo_with_lora_saves_merged_weights(ray_cluster, tiny_policy_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "ppo_lora"
+    cfg = _cfg(tiny_policy_dir, out, mode="full_solution", advantage="grpo", outcome_reward=1.0, lora_r=4,
+               updates=2, num_workers=1, eval_every=0, entropy_coef=0.01)  # the bonus moves even a junk policy
+    train_ppo(cfg)
+    assert not list(out.glob("adapter_*"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
+    assert changed  # the merged adapters moved the weights
+    history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert "rollout_accuracy" in history[1] and history[1]["value_loss"] == 0.0  # grpo: no critic
