@@ -26,13 +26,21 @@ this module only turns HTTP into a `Problem` and a `SearchConfig` (`Solver`, whi
 nothing of HTTP or Ray) and results back into JSON. Bad input is a 4xx `{"error", "field"}`
 naming the field, never a 5xx; a search still running after `limits.timeout_s` is cancelled
 and answered 504, never left hanging.
+
+An API key guards the app when the environment variable named by `api_key_env` (default
+MATHPRM_API_KEY) is set where the app is built: every request but GET /healthz and the docs
+must then carry `Authorization: Bearer <key>` or `X-API-Key: <key>`, else it gets a 401
+before its body is read. The key itself stays in that process; the ingress holds only its SHA-256.
 """
 
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
+import os
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -110,8 +118,13 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     prm_batch: Batching = field(default_factory=Batching)  # solutions per PRM forward batch
     generator_batch: Batching = field(default_factory=lambda: Batching(16, 0.005))  # generator calls merged
+    # The environment variable holding the API key; when it is set (non-empty) where the app is
+    # built, requests need the key. The key itself never goes in a config file. null: no key.
+    api_key_env: str | None = "MATHPRM_API_KEY"
 
     def __post_init__(self) -> None:
+        if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            raise ValueError(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
         # Replicas start in other processes and directories: paths must be absolute here.
         self.policy = _model_dir("policy", self.policy, "config.json")
         if self.prm is not None:
@@ -164,6 +177,13 @@ def _model_dir(name: str, path: str, marker: str) -> str:
 def load_serve_config(args: dict[str, Any]) -> ServeConfig:
     """`args` checked field by field: a `ConfigError` (a ValueError) naming the bad one."""
     return from_dict(ServeConfig, dict(args or {}))
+
+
+def api_key_digest(env_name: str | None) -> bytes | None:
+    """SHA-256 of the API key in environment variable `env_name`, or None when it is unset or
+    blank (or `env_name` is None): then requests need no key."""
+    key = os.environ.get(env_name, "").strip() if env_name else ""
+    return hashlib.sha256(key.encode()).digest() if key else None
 
 
 # ----------------------------------------------------------------------------- requests and responses
@@ -448,7 +468,55 @@ async def _refused(request: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body())
 
 
-_ERRORS = {422: {"model": ErrorBody, "description": "bad input; `field` names it"},
+# Paths open without the API key: liveness for load balancers and probes, and the API docs.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+def _presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """The keys a request carries: `Authorization: Bearer <key>` and `X-API-Key: <key>`."""
+    keys = []
+    for name, value in headers:
+        text = value.decode("latin-1").strip()
+        if name == b"x-api-key":
+            keys.append(text)
+        elif name == b"authorization":
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer":
+                keys.append(token.strip())
+    return keys
+
+
+class APIKeyGate:
+    """ASGI middleware: when the ingress replica holds an API key digest, a request outside
+    `OPEN_PATHS` without the right key gets 401 before routing, so before its body is read or
+    validated. Keys are compared as SHA-256 digests with `hmac.compare_digest`: equal lengths,
+    constant time, whatever the client sends."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            # The replica's SolveAPI instance (how Serve's own class-based routes find it).
+            digest = serve.get_replica_context().servable_object.api_key_sha256
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            if digest is not None and path not in OPEN_PATHS and not any(
+                    hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
+                    for key in _presented_keys(scope["headers"])):
+                refusal = JSONResponse(
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    content={"error": "unauthorized: send the API key as 'Authorization: Bearer <key>' or "
+                                      "'X-API-Key: <key>'", "field": None})
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(APIKeyGate)
+
+
+_ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+           422: {"model": ErrorBody, "description": "bad input; `field` names it"},
            504: {"model": ErrorBody, "description": "the search ran past limits.timeout_s"}}
 
 
@@ -463,8 +531,10 @@ def _sse(event: str, data: Any) -> str:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(api)
 class SolveAPI:
-    def __init__(self, generator: DeploymentHandle, prm: DeploymentHandle | None, cfg: ServeConfig) -> None:
+    def __init__(self, generator: DeploymentHandle, prm: DeploymentHandle | None, cfg: ServeConfig,
+                 api_key_sha256: bytes | None = None) -> None:
         self.cfg = cfg
+        self.api_key_sha256 = api_key_sha256  # read by APIKeyGate; None: no key needed
         scorer = HandleScorer(prm) if prm is not None else None
         self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer)
 
@@ -476,7 +546,7 @@ class SolveAPI:
                 "backend": cfg.backend, "dataset": cfg.dataset,
                 "strategies": [s for s in STRATEGIES if cfg.prm is not None or s not in NEEDS_PRM],
                 "defaults": {"strategy": cfg.strategy_name} | settings(cfg.search),
-                "limits": dataclasses.asdict(cfg.limits)}
+                "limits": dataclasses.asdict(cfg.limits), "api_key_required": self.api_key_sha256 is not None}
 
     @api.post("/v1/solve", response_model=SolveResponse, responses=_ERRORS)
     async def solve(self, body: SolveRequest) -> dict[str, Any]:
@@ -521,7 +591,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run` (YAML `args`) or `serve.run(build_app({...}))`.
 
     ConfigError (a ValueError) naming the arg for bad args, e.g. a missing model directory.
-    Resources, replicas and autoscaling are per deployment in the YAML (`deployments:`)."""
+    Resources, replicas and autoscaling are per deployment in the YAML (`deployments:`). The API
+    key is read here, from `cfg.api_key_env` in this process's environment (under `serve run` or
+    `serve deploy`, a Ray task on the cluster: the environment Ray was started with)."""
     cfg = load_serve_config(args)
     options = dict(cfg.generator_options)
     if cfg.backend == "hf" and cfg.device is not None:
@@ -534,5 +606,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if cfg.prm is not None:
         prm = PRMDeployment.options(max_ongoing_requests=2 * cfg.prm_batch.max_batch_size).bind(
             cfg.prm, cfg.prm_batch, cfg.device)
-    return SolveAPI.bind(generator, prm, cfg)
+    return SolveAPI.bind(generator, prm, cfg, api_key_digest(cfg.api_key_env))
 

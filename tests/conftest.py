@@ -11,6 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A Serve API key in the developer's shell would make every Serve test answer 401.
+os.environ.pop("MATHPRM_API_KEY", None)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,5 +1,5 @@
 """The Serve app (mathprm/serve.py) on real Ray Serve: HTTP solve, SSE stream, bad input, batching,
-and the `serve run` CLI on serve_configs/guided.yaml.
+the API key, and the `serve run` CLI on serve_configs/guided.yaml.
 
 One app serves every HTTP test (module fixture `app`); the CLI test runs before it, because
 stopping `serve run` with Ctrl-C shuts Serve down on the cluster, as it does for a user.
@@ -7,8 +7,10 @@ Models: the memorised `tiny_policy_dir` and an untrained PRM built on it.
 """
 
 import asyncio
+import hashlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -115,6 +117,20 @@ def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dir
         asyncio.run(solver.solve(SolveRequest(question="What is 1+1?")))
     assert e.value.status == 504 and "timeout_s" in e.value.message
     assert time.perf_counter() - t0 < 5
+
+
+def test_the_api_key_comes_from_the_environment_variable_the_config_names(model_dirs, monkeypatch):
+    from mathprm.serve import api_key_digest, load_serve_config
+
+    with pytest.raises(ValueError, match="api_key_env"):
+        load_serve_config(_args(*model_dirs, api_key_env="NOT A NAME"))
+    assert load_serve_config(_args(*model_dirs)).api_key_env == "MATHPRM_API_KEY"
+    monkeypatch.delenv("MATHPRM_TEST_API_KEY", raising=False)
+    assert api_key_digest("MATHPRM_TEST_API_KEY") is None and api_key_digest(None) is None
+    monkeypatch.setenv("MATHPRM_TEST_API_KEY", "  ")
+    assert api_key_digest("MATHPRM_TEST_API_KEY") is None  # blank: no key
+    monkeypatch.setenv("MATHPRM_TEST_API_KEY", " s3cret\n")  # as read from a key file
+    assert api_key_digest("MATHPRM_TEST_API_KEY") == hashlib.sha256(b"s3cret").digest()
 
 
 # ----------------------------------------------------------------------------- the `serve run` CLI
@@ -336,3 +352,59 @@ def test_concurrent_requests_share_prm_batches(app):
     new = {size for size, count in after.items() if count > before.get(size, 0)}
     # One request scores n candidates at a time; a larger batch holds other requests' solutions.
     assert max(new) > n, after
+
+
+# ----------------------------------------------------------------------------- the API key
+
+
+@pytest.fixture(scope="module")
+def keyed_app(app, tiny_policy_dir, prm_dir):
+    """A second ingress, at /keyed, with an API key, in front of `app`'s generator and PRM (two
+    more model replicas would not fit the 2-CPU test cluster). Yields (base URL, key)."""
+    from ray import serve
+
+    from mathprm.serve import SolveAPI, api_key_digest, load_serve_config
+
+    key = secrets.token_urlsafe(16)
+    with pytest.MonkeyPatch.context() as env:  # build_app reads it the same way, where it runs
+        env.setenv("MATHPRM_TEST_API_KEY", key)
+        cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY"))
+        digest = api_key_digest(cfg.api_key_env)
+    generator = serve.get_deployment_handle("GeneratorDeployment", app_name="mathprm")
+    prm = serve.get_deployment_handle("PRMDeployment", app_name="mathprm")
+    serve.run(SolveAPI.bind(generator, prm, cfg, digest), name="keyed", route_prefix="/keyed", blocking=False)
+    base = app + "/keyed"
+    _wait_healthy(base + "/healthz", None, None)  # /healthz needs no key
+    yield base, key
+    serve.delete("keyed")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_api_key_guards_every_request_but_health_and_docs(keyed_app, app):
+    base, key = keyed_app
+    body = {"question": "What is 1+1?", "strategy": "greedy"}
+    json_type = {"content-type": "application/json"}
+    refused = [
+        requests.post(base + "/v1/solve", json=body, timeout=30),
+        requests.post(base + "/v1/solve", json=body, headers={"Authorization": f"Bearer {key}x"}, timeout=30),
+        requests.post(base + "/v1/solve", json=body, headers={"X-API-Key": key[:-1]}, timeout=30),
+        requests.post(base + "/v1/solve", json=body, headers={"Authorization": f"Basic {key}"}, timeout=30),
+        requests.post(base + "/v1/solve/stream", json=body, timeout=30),
+        requests.post(base + "/v1/solve", data=b"{", headers=json_type, timeout=30),  # 401, not the 422 of bad JSON
+        requests.get(base + "/v1/nothing", timeout=30),  # 401, not 404: nothing is told without the key
+    ]
+    for r in refused:
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (r.request.url, r.text)
+        assert r.json()["field"] is None and "API key" in r.json()["error"]
+    for headers in ({"Authorization": f"Bearer {key}"}, {"authorization": f"bearer {key}"}, {"X-API-Key": key}):
+        r = requests.post(base + "/v1/solve", json=body, headers=headers, timeout=60)
+        assert r.status_code == 200 and r.json()["answer"] == "2", r.text
+    with requests.post(base + "/v1/solve/stream", json=body, headers={"X-API-Key": key}, stream=True, timeout=60) as r:
+        assert r.status_code == 200 and [kind for kind, _ in _events(r)][-1] == "done"
+    health = requests.get(base + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["api_key_required"] is True
+    assert requests.get(base + "/openapi.json", timeout=10).status_code == 200
+    # The app built without a key stays open.
+    assert requests.get(app + "/healthz", timeout=10).json()["api_key_required"] is False
+    assert _solve(app, body)["answer"] == "2"
