@@ -531,7 +531,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     model = PolicyWithValue(lm, value_head=cfg.advantage == "gae")
-    state: dict[str, Any] = {"update": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []}
+    # "step" counts updates (the key restore_train_state reads).
+    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []}
     state = restore_train_state(model, state, "ppo", rank)
     model = ray.train.torch.prepare_model(model)
     unwrapped = model.module if hasattr(model, "module") else model
@@ -551,7 +552,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 logits = unwrapped.lm(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
         return ppo.token_logprobs(logits, batch.ids, cfg.temperature)
 
-    update, history = state["update"], state["history"]
+    update, history = state["step"], state["history"]
     started = time.monotonic() - state["elapsed"]
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     if update == 0:
@@ -603,7 +604,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "clip_frac", "entropy", "value_loss",
                                                                 "tokens_per_s", "held_out_accuracy") if k in metrics)
             print(f"[ppo] update {update}/{cfg.updates} {shown} elapsed {elapsed:.0f}s", flush=True)
-        state = {"update": update, "elapsed": elapsed, "kl_coef": kl_ctl.value, "history": history,
+        state = {"step": update, "elapsed": elapsed, "kl_coef": kl_ctl.value, "history": history,
                  "resumed_from": state.get("resumed_from", 0)}
         report_train_step(unwrapped, optimizer, state, metrics, rank,
                           with_checkpoint=stop or update == cfg.updates or update % cfg.checkpoint_every == 0)
