@@ -552,6 +552,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 logits = unwrapped.lm(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
         return ppo.token_logprobs(logits, batch.ids, cfg.temperature)
 
+    metrics_out = _RayMetrics() if rank == 0 else None
     update, history = state["step"], state["history"]
     started = time.monotonic() - state["elapsed"]
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
@@ -600,6 +601,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         if (cfg.eval_every and update % cfg.eval_every == 0) or update == cfg.updates or stop:
             metrics["held_out_accuracy"] = _held_out_accuracy(generator, held_out, rank, world, cfg)
         history.append(metrics)
+        if metrics_out is not None:
+            metrics_out.record(metrics, tokens=int(totals[3]))
         if rank == 0:
             shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "clip_frac", "entropy", "value_loss",
                                                                 "tokens_per_s", "held_out_accuracy") if k in metrics)
@@ -620,6 +623,32 @@ def _train_loop(config: dict[str, Any]) -> None:
             "held_out_accuracy_end": next((h["held_out_accuracy"] for h in reversed(history)
                                            if "held_out_accuracy" in h), None),
         })
+
+
+class _RayMetrics:
+    """The run's curves as Ray metrics (Prometheus, on the dashboard's Metrics page), set by rank 0:
+    `mathprm_ppo_updates` and `mathprm_ppo_tokens` count, the rest are per-update gauges."""
+
+    GAUGES = {"reward": "mean episode reward of the last update", "kl": "mean KL(policy || reference) per episode",
+              "kl_coef": "current KL coefficient", "clip_frac": "share of action tokens whose ratio was clipped",
+              "entropy": "mean next-token entropy on action tokens", "value_loss": "value-head loss (gae)",
+              "tokens_per_s": "generated tokens per second of update time",
+              "held_out_accuracy": "greedy accuracy on the held-out problems, at the last evaluation"}
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        self.updates = Counter("mathprm_ppo_updates", "PPO updates done")
+        self.tokens = Counter("mathprm_ppo_tokens", "tokens generated in PPO rollouts")
+        self.gauges = {k: Gauge(f"mathprm_ppo_{k}", d) for k, d in self.GAUGES.items()}
+
+    def record(self, metrics: dict, tokens: int) -> None:
+        self.updates.inc(1)
+        if tokens > 0:  # a Ray Counter refuses 0
+            self.tokens.inc(tokens)
+        for k, gauge in self.gauges.items():
+            if k in metrics:
+                gauge.set(float(metrics[k]))
 
 
 def _save(model: PolicyWithValue, tokenizer: Any, cfg: PPOConfig, history: list[dict], summary: dict) -> None:

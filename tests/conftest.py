@@ -130,3 +130,41 @@ def kill_after_first_checkpoint(command: list[str], ray_address: str, snapshot: 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def metrics_text(port: int) -> str:
+    """The Prometheus text of the local Ray node's metrics endpoint ("" while it is not up)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+class MetricsWatcher:
+    """Polls the metrics endpoint in a thread (while a run blocks the test) and remembers which
+    of `names` it has seen; use as a context manager."""
+
+    def __init__(self, port: int, names: list[str], every_s: float = 0.5) -> None:
+        import threading
+
+        self.port, self.names, self.every_s = port, names, every_s
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            text = metrics_text(self.port)
+            self.seen |= {n for n in self.names if n in text}
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> "MetricsWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

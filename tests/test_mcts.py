@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,6 +27,7 @@ from mathprm.mcts import (
     write_labels_file,
 )
 from mathprm.problems import Problem
+from tests.conftest import metrics_text
 from mathprm.treesearch import SearchStats, StepLabel
 
 from .conftest import MEMORISED, REPO
@@ -192,14 +192,6 @@ def test_runs_on_gsm8k_with_any_model_directory(ray_cluster, tiny_policy_dir, tm
     assert set(read_labels(out).column("problem_id").to_pylist()) <= {p for p in committed_problems(out / "labels")}
 
 
-def _metrics_text(port: int) -> str:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return ""
-
-
 @pytest.mark.ray
 def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_policy_dir, tmp_path):
     """Run the job script against the shared cluster, SIGKILL an expander actor once the first
@@ -227,7 +219,7 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
         time.sleep(0.1)
     seen_metrics = False
     while proc.poll() is None and time.monotonic() < deadline:
-        seen_metrics = seen_metrics or "mathprm_mcts_problems" in _metrics_text(ray_cluster["metrics_export_port"])
+        seen_metrics = seen_metrics or "mathprm_mcts_problems" in metrics_text(ray_cluster["metrics_export_port"])
         time.sleep(1)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, log[-4000:]
@@ -242,7 +234,7 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["problems"] == 16 and summary["labels"] == len(rows)
     assert "[mcts] 16/16 problems" in log
-    seen_metrics = seen_metrics or "mathprm_mcts_problems" in _metrics_text(ray_cluster["metrics_export_port"])
+    seen_metrics = seen_metrics or "mathprm_mcts_problems" in metrics_text(ray_cluster["metrics_export_port"])
     assert seen_metrics, "mathprm_mcts_* metrics never reached the metrics endpoint"
 
 

@@ -27,7 +27,7 @@ from mathprm.train_ppo import (
     ppo_update,
     train_ppo,
 )
-from tests.conftest import kill_after_first_checkpoint
+from tests.conftest import MetricsWatcher, kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
 TOK = build_char_tokenizer()
@@ -216,13 +216,16 @@ def test_two_workers_resume_a_killed_run_and_save_a_plain_hf_policy(ray_cluster,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_full_solution_grpo_with_lora_saves_merged_weights(ray_cluster, tiny_policy_dir, tmp_path):
+def test_full_solution_grpo_with_lora_saves_merged_weights_and_exports_metrics(ray_cluster, tiny_policy_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ppo_lora"
     cfg = _cfg(tiny_policy_dir, out, mode="full_solution", advantage="grpo", outcome_reward=1.0, lora_r=4,
-               updates=2, num_workers=1, eval_every=0, entropy_coef=0.01)  # the bonus moves even a junk policy
-    train_ppo(cfg)
+               updates=4, num_workers=1, eval_every=0, entropy_coef=0.01)  # the bonus moves even a junk policy
+    names = ["mathprm_ppo_updates", "mathprm_ppo_reward", "mathprm_ppo_kl", "mathprm_ppo_tokens"]
+    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
+        train_ppo(cfg)
+    assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
     assert not list(out.glob("adapter_*"))
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in model.named_parameters())
