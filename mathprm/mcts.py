@@ -192,19 +192,14 @@ class Expander:
     searched in lockstep and returned as a `problems_block`."""
 
     def __init__(self, cfg: MCTSConfig) -> None:
-        from ray.util.metrics import Counter
-
         from mathprm.generation import load_generator
+        from mathprm.metrics import create
 
         self.cfg = cfg
         self.generator = load_generator(cfg.backend, cfg.policy, cfg.step_format, **cfg.generator_options)
-        tags = ("method",)
-        self.metrics = {
-            "problems": Counter("mathprm_mcts_problems", "problems searched", tag_keys=tags),
-            "rollouts": Counter("mathprm_mcts_rollouts", "completions generated", tag_keys=tags),
-            "labels": Counter("mathprm_mcts_steps_labelled", "steps labelled", tag_keys=tags),
-            "tokens": Counter("mathprm_mcts_tokens", "tokens generated in rollouts", tag_keys=tags),
-        }
+        self.metrics = {key: create(f"mathprm_mcts_{name}") for key, name in
+                        (("problems", "problems"), ("rollouts", "rollouts"), ("labels", "steps_labelled"),
+                         ("tokens", "tokens"))}
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         from mathprm.ray_data import rows_to_problems

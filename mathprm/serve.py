@@ -242,9 +242,10 @@ class RequestError(Exception):
 class Solver:
     """A `SolveRequest` in, a response dict out, over any async Generator and Scorer."""
 
-    def __init__(self, cfg: ServeConfig, generator: Any, scorer: Any | None) -> None:
+    def __init__(self, cfg: ServeConfig, generator: Any, scorer: Any | None, metrics: dict[str, Any] | None = None) -> None:
         self.cfg, self.generator, self.scorer = cfg, generator, scorer
         self.step_format = StepFormat(cfg.separator)
+        self.metrics = metrics  # mathprm_serve_requests / _latency_ms / _tokens (mathprm.metrics), or None
 
     def plan(self, req: SolveRequest) -> tuple[str, SearchConfig, Problem]:
         """(strategy, search config, problem) for `req`, defaults filled in; `RequestError`
@@ -287,14 +288,27 @@ class Solver:
                   on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         timeout = self.cfg.limits.timeout_s
+        status, tokens = 500, 0
         try:
             result = await asyncio.wait_for(
                 run_search_async(name, self.generator, self.scorer, problem, search, self.step_format, on_step),
                 timeout)
+            status, tokens = 200, result.usage.generated_tokens
+        except RequestError as e:
+            status = e.status
+            raise
         except TimeoutError:
+            status = 504
             raise RequestError(None, f"the search did not finish within {timeout:g} s (limits.timeout_s); "
                                      "ask for a smaller n or max_steps", status=504) from None
-        return response(result, name, search, (time.perf_counter() - t0) * 1000)
+        finally:
+            latency_ms = (time.perf_counter() - t0) * 1000
+            if self.metrics is not None:
+                self.metrics["mathprm_serve_requests"].inc(1, {"strategy": name, "status": str(status)})
+                self.metrics["mathprm_serve_latency_ms"].observe(latency_ms, {"strategy": name})
+                if tokens:
+                    self.metrics["mathprm_serve_tokens"].inc(tokens, {"strategy": name})
+        return response(result, name, search, latency_ms)
 
 
 def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: float) -> dict[str, Any]:
@@ -340,13 +354,18 @@ class HandleScorer:
 
 
 class _BatchLog:
-    """Batch sizes a deployment ran, for `stats()` (the benchmark and the tests read it)."""
+    """Batch sizes a deployment ran, for `stats()` (the benchmark and the tests read it) and for
+    the Ray histogram `metric` (a name in mathprm.metrics)."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: str) -> None:
+        from mathprm.metrics import create
+
         self.sizes: Counter[int] = Counter()
+        self.histogram = create(metric)
 
     def add(self, size: int) -> None:
         self.sizes[size] += 1
+        self.histogram.observe(size)
 
     def stats(self) -> dict[str, Any]:
         return {"batches": sum(self.sizes.values()), "items": sum(k * v for k, v in self.sizes.items()),
@@ -360,7 +379,7 @@ class GeneratorDeployment:
         self.generator = load_generator(backend, model_dir, StepFormat(separator), **options)
         self._call.set_max_batch_size(batching.max_batch_size)
         self._call.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self.log = _BatchLog()
+        self.log = _BatchLog("mathprm_serve_generator_batch")
 
     async def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         return await self._call("next_steps", prefixes, n, sampling)
@@ -404,7 +423,7 @@ class PRMDeployment:
         # solutions into forward batches of max_batch_size.
         self.score_solutions.set_max_batch_size(batching.max_batch_size)
         self.score_solutions.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
-        self.log = _BatchLog()
+        self.log = _BatchLog("mathprm_serve_prm_batch")
 
     @serve.batch
     async def score_solutions(self, questions: list[list[str]], steps: list[list[list[str]]]) -> list[list[list[float]]]:
@@ -535,8 +554,11 @@ class SolveAPI:
                  api_key_sha256: bytes | None = None) -> None:
         self.cfg = cfg
         self.api_key_sha256 = api_key_sha256  # read by APIKeyGate; None: no key needed
+        from mathprm.metrics import create
+
         scorer = HandleScorer(prm) if prm is not None else None
-        self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer)
+        metrics = {n: create(n) for n in ("mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens")}
+        self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer, metrics)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

@@ -626,21 +626,15 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 class _RayMetrics:
-    """The run's curves as Ray metrics (Prometheus, on the dashboard's Metrics page), set by rank 0:
-    `mathprm_ppo_updates` and `mathprm_ppo_tokens` count, the rest are per-update gauges."""
+    """The run's curves as Ray metrics (`mathprm.metrics`: mathprm_ppo_*), set by rank 0."""
 
-    GAUGES = {"reward": "mean episode reward of the last update", "kl": "mean KL(policy || reference) per episode",
-              "kl_coef": "current KL coefficient", "clip_frac": "share of action tokens whose ratio was clipped",
-              "entropy": "mean next-token entropy on action tokens", "value_loss": "value-head loss (gae)",
-              "tokens_per_s": "generated tokens per second of update time",
-              "held_out_accuracy": "greedy accuracy on the held-out problems, at the last evaluation"}
+    GAUGES = ("reward", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "tokens_per_s", "held_out_accuracy")
 
     def __init__(self) -> None:
-        from ray.util.metrics import Counter, Gauge
+        from mathprm.metrics import create
 
-        self.updates = Counter("mathprm_ppo_updates", "PPO updates done")
-        self.tokens = Counter("mathprm_ppo_tokens", "tokens generated in PPO rollouts")
-        self.gauges = {k: Gauge(f"mathprm_ppo_{k}", d) for k, d in self.GAUGES.items()}
+        self.updates, self.tokens = create("mathprm_ppo_updates"), create("mathprm_ppo_tokens")
+        self.gauges = {k: create(f"mathprm_ppo_{k}") for k in self.GAUGES}
 
     def record(self, metrics: dict, tokens: int) -> None:
         self.updates.inc(1)

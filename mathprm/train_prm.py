@@ -374,6 +374,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 if ex is not None and len(ex.input_ids) <= cfg.max_length:
                     val_examples.append(ex)
 
+    gauges = _ray_metrics() if rank == 0 else None
     step, dropped = state["step"], state["dropped"]
     first_loss, last_loss, val = state["first_loss"], state["last_loss"], state.get("val", {})
     started = time.monotonic() - state["elapsed"]
@@ -425,6 +426,11 @@ def _train_loop(config: dict[str, Any]) -> None:
             if rank == 0 and val_examples and (step % cfg.eval_every == 0 or step == total):
                 val = validate(unwrapped, val_examples, pad_id, device, cfg.batch_size * 2)
             metrics.update({k: v for k, v in val.items() if v is not None})
+            if gauges is not None:
+                gauges["steps"].inc(int(stats[1]) // max(1, ctx.get_world_size()))
+                for key in ("loss", "solutions_per_s", "val_bce", "val_auroc"):
+                    if metrics.get(key) is not None:
+                        gauges[key].set(float(metrics[key]))
             if rank == 0:
                 shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
                 print(f"[train-prm] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
@@ -446,6 +452,13 @@ def _train_loop(config: dict[str, Any]) -> None:
             save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r})
             atomic.write_json(tmp / SUMMARY_FILE, summary)
         print(f"[train-prm] saved the PRM to {cfg.out_dir} after {step} steps", flush=True)
+
+
+def _ray_metrics() -> dict[str, Any]:
+    """mathprm_prm_* (`mathprm.metrics`): the step counter and the loss / speed / validation gauges."""
+    from mathprm.metrics import create
+
+    return {key: create(f"mathprm_prm_{key}") for key in ("steps", "loss", "solutions_per_s", "val_bce", "val_auroc")}
 
 
 def _train_step(model: torch.nn.Module, batch, optimizer: torch.optim.Optimizer, lr: float, bf16: bool,

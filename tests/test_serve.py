@@ -354,6 +354,25 @@ def test_concurrent_requests_share_prm_batches(app):
     assert max(new) > n, after
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
+    from tests.conftest import metrics_text
+
+    _solve(app, {"question": "What is 1+1?", "strategy": "guided", "n": 2, "temperature": 0})
+    names = ["mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens",
+             "mathprm_serve_generator_batch", "mathprm_serve_prm_batch"]
+    deadline, text = time.monotonic() + 60, ""
+    while time.monotonic() < deadline:  # Ray exports metrics every few seconds
+        text = metrics_text(ray_cluster["metrics_export_port"])
+        if all(n in text for n in names):
+            break
+        time.sleep(1)
+    assert all(n in text for n in names), [n for n in names if n not in text]
+    requests_lines = [line for line in text.splitlines() if line.startswith("ray_mathprm_serve_requests_total{")]
+    assert any('strategy="guided"' in line and 'status="200"' in line for line in requests_lines), requests_lines
+
+
 # ----------------------------------------------------------------------------- the API key
 
 

@@ -135,8 +135,13 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
                                                                      tmp_path, monkeypatch):
     from mathprm.prm import PRMScorer
 
+    from tests.conftest import MetricsWatcher
+
     cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=6)
-    assert train_prm(cfg) == (tmp_path / "prm").resolve()
+    names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
+    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
+        assert train_prm(cfg) == (tmp_path / "prm").resolve()
+    assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
     summary = json.loads((tmp_path / "prm" / SUMMARY_FILE).read_text())
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
     assert summary["final_loss"] < summary["first_loss"]
