@@ -51,7 +51,7 @@ endif
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mathprm.cli demo $(ARGS)
+	$(BIN)/python -m mathprm.cli demo $(if $(QUICK),--quick) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

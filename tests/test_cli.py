@@ -59,59 +59,55 @@ def test_job_script_runs_on_existing_cluster(ray_cluster, tmp_path):
 
 
 @pytest.mark.ray
-def test_demo_runs_every_stage_small(ray_cluster, tmp_path, monkeypatch, capsys):
-    """The whole demo at toy sizes: data check (bundled samples), SFT, evaluation; then reuse."""
+def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ray_cluster, tmp_path, monkeypatch,
+                                                                              capsys):
+    """`make demo QUICK=1`: every stage tiny under runs/quick (bundled samples), then a rerun that
+    reuses every stage."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MATHPRM_DATA_DIR", str(tmp_path / "nowhere"))
-    args = ["data.limit=10", "sft.preset=test", "sft.num_problems=64", "sft.batch_size=8", "sft.max_steps=10",
-            "sft.log_every=5", "sft.checkpoint_every=10", "sft.time_budget_min=null", "eval.limit=3",
-            "eval.strategies=greedy,majority@2,pass@2", "eval.max_solution_tokens=24", "mcts.limit=2",
-            "mcts.num_solutions=2", "mcts.rollouts_per_step=2", "mcts.max_solution_tokens=24", "mcts.num_actors=1",
-            "prm.epochs=1", "prm.batch_size=1", "prm.num_workers=1", "prm.val_fraction=0", "prm.log_every=1",
-            "prm.eval_every=1", "prm.checkpoint_every=1", "prm_eval.limit=2", "prm_eval.n=2",
-            "prm_eval.max_solution_tokens=24", "search.limit=2", "search.max_solution_tokens=24",
-            "search.max_steps=3", "search.max_step_tokens=12",
-            "search.strategies=greedy,majority@1,majority@2,best_of_n@2,guided@1,guided@2,beam@2,dvts@2",
-            "ppo.updates=2", "ppo.num_problems=20", "ppo.prompts_per_update=2", "ppo.group_size=2",
-            "ppo.minibatch_size=4", "ppo.eval_problems=2", "ppo.max_step_tokens=12", "ppo.max_solution_tokens=24",
-            "ppo.cpus_per_worker=1"]
-    assert main(["demo", *args]) == 0
+    assert main(["demo", "--quick"]) == 0
     out = capsys.readouterr().out
+    root = tmp_path / "runs/quick"
     assert "bundled with mathprm" in out
     assert "| sample:math500 | 10 | 10 |" in out
-    assert (tmp_path / "runs/demo/data_check/sample_gsm8k/summary.json").exists()
-    assert (tmp_path / "runs/arith/policy/sft_summary.json").exists()
-    report = json.loads((tmp_path / "runs/arith/eval/policy_arith_hard.json").read_text())
-    assert set(report["strategies"]) == {"greedy", "majority@2", "pass@2"}
-    assert report["n_problems"] == 3
-    for name in ("greedy", "majority@2", "pass@2"):
-        assert name in out
-    summary = json.loads((tmp_path / "runs/arith/mcts/summary.json").read_text())
+    assert (root / "data_check/sample_gsm8k/summary.json").exists()
+    assert (root / "policy/sft_summary.json").exists() and not (tmp_path / "runs/arith").exists()
+    report = json.loads((root / "eval/policy_arith_hard.json").read_text())
+    assert set(report["strategies"]) == {"greedy", "majority@2", "pass@2"} and report["n_problems"] == 3
+    summary = json.loads((root / "mcts/summary.json").read_text())
     assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
-    assert "[demo] 4/7 step labels" in out and "[demo] 5/7 the PRM" in out and "[demo] 6/7 PRM-guided" in out
-    assert (tmp_path / "runs/arith/prm/prm_config.json").exists()
-    prm_report = json.loads((tmp_path / "runs/arith/prm_eval.json").read_text())
+    for n, title in enumerate(["data check", "base policy", "evaluating the base policy", "step labels",
+                               "the PRM", "PRM-guided", "PPO"], 1):
+        assert f"[demo] {n}/7 {title}" in out
+    assert (root / "prm/prm_config.json").exists()
+    prm_report = json.loads((root / "prm_eval.json").read_text())
     assert prm_report["n_problems"] == 2 and {"step_auroc", "first_error_f1", "best_of_n@2", "majority@2"} <= set(
         prm_report)
-    assert "first-error F1" in out
-    search = json.loads((tmp_path / "runs/arith/eval.json").read_text())
+    search = json.loads((root / "eval.json").read_text())
     assert set(search["strategies"]) == {"greedy", "majority@1", "majority@2", "best_of_n@2", "guided@1", "guided@2",
                                          "beam@2", "dvts@2"}
-    assert search["prm"] == str((tmp_path / "runs/arith/prm").resolve()) or search["prm"].endswith("runs/arith/prm")
-    assert (tmp_path / "runs/arith/accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
-    assert "guided@2" in out and "accuracy vs N" in out
-    assert "[demo] 7/7 PPO" in out and "PPO policy" in out
-    ppo_summary = json.loads((tmp_path / "runs/arith/policy-ppo/ppo_summary.json").read_text())
-    assert ppo_summary["updates"] == 2 and ppo_summary["config"]["prm"].endswith("runs/arith/prm")
-    ppo_eval = json.loads((tmp_path / "runs/arith/eval/policy_ppo_arith_hard.json").read_text())
+    assert search["prm"].endswith("runs/quick/prm")
+    assert (root / "accuracy_vs_n.png").read_bytes()[:4] == b"\x89PNG"
+    ppo_summary = json.loads((root / "policy-ppo/ppo_summary.json").read_text())
+    assert ppo_summary["updates"] == 2 and ppo_summary["config"]["prm"].endswith("runs/quick/prm")
+    ppo_eval = json.loads((root / "eval/policy_ppo_arith_hard.json").read_text())
     assert ppo_eval["n_problems"] == 3 and ppo_eval["policy"].endswith("policy-ppo")
-    # Second run: the policy, the labels, the PRM and the PPO policy are reused, not made again.
-    assert main(["demo", *args]) == 0
+    assert "PPO policy" in out and "| **total** |" in out
+    md = (root / "report.md").read_text()
+    for part in ("## Stage times", "## 1. Data check", "## 5. The PRM", "![accuracy vs N](accuracy_vs_n.png)",
+                 "![PPO curves](policy-ppo/ppo_curves.png)"):
+        assert part in md, part
+    # Second run: every stage is reused, none is made again.
+    assert main(["demo", "--quick"]) == 0
     out = capsys.readouterr().out
     assert "reusing the finished policy" in out and "2 already labelled" in out and "reusing the finished PRM" in out
-    assert f"reusing the finished policy in {(tmp_path / 'runs/arith/policy-ppo').resolve()}" in out
+    assert f"reusing the finished policy in {(root / 'policy-ppo').resolve()}" in out
+    assert out.count("(same settings and models)") == 4  # the four evaluations
+    timing = out[out.index("| stage | minutes |"):]
+    assert timing.count("| reused |") == 6  # all but the data check, which has its own reuse line
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):
     assert main(["demo", "limit=10"]) == 2
     assert "eval.limit=50" in capsys.readouterr().err
+    assert main(["demo", "--quick", "ppo.updates"]) == 2
