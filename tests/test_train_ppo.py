@@ -191,46 +191,35 @@ def _cfg(policy, out, **kw) -> PPOConfig:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_resume_a_killed_run_and_save_a_plain_hf_policy(ray_cluster, tiny_policy_dir, tmp_path):
+def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_hf_policy(ray_cluster, tiny_policy_dir,
+                                                                                        tmp_path):
+    """full_solution + grpo + LoRA on two DDP workers, killed after its first checkpoint and
+    resumed; the one_step + gae path runs in the quick demo (tests/test_cli.py)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ppo"
-    cfg = _cfg(tiny_policy_dir, out, updates=40)
+    cfg = _cfg(tiny_policy_dir, out, mode="full_solution", advantage="grpo", outcome_reward=1.0, lora_r=4,
+               entropy_coef=0.01, updates=40)  # the entropy bonus moves even a junk policy's weights
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-ppo", *overrides], ray_cluster["gcs_address"],
                                 tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 180)
     assert not out.exists()  # killed: no half-written policy
-    assert train_ppo(dataclasses.replace(cfg, updates=3)) == out.resolve()
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    assert summary["resumed_from_update"] >= 1 and summary["updates"] == 3
-    assert summary["config"]["num_workers"] == 2
-    history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-    assert [h["update"] for h in history] == [0, 1, 2, 3]  # the resumed run kept the killed run's history
-    for key in ("reward", "kl", "clip_frac", "entropy", "value_loss", "tokens_per_s"):
-        assert all(key in h for h in history[1:]), key
-    assert "held_out_accuracy" in history[0] and "held_out_accuracy" in history[2]
-    assert (out / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert not any("v_head" in name for name, _ in model.named_parameters())
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_full_solution_grpo_with_lora_saves_merged_weights_and_exports_metrics(ray_cluster, tiny_policy_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "ppo_lora"
-    cfg = _cfg(tiny_policy_dir, out, mode="full_solution", advantage="grpo", outcome_reward=1.0, lora_r=4,
-               updates=4, num_workers=1, eval_every=0, entropy_coef=0.01)  # the bonus moves even a junk policy
     names = ["mathprm_ppo_updates", "mathprm_ppo_reward", "mathprm_ppo_kl", "mathprm_ppo_tokens"]
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
-        train_ppo(cfg)
+        assert train_ppo(dataclasses.replace(cfg, updates=4)) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
-    assert not list(out.glob("adapter_*"))
-    model = AutoModelForCausalLM.from_pretrained(out)
-    assert not any("lora" in name for name, _ in model.named_parameters())
-    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir)
-    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dict(base.named_parameters())[n])]
-    assert changed  # the merged adapters moved the weights
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["resumed_from_update"] >= 1 and summary["updates"] == 4
+    assert summary["config"]["num_workers"] == 2
     history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-    assert "rollout_accuracy" in history[1] and history[1]["value_loss"] == 0.0  # grpo: no critic
+    assert [h["update"] for h in history] == [0, 1, 2, 3, 4]  # the resumed run kept the killed run's history
+    for key in ("reward", "kl", "clip_frac", "entropy", "tokens_per_s", "rollout_accuracy"):
+        assert all(key in h for h in history[1:]), key
+    assert all(h["value_loss"] == 0.0 for h in history[1:])  # grpo: no critic
+    assert "held_out_accuracy" in history[0] and "held_out_accuracy" in history[2]
+    assert (out / PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob("adapter_*"))  # merged: a plain HF directory
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert not any("lora" in name or "v_head" in name for name, _ in model.named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_policy_dir).named_parameters())
+    assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())  # the adapters moved the weights
