@@ -273,12 +273,13 @@ def train_sft(cfg: SFTConfig) -> Path:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from mathprm.ray_utils import init_ray
+    from mathprm.ray_utils import check_resume, init_ray
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     storage, name = out.parent / "ray_train", f"sft-{out.name}"
     if cfg.overwrite:  # from scratch: the old run's checkpoints would be resumed otherwise
         shutil.rmtree(storage / name, ignore_errors=True)
+    check_resume(storage / name, _MAY_CHANGE_ON_RESUME, {**to_dict(cfg), "out_dir": str(out)})
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={**to_dict(cfg), "out_dir": str(out)},
@@ -294,6 +295,12 @@ def train_sft(cfg: SFTConfig) -> Path:
     if not is_finished(out):
         raise RuntimeError(f"SFT finished without writing a policy to {out}")
     return out
+
+
+# A resumed run may train longer or log differently; any other change would silently continue
+# the old run with the new settings, so `check_resume` refuses it.
+_MAY_CHANGE_ON_RESUME = ("max_steps", "time_budget_min", "log_every", "checkpoint_every", "out_dir", "overwrite",
+                         "ray_address", "num_cpus")
 
 
 def _train_loop(config: dict[str, Any]) -> None:

@@ -198,3 +198,16 @@ def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     summary = json.loads((out / sft.SUMMARY_FILE).read_text())
     assert summary["resumed_from_step"] >= 10
     assert summary["steps"] == max(60, summary["resumed_from_step"])  # the first run may have passed 60
+
+
+def test_an_interrupted_run_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
+    from mathprm.ray_utils import check_resume
+
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: None)
+    out = tmp_path / "policy"
+    cfg = _tiny_run(out)
+    # What the interrupted run recorded when it started.
+    check_resume(tmp_path / "ray_train" / "sft-policy", sft._MAY_CHANGE_ON_RESUME,
+                 {**to_dict(cfg), "out_dir": str(out.resolve())})
+    with pytest.raises(ConfigError, match="lr: .* started with lr=0.003"):
+        sft.train_sft(dataclasses.replace(cfg, lr=1e-3))
