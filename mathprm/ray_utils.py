@@ -146,3 +146,45 @@ def check_resume(run_dir: Any, may_change: tuple[str, ...], settings: dict[str, 
         return
     file.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(file, keep)
+
+
+def reuse_finished(out: Any, overwrite: bool, finished: bool, tag: str, what: str) -> bool:
+    """Whether a trainer can return its finished output `out` as it is (printing that it does).
+    A directory that exists but holds no finished `what` is refused (ConfigError naming
+    out_dir), unless `overwrite`: it may be someone else's files."""
+    from mathprm.config import ConfigError
+
+    if not out.exists() or overwrite:
+        return False
+    if finished:
+        print(f"[{tag}] reusing the finished {what} in {out} (overwrite=true retrains)", flush=True)
+        return True
+    raise ConfigError(f"out_dir: {out} exists but holds no finished {what} (pass overwrite=true)")
+
+
+def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str, *, num_workers: int,
+                      use_gpu: bool, overwrite: bool, may_change: tuple[str, ...],
+                      resources_per_worker: dict[str, float] | None = None, datasets: dict | None = None,
+                      dataset_config: Any = None) -> None:
+    """Run `loop(config)` on a `TorchTrainer` whose checkpoints live in `out.parent/ray_train/run_name`
+    (one kept; a rerun resumes from it, refused by `check_resume` when settings other than
+    `may_change` differ; `overwrite` starts from scratch). Keys of `config` starting with "_"
+    are derived values, not settings."""
+    import shutil
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = out.parent / "ray_train"
+    if overwrite:  # from scratch: the old run's checkpoints would be resumed otherwise
+        shutil.rmtree(storage / run_name, ignore_errors=True)
+    check_resume(storage / run_name, may_change, {k: v for k, v in config.items() if not k.startswith("_")})
+    extra = {"datasets": datasets, "dataset_config": dataset_config} if datasets is not None else {}
+    TorchTrainer(
+        loop,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
+        run_config=RunConfig(storage_path=str(storage), name=run_name, checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             failure_config=FailureConfig(max_failures=0)),
+        **extra,
+    ).fit()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -260,38 +259,16 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
-    from mathprm.ray_utils import check_job_paths
+    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
     check_job_paths(out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
-    if out.exists() and not cfg.overwrite:
-        if is_finished(out):
-            print(f"[sft] reusing the finished policy in {out} (overwrite=true retrains)", flush=True)
-            return out
-        raise FileExistsError(f"out_dir {out} exists but holds no finished policy (pass overwrite=true)")
-
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mathprm.ray_utils import check_resume, init_ray
-
+    if reuse_finished(out, cfg.overwrite, is_finished(out), "sft", "policy"):
+        return out
     init_ray(cfg.ray_address, cfg.num_cpus)
-    storage, name = out.parent / "ray_train", f"sft-{out.name}"
-    if cfg.overwrite:  # from scratch: the old run's checkpoints would be resumed otherwise
-        shutil.rmtree(storage / name, ignore_errors=True)
-    check_resume(storage / name, _MAY_CHANGE_ON_RESUME, {**to_dict(cfg), "out_dir": str(out)})
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={**to_dict(cfg), "out_dir": str(out)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(
-            storage_path=str(storage),
-            name=name,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
-        ),
-    )
-    trainer.fit()
+    fit_torch_trainer(_train_loop, {**to_dict(cfg), "out_dir": str(out)}, out, f"sft-{out.name}",
+                      num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, overwrite=cfg.overwrite,
+                      may_change=_MAY_CHANGE_ON_RESUME)
     if not is_finished(out):
         raise RuntimeError(f"SFT finished without writing a policy to {out}")
     return out

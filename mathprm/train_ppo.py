@@ -48,7 +48,6 @@ import dataclasses
 import hashlib
 import json
 import random
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -429,15 +428,12 @@ _MAY_CHANGE_ON_RESUME = ("updates", "time_budget_min", "eval_every", "checkpoint
 
 def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
-    from mathprm.ray_utils import check_job_paths
+    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
     check_job_paths(policy=cfg.policy, prm=None if cfg.prm == "oracle" else cfg.prm, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
-    if out.exists() and not cfg.overwrite:
-        if is_finished(out):
-            print(f"[ppo] reusing the finished policy in {out} (overwrite=true retrains)", flush=True)
-            return out
-        raise ConfigError(f"out_dir: {out} exists but holds no finished PPO policy (pass overwrite=true)")
+    if reuse_finished(out, cfg.overwrite, is_finished(out), "ppo", "policy"):
+        return out
     if not (Path(cfg.policy) / "config.json").is_file():
         raise ConfigError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
     try:
@@ -446,28 +442,12 @@ def train_ppo(cfg: PPOConfig) -> Path:
         raise ConfigError(f"prm: {e}") from None
     load_pools(cfg)  # fail here, not inside a worker, on a bad dataset name
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mathprm.ray_utils import check_resume, init_ray
-
     init_ray(cfg.ray_address, cfg.num_cpus)
     settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
                 "prm": cfg.prm if cfg.prm == "oracle" else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
-    storage, name = out.parent / "ray_train", f"ppo-{out.name}"
-    if cfg.overwrite:
-        shutil.rmtree(storage / name, ignore_errors=True)
-    check_resume(storage / name, _MAY_CHANGE_ON_RESUME, settings)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config=settings,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(storage), name=name,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
+    fit_torch_trainer(_train_loop, settings, out, f"ppo-{out.name}", num_workers=cfg.num_workers,
+                      use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
+                      resources_per_worker={"CPU": cfg.cpus_per_worker})
     if not is_finished(out):
         raise RuntimeError(f"PPO finished without writing a policy to {out}")
     return out

@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -267,23 +266,17 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def train_prm(cfg: TrainPRMConfig) -> Path:
     """Train (or reuse, or resume) the PRM; returns its directory."""
-    from mathprm.ray_utils import check_job_paths
+    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
     check_job_paths(data=cfg.data, base=cfg.base, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
-    if out.exists() and not cfg.overwrite:
-        if is_finished(out):
-            print(f"[train-prm] reusing the finished PRM in {out} (overwrite=true retrains)", flush=True)
-            return out
-        raise ConfigError(f"out_dir: {out} exists but holds no finished PRM (pass overwrite=true)")
+    if reuse_finished(out, cfg.overwrite, is_finished(out), "train-prm", "PRM"):
+        return out
     if not (Path(cfg.base) / "config.json").is_file():
         raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
     fmt = StepFormat(resolve_separator(cfg))
 
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from mathprm.ray_utils import check_resume, init_ray
+    from ray.train import DataConfig
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     data = solutions_dataset(cfg, fmt)
@@ -300,25 +293,13 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
     total = per_epoch * cfg.epochs
     print(f"[train-prm] {n_train} training / {n_val} validation solutions from {cfg.data}; "
           f"{cfg.epochs} epochs x {per_epoch} steps = {total} steps", flush=True)
-    storage, name = out.parent / "ray_train", f"prm-{out.name}"
-    if cfg.overwrite:
-        shutil.rmtree(storage / name, ignore_errors=True)
-    check_resume(storage / name, _MAY_CHANGE_ON_RESUME, {**to_dict(cfg), "data": str(Path(cfg.data).resolve()),
-                                  "base": str(Path(cfg.base).resolve()), "separator": fmt.separator})
-    datasets = {"train": train_ds, **({"val": val_ds} if n_val else {})}
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={**to_dict(cfg), "out_dir": str(out), "base": str(Path(cfg.base).resolve()),
-                           "separator": fmt.separator, "_total_steps": total, "_per_epoch": per_epoch,
-                           "_n_train": n_train, "_n_val": n_val},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # rank 0 validates on all of val
-        run_config=RunConfig(storage_path=str(storage), name=name,
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
+    config = {**to_dict(cfg), "data": str(Path(cfg.data).resolve()), "base": str(Path(cfg.base).resolve()),
+              "separator": fmt.separator, "out_dir": str(out), "_total_steps": total, "_per_epoch": per_epoch,
+              "_n_train": n_train, "_n_val": n_val}
+    fit_torch_trainer(_train_loop, config, out, f"prm-{out.name}", num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                      overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
+                      datasets={"train": train_ds, **({"val": val_ds} if n_val else {})},
+                      dataset_config=DataConfig(datasets_to_split=["train"]))  # rank 0 validates on all of val
     if not is_finished(out):
         raise RuntimeError(f"PRM training finished without writing a PRM to {out}")
     return out

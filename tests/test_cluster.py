@@ -341,19 +341,6 @@ def test_gpu_demands_fit_one_worker_node():
 # ----------------------------------------------------------------------------- Serve configs
 
 
-@pytest.fixture
-def model_dirs(tmp_path) -> tuple[Path, Path]:
-    """A policy and a PRM directory as ServeConfig sees them (its checks read marker files only)."""
-    from mathprm.prm import PRM_CONFIG_FILE, PRM_KIND
-
-    policy, prm = tmp_path / "policy", tmp_path / "prm"
-    for d in (policy, prm):
-        d.mkdir()
-        (d / "config.json").write_text("{}")
-    (prm / PRM_CONFIG_FILE).write_text(json.dumps({"kind": PRM_KIND, "separator": "\n"}))
-    return policy, prm
-
-
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=_ids(SERVE_CONFIGS))
 def test_serve_config_fits_serves_schema_and_listens_on_loopback(path, model_dirs):
     from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema

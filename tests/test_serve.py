@@ -56,19 +56,6 @@ def _args(policy, prm, **more) -> dict:
 # ----------------------------------------------------------------------------- without Ray
 
 
-@pytest.fixture
-def model_dirs(tmp_path) -> tuple[Path, Path]:
-    """A policy and a PRM directory as the config sees them (its checks read marker files only)."""
-    from mathprm.prm import PRM_CONFIG_FILE, PRM_KIND
-
-    policy, prm = tmp_path / "policy", tmp_path / "prm"
-    for d in (policy, prm):
-        d.mkdir()
-        (d / "config.json").write_text("{}")
-    (prm / PRM_CONFIG_FILE).write_text(json.dumps({"kind": PRM_KIND, "separator": "\n"}))
-    return policy, prm
-
-
 def test_bad_args_name_the_arg(model_dirs, tmp_path, monkeypatch):
     from mathprm.serve import load_serve_config
 
