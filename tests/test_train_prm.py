@@ -173,9 +173,15 @@ def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, la
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
+def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
+    import pyarrow as pa
+
+    # TRL rows, not tree-search labels: the groupby into paths (the first test's job) would add
+    # a Ray Data shuffle to both runs.
+    pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
-    cfg = _cfg(labels_dir, tiny_policy_dir, out, epochs=200, checkpoint_every=2, eval_every=100, num_workers=1)
+    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
+               eval_every=100, num_workers=1)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
                                 tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 180)
