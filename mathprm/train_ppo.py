@@ -33,7 +33,7 @@ log-probs are recomputed on the re-tokenised text of each step (identical for th
 character-level arithmetic tokenizer; a BPE tokenizer may split a sampled step differently,
 which makes the first PPO epoch slightly off-policy).
 
-Every `log_every`... every update prints a progress line and reports metrics (mean reward,
+Every update prints a progress line and reports metrics (mean reward,
 KL, clip fraction, entropy, value loss, tokens/s) through `ray.train.report`; every
 `eval_every` updates the workers measure greedy accuracy on held-out problems together.
 Checkpoints every `checkpoint_every` updates; a killed run resumes from the latest one. The
@@ -56,11 +56,11 @@ from typing import Any, Literal
 import torch
 
 from mathprm import atomic, ppo
-from mathprm.answers import Judge
 from mathprm.config import ConfigError, to_dict
 from mathprm.generation import Prefix, Sampling
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
+from mathprm.treesearch import judge_grader
 
 SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -252,10 +252,9 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
     if cfg.mode == "full_solution":
         rollouts = generator.rollouts([Prefix(p.question) for p in problems], G, sampling)
         for g, (p, rolls) in enumerate(zip(problems, rollouts)):
-            judge = Judge(p)
             for r in rolls:
                 ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens)
-                ep.correct = bool(r.finished and judge.correct(judge.key(r.text)))
+                ep.correct = r.finished and judge_grader(p, r.text)
                 episodes.append(ep)
     else:
         prefixes = _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng)
@@ -280,7 +279,7 @@ def _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng) -> list[lis
     for i, p in enumerate(problems):
         steps = fmt.split(p.solution) if use_ref[i] else steps_of[i]
         k = rng.randrange(len(steps)) if steps else 0  # keep at least one step to write
-        out.append([s for s in steps[:k]])
+        out.append(list(steps[:k]))
     return out
 
 
@@ -473,9 +472,7 @@ def _held_out_accuracy(generator, problems: Sequence[Problem], rank: int, world:
     if mine:
         rolls = generator.rollouts([Prefix(p.question) for p in mine], 1,
                                    Sampling(temperature=0.0, max_solution_tokens=cfg.max_solution_tokens))
-        for p, (r,) in zip(mine, rolls):
-            judge = Judge(p)
-            correct += bool(r.finished and judge.correct(judge.key(r.text)))
+        correct = sum(r.finished and judge_grader(p, r.text) for p, (r,) in zip(mine, rolls))
     counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(counts)
