@@ -35,7 +35,7 @@ JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 STAGES = ("data", "sft", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; PRM scoring dominates)
-DEMO_PPO_MINUTES = 10  # PPO's time budget in the demo (the job's config says 20)
+DEMO_PPO_MINUTES = 6  # PPO's time budget in the demo (the job's config says 20)
 
 # Every stage tiny: a 2-layer policy trained 10 steps, a handful of problems per stage. It shows
 # that every stage runs and hands its output to the next, not how good anything is.
