@@ -157,31 +157,16 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_trains_from_trl_rows_with_lora_and_saves_merged_weights(ray_cluster, labels_dir, tiny_policy_dir, tmp_path):
+def test_a_killed_lora_run_on_trl_rows_resumes_and_saves_merged_weights(ray_cluster, tiny_policy_dir, tmp_path):
     import pyarrow as pa
     from transformers import AutoModelForTokenClassification
 
-    rows = to_trl(_labels(16), hard=False, fmt=FMT)
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "soft.parquet")
-    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, tmp_path / "prm", separator="\n", epochs=1, lora_r=4,
-               num_workers=1)  # DDP is the two-worker test's job
-    train_prm(cfg)
-    assert not list((tmp_path / "prm").glob("adapter_*"))  # merged: a plain HF directory
-    model = AutoModelForTokenClassification.from_pretrained(tmp_path / "prm")
-    assert not any("lora" in name for name, _ in model.named_parameters())
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tiny_policy_dir, tmp_path):
-    import pyarrow as pa
-
-    # TRL rows, not tree-search labels: the groupby into paths (the first test's job) would add
-    # a Ray Data shuffle to both runs.
+    # TRL stepwise rows (the first test trains on tree-search labels), LoRA adapters through PEFT,
+    # one worker (DDP is the first test's job): killed after its first checkpoint, then resumed.
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
     cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
-               eval_every=100, num_workers=1)
+               eval_every=100, num_workers=1, lora_r=4)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
                                 tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 180)
@@ -190,3 +175,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tiny_policy_dir, 
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["resumed_from_step"] >= 2
     assert summary["steps"] >= summary["resumed_from_step"]
+    assert summary["config"]["lora_r"] == 4
+    assert not list(out.glob("adapter_*"))  # merged: a plain HF directory
+    model = AutoModelForTokenClassification.from_pretrained(out)
+    assert not any("lora" in name for name, _ in model.named_parameters())
