@@ -19,6 +19,7 @@ and replicas share this machine's cores. With --write the table replaces the
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import statistics
 import sys
@@ -33,6 +34,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm import arith, atomic  # noqa: E402
+from mathprm.serve import ServeConfig  # noqa: E402
 
 SECTION = "Serve: guided search under load"
 BATCH_SIZES = (64, 1)  # the PRM deployment's max_batch_size: batched, then the unbatched baseline
@@ -66,6 +68,10 @@ def load(url: str, problems: list, clients: int, requests_total: int, n: int) ->
 
     def client() -> None:
         with requests.Session() as session:
+            # The app demands the key named by ServeConfig.api_key_env when it is set in the
+            # environment its replicas inherit (this shell's, on the local cluster this starts).
+            if key := os.environ.get(ServeConfig.api_key_env):
+                session.headers["Authorization"] = f"Bearer {key}"
             while True:
                 with lock:
                     i = issued[0]
