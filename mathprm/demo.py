@@ -42,7 +42,7 @@ DEMO_PPO_MINUTES = 6  # PPO's time budget in the demo (the job's config says 20)
 QUICK: dict[str, list[str]] = {
     "data": ["limit=10"],
     "sft": ["preset=test", "num_problems=64", "batch_size=8", "max_steps=10", "log_every=5", "checkpoint_every=10",
-            "time_budget_min=null"],
+            "time_budget_min=null", "stop_at_accuracy=null"],
     "eval": ["limit=3", "strategies=[greedy, majority@2, pass@2]", "max_solution_tokens=24"],
     "mcts": ["limit=2", "num_solutions=2", "rollouts_per_step=2", "max_solution_tokens=24", "num_actors=1"],
     "prm": ["epochs=1", "batch_size=1", "num_workers=1", "val_fraction=0", "log_every=1", "eval_every=1",

@@ -53,6 +53,13 @@ class SFTConfig:
     bucket: int = 16  # batches per length-sorting window (1: no bucketing; more: less padding)
     max_steps: int = 3000  # the cosine schedule ends here
     time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
+    # Stop (and save) once greedy accuracy on `eval_problems` held-out train-split problems of
+    # `eval_difficulty` reaches this: the policy is deliberately imperfect, and how many updates
+    # a box fits in the time budget no longer decides how imperfect. None: no held-out check.
+    stop_at_accuracy: float | None = None
+    eval_difficulty: str = "hard"
+    eval_problems: int = 100
+    eval_every: int = 250  # steps between held-out checks (a multiple of log_every)
     seed: int = 0
     num_workers: int = 2
     use_gpu: bool = False
@@ -99,6 +106,16 @@ class SFTConfig:
             raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ValueError(f"time_budget_min: must be > 0 or null, got {self.time_budget_min}")
+        if self.stop_at_accuracy is not None:
+            if not 0.0 < self.stop_at_accuracy <= 1.0:
+                raise ValueError(f"stop_at_accuracy: must be in (0, 1] or null, got {self.stop_at_accuracy}")
+            if self.eval_difficulty not in arith.PRESETS:
+                raise ValueError(f"eval_difficulty: unknown difficulty {self.eval_difficulty!r}; "
+                                 f"difficulties: {', '.join(arith.PRESETS)}")
+            if self.eval_problems < self.num_workers:
+                raise ValueError(f"eval_problems: must be >= num_workers ({self.num_workers}), got {self.eval_problems}")
+            if self.eval_every < 1 or self.eval_every % self.log_every:
+                raise ValueError(f"eval_every: must be a multiple of log_every ({self.log_every}), got {self.eval_every}")
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -249,6 +266,37 @@ def training_examples(cfg: SFTConfig, tokenizer: Any, rank: int, world_size: int
     return examples, dropped
 
 
+def held_out_problems(cfg: SFTConfig) -> list:
+    """The problems `stop_at_accuracy` is checked on: train-split (never test) problems of
+    `eval_difficulty` from a seed stream no worker trains on (a chain may still repeat one a
+    worker trains on, as chains may repeat across workers: rare at these sizes)."""
+    return arith.generate(cfg.eval_difficulty, cfg.eval_problems, cfg.seed * 1_000_003 + 999_983, split="train")
+
+
+def greedy_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence, rank: int, world: int) -> float:
+    """Greedy accuracy on `problems`, each rank solving every world-th one; the counts are
+    all-reduced, so every rank returns the same number."""
+    import torch.distributed as dist
+
+    from mathprm.gen_hf import HFGenerator
+    from mathprm.generation import Prefix, Sampling
+
+    mine = list(problems[rank::world])
+    correct = 0
+    if mine:
+        generator = HFGenerator.from_model(model, tokenizer, StepFormat(arith.STEP_SEPARATOR))
+        was_training = model.training
+        model.eval()
+        rolls = generator.rollouts([Prefix(p.question) for p in mine], 1,
+                                   Sampling(temperature=0.0, max_solution_tokens=384))
+        model.train(was_training)
+        correct = sum(arith.is_correct(p, r.text) for p, (r,) in zip(mine, rolls, strict=True))
+    counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return float(counts[0] / max(counts[1], 1))
+
+
 def is_finished(out_dir: str | Path) -> bool:
     """A policy directory written to the end by `train_sft` (atomic, so complete if present)."""
     return (Path(out_dir) / SUMMARY_FILE).is_file()
@@ -277,7 +325,7 @@ def train_sft(cfg: SFTConfig) -> Path:
 # A resumed run may train longer or log differently; any other change would silently continue
 # the old run with the new settings, so `check_resume` refuses it.
 _MAY_CHANGE_ON_RESUME = ("max_steps", "time_budget_min", "log_every", "checkpoint_every", "out_dir", "overwrite",
-                         "ray_address", "num_cpus")
+                         "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every")
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -309,6 +357,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     started = time.monotonic() - state["elapsed"]
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, tokens since the last report
     window_start, stopped_by = time.monotonic(), "max_steps"
+    held_out = held_out_problems(cfg) if cfg.stop_at_accuracy is not None else []
+    accuracy_history: list[dict[str, float]] = list(state.get("accuracy_history", []))
     while step < cfg.max_steps:
         batch = collate([examples[i] for i in order(step)], tokenizer.pad_token_id)
         lr = learning_rate(cfg, step, max(step / cfg.max_steps, time_frac))
@@ -334,9 +384,21 @@ def _train_loop(config: dict[str, Any]) -> None:
                   f"{tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s", flush=True)
         stop = budget_s is not None and time_frac >= 1.0
         stopped_by = "time_budget" if stop else stopped_by
-        state = {"step": step, "elapsed": elapsed, "time_frac": time_frac, "first_loss": first_loss,
-                 "last_loss": last_loss, "resumed_from": state.get("resumed_from", 0)}
         metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
+        if held_out and step % cfg.eval_every == 0:
+            # Every rank computes the same all-reduced accuracy, so all agree on stopping.
+            unwrapped = model.module if hasattr(model, "module") else model
+            acc = greedy_accuracy(unwrapped, tokenizer, held_out, rank, world)
+            accuracy_history.append({"step": step, "held_out_accuracy": acc})
+            metrics["held_out_accuracy"] = acc
+            if rank == 0:
+                print(f"[sft] step {step}: greedy accuracy {acc:.3f} on {len(held_out)} held-out "
+                      f"arith:{cfg.eval_difficulty} problems (stop at {cfg.stop_at_accuracy})", flush=True)
+            if acc >= cfg.stop_at_accuracy:
+                stop, stopped_by = True, "accuracy"
+        state = {"step": step, "elapsed": elapsed, "time_frac": time_frac, "first_loss": first_loss,
+                 "last_loss": last_loss, "resumed_from": state.get("resumed_from", 0),
+                 "accuracy_history": accuracy_history}
         report_train_step(model, optimizer, state, metrics, rank,
                 with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
         window.zero_()
@@ -351,6 +413,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             "final_loss": last_loss,
             "elapsed_s": time.monotonic() - started,
             "stopped_by": stopped_by,
+            "held_out_accuracy": accuracy_history,
             "resumed_from_step": state.get("resumed_from", 0),
             "examples_per_worker": len(examples),
             "dropped_too_long_rank0": dropped,

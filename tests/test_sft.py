@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from mathprm import sft
+from mathprm import arith, sft
 from mathprm.config import ConfigError, parse_args, to_dict
 from mathprm.policy import build_policy
 from mathprm.sft import IGNORE_INDEX, BatchOrder, SFTConfig, build_example, collate, mixture_counts
@@ -113,11 +113,26 @@ def test_train_step_lowers_the_loss(tok, bf16):
         ("max_length=4096", "max_length"),
         ("time_budget_min=0", "time_budget_min"),
         ("checkpoint_every=75", "checkpoint_every"),
+        ("stop_at_accuracy=0", "stop_at_accuracy"),
+        ("stop_at_accuracy=1.5", "stop_at_accuracy"),
+        ("stop_at_accuracy=0.5|eval_difficulty=extreme", "eval_difficulty"),
+        ("stop_at_accuracy=0.5|eval_every=75", "eval_every"),
+        ("stop_at_accuracy=0.5|eval_problems=1", "eval_problems"),
     ],
 )
 def test_config_errors_name_the_field(override, field):
     with pytest.raises(ConfigError, match=rf"\b{field}\b"):
-        parse_args(SFTConfig, [override])
+        parse_args(SFTConfig, override.split("|"))
+
+
+def test_held_out_problems_are_train_split_fresh_and_fixed():
+    cfg = SFTConfig(stop_at_accuracy=0.5, eval_problems=20, num_problems=200, num_workers=2)
+    problems = sft.held_out_problems(cfg)
+    assert len(problems) == 20 and all(not arith.is_test_text(p.question) for p in problems)
+    assert [p.question for p in problems] == [p.question for p in sft.held_out_problems(cfg)]
+    tok = build_char_tokenizer()
+    trained = {tok.decode(e.input_ids) for r in range(2) for e in sft.training_examples(cfg, tok, r, 2)[0]}
+    assert not any(p.question in text for p in problems for text in trained)
 
 
 def test_job_config_parses():
@@ -136,6 +151,8 @@ def test_torchtrainer_run_stops_on_its_time_budget_saves_a_loadable_policy_and_i
         mixture={"easy": 1.0}, num_problems=256, word_fraction=0.0, preset="test", batch_size=16,
         lr=3e-3, warmup_steps=5, max_steps=100_000, time_budget_min=0.15, log_every=5, checkpoint_every=5,
         num_workers=2, out_dir=str(out),
+        # Held-out greedy checks on both ranks every 5 steps; a 9-second policy never reaches 100 %.
+        stop_at_accuracy=1.0, eval_difficulty="easy", eval_problems=4, eval_every=5,
     )  # 9 seconds of training, then a clean stop that still saves
     assert sft.train_sft(cfg) == out.resolve()
 
@@ -145,6 +162,8 @@ def test_torchtrainer_run_stops_on_its_time_budget_saves_a_loadable_policy_and_i
     assert model.config.vocab_size == len(tokenizer)
     summary = json.loads((out / sft.SUMMARY_FILE).read_text())
     assert summary["stopped_by"] == "time_budget" and 5 <= summary["steps"] < 100_000
+    history = summary["held_out_accuracy"]
+    assert history and all(h["step"] % 5 == 0 and 0.0 <= h["held_out_accuracy"] < 1.0 for h in history)
     assert summary["final_loss"] < summary["first_loss"]
     # The Ray Train run kept a rank-0 checkpoint to resume from.
     assert list((tmp_path / "runs" / "ray_train" / "sft-policy").glob("checkpoint_*/train_state.pt"))
