@@ -12,6 +12,8 @@ on GPU), each generating its own train-split problems with a rank-dependent seed
 `prepare_model`, metrics and rank-0 checkpoints through `ray.train.report`. A run resumes
 from its latest Ray Train checkpoint; the finished policy is written once, atomically, with
 `save_pretrained`, so `AutoModelForCausalLM.from_pretrained` and vLLM load it directly.
+Training ends at `max_steps`, at `time_budget_min`, or (`stop_at_accuracy`) once greedy
+accuracy on held-out train-split problems reaches a target, checked on all ranks alike.
 """
 
 from __future__ import annotations
