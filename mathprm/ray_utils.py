@@ -188,3 +188,25 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
                              failure_config=FailureConfig(max_failures=0)),
         **extra,
     ).fit()
+
+
+def greedy_accuracy(generator: Any, problems: Any, rank: int, world: int, grade: Any,
+                    max_solution_tokens: int) -> float:
+    """Inside a Ray Train worker: greedy accuracy of `generator` on `problems`, each rank
+    solving every world-th one and `grade(problem, text)` judging it; the counts are
+    all-reduced, so every rank returns the same number (and may act on it alike)."""
+    import torch
+    import torch.distributed as dist
+
+    from mathprm.generation import Prefix, Sampling
+
+    mine = list(problems[rank::world])
+    correct = 0
+    if mine:
+        rolls = generator.rollouts([Prefix(p.question) for p in mine], 1,
+                                   Sampling(temperature=0.0, max_solution_tokens=max_solution_tokens))
+        correct = sum(bool(r.finished and grade(p, r.text)) for p, (r,) in zip(mine, rolls, strict=True))
+    counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return float(counts[0] / max(counts[1], 1))

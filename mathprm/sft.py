@@ -275,28 +275,17 @@ def held_out_problems(cfg: SFTConfig) -> list:
     return arith.generate(cfg.eval_difficulty, cfg.eval_problems, cfg.seed * 1_000_003 + 999_983, split="train")
 
 
-def greedy_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence, rank: int, world: int) -> float:
-    """Greedy accuracy on `problems`, each rank solving every world-th one; the counts are
-    all-reduced, so every rank returns the same number."""
-    import torch.distributed as dist
-
+def held_out_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence, rank: int, world: int) -> float:
+    """Greedy accuracy of `model` (unwrapped) on `problems`, the same number on every rank."""
     from mathprm.gen_hf import HFGenerator
-    from mathprm.generation import Prefix, Sampling
+    from mathprm.ray_utils import greedy_accuracy
 
-    mine = list(problems[rank::world])
-    correct = 0
-    if mine:
-        generator = HFGenerator.from_model(model, tokenizer, StepFormat(arith.STEP_SEPARATOR))
-        was_training = model.training
-        model.eval()
-        rolls = generator.rollouts([Prefix(p.question) for p in mine], 1,
-                                   Sampling(temperature=0.0, max_solution_tokens=384))
-        model.train(was_training)
-        correct = sum(arith.is_correct(p, r.text) for p, (r,) in zip(mine, rolls, strict=True))
-    counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return float(counts[0] / max(counts[1], 1))
+    was_training = model.training
+    model.eval()
+    generator = HFGenerator.from_model(model, tokenizer, StepFormat(arith.STEP_SEPARATOR))
+    acc = greedy_accuracy(generator, problems, rank, world, arith.is_correct, max_solution_tokens=384)
+    model.train(was_training)
+    return acc
 
 
 def is_finished(out_dir: str | Path) -> bool:
@@ -390,7 +379,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         if held_out and step % cfg.eval_every == 0:
             # Every rank computes the same all-reduced accuracy, so all agree on stopping.
             unwrapped = model.module if hasattr(model, "module") else model
-            acc = greedy_accuracy(unwrapped, tokenizer, held_out, rank, world)
+            acc = held_out_accuracy(unwrapped, tokenizer, held_out, rank, world)
             accuracy_history.append({"step": step, "held_out_accuracy": acc})
             metrics["held_out_accuracy"] = acc
             if rank == 0:

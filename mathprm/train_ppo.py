@@ -463,20 +463,10 @@ def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
 
 
 def _held_out_accuracy(generator, problems: Sequence[Problem], rank: int, world: int, cfg: PPOConfig) -> float:
-    """Greedy accuracy on the held-out problems, each worker taking every world-th problem;
-    the counts are all-reduced, so every rank returns the same number."""
-    import torch.distributed as dist
+    """Greedy accuracy on the held-out problems, the same number on every rank."""
+    from mathprm.ray_utils import greedy_accuracy
 
-    mine = list(problems[rank::world])
-    correct = 0
-    if mine:
-        rolls = generator.rollouts([Prefix(p.question) for p in mine], 1,
-                                   Sampling(temperature=0.0, max_solution_tokens=cfg.max_solution_tokens))
-        correct = sum(r.finished and judge_grader(p, r.text) for p, (r,) in zip(mine, rolls))
-    counts = torch.tensor([correct, len(mine)], dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return float(counts[0] / max(counts[1], 1))
+    return greedy_accuracy(generator, problems, rank, world, judge_grader, cfg.max_solution_tokens)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
