@@ -337,6 +337,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None}
     state = restore_train_state(model, state, "sft", rank)
     model = ray.train.torch.prepare_model(model)
+    unwrapped = model.module if hasattr(model, "module") else model  # DDP's inner model: generation, saving
     device = ray.train.torch.get_device()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if "optimizer" in state:
@@ -378,7 +379,6 @@ def _train_loop(config: dict[str, Any]) -> None:
         metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
         if held_out and step % cfg.eval_every == 0:
             # Every rank computes the same all-reduced accuracy, so all agree on stopping.
-            unwrapped = model.module if hasattr(model, "module") else model
             acc = held_out_accuracy(unwrapped, tokenizer, held_out, rank, world)
             accuracy_history.append({"step": step, "held_out_accuracy": acc})
             metrics["held_out_accuracy"] = acc
@@ -410,7 +410,6 @@ def _train_loop(config: dict[str, Any]) -> None:
             "dropped_too_long_rank0": dropped,
             "config": {**config},
         }
-        unwrapped = model.module if hasattr(model, "module") else model
         with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
             unwrapped.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)

@@ -246,11 +246,7 @@ def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
         names = set(pq.read_schema(files[0]).names)
         ds = ray.data.read_parquet(files)
     if set(steptable.SCHEMA.names) <= names:
-        # One hash partition per input file, not Ray Data's default of 200 (min_parallelism): tree
-        # search writes whole problems per file, so that many groups per partition is plenty, and
-        # 200 shuffle tasks cost ~40 s on a 2-core box even for a few labels.
-        ds = ds.groupby("problem_id", num_partitions=min(len(files), 200)).map_groups(
-            _table_to_solutions, batch_format="pyarrow")
+        ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")
     elif {"prompt", "completions", "labels"} <= names:
         sep = fmt.separator
         ds = ds.map_batches(lambda t: pa.Table.from_pylist(
