@@ -316,12 +316,14 @@ class PolicyWithValue(torch.nn.Module):
         return out.logits, values  # (B, T+1, V), (B, T+1) or None
 
 
-def _forward(model, batch: PPOBatch, temperature: float, bf16: bool):
-    """(log-probs (B, T), entropies (B, T), values (B, T) or None) of `batch` under `model`."""
+def _forward(model, batch: PPOBatch, temperature: float, bf16: bool, entropy_grad: bool = False):
+    """(log-probs (B, T), entropies (B, T), values (B, T) or None) of `batch` under `model`.
+    The entropies carry gradients only with `entropy_grad` (an entropy bonus in the loss);
+    otherwise they are a metric and cost no backward memory over the vocabulary."""
     with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits, values = model(batch.ids, batch.attention_mask)
     logp = ppo.token_logprobs(logits, batch.ids, temperature)
-    ent = ppo.entropy(logits, temperature)
+    ent = ppo.entropy(logits if entropy_grad else logits.detach(), temperature)
     return logp, ent, None if values is None else values[:, :-1].float()
 
 
@@ -360,7 +362,7 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
         for lo in range(0, B, cfg.minibatch_size):
             idx = order[lo : lo + cfg.minibatch_size]
             mb = batch.rows(idx)
-            logp, ent, values = _forward(model, mb, cfg.temperature, bf16)
+            logp, ent, values = _forward(model, mb, cfg.temperature, bf16, entropy_grad=cfg.entropy_coef != 0)
             m = mb.mask
             pg, clip_frac, approx_kl = ppo.ppo_clip_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
             loss = pg
