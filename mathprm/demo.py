@@ -1,7 +1,7 @@
 """`mathprm demo` (`make demo`): the whole arithmetic-world pipeline on a local Ray, with a report.
 
 1. the data check over the real data (or the bundled samples without it);
-2. the base policy (jobs/configs/sft_arith.yaml, ~15 min on 2 cores the first time);
+2. the base policy (jobs/configs/sft_arith.yaml, 10-22 min on 2 cores the first time);
 3. its greedy / majority@16 / pass@16 on fresh arith:hard problems (eval_arith.yaml);
 4. step labels by tree search (mcts_arith.yaml, DEMO_MCTS_LIMIT problems);
 5. a PRM on those labels (prm_arith.yaml), then its step AUROC / first-error F1 / best-of-n
