@@ -8,7 +8,8 @@
         base=/models/Qwen2.5-Math-1.5B use_gpu=true num_workers=8 precision=bf16 lora_r=16 \
         out_dir=runs/gsm8k/prm
 
-Writes the PRM (HF weights + head, tokenizer, prm_config.json, prm_summary.json) to
+Writes the PRM (the backbone as an HF causal LM, reference/ (the frozen base the likelihood
+features come from), prm_head.safetensors, tokenizer, prm_config.json, prm_summary.json) to
 runs/arith/prm, reused unless overwrite=true; Ray Train checkpoints go to
 runs/arith/ray_train/prm-prm and an interrupted run resumes from them.
 Fields: see `mathprm.train_prm.TrainPRMConfig` (`python jobs/train_prm.py --help`).

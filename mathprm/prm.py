@@ -1,8 +1,7 @@
 """The process reward model: a causal-LM backbone with a scalar head read at the end of every step.
 
-A PRM is a Hugging Face `*ForTokenClassification` model with one label, initialised from any
-causal-LM directory (the arithmetic policy, Qwen2.5-Math, ...): the backbone's weights are
-loaded and the `score` head (hidden -> 1) starts fresh. A solution is encoded as
+A PRM is a causal LM (initialised from any HF causal-LM directory: the arithmetic policy,
+Qwen2.5-Math, ...) plus a small head. A solution is encoded as
 
     ids(prompt(question)) + ids(step_0 + sep) + ids(step_1 + sep) + ...
 
@@ -13,14 +12,33 @@ the logit of a `<next>` marker. Tokenising pieces separately pins each step's en
 boundary for any tokenizer (a BPE merge across the separator cannot move it), and training
 and scoring share `encode_solution`, so they always agree.
 
+The logit of step i is
+
+    score(h_i) + w . phi_i
+
+with h_i the backbone's last hidden state at the step's end and phi_i the **likelihood
+features** of the text (`FEATURES`) under the base model the PRM started from, kept frozen
+beside the trained backbone: the lowest and the mean log-probability of step i's tokens,
+and the lowest over steps 0..i. A causal LM's surprise at a token ("I expected 116, it says 126") forms in its last
+layer at the position before that token, where no later position's head can read it back;
+handing the head that surprise is what lets a small PRM learn from a few thousand labels
+(docs/BENCHMARKS.md, "The PRM's likelihood features": a head on h alone stays at step
+AUROC ~0.77 even on exact labels for 2,000 problems). The confidence of a model in its own
+tokens is a known verifier by itself (DeepConf, Fu et al. 2025); `w` starts as that verifier
+(weight 1 on the prefix minimum) and training moves it. `features: []` gives the plain head.
+
 The score is sigmoid(logit), trained with binary cross-entropy against soft labels in [0, 1]
 (`bce_step_loss`; TRL casts labels to int, we keep the Monte-Carlo fraction). A saved PRM is
-a plain HF directory (weights, config, tokenizer) plus `prm_config.json` naming its step
-format; `PRMScorer` loads it and implements `mathprm.scorer.Scorer`.
+the backbone as a plain HF causal-LM directory (weights, config, tokenizer; vLLM or
+`AutoModelForCausalLM` load it as it is), `reference/` (the frozen base the features come
+from, when there are features), `prm_head.safetensors` (the head) and `prm_config.json`
+(step format, features); `load_prm` rebuilds it and `PRMScorer` implements
+`mathprm.scorer.Scorer`.
 
 Inputs longer than the model's context are scored in windows that each end at a step's end
-(`windows`): a step far from the question is then judged with its left context cut, which
-only matters for the 512-position arithmetic model on long real-math solutions.
+(`windows`): a step far from the question is then judged with its left context cut (and its
+prefix minimum taken over its window's steps), which only matters for the 512-position
+arithmetic model on long real-math solutions.
 """
 
 from __future__ import annotations
@@ -38,7 +56,14 @@ from mathprm.scorer import check_shapes
 from mathprm.steps import StepFormat
 
 PRM_CONFIG_FILE = "prm_config.json"
-PRM_KIND = "mathprm.prm/v1"
+PRM_HEAD_FILE = "prm_head.safetensors"
+REFERENCE_DIR = "reference"  # the frozen base LM the likelihood features come from
+PRM_KIND = "mathprm.prm/v2"
+# The likelihood features, each a log-probability of the backbone's own LM head (floored at
+# LOGP_FLOOR so one absurd token cannot dominate): the lowest and the mean over step i's
+# tokens (its separator token left out), and the lowest over the tokens of steps 0..i.
+FEATURES = ("step_min_logp", "step_mean_logp", "prefix_min_logp")
+LOGP_FLOOR = -20.0
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -47,14 +72,23 @@ PRM_KIND = "mathprm.prm/v1"
 def encode_solution(tokenizer: Any, fmt: StepFormat, question: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
     """(token ids, the index of each step's last token); ValueError naming a step that
     contains the separator (it would be two steps)."""
+    ids, positions, _ = encode_solution_spans(tokenizer, fmt, question, steps)
+    return ids, positions
+
+
+def encode_solution_spans(tokenizer: Any, fmt: StepFormat, question: str,
+                          steps: Sequence[str]) -> tuple[list[int], list[int], int]:
+    """`encode_solution` and the prompt's length: step i's tokens are ids[a:b + 1] with b its
+    last token and a the prompt's length (i = 0) or step i-1's last token + 1."""
     ids = list(tokenizer(fmt.prompt(question))["input_ids"])
+    prompt_length = len(ids)
     positions = []
     for i, step in enumerate(steps):
         if fmt.separator in step:
             raise ValueError(f"step {i}: contains the separator {fmt.separator!r}")
         ids += tokenizer(step + fmt.separator, add_special_tokens=False)["input_ids"]
         positions.append(len(ids) - 1)
-    return ids, positions
+    return ids, positions, prompt_length
 
 
 def windows(positions: Sequence[int], max_length: int) -> list[tuple[int, int, range]]:
@@ -90,6 +124,14 @@ class PRMExample:
     input_ids: list[int]  # (T,) encode_solution's ids
     positions: list[int]  # (S,) each labelled step's last token
     targets: list[float]  # (S,) soft labels in [0, 1]
+    step_ends: list[int] | None = None  # every step's last token, labelled or not; None: `positions`
+    steps_from: int | None = None  # the first token of the first step (the prompt's length); None:
+    #                                 the first step is taken to be its last token alone
+
+    def __post_init__(self) -> None:
+        ends = self.positions if self.step_ends is None else self.step_ends
+        if list(ends) != sorted(set(ends)) or not set(self.positions) <= set(ends):
+            raise ValueError("PRMExample: step_ends must be increasing and hold every labelled position")
 
 
 @dataclasses.dataclass
@@ -98,6 +140,7 @@ class PRMBatch:
     attention_mask: torch.Tensor  # (B, T) 1 on real tokens
     targets: torch.Tensor  # (B, T) float soft label at step ends, 0 elsewhere
     step_mask: torch.Tensor  # (B, T) bool, True at the labelled step ends
+    step_index: torch.Tensor  # (B, T) long: the step a token belongs to (0, 1, ...), -1 outside steps
 
     def to(self, device: torch.device | str) -> PRMBatch:
         return PRMBatch(*(t.to(device) for t in dataclasses.astuple(self)))
@@ -109,12 +152,18 @@ def collate(examples: Sequence[PRMExample], pad_id: int) -> PRMBatch:
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     targets = torch.zeros((len(examples), width), dtype=torch.float32)
     step_mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    step_index = torch.full((len(examples), width), -1, dtype=torch.long)
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[row, : len(e.input_ids)] = 1
         targets[row, e.positions] = torch.tensor(e.targets, dtype=torch.float32)
         step_mask[row, e.positions] = True
-    return PRMBatch(ids, mask, targets, step_mask)
+        ends = e.positions if e.step_ends is None else e.step_ends
+        start = ends[0] if e.steps_from is None else e.steps_from
+        for k, end in enumerate(ends):
+            step_index[row, start : end + 1] = k
+            start = end + 1
+    return PRMBatch(ids, mask, targets, step_mask, step_index)
 
 
 def bce_step_loss(logits: torch.Tensor, targets: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
@@ -131,41 +180,147 @@ def bce_step_loss(logits: torch.Tensor, targets: torch.Tensor, step_mask: torch.
     return (per_token * step_mask).sum() / n
 
 
+def likelihood_features(lm_logits: torch.Tensor, input_ids: torch.Tensor, step_index: torch.Tensor,
+                        names: Sequence[str] = FEATURES) -> torch.Tensor:
+    """(B, T, F) features `names` (of `FEATURES`) of the step each token belongs to; 0 outside steps.
+
+    lm_logits: (B, T, V) the causal LM's next-token logits; token t's log-probability is read
+    from position t-1 (token 0 has none and counts as 0). Steps are the runs of `step_index`
+    (B, T), -1 outside any step; each step's statistics skip its last token (the separator)."""
+    unknown = set(names) - set(FEATURES)
+    if unknown:
+        raise ValueError(f"likelihood_features: unknown {sorted(unknown)}; known: {', '.join(FEATURES)}")
+    if not names:
+        return lm_logits.new_zeros(*input_ids.shape, 0)
+    logp = torch.log_softmax(lm_logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    logp = F.pad(logp, (1, 0)).clamp(min=LOGP_FLOOR)  # (B, T): log p(token t | tokens < t)
+    inside = step_index >= 0
+    idx = step_index.clamp(min=0)
+    # A step's last token (its separator) is left out: after a final answer a policy writes EOS,
+    # not the separator, so that token would look like an error at the end of every solution.
+    is_end = step_index != F.pad(step_index[:, 1:], (0, 1), value=-1)
+    counted = inside & ~is_end
+    n_steps = int(step_index.max()) + 1 if inside.any() else 1
+    zero = torch.zeros(logp.shape[0], n_steps, dtype=logp.dtype, device=logp.device)
+    values = torch.where(counted, logp, torch.zeros_like(logp))  # 0 leaves a min of log-probs unchanged
+    step_min = zero.scatter_reduce(1, idx, values, "amin", include_self=True)
+    count = zero.scatter_add(1, idx, counted.to(logp.dtype))
+    step_mean = zero.scatter_add(1, idx, values) / count.clamp(min=1)
+    per_step = {"step_min_logp": step_min, "step_mean_logp": step_mean,
+                "prefix_min_logp": torch.cummin(step_min, dim=1).values}
+    out = torch.stack([per_step[n].gather(1, idx) for n in names], dim=-1)
+    return out * inside[..., None]
+
+
+class PRMModel(torch.nn.Module):
+    """A causal LM plus the step head: logit = score(last hidden state) + w . likelihood features.
+
+    The features come from `reference`, a frozen causal LM (the base the PRM started from),
+    never from the backbone being trained: fine-tuning a backbone wrecks its language-model
+    calibration within ~50 steps, even at lr 3e-4 after a head-only warm-up (docs/BENCHMARKS.md),
+    and with it the signal the features carry."""
+
+    def __init__(self, lm: torch.nn.Module, features: Sequence[str] = FEATURES,
+                 reference: torch.nn.Module | None = None) -> None:
+        super().__init__()
+        self.lm = lm
+        self.features = tuple(features)
+        likelihood_features(torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long),
+                            torch.zeros(1, 2, dtype=torch.long), self.features)  # ValueError names a bad one
+        if self.features and reference is None:
+            raise ValueError("PRMModel: likelihood features need a reference LM (build_prm loads one)")
+        self.reference = reference if self.features else None
+        if self.reference is not None:
+            self.reference.requires_grad_(False)
+            self.reference.eval()
+        hidden = lm.config.get_text_config().hidden_size
+        std = getattr(lm.config, "initializer_range", 0.02)
+        self.score = torch.nn.Linear(hidden, 1)
+        torch.nn.init.normal_(self.score.weight, std=std)
+        torch.nn.init.zeros_(self.score.bias)
+        self.feature_weights = torch.nn.Linear(len(self.features), 1, bias=False) if self.features else None
+        if self.feature_weights is not None:  # start as the model's own confidence in the prefix
+            with torch.no_grad():
+                self.feature_weights.weight.zero_()
+                if "prefix_min_logp" in self.features:
+                    self.feature_weights.weight[0, self.features.index("prefix_min_logp")] = 1.0
+                else:
+                    self.feature_weights.weight.fill_(1.0 / len(self.features))
+
+    @property
+    def config(self):
+        return self.lm.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm.dtype
+
+    def train(self, mode: bool = True) -> PRMModel:
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen: no dropout, whatever mode the PRM is in
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                step_index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) step logits (read them at step ends)."""
+        if self.features and step_index is None:
+            raise ValueError("PRMModel: likelihood features need step_index (collate builds it)")
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                      logits_to_keep=1)  # the hidden states are what the head reads, not the LM head
+        logits = self.score(out.hidden_states[-1].to(self.score.weight.dtype))[..., 0].float()
+        if self.feature_weights is not None:
+            with torch.no_grad():
+                ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
+                phi = likelihood_features(ref_logits, input_ids, step_index, self.features)
+            logits = logits + self.feature_weights(phi.to(self.feature_weights.weight.dtype))[..., 0].float()
+        return logits
+
+    def head_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"score.{k}": v for k, v in self.score.state_dict().items()}
+        if self.feature_weights is not None:
+            state["feature_weights.weight"] = self.feature_weights.weight
+        return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
 def step_logits(model: torch.nn.Module, batch: PRMBatch) -> torch.Tensor:
-    """(B, T) logits of a token-classification PRM (its one label)."""
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., 0]
+    """(B, T) logits of a PRM (`PRMModel`, possibly wrapped by DDP); read them at step ends."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, step_index=batch.step_index)
 
 
 # ----------------------------------------------------------------------------- building and saving
 
 
-def build_prm(base: str | Path, **overrides: Any) -> torch.nn.Module:
-    """A fresh PRM on the backbone of the HF causal-LM (or PRM) directory `base`: weights
-    loaded, a one-label head; `overrides` go to the config (e.g. `torch_dtype`)."""
-    from transformers import AutoConfig, AutoModelForTokenClassification
-    from transformers.utils import logging as hf_logging
+def build_prm(base: str | Path, features: Sequence[str] = FEATURES, **overrides: Any) -> PRMModel:
+    """A fresh PRM on the HF causal-LM directory `base` (its weights loaded, the head new);
+    `overrides` go to `from_pretrained` (e.g. `dtype`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(base) / "config.json").is_file():
         raise FileNotFoundError(f"{base} is not a Hugging Face model directory (no config.json)")
     config = AutoConfig.from_pretrained(base)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight MISSING" is expected: the head is new
     try:
-        return AutoModelForTokenClassification.from_pretrained(base, num_labels=1, **overrides)
+        lm = AutoModelForCausalLM.from_pretrained(base, **overrides)
     except ValueError as e:
-        raise ValueError(f"{base}: its architecture {config.architectures} has no token-classification "
-                         f"variant in transformers, so it cannot carry a PRM head ({e})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        raise ValueError(f"{base}: its architecture {config.architectures} is not a causal LM transformers "
+                         f"knows, so it cannot be a PRM backbone ({e})") from None
+    reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features else None
+    return PRMModel(lm, features, reference)
 
 
-def save_prm(model: torch.nn.Module, tokenizer: Any, fmt: StepFormat, path: str | Path, meta: dict[str, Any]) -> None:
+def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path, meta: dict[str, Any]) -> None:
     """Write a loadable PRM directory into `path` (callers make it atomic)."""
+    from safetensors.torch import save_file
+
     path = Path(path)
-    model.save_pretrained(path)
+    model.lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    config = {"kind": PRM_KIND, "separator": fmt.separator,
-              "score": "sigmoid of the one-label token-classification logit at the last token of step + separator",
+    if model.reference is not None:
+        model.reference.save_pretrained(path / REFERENCE_DIR)
+    save_file(model.head_state_dict(), str(path / PRM_HEAD_FILE))
+    config = {"kind": PRM_KIND, "separator": fmt.separator, "features": list(model.features),
+              "score": "sigmoid(score(h) + w . features) at the last token of step + separator; h the backbone's "
+                       "last hidden state there, features its own log-probabilities of the step (mathprm.prm)",
               **meta}
     (path / PRM_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -177,8 +332,43 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
                                 "`mathprm train-prm`")
     config = json.loads(file.read_text())
     if config.get("kind") != PRM_KIND:
-        raise ValueError(f"{file}: kind {config.get('kind')!r} is not {PRM_KIND!r}")
+        raise ValueError(f"{file}: kind {config.get('kind')!r} is not {PRM_KIND!r}; a PRM saved by an older "
+                         "mathprm must be retrained (`mathprm train-prm`)")
     return config
+
+
+
+def default_threshold(path: str | Path | None) -> float:
+    """The ProcessBench threshold to use with the PRM in `path`: the one its training picked on
+    validation labels (`prm_config.json`'s "threshold"), else 0.5 (the usual one for PRMs
+    trained on hard labels; also for the oracles and for `path` None)."""
+    if path is None or not (Path(path) / PRM_CONFIG_FILE).is_file():
+        return 0.5
+    value = json.loads((Path(path) / PRM_CONFIG_FILE).read_text()).get("threshold")
+    return 0.5 if value is None else float(value)
+
+def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
+    """The saved PRM in `path` (`save_prm`'s directory), in `dtype` (default: as saved)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    config = read_prm_config(path)
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    features = config.get("features", [])
+    reference = AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs) if features else None
+    model = PRMModel(lm, features, reference)
+    head = load_file(str(Path(path) / PRM_HEAD_FILE))
+    missing = set(model.head_state_dict()) ^ set(head)
+    if missing:
+        raise ValueError(f"{path}/{PRM_HEAD_FILE}: does not match prm_config.json's features (tensors "
+                         f"{sorted(missing)})")
+    model.score.load_state_dict({k.removeprefix("score."): v for k, v in head.items() if k.startswith("score.")})
+    if model.feature_weights is not None:
+        model.feature_weights.weight.data.copy_(head["feature_weights.weight"])
+    if dtype is not None:
+        model.to(dtype)
+    return model
 
 
 # ----------------------------------------------------------------------------- the Scorer
@@ -190,7 +380,7 @@ class PRMScorer:
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 16,
                  dtype: torch.dtype | None = None) -> None:
-        from transformers import AutoModelForTokenClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.config = read_prm_config(path)
         self.step_format = StepFormat(self.config["separator"])
@@ -198,7 +388,7 @@ class PRMScorer:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForTokenClassification.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = load_prm(path, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -212,17 +402,19 @@ class PRMScorer:
             if not steps:
                 continue
             try:
-                ids, positions = encode_solution(self.tokenizer, self.step_format, q, steps)
+                ids, positions, prompt_length = encode_solution_spans(self.tokenizer, self.step_format, q, steps)
             except ValueError as e:
                 raise ValueError(f"score: solution {i}: {e}") from None
             for start, end, which in windows(positions, self.max_length):
-                pieces.append((i, ids[start:end], [positions[k] - start for k in which], which))
+                first = prompt_length if which[0] == 0 else positions[which[0] - 1] + 1
+                pieces.append((i, ids[start:end], [positions[k] - start for k in which], which, max(0, first - start)))
         pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
         for lo in range(0, len(pieces), self.batch_size):
             chunk = pieces[lo : lo + self.batch_size]
-            batch = collate([PRMExample(ids, pos, [0.0] * len(pos)) for _, ids, pos, _ in chunk], self.pad_id)
+            batch = collate([PRMExample(ids, pos, [0.0] * len(pos), steps_from=first)
+                             for _, ids, pos, _, first in chunk], self.pad_id)
             probs = torch.sigmoid(step_logits(self.model, batch.to(self.device)).float()).cpu()
-            for row, (i, _, pos, which) in enumerate(chunk):
+            for row, (i, _, pos, which, _) in enumerate(chunk):
                 for k, p in zip(which, probs[row, pos].tolist()):
                     out[i][k] = p
         return out

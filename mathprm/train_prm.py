@@ -40,7 +40,9 @@ import torch
 
 from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
-from mathprm.prm import PRMExample, bce_step_loss, build_prm, collate, encode_solution, save_prm, step_logits
+from mathprm.prm import (
+    FEATURES, PRMExample, bce_step_loss, build_prm, collate, encode_solution_spans, save_prm, step_logits,
+)
 from mathprm.steps import StepFormat
 from mathprm.treesearch import auroc
 
@@ -60,6 +62,9 @@ class TrainPRMConfig:
     data: str = "runs/arith/mcts"  # tree-search output dir, step-score Parquet, or TRL stepwise Parquet/JSONL
     base: str = "runs/arith/policy"  # HF causal-LM (or PRM) directory whose backbone the PRM starts from
     separator: str | None = None  # step separator; None: the tree-search run's (run.json), else "\n\n"
+    # the backbone's own log-probabilities of each step fed to the head (mathprm.prm.FEATURES); [] = a head
+    # on the hidden state alone
+    features: list[str] = dataclasses.field(default_factory=lambda: list(FEATURES))
     val_fraction: float = 0.1  # share of problems held out for validation (by a hash of the id)
     epochs: int = 10
     batch_size: int = 16  # solutions per worker per step (global batch = batch_size * num_workers)
@@ -102,6 +107,9 @@ class TrainPRMConfig:
                              f"{self.lora_alpha} / {self.lora_dropout}")
         if self.separator is not None:
             StepFormat(self.separator)
+        unknown = [f for f in self.features if f not in FEATURES]
+        if unknown or len(set(self.features)) != len(self.features):
+            raise ValueError(f"features: {self.features} must be distinct names from {', '.join(FEATURES)} (or [])")
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -166,11 +174,11 @@ def is_validation(problem_id: str, fraction: float) -> bool:
 def to_example(row: dict[str, Any], tokenizer: Any, fmt: StepFormat) -> PRMExample | None:
     """The training example of a labelled path (only labelled steps carry a target); None if
     no step is labelled."""
-    ids, positions = encode_solution(tokenizer, fmt, row["question"], row["steps"])
+    ids, positions, prompt_length = encode_solution_spans(tokenizer, fmt, row["question"], row["steps"])
     keep = [(p, t) for p, t in zip(positions, row["targets"]) if t is not None and not math.isnan(t)]
     if not keep:
         return None
-    return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep])
+    return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep], step_ends=positions, steps_from=prompt_length)
 
 
 def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
@@ -184,22 +192,34 @@ def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
 @torch.no_grad()
 def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int, device: torch.device,
              batch_size: int) -> dict[str, float | None]:
-    """BCE against the soft labels and AUROC against `label > 0`, over every labelled step."""
+    """BCE against the soft labels and AUROC against `label > 0`, over every labelled step; and
+    `val_threshold`, the ProcessBench threshold that best finds each path's first step labelled
+    0 (`processbench.best_threshold`, over its labelled steps), None without such paths and
+    clean ones both."""
+    from mathprm.processbench import best_threshold
+
     model.eval()
     preds, targets, loss_sum, n = [], [], 0.0, 0
+    paths: list[tuple[list[float], int]] = []
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     for lo in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[lo : lo + batch_size]], pad_id).to(device)
+        chunk = [examples[i] for i in order[lo : lo + batch_size]]
+        batch = collate(chunk, pad_id).to(device)
         logits = step_logits(model, batch).float()
         k = int(batch.step_mask.sum())
         loss_sum += float(bce_step_loss(logits, batch.targets, batch.step_mask)) * k
         n += k
         preds += torch.sigmoid(logits[batch.step_mask]).tolist()
         targets += batch.targets[batch.step_mask].tolist()
+        probs = torch.sigmoid(logits).cpu()
+        for row, e in enumerate(chunk):
+            first_zero = next((i for i, t in enumerate(e.targets) if t == 0), -1)
+            paths.append((probs[row, e.positions].tolist(), first_zero))
     model.train()
     hard = [t > 0 for t in targets]
     return {"val_bce": loss_sum / n if n else None,
-            "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n}
+            "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n,
+            "val_threshold": best_threshold([p for p, _ in paths], [y for _, y in paths])}
 
 
 # ----------------------------------------------------------------------------- data on Ray
@@ -330,13 +350,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.seed)
-    model = build_prm(cfg.base)
-    if cfg.lora_r:
+    model = build_prm(cfg.base, cfg.features)
+    if cfg.lora_r:  # adapters on the backbone's linear layers (not its LM head); the PRM head trains in full
         from peft import LoraConfig, TaskType, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type=TaskType.TOKEN_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules="all-linear",
-                                                 exclude_modules=["score"]))  # the head: trained in full
+        model.lm = get_peft_model(model.lm, LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r,
+                                                       lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                       target_modules="all-linear"))
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "first_loss": None, "last_loss": None, "dropped": 0}
     state = restore_train_state(model, state, "train-prm", rank)
     model = ray.train.torch.prepare_model(model)
@@ -424,13 +444,16 @@ def _train_loop(config: dict[str, Any]) -> None:
             window_start = time.monotonic()
 
     if rank == 0:
-        final = unwrapped.merge_and_unload() if cfg.lora_r else unwrapped
+        final = unwrapped
+        if cfg.lora_r:
+            final.lm = final.lm.merge_and_unload()
         summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, **val,
                    "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
                    "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
                    "config": {**config}}
         with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
-            save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r})
+            save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r,
+                                                  "threshold": val.get("val_threshold")})
             atomic.write_json(tmp / SUMMARY_FILE, summary)
         print(f"[train-prm] saved the PRM to {cfg.out_dir} after {step} steps", flush=True)
 

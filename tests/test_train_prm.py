@@ -133,7 +133,7 @@ def _cfg(labels_dir, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
 @pytest.mark.slow
 def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster, labels_dir, tiny_policy_dir,
                                                                      tmp_path, monkeypatch):
-    from mathprm.prm import PRMScorer
+    from mathprm.prm import PRMScorer, default_threshold
 
     from tests.conftest import MetricsWatcher
 
@@ -147,6 +147,10 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
     assert summary["final_loss"] < summary["first_loss"]
     assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
     assert summary["config"]["num_workers"] == 2
+    # The ProcessBench threshold picked on the validation paths (each has a branch labelled 0 or is
+    # the clean reference) is what the PRM's config hands evaluations.
+    assert 0.0 <= summary["val_threshold"] <= 1.0
+    assert default_threshold(tmp_path / "prm") == summary["val_threshold"]
     scorer = PRMScorer(tmp_path / "prm", device="cpu")
     p = arith.generate("easy", 1, seed=11, split="train")[0]
     assert len(scorer.score([p.question], [arith.solution_steps(p)])[0]) == len(arith.solution_steps(p))
@@ -159,7 +163,9 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
 @pytest.mark.slow
 def test_a_killed_lora_run_on_trl_rows_resumes_and_saves_merged_weights(ray_cluster, tiny_policy_dir, tmp_path):
     import pyarrow as pa
-    from transformers import AutoModelForTokenClassification
+    from transformers import AutoModelForCausalLM
+
+    from mathprm.prm import load_prm
 
     # TRL stepwise rows (the first test trains on tree-search labels), LoRA adapters through PEFT,
     # one worker (DDP is the first test's job): killed after its first checkpoint, then resumed.
@@ -176,6 +182,6 @@ def test_a_killed_lora_run_on_trl_rows_resumes_and_saves_merged_weights(ray_clus
     assert summary["resumed_from_step"] >= 2
     assert summary["steps"] >= summary["resumed_from_step"]
     assert summary["config"]["lora_r"] == 4
-    assert not list(out.glob("adapter_*"))  # merged: a plain HF directory
-    model = AutoModelForTokenClassification.from_pretrained(out)
-    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not list(out.glob("adapter_*"))  # merged: a plain HF causal-LM directory plus the head
+    assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(out).named_parameters())
+    assert not any("lora" in name for name, _ in load_prm(out).named_parameters())
