@@ -8,7 +8,8 @@ For each problem the policy samples `n` solutions; the scorer scores every step.
 - `step_auroc`: AUROC of the step scores against the exact truth "every step so far is
   right" (`arith.step_labels`, ProcessBench's first-error label), over all sampled steps;
 - `first_error_f1`: the ProcessBench metric on the same solutions: the predicted earliest
-  error is the first step scored below `threshold` (or -1), compared with `arith.first_error`;
+  error is the first step scored below `threshold` (or -1; by default the threshold the PRM's
+  training picked on its validation labels), compared with `arith.first_error`;
   F1 of the accuracies on erroneous and on correct solutions (in percent);
 - `best_of_n@n`: accuracy when the solution with the highest aggregated score is kept
   (`aggregation`: last / min / prod / mean; all four are in `best_of_n_by_aggregation`),
@@ -54,7 +55,8 @@ class PRMEvalConfig:
     top_p: float = 1.0
     max_solution_tokens: int = 384
     aggregation: str = "min"  # step scores -> solution score for best_of_n
-    threshold: float = 0.5  # a step scored below this is the predicted first error
+    threshold: float | None = None  # a step scored below it is the predicted first error; None: the PRM's
+    #                                   own (picked on its validation labels, mathprm.prm.default_threshold)
     separator: str | None = None  # None: the dataset's ("\n" for arith:*)
     backend: str = "hf"  # generator backend, a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator / scorer call
@@ -71,7 +73,7 @@ class PRMEvalConfig:
             raise ValueError(f"scorer: the oracle knows only arith:* problems, not {self.dataset!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
-        if not 0 <= self.threshold <= 1:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
         for name in ("n", "batch_problems", "num_actors"):
             if getattr(self, name) < 1:
@@ -228,9 +230,15 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
             elapsed = time.monotonic() - started
             print(f"[evaluate-prm] {len(records)}/{len(problems)} problems, {elapsed:.0f}s, "
                   f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
+    if cfg.threshold is not None:
+        threshold = cfg.threshold
+    else:
+        from mathprm.prm import default_threshold
+
+        threshold = default_threshold(cfg.prm if cfg.scorer == "prm" else None)
     report = {"prm": cfg.prm if cfg.scorer != "oracle" else "oracle", "policy": cfg.policy, "dataset": cfg.dataset,
               "seed": cfg.seed, "n": cfg.n, "temperature": cfg.temperature, "aggregation": cfg.aggregation,
-              "threshold": cfg.threshold, **summarise(records, cfg.n, cfg.aggregation, cfg.threshold),
+              "threshold": threshold, **summarise(records, cfg.n, cfg.aggregation, threshold),
               "elapsed_s": round(time.monotonic() - started, 1), "date": time.strftime("%Y-%m-%d")}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)

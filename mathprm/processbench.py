@@ -13,8 +13,8 @@ and the headline number is the mean F1 over the four subsets.
 
 A `Scorer` becomes a critic the usual way for process reward models: the first step whose
 score falls below a threshold is the predicted error (`predicted_first_error`, as in the
-Qwen2.5-Math-PRM report, Zhang et al. 2025). The threshold is a config field (0.5 by
-default; a PRM calibrated on other data may want another). Departure from the paper: where a subset has no
+Qwen2.5-Math-PRM report, Zhang et al. 2025). The threshold is a config field; by default a
+PRM's own, picked on its validation labels (`best_threshold`), else 0.5. Departure from the paper: where a subset has no
 erroneous (or no correct) solutions, which only a `limit` can cause, its accuracy and F1
 are None instead of a division by zero.
 
@@ -72,6 +72,54 @@ def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[s
             "n_erroneous": len(erroneous), "n_correct": len(correct)}
 
 
+
+def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> float | None:
+    """The threshold that maximises `processbench_f1` of `predicted_first_error(scores[i], t)`
+    against `labels[i]` (-1 or the first wrong step); None when there are no erroneous or no
+    correct solutions (F1 is then undefined).
+
+    Candidates are the midpoints between consecutive distinct scores (and just outside their
+    range), so the choice does not sit on a score it was fitted on; among equal F1s the
+    lowest threshold wins (fewest steps called wrong). A PRM trained on Monte-Carlo values
+    scores right steps of a weak policy well below 0.5, so 0.5 is no threshold for it; this
+    picks one on held-out labels (mathprm.train_prm stores it in the PRM's config).
+
+    Each solution is right for the t in one interval: a correct one for t <= min(scores), an
+    erroneous one with label y for scores[y] < t <= min(scores[:y]); counting intervals by
+    bisection keeps this O((solutions + candidates) log solutions)."""
+    import bisect
+
+    if len(scores) != len(labels):
+        raise ValueError(f"best_threshold: {len(scores)} solutions but {len(labels)} labels")
+    n_err = sum(y != -1 for y in labels)
+    n_ok = len(labels) - n_err
+    if not n_err or not n_ok:
+        return None
+    ok_hi, err_lo, err_hi = [], [], []
+    for ss, y in zip(scores, labels):
+        if any(math.isnan(x) for x in ss):
+            raise ValueError("best_threshold: a score is NaN")
+        if y == -1:
+            ok_hi.append(min(ss, default=math.inf))
+        elif y < len(ss) and ss[y] < min(ss[:y], default=math.inf):  # else no threshold finds y
+            err_lo.append(ss[y])
+            err_hi.append(min(ss[:y], default=math.inf))
+    ok_hi.sort(), err_lo.sort(), err_hi.sort()
+    values = sorted({float(x) for ss in scores for x in ss})
+    if not values:
+        return None
+    candidates = [max(0.0, values[0] - 1e-6), *((a + b) / 2 for a, b in zip(values, values[1:])),
+                  min(1.0, values[-1] + 1e-6)]
+    best, best_f1 = None, -1.0
+    for t in candidates:
+        correct = len(ok_hi) - bisect.bisect_left(ok_hi, t)  # t <= hi
+        erroneous = bisect.bisect_left(err_lo, t) - bisect.bisect_left(err_hi, t)  # lo < t <= hi
+        err_acc, ok_acc = erroneous / n_err, correct / n_ok
+        f1 = 2 * err_acc * ok_acc / (err_acc + ok_acc) if err_acc + ok_acc else 0.0
+        if f1 > best_f1 + 1e-12:
+            best, best_f1 = t, f1
+    return best
+
 class ProcessBenchOracle:
     """A `Scorer` that knows the human labels: step i scores 1.0 if the solution is right
     (label -1) or i comes before the first error, else 0.0. With any threshold in (0, 1] it
@@ -101,7 +149,8 @@ class ProcessBenchConfig:
     scorer_backend: str = "prm"  # a key of mathprm.scorer.SCORERS, or "oracle" (the human labels)
     prm: str | None = "runs/arith/prm"  # the scorer's directory; unused by the oracle
     subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
-    threshold: float = 0.5  # a step scored below it is the predicted first error
+    threshold: float | None = None  # a step scored below it is the predicted first error; None: the
+    #                                   PRM's own (mathprm.prm.default_threshold), 0.5 for other scorers
     limit: int | None = None  # first N items of each subset
     batch_size: int = 8  # solutions per scorer call
     out: str = "runs/eval/processbench.json"
@@ -119,7 +168,7 @@ class ProcessBenchConfig:
                 raise ValueError(f"subsets: unknown subset {s!r}; choose from {', '.join(SUBSETS)}")
         if len(set(self.subsets)) != len(self.subsets):
             raise ValueError(f"subsets: {self.subsets} names a subset twice")
-        if not 0.0 <= self.threshold <= 1.0:
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
@@ -180,8 +229,13 @@ def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> d
             scorer = ProcessBenchOracle([it for items in items_by_subset.values() for it in items])
         else:
             scorer = load_scorer(cfg.scorer_backend, cfg.prm)
+    threshold = cfg.threshold
+    if threshold is None:
+        from mathprm.prm import default_threshold
+
+        threshold = default_threshold(cfg.prm if cfg.scorer_backend == "prm" else None)
     started = time.monotonic()
-    result = evaluate_scorer(scorer, items_by_subset, cfg.threshold, cfg.batch_size)
+    result = evaluate_scorer(scorer, items_by_subset, threshold, cfg.batch_size)
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "backend": cfg.scorer_backend,

@@ -99,3 +99,21 @@ def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_pol
     assert remote["n_solutions"] == local["n_solutions"] == 6
     assert [json.loads(x)["solutions"] for x in (tmp_path / "ray.problems.jsonl").read_text().splitlines()] == [
         json.loads(x)["solutions"] for x in (tmp_path / "local.problems.jsonl").read_text().splitlines()]
+
+
+def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_dir, tmp_path):
+    from mathprm.evaluate_prm import run_prm_evaluation
+    from mathprm.prm import build_prm, default_threshold, save_prm
+    from mathprm.steps import StepFormat
+    from mathprm.tokenizer import build_char_tokenizer
+
+    prm = tmp_path / "prm"
+    save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), prm,
+             {"base": "tiny", "threshold": 0.125})
+    assert default_threshold(prm) == 0.125 and default_threshold(None) == 0.5
+    common = dict(prm=str(prm), policy=str(tiny_policy_dir), dataset="arith:easy", limit=1, n=1,
+                  max_solution_tokens=24, device="cpu")
+    assert run_prm_evaluation(PRMEvalConfig(**common, out=str(tmp_path / "a.json")))["threshold"] == 0.125
+    assert run_prm_evaluation(PRMEvalConfig(**common, threshold=0.7, out=str(tmp_path / "b.json")))["threshold"] == 0.7
+    oracle = run_prm_evaluation(PRMEvalConfig(**{**common, "prm": "unused"}, scorer="oracle", out=str(tmp_path / "c.json")))
+    assert oracle["threshold"] == 0.5

@@ -10,6 +10,7 @@ from mathprm.processbench import (
     SUBSETS,
     ProcessBenchConfig,
     ProcessBenchOracle,
+    best_threshold,
     evaluate_scorer,
     format_table,
     predicted_first_error,
@@ -60,6 +61,39 @@ def test_predicted_first_error_rejects_nan():
     with pytest.raises(ValueError, match="step 1 is NaN"):
         predicted_first_error([0.9, float("nan")], 0.5)
 
+
+
+def test_best_threshold_by_hand():
+    # Solution A is right; B's first error is step 1; C's is step 0.
+    scores = [[0.30, 0.25], [0.40, 0.10, 0.05], [0.20, 0.35]]
+    labels = [-1, 1, 0]
+    # A needs t <= 0.25, B needs 0.10 < t <= 0.40, C needs 0.20 < t <= inf. No t gets all three:
+    # t in (0.20, 0.25] gets A, B, C; the midpoint candidate there is (0.20 + 0.25) / 2.
+    assert best_threshold(scores, labels) == pytest.approx(0.225)
+    # The oracle's 0/1 scores: any t in (0, 1] is perfect, and the lowest candidate is 0.5.
+    assert best_threshold([[1.0, 1.0], [1.0, 0.0]], [-1, 1]) == pytest.approx(0.5)
+    # F1 needs both kinds of solution.
+    assert best_threshold([[0.3], [0.2]], [-1, -1]) is None
+    with pytest.raises(ValueError, match="2 solutions but 1 labels"):
+        best_threshold([[0.3], [0.2]], [-1])
+
+
+def test_best_threshold_is_the_best_of_a_brute_force_search():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        scores = [[round(rng.random(), 2) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(2, 10))]
+        labels = [rng.choice([-1, *range(len(s))]) for s in scores]
+        t = best_threshold(scores, labels)
+        if t is None:
+            continue
+
+        def f1(th):
+            return processbench_f1(labels, [predicted_first_error(s, th) for s in scores])["f1"]
+
+        grid = [i / 1000 for i in range(1001)]
+        assert f1(t) >= max(f1(g) for g in grid) - 1e-9
 
 # ------------------------------------------------------------------ processbench_f1
 
