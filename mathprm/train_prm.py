@@ -65,10 +65,6 @@ class TrainPRMConfig:
     # the backbone's own log-probabilities of each step fed to the head (mathprm.prm.FEATURES); [] = a head
     # on the hidden state alone
     features: list[str] = dataclasses.field(default_factory=lambda: list(FEATURES))
-    # what a tree-search label trains: "value" = the state's Monte-Carlo score (Math-Shepherd's soft
-    # label); "progress" = min(1, score / the score of the nearest labelled state before it), the
-    # step's own effect (Setlur et al. 2024's progress, as a ratio); see `solutions_of_problem`
-    target: Literal["value", "progress"] = "value"
     val_fraction: float = 0.1  # share of problems held out for validation (by a hash of the id)
     epochs: int = 10
     batch_size: int = 16  # solutions per worker per step (global batch = batch_size * num_workers)
@@ -111,8 +107,6 @@ class TrainPRMConfig:
                              f"{self.lora_alpha} / {self.lora_dropout}")
         if self.separator is not None:
             StepFormat(self.separator)
-        if self.target not in ("value", "progress"):
-            raise ValueError(f"target: must be value or progress, got {self.target!r}")
         unknown = [f for f in self.features if f not in FEATURES]
         if unknown or len(set(self.features)) != len(self.features):
             raise ValueError(f"features: {self.features} must be distinct names from {', '.join(FEATURES)} (or [])")
@@ -121,19 +115,13 @@ class TrainPRMConfig:
 # ----------------------------------------------------------------------------- pure core
 
 
-def solutions_of_problem(rows: Sequence[dict[str, Any]], target: str = "value") -> list[dict[str, Any]]:
+def solutions_of_problem(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One problem's labelled states -> its labelled paths (rows of `SOLUTIONS`).
 
     A state is `prefix + (step,)`; the same state labelled twice (two sampled solutions that
     share a first step) is merged by pooling its rollouts. Each leaf (a state no other state
     extends) becomes one path; each state's label goes to the first path, in sorted order,
-    that passes through it, and is NaN in the others.
-
-    The label is the state's Monte-Carlo score v (`target="value"`), or with "progress"
-    min(1, v / v_parent), v_parent the score of the nearest labelled state the path passed
-    before (0 when that is 0: past a failed state every step counts as wrong, as in the
-    first-error truth; v itself for the first labelled state). A value mixes how good the step
-    is with how hard the rest of the problem is for the policy; the ratio keeps the first."""
+    that passes through it, and is NaN in the others."""
     pooled: dict[tuple[str, ...], list[int]] = {}
     first = rows[0]
     for r in rows:
@@ -143,19 +131,15 @@ def solutions_of_problem(rows: Sequence[dict[str, Any]], target: str = "value") 
     inner = {s[:i] for s in pooled for i in range(len(s))}
     out, given = [], set()
     for leaf in sorted(s for s in pooled if s not in inner):
-        targets, parent = [], None
+        targets = []
         for end in range(1, len(leaf) + 1):
             state = leaf[:end]
-            value = pooled[state][1] / pooled[state][0] if state in pooled else None
-            if value is not None and state not in given:
-                if target == "progress" and parent is not None:
-                    targets.append(min(1.0, value / parent) if parent > 0 else 0.0)
-                else:
-                    targets.append(value)
+            if state in pooled and state not in given:
+                n, c = pooled[state]
+                targets.append(c / n)
                 given.add(state)
             else:
                 targets.append(math.nan)
-            parent = value if value is not None else parent
         out.append({"problem_id": first["problem_id"], "question": first["question"], "steps": list(leaf),
                     "targets": targets})
     return out
@@ -253,11 +237,8 @@ def resolve_separator(cfg: TrainPRMConfig) -> str:
     return "\n\n"
 
 
-def _solutions_fn(target: str):
-    def table_to_solutions(table: pa.Table) -> pa.Table:
-        return pa.Table.from_pylist(solutions_of_problem(table.to_pylist(), target), schema=SOLUTIONS)
-
-    return table_to_solutions
+def _table_to_solutions(table: pa.Table) -> pa.Table:
+    return pa.Table.from_pylist(solutions_of_problem(table.to_pylist()), schema=SOLUTIONS)
 
 
 def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
@@ -285,7 +266,7 @@ def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
         names = set(pq.read_schema(files[0]).names)
         ds = ray.data.read_parquet(files)
     if set(steptable.SCHEMA.names) <= names:
-        ds = ds.groupby("problem_id").map_groups(_solutions_fn(cfg.target), batch_format="pyarrow")
+        ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")
     elif {"prompt", "completions", "labels"} <= names:
         sep = fmt.separator
         ds = ds.map_batches(lambda t: pa.Table.from_pylist(

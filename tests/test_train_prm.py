@@ -37,23 +37,6 @@ def test_paths_carry_each_label_once_and_pool_repeated_states():
     assert all(p["problem_id"] == "p" and p["question"] == "q?" for p in paths)
 
 
-
-def test_progress_targets_are_the_ratio_to_the_state_before():
-    # Root solution a-b-e with a second branch a-c-d; "b" is unlabelled on its path (a node that
-    # extends its parent by two steps), so "e" is measured against "a".
-    rows = [_row([], "a", 8, 4), _row(["a", "b"], "e", 8, 6), _row(["a"], "c", 8, 1), _row(["a", "c"], "d", 8, 0),
-            _row(["a", "c", "d"], "f", 8, 2)]
-    paths = solutions_of_problem(rows, target="progress")
-    assert [p["steps"] for p in paths] == [["a", "b", "e"], ["a", "c", "d", "f"]]
-    # a: no labelled state before it, so its value 4/8; e: min(1, 6/8 / 4/8) = 1.
-    assert paths[0]["targets"][0] == 0.5 and math.isnan(paths[0]["targets"][1]) and paths[0]["targets"][2] == 1.0
-    # c: (1/8) / (4/8) = 0.25 (a's label went to the first path, its value still counts here);
-    # d: 0 / (1/8) = 0; f: after a state scored 0 every step counts as wrong, whatever f's own 2/8.
-    assert math.isnan(paths[1]["targets"][0]) and paths[1]["targets"][1:] == [0.25, 0.0, 0.0]
-    assert solutions_of_problem(rows)[1]["targets"][1:] == [0.125, 0.0, 0.25]  # target="value"
-    with pytest.raises(ValueError, match="target: must be value or progress"):
-        TrainPRMConfig(target="ratio")
-
 def test_trl_rows_split_multi_step_completions_and_check_labels():
     row = {"prompt": "q?\n", "completions": ["a\nb", "c"], "labels": [True, 0.25]}
     sol = solution_of_trl_row(row, FMT)
