@@ -192,7 +192,10 @@ def likelihood_features(lm_logits: torch.Tensor, input_ids: torch.Tensor, step_i
         raise ValueError(f"likelihood_features: unknown {sorted(unknown)}; known: {', '.join(FEATURES)}")
     if not names:
         return lm_logits.new_zeros(*input_ids.shape, 0)
-    logp = torch.log_softmax(lm_logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+    # Row by row: a float32 log-softmax over a (B, T, V) block is ~10 GB at B = 16, T = 1,024 and
+    # a 150k vocabulary (Qwen2.5); one row at a time keeps it at T x V.
+    logp = torch.stack([torch.log_softmax(lm_logits[b, :-1].float(), dim=-1).gather(-1, input_ids[b, 1:, None])[:, 0]
+                        for b in range(input_ids.shape[0])])
     logp = F.pad(logp, (1, 0)).clamp(min=LOGP_FLOOR)  # (B, T): log p(token t | tokens < t)
     inside = step_index >= 0
     idx = step_index.clamp(min=0)
