@@ -51,6 +51,10 @@ def predicted_first_error(scores: Sequence[float], threshold: float) -> int:
     return -1
 
 
+def harmonic_mean(a: float, b: float) -> float:
+    """2ab / (a + b), the F1 of two accuracies; 0 when both are 0."""
+    return 2 * a * b / (a + b) if a + b else 0.0
+
 def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, Any]:
     """ProcessBench's per-subset metric (module docstring), accuracies and F1 in percent.
 
@@ -63,11 +67,7 @@ def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[s
     correct = [p == -1 for y, p in zip(labels, predictions) if y == -1]
     error_acc = 100.0 * sum(erroneous) / len(erroneous) if erroneous else None
     correct_acc = 100.0 * sum(correct) / len(correct) if correct else None
-    if error_acc is None or correct_acc is None:
-        f1 = None
-    else:
-        total = error_acc + correct_acc
-        f1 = 2 * error_acc * correct_acc / total if total else 0.0
+    f1 = None if error_acc is None or correct_acc is None else harmonic_mean(error_acc, correct_acc)
     return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1,
             "n_erroneous": len(erroneous), "n_correct": len(correct)}
 
@@ -114,8 +114,7 @@ def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
     for t in candidates:
         correct = len(ok_hi) - bisect.bisect_left(ok_hi, t)  # t <= hi
         erroneous = bisect.bisect_left(err_lo, t) - bisect.bisect_left(err_hi, t)  # lo < t <= hi
-        err_acc, ok_acc = erroneous / n_err, correct / n_ok
-        f1 = 2 * err_acc * ok_acc / (err_acc + ok_acc) if err_acc + ok_acc else 0.0
+        f1 = harmonic_mean(erroneous / n_err, correct / n_ok)
         if f1 > best_f1 + 1e-12:
             best, best_f1 = t, f1
     return best

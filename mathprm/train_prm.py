@@ -209,12 +209,12 @@ def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int
         k = int(batch.step_mask.sum())
         loss_sum += float(bce_step_loss(logits, batch.targets, batch.step_mask)) * k
         n += k
-        preds += torch.sigmoid(logits[batch.step_mask]).tolist()
-        targets += batch.targets[batch.step_mask].tolist()
         probs = torch.sigmoid(logits).cpu()
         for row, e in enumerate(chunk):
-            first_zero = next((i for i, t in enumerate(e.targets) if t == 0), -1)
-            paths.append((probs[row, e.positions].tolist(), first_zero))
+            scores = probs[row, e.positions].tolist()
+            preds += scores
+            targets += e.targets
+            paths.append((scores, next((i for i, t in enumerate(e.targets) if t == 0), -1)))
     model.train()
     hard = [t > 0 for t in targets]
     return {"val_bce": loss_sum / n if n else None,
