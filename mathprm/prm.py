@@ -28,7 +28,9 @@ tokens is a known verifier by itself (DeepConf, Fu et al. 2025); `w` starts as t
 (weight 1 on the prefix minimum) and training moves it. Measured there too: that untrained
 start (0.93) beats every trained variant, because Monte-Carlo values also teach the head how
 hard the rest of a problem is, which the first-error truth ignores. `features: []` gives the
-plain head.
+plain head; `hidden_head=False` drops score(h) and keeps the backbone frozen as the reference
+itself, so training only fits `w` and a bias: the calibrated prior, one model copy, one
+forward pass per batch, and nothing for Monte-Carlo values to teach about problem difficulty.
 
 The score is sigmoid(logit), trained with binary cross-entropy against soft labels in [0, 1]
 (`bce_step_loss`; TRL casts labels to int, we keep the Monte-Carlo fraction). A saved PRM is
@@ -226,12 +228,21 @@ class PRMModel(torch.nn.Module):
     model, so its own log-probabilities would drift away from the signal the features carry."""
 
     def __init__(self, lm: torch.nn.Module, features: Sequence[str] = FEATURES,
-                 reference: torch.nn.Module | None = None) -> None:
+                 reference: torch.nn.Module | None = None, hidden_head: bool = True) -> None:
         super().__init__()
         self.lm = lm
         self.features = tuple(features)
+        self.hidden_head = hidden_head
         likelihood_features(torch.zeros(1, 2, 1), torch.zeros(1, 2, dtype=torch.long),
                             torch.zeros(1, 2, dtype=torch.long), self.features)  # ValueError names a bad one
+        if not hidden_head:  # the calibrated prior: the features and a bias, the backbone is the reference
+            if not self.features:
+                raise ValueError("PRMModel: hidden_head=False leaves only the likelihood features, so it needs some")
+            if reference is not None and reference is not lm:
+                raise ValueError("PRMModel: without the hidden-state head the backbone is the reference; "
+                                 "pass no separate reference")
+            reference = lm
+            lm.requires_grad_(False)
         if self.features and reference is None:
             raise ValueError("PRMModel: likelihood features need a reference LM (build_prm loads one)")
         self.reference = reference if self.features else None
@@ -243,6 +254,9 @@ class PRMModel(torch.nn.Module):
         self.score = torch.nn.Linear(hidden, 1)
         torch.nn.init.normal_(self.score.weight, std=std)
         torch.nn.init.zeros_(self.score.bias)
+        if not hidden_head:
+            torch.nn.init.zeros_(self.score.weight)
+            self.score.weight.requires_grad_(False)
         self.feature_weights = torch.nn.Linear(len(self.features), 1, bias=False) if self.features else None
         if self.feature_weights is not None:  # start as the model's own confidence in the prefix
             with torch.no_grad():
@@ -271,9 +285,12 @@ class PRMModel(torch.nn.Module):
         """(B, T) step logits (read them at step ends)."""
         if self.features and step_index is None:
             raise ValueError("PRMModel: likelihood features need step_index (collate builds it)")
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                      logits_to_keep=1)  # the hidden states are what the head reads, not the LM head
-        logits = self.score(out.hidden_states[-1].to(self.score.weight.dtype))[..., 0].float()
+        if self.hidden_head:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                          logits_to_keep=1)  # the hidden states are what the head reads, not the LM head
+            logits = self.score(out.hidden_states[-1].to(self.score.weight.dtype))[..., 0].float()
+        else:  # score.weight is 0: only its bias counts, and the backbone need not run
+            logits = self.score.bias.float().expand(input_ids.shape)
         if self.feature_weights is not None:
             with torch.no_grad():
                 ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -296,9 +313,11 @@ def step_logits(model: torch.nn.Module, batch: PRMBatch) -> torch.Tensor:
 # ----------------------------------------------------------------------------- building and saving
 
 
-def build_prm(base: str | Path, features: Sequence[str] = FEATURES, **overrides: Any) -> PRMModel:
+def build_prm(base: str | Path, features: Sequence[str] = FEATURES, hidden_head: bool = True,
+              **overrides: Any) -> PRMModel:
     """A fresh PRM on the HF causal-LM directory `base` (its weights loaded, the head new);
-    `overrides` go to `from_pretrained` (e.g. `dtype`)."""
+    `overrides` go to `from_pretrained` (e.g. `dtype`). `hidden_head=False`: the calibrated
+    prior, one frozen copy of `base` serving as backbone and reference."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not (Path(base) / "config.json").is_file():
@@ -309,6 +328,8 @@ def build_prm(base: str | Path, features: Sequence[str] = FEATURES, **overrides:
     except ValueError as e:
         raise ValueError(f"{base}: its architecture {config.architectures} is not a causal LM transformers "
                          f"knows, so it cannot be a PRM backbone ({e})") from None
+    if not hidden_head:
+        return PRMModel(lm, features, None, hidden_head=False)
     reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features else None
     return PRMModel(lm, features, reference)
 
@@ -320,10 +341,11 @@ def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path,
     path = Path(path)
     model.lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    if model.reference is not None:
+    if model.reference is not None and model.hidden_head:  # without the hidden head the backbone is it
         model.reference.save_pretrained(path / REFERENCE_DIR)
     save_file(model.head_state_dict(), str(path / PRM_HEAD_FILE))
     config = {"kind": PRM_KIND, "separator": fmt.separator, "features": list(model.features),
+              "hidden_head": model.hidden_head,
               "score": "sigmoid(score(h) + w . features) at the last token of step + separator; h the backbone's "
                        "last hidden state there, features its own log-probabilities of the step (mathprm.prm)",
               **meta}
@@ -361,8 +383,12 @@ def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
     kwargs = {"dtype": dtype} if dtype is not None else {}
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     features = config.get("features", [])
-    reference = AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs) if features else None
-    model = PRMModel(lm, features, reference)
+    hidden_head = bool(config.get("hidden_head", True))
+    if not hidden_head:
+        model = PRMModel(lm, features, None, hidden_head=False)
+    else:
+        reference = AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs) if features else None
+        model = PRMModel(lm, features, reference)
     head = load_file(str(Path(path) / PRM_HEAD_FILE))
     missing = set(model.head_state_dict()) ^ set(head)
     if missing:

@@ -165,3 +165,29 @@ def test_one_pass_gives_the_scores_of_one_pass_per_prefix(prm_dir):
     assert scorer.score(["q"], [[]]) == [[]]
     with pytest.raises(ValueError, match="solution 0: step 0: contains the separator"):
         scorer.score(["q"], [["a\nb"]])
+
+
+def test_without_the_hidden_head_only_the_feature_weights_and_a_bias_train(tiny_policy_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    model = build_prm(tiny_policy_dir, hidden_head=False)
+    assert model.reference is model.lm  # one frozen copy of the base: backbone and reference at once
+    assert model.score.weight.abs().sum() == 0
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"score.bias", "feature_weights.weight"}
+    batch = collate([PRMExample(list(range(3, 15)), [8, 11], [1.0, 0.0], step_ends=[8, 11], steps_from=4)], pad_id=0)
+    with torch.no_grad():
+        model.score.bias.fill_(0.5)
+        model.feature_weights.weight.copy_(torch.tensor([[0.25, -1.0, 2.0]]))
+        phi = likelihood_features(model.lm(input_ids=batch.input_ids).logits, batch.input_ids, batch.step_index)
+    logits = step_logits(model, batch)
+    assert logits.detach()[0] == pytest.approx((0.5 + phi[0] @ torch.tensor([0.25, -1.0, 2.0])).tolist(), abs=1e-5)
+    bce_step_loss(logits, batch.targets, batch.step_mask).backward()
+    assert model.score.bias.grad is not None and model.feature_weights.weight.grad.abs().sum() > 0
+    # Saved without a second copy of the base; loads back to the same scores.
+    save_prm(model, AutoTokenizer.from_pretrained(tiny_policy_dir), FMT, tmp_path, {"base": "tiny"})
+    assert not (tmp_path / "reference").exists() and read_prm_config(tmp_path)["hidden_head"] is False
+    again = load_prm(tmp_path)
+    assert not again.hidden_head and again.reference is again.lm
+    assert step_logits(again, batch).detach()[0] == pytest.approx(logits.detach()[0].tolist(), abs=1e-5)
+    with pytest.raises(ValueError, match="needs some"):
+        build_prm(tiny_policy_dir, features=[], hidden_head=False)

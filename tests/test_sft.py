@@ -200,7 +200,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     cfg = _tiny_run(out, max_steps=2000, log_every=10, checkpoint_every=10)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["sft", *overrides], ray_cluster["gcs_address"],
-                                tmp_path / "ray_train" / "sft-resume" / "checkpoint_manager_snapshot.json", 120)
+                                tmp_path / "ray_train" / "sft-resume" / "checkpoint_manager_snapshot.json", 300)
     assert not out.exists()  # nothing half-written where the policy goes
 
     sft.train_sft(dataclasses.replace(cfg, max_steps=60))

@@ -202,7 +202,7 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
                entropy_coef=0.01, updates=40)  # the entropy bonus moves even a junk policy's weights
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-ppo", *overrides], ray_cluster["gcs_address"],
-                                tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 180)
+                                tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 300)
     assert not out.exists()  # killed: no half-written policy
     names = ["mathprm_ppo_updates", "mathprm_ppo_reward", "mathprm_ppo_kl", "mathprm_ppo_tokens"]
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:

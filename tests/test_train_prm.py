@@ -87,12 +87,12 @@ def test_the_separator_comes_from_the_tree_search_run(tmp_path):
 
 @pytest.mark.parametrize("override, field", [("epochs=0", "epochs"), ("val_fraction=1", "val_fraction"),
                                              ("eval_every=15", "eval_every"), ("separator=''", "separator"),
-                                             ("lora_r=-1", "lora_r")])
+                                             ("lora_r=-1", "lora_r"), ("hidden_head=false lora_r=4", "hidden_head")])
 def test_config_errors_name_the_field(override, field):
     from mathprm.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match=field):
-        load_config(TrainPRMConfig, None, [override])
+        load_config(TrainPRMConfig, None, override.split())
 
 
 # ----------------------------------------------------------------------------- real Ray Train
@@ -137,7 +137,7 @@ def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster,
 
     from tests.conftest import MetricsWatcher
 
-    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=6)
+    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=4, eval_every=8, checkpoint_every=8)
     names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
         assert train_prm(cfg) == (tmp_path / "prm").resolve()
@@ -175,7 +175,7 @@ def test_a_killed_lora_run_on_trl_rows_resumes_and_saves_merged_weights(ray_clus
                eval_every=100, num_workers=1, lora_r=4)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
-                                tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 180)
+                                tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 300)
     assert not out.exists()
     train_prm(dataclasses.replace(cfg, epochs=2))
     summary = json.loads((out / SUMMARY_FILE).read_text())
