@@ -1,5 +1,5 @@
-"""PRM training: labelled paths from tree-search rows and TRL rows, the split, and real Ray
-Train runs (2 workers, reuse, LoRA, TRL input, a kill and a resume)."""
+"""PRM training: labelled paths from tree-search rows and TRL rows, the split, and a real Ray
+Train run (2 workers, LoRA, TRL input, a kill and a resume, reuse)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from mathprm import arith, steptable
+from mathprm import arith
 from mathprm.config import to_dict
 from mathprm.steps import StepFormat
 from mathprm.train_prm import (
@@ -113,75 +113,55 @@ def _labels(n_problems: int) -> list[StepLabel]:
     return labels
 
 
-@pytest.fixture(scope="module")
-def labels_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mcts")
-    (out / "labels").mkdir()
-    labels = _labels(30)
-    pq.write_table(steptable.to_table(labels, "hf:test", 0), out / "labels" / "part-0.parquet")
-    (out / "run.json").write_text(json.dumps({"dataset": "arith:easy", "separator": None}))  # as mcts writes it
-    return out
-
-
-def _cfg(labels_dir, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
-    values = dict(data=str(labels_dir), base=str(tiny_policy_dir), epochs=3, batch_size=8, lr=2e-3, warmup_steps=2,
+def _cfg(data, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
+    values = dict(data=str(data), base=str(tiny_policy_dir), epochs=3, batch_size=8, lr=2e-3, warmup_steps=2,
                   log_every=2, eval_every=4, checkpoint_every=4, val_fraction=0.2, num_workers=2, out_dir=str(out))
     return TrainPRMConfig(**{**values, **kw})
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_workers_train_a_loadable_prm_that_learns_and_is_reused(ray_cluster, labels_dir, tiny_policy_dir,
-                                                                     tmp_path, monkeypatch):
-    from mathprm.prm import PRMScorer, default_threshold
-
-    from tests.conftest import MetricsWatcher
-
-    cfg = _cfg(labels_dir, tiny_policy_dir, tmp_path / "prm", epochs=4, eval_every=8, checkpoint_every=8)
-    names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
-    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
-        assert train_prm(cfg) == (tmp_path / "prm").resolve()
-    assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
-    summary = json.loads((tmp_path / "prm" / SUMMARY_FILE).read_text())
-    assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
-    assert summary["final_loss"] < summary["first_loss"]
-    assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
-    assert summary["config"]["num_workers"] == 2
-    # The ProcessBench threshold picked on the validation paths (each has a branch labelled 0 or is
-    # the clean reference) is what the PRM's config hands evaluations.
-    assert 0.0 <= summary["val_threshold"] <= 1.0
-    assert default_threshold(tmp_path / "prm") == summary["val_threshold"]
-    scorer = PRMScorer(tmp_path / "prm", device="cpu")
-    p = arith.generate("easy", 1, seed=11, split="train")[0]
-    assert len(scorer.score([p.question], [arith.solution_steps(p)])[0]) == len(arith.solution_steps(p))
-    # Reuse: a finished PRM comes back without Ray.
-    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
-    assert train_prm(cfg) == (tmp_path / "prm").resolve()
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_a_killed_lora_run_on_trl_rows_resumes_and_saves_merged_weights(ray_cluster, tiny_policy_dir, tmp_path):
+def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learns(ray_cluster, tiny_policy_dir,
+                                                                                   tmp_path, monkeypatch):
+    """One run for all of Ray Train's paths (each start costs ~30 s here): TRL stepwise rows
+    (the quick demo trains on tree-search labels), two DDP workers, LoRA adapters through PEFT;
+    killed after its first checkpoint, then resumed to the end, then reused."""
     import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
-    from mathprm.prm import load_prm
+    from mathprm.prm import PRMScorer, default_threshold, load_prm
 
-    # TRL stepwise rows (the first test trains on tree-search labels), LoRA adapters through PEFT,
-    # one worker (DDP is the first test's job): killed after its first checkpoint, then resumed.
+    from tests.conftest import MetricsWatcher
+
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
     cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
-               eval_every=100, num_workers=1, lora_r=4)
+               eval_every=100, lora_r=4)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
                                 tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 300)
     assert not out.exists()
-    train_prm(dataclasses.replace(cfg, epochs=2))
+    names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
+    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
+        assert train_prm(dataclasses.replace(cfg, epochs=3)) == out.resolve()
+    assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["resumed_from_step"] >= 2
-    assert summary["steps"] >= summary["resumed_from_step"]
-    assert summary["config"]["lora_r"] == 4
+    assert summary["steps"] > summary["resumed_from_step"]
+    assert summary["config"]["lora_r"] == 4 and summary["config"]["num_workers"] == 2
+    assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
+    assert summary["final_loss"] < summary["first_loss"]  # the first loss is the killed run's, kept in the checkpoint
+    assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
+    # The ProcessBench threshold picked on the validation paths (each a clean reference step or
+    # a branch labelled 0) is what the PRM's config hands evaluations.
+    assert 0.0 <= summary["val_threshold"] <= 1.0
+    assert default_threshold(out) == summary["val_threshold"]
     assert not list(out.glob("adapter_*"))  # merged: a plain HF causal-LM directory plus the head
     assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(out).named_parameters())
     assert not any("lora" in name for name, _ in load_prm(out).named_parameters())
+    scorer = PRMScorer(out, device="cpu")
+    p = arith.generate("easy", 1, seed=11, split="train")[0]
+    assert len(scorer.score([p.question], [arith.solution_steps(p)])[0]) == len(arith.solution_steps(p))
+    # Reuse: a finished PRM comes back without Ray.
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
+    assert train_prm(cfg) == out.resolve()
