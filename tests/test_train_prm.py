@@ -143,7 +143,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     assert not out.exists()
     names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
-        assert train_prm(dataclasses.replace(cfg, epochs=3)) == out.resolve()
+        assert train_prm(dataclasses.replace(cfg, epochs=3, eval_every=2)) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["resumed_from_step"] >= 2
