@@ -328,10 +328,8 @@ def build_prm(base: str | Path, features: Sequence[str] = FEATURES, hidden_head:
     except ValueError as e:
         raise ValueError(f"{base}: its architecture {config.architectures} is not a causal LM transformers "
                          f"knows, so it cannot be a PRM backbone ({e})") from None
-    if not hidden_head:
-        return PRMModel(lm, features, None, hidden_head=False)
-    reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features else None
-    return PRMModel(lm, features, reference)
+    reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features and hidden_head else None
+    return PRMModel(lm, features, reference, hidden_head)
 
 
 def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path, meta: dict[str, Any]) -> None:
@@ -383,12 +381,10 @@ def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
     kwargs = {"dtype": dtype} if dtype is not None else {}
     lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     features = config.get("features", [])
-    hidden_head = bool(config.get("hidden_head", True))
-    if not hidden_head:
-        model = PRMModel(lm, features, None, hidden_head=False)
-    else:
-        reference = AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs) if features else None
-        model = PRMModel(lm, features, reference)
+    hidden_head = bool(config.get("hidden_head", True))  # False: the backbone is the reference (no reference/)
+    reference = (AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs)
+                 if features and hidden_head else None)
+    model = PRMModel(lm, features, reference, hidden_head)
     head = load_file(str(Path(path) / PRM_HEAD_FILE))
     missing = set(model.head_state_dict()) ^ set(head)
     if missing:

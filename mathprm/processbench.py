@@ -55,6 +55,7 @@ def harmonic_mean(a: float, b: float) -> float:
     """2ab / (a + b), the F1 of two accuracies; 0 when both are 0."""
     return 2 * a * b / (a + b) if a + b else 0.0
 
+
 def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[str, Any]:
     """ProcessBench's per-subset metric (module docstring), accuracies and F1 in percent.
 
