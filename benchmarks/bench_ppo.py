@@ -2,17 +2,18 @@
 
     python benchmarks/bench_ppo.py [--policy runs/arith/policy] [--prm runs/arith/prm|oracle] \
         [--minutes 20] [--variants one_step:gae,one_step:grpo,full_solution:gae,full_solution:grpo] \
-        [--limit 200] [--guided 0] [--reuse] [--write] [key=value ...]
+        [--limit 200] [--guided 0] [--tag NAME] [--reuse] [--write] [key=value ...]
 
 For each variant (episode mode x advantage estimator) this trains a PPO policy from
 jobs/configs/ppo_arith.yaml for at most `--minutes` (extra `key=value` go to every run) into
-runs/bench/ppo/<prm>/<mode>_<advantage>, then measures greedy accuracy of the base policy and of
+runs/bench/ppo/<prm>/<mode>_<advantage>[_<tag>], then measures greedy accuracy of the base policy and of
 each PPO policy on `--limit` fresh arith:hard and arith:easy test problems (`mathprm
 evaluate`, seed 0). Targets: arith:hard greedy at least 20 % higher (relative) than the
 base's, arith:easy not more than 1 point lower. `--guided N` also compares guided@8 of the
 base and the PPO policies (with the same PRM) on N hard problems. Each run's curves go to
-docs/img/ppo_<prm>_<mode>_<advantage>.png; with --write the table replaces the
-"PPO with per-step reward (<prm>)" section of docs/BENCHMARKS.md.
+docs/img/ppo_<prm>_<mode>_<advantage>[_<tag>].png; with --write the table replaces the
+"PPO with per-step reward (<prm>[, <tag>])" section of docs/BENCHMARKS.md. `--tag` names a
+recipe (the extra key=value) so that its runs, plots and section sit beside the default's.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def main() -> int:
     ap.add_argument("--variants", default="one_step:gae,one_step:grpo,full_solution:gae,full_solution:grpo")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--guided", type=int, default=0)
+    ap.add_argument("--tag", default="", help="a name for this recipe: kept apart in runs/, docs/img and the docs")
     ap.add_argument("--reuse", action="store_true", help="keep finished PPO policies instead of retraining")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("overrides", nargs="*")
@@ -65,7 +67,8 @@ def main() -> int:
     rows = []
     for variant in args.variants.split(","):
         mode, advantage = variant.split(":")
-        out = REPO / "runs" / "bench" / "ppo" / prm_name / f"{mode}_{advantage}"
+        run_name = f"{mode}_{advantage}" + (f"_{args.tag}" if args.tag else "")
+        out = REPO / "runs" / "bench" / "ppo" / prm_name / run_name
         cfg = load_config(PPOConfig, REPO / "jobs" / "configs" / "ppo_arith.yaml", [
             f"policy={policy}", f"prm={prm}", f"mode={mode}", f"advantage={advantage}",
             f"time_budget_min={args.minutes}", f"out_dir={out}", f"overwrite={not args.reuse}", *args.overrides])
@@ -73,9 +76,9 @@ def main() -> int:
             train_ppo(cfg)
         summary = json.loads((out / SUMMARY_FILE).read_text())
         history = [json.loads(line) for line in (out / "ppo_metrics.jsonl").read_text().splitlines()]
-        img = REPO / "docs" / "img" / f"ppo_{prm_name}_{mode}_{advantage}.png"
+        img = REPO / "docs" / "img" / f"ppo_{prm_name}_{run_name}.png"
         shutil.copyfile(out / "ppo_curves.png", img)
-        after = {d: greedy(out, d, args.limit, f"{prm_name}_{mode}_{advantage}") for d in ("arith:hard", "arith:easy")}
+        after = {d: greedy(out, d, args.limit, f"{prm_name}_{run_name}") for d in ("arith:hard", "arith:easy")}
         trained = [h for h in history if "reward" in h]
         k = max(1, len(trained) // 5)
         row = {
@@ -89,7 +92,7 @@ def main() -> int:
             "plot": str(repo_relative(img)),
         }
         if base_guided is not None:
-            row["guided"] = guided(out, prm, args.guided, f"{prm_name}_{mode}_{advantage}")
+            row["guided"] = guided(out, prm, args.guided, f"{prm_name}_{run_name}")
         row["targets"] = row["hard_rel"] >= 0.20 and row["easy_drop"] <= 0.01
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -118,7 +121,7 @@ def main() -> int:
     print(body)
     if args.write:
         command = "python benchmarks/bench_ppo.py " + " ".join(sys.argv[1:])
-        write_section(f"PPO with per-step reward ({prm_name})", command.replace(" --write", ""), body)
+        write_section(f"PPO with per-step reward ({prm_name}{', ' + args.tag if args.tag else ''})", command.replace(" --write", ""), body)
     return 0
 
 

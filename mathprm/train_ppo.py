@@ -77,6 +77,7 @@ class PPOConfig:
     eval_problems: int = 100
     mode: Literal["one_step", "full_solution"] = "one_step"
     advantage: Literal["gae", "grpo"] = "gae"
+    critic: Literal["shared", "separate"] = "shared"  # gae: value head on the policy's hidden state, or on its own copy
     reference_prefix_fraction: float = 0.5  # one_step: prefixes cut from reference solutions (rest: own rollouts)
     outcome_reward: float = 0.0  # full_solution: added to the last step's reward when the answer is right
     truncated_reward: float = 0.0  # the reward of a step or solution cut by its token limit (no PRM score)
@@ -87,6 +88,7 @@ class PPOConfig:
     ppo_epochs: int = 2  # passes over each update's episodes
     minibatch_size: int = 32  # episodes per optimiser step, per worker
     lr: float = 2e-5
+    critic_lr: float | None = None  # gae: the value head's (and separate critic's) learning rate; None: lr
     clip: float = 0.2  # policy ratio clip
     value_clip: float = 0.2
     vf_coef: float = 0.5
@@ -130,11 +132,18 @@ class PPOConfig:
             raise ValueError(f"mode: must be one_step or full_solution, got {self.mode!r}")
         if self.advantage not in ("gae", "grpo"):
             raise ValueError(f"advantage: must be gae or grpo, got {self.advantage!r}")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"critic: must be shared or separate, got {self.critic!r}")
+        if self.critic == "separate" and self.lora_r:
+            raise ValueError("critic: separate copies the whole model, which defeats lora_r > 0; "
+                             "use critic=shared or advantage=grpo with LoRA")
         if not 0.0 <= self.reference_prefix_fraction <= 1.0:
             raise ValueError(f"reference_prefix_fraction: must be in [0, 1], got {self.reference_prefix_fraction}")
         for name in ("lr", "clip", "value_clip", "max_grad_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if self.critic_lr is not None and not self.critic_lr > 0:
+            raise ValueError(f"critic_lr: must be > 0 or null, got {self.critic_lr}")
         for name in ("vf_coef", "kl_coef", "entropy_coef", "eval_every", "lora_r"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
@@ -298,22 +307,47 @@ def _reward(scorer: Any, episodes: list[Episode], cfg: PPOConfig) -> None:
 
 
 class PolicyWithValue(torch.nn.Module):
-    """The causal LM plus, for `gae`, a scalar value head on its last hidden state (zero-initialised,
-    so the first values are 0). DDP wraps this module: one backward updates both."""
+    """The causal LM plus, for `gae`, a scalar value head (zero-initialised, so the first values
+    are 0). DDP wraps this module: one backward updates policy and critic.
 
-    def __init__(self, lm: torch.nn.Module, value_head: bool) -> None:
+    `critic="shared"`: the head reads the policy's own last hidden state, so the value loss's
+    gradient also moves the policy's weights (cheap; the usual small-scale PPO). `"separate"`:
+    the head reads a trainable copy of the initial LM's decoder (no LM head; OpenRLHF /
+    InstructGPT style), so value regression never changes what the policy writes, at the cost
+    of a second model in the update."""
+
+    def __init__(self, lm: torch.nn.Module, value_head: bool, critic: str = "shared") -> None:
         super().__init__()
+        if critic not in ("shared", "separate"):
+            raise ValueError(f"critic: must be shared or separate, got {critic!r}")
         self.lm = lm
         self.v_head = None
+        self.critic_lm = None
         if value_head:
             self.v_head = torch.nn.Linear(lm.config.hidden_size, 1)
             torch.nn.init.zeros_(self.v_head.weight)
             torch.nn.init.zeros_(self.v_head.bias)
+            if critic == "separate":
+                self.critic_lm = copy.deepcopy(lm.get_decoder()).train().requires_grad_(True)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=self.v_head is not None)
-        values = None if self.v_head is None else self.v_head(out.hidden_states[-1].float()).squeeze(-1)
-        return out.logits, values  # (B, T+1, V), (B, T+1) or None
+        shared = self.v_head is not None and self.critic_lm is None
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=shared)
+        if self.v_head is None:
+            return out.logits, None
+        hidden = (out.hidden_states[-1] if shared
+                  else self.critic_lm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+        return out.logits, self.v_head(hidden.float()).squeeze(-1)  # (B, T+1, V), (B, T+1)
+
+
+def param_groups(model: PolicyWithValue, lr: float, critic_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the policy's trainable weights at `lr`, the value head and a
+    separate critic at `critic_lr` (default `lr`). A group with no parameters is left out."""
+    critic_ids = {id(p) for m in (model.v_head, model.critic_lm) if m is not None for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": lr},
+              {"params": [p for p in trainable if id(p) in critic_ids], "lr": critic_lr or lr}]
+    return [g for g in groups if g["params"]]
 
 
 def _forward(model, batch: PPOBatch, temperature: float, bf16: bool, entropy_grad: bool = False):
@@ -499,13 +533,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     else:
         reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    model = PolicyWithValue(lm, value_head=cfg.advantage == "gae")
+    model = PolicyWithValue(lm, value_head=cfg.advantage == "gae", critic=cfg.critic)
     # "step" counts updates (the key restore_train_state reads).
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []}
     state = restore_train_state(model, state, "ppo", rank)
     model = ray.train.torch.prepare_model(model)
     unwrapped = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    optimizer = torch.optim.AdamW(param_groups(unwrapped, cfg.lr, cfg.critic_lr))
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
     generator = HFGenerator.from_model(unwrapped.lm, tokenizer, fmt)

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -357,6 +358,48 @@ def _rows(batch: pa.Table) -> list[dict[str, Any]]:
     return batch.to_pylist() if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch).to_pylist()
 
 
+class EpochBatches:
+    """This worker's training batches (full batches only), one epoch at a time.
+
+    Every pass over a Ray Data shard starts a new streaming execution, and the workers wait for
+    each other at its start (~5 s per epoch on the 2-core box: most of a small run's time). So
+    the first epoch reads the shard into memory, and if it fits in `max_bytes` that epoch and
+    every later one shuffle those rows in memory, seeded by (seed, epoch, rank), without going
+    back to Ray Data. A larger shard streams every epoch (Ray Data's local shuffle)."""
+
+    def __init__(self, shard: Any, batch_size: int, seed: int, rank: int, max_bytes: int = 256 << 20) -> None:
+        self.shard, self.batch_size, self.seed, self.rank, self.max_bytes = shard, batch_size, seed, rank, max_bytes
+        self.rows: pa.Table | None = None  # the whole shard, once read and within max_bytes
+        self.streaming = False  # the shard is larger than max_bytes
+
+    def batches(self, epoch: int):
+        if self.rows is None:
+            stream = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
+                                                  local_shuffle_buffer_size=self.batch_size * 8,
+                                                  local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.rank))
+            if self.streaming:
+                yield from self._full(stream)
+                return
+            kept, size = [], 0
+            for batch in stream:
+                kept.append(batch)
+                size += batch.nbytes
+                if size > self.max_bytes:
+                    self.streaming = True
+                    yield from self._full(iter(kept))
+                    yield from self._full(stream)
+                    return
+            if not kept:
+                return
+            self.rows = pa.concat_tables(kept)
+        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.rows.num_rows)
+        for lo in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            yield self.rows.take(order[lo : lo + self.batch_size])
+
+    def _full(self, batches):
+        return (b for b in batches if b.num_rows == self.batch_size)
+
+
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -405,12 +448,10 @@ def _train_loop(config: dict[str, Any]) -> None:
     started = time.monotonic() - state["elapsed"]
     window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, solutions, labelled steps
     window_start = time.monotonic()
-    shard = ray.train.get_dataset_shard("train")
+    epochs = EpochBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed, rank)
     while step < total:
         epoch, skip = divmod(step, per_epoch)
-        batches = iter(shard.iter_batches(batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True,
-                                          local_shuffle_buffer_size=cfg.batch_size * 8,
-                                          local_shuffle_seed=cfg.seed * 1000 + epoch * 10 + rank))
+        batches = epochs.batches(epoch)
         for _ in range(skip):  # a resumed epoch: these batches were trained before the kill
             next(batches, None)
         while step < min(total, (epoch + 1) * per_epoch):

@@ -23,6 +23,7 @@ from mathprm.train_ppo import (
     collect_episodes,
     encode_episode,
     make_batch,
+    param_groups,
     pick_prompts,
     ppo_update,
     train_ppo,
@@ -140,17 +141,17 @@ def test_prompts_replay_for_the_same_seed_rank_and_update():
     assert pick_prompts(pool, 8, 0, 1, 7) != pick_prompts(pool, 8, 0, 0, 7)
 
 
-@pytest.mark.parametrize("advantage", ["gae", "grpo"])
-def test_one_update_makes_the_rewarded_step_more_likely(advantage):
+@pytest.mark.parametrize("advantage, critic", [("gae", "shared"), ("gae", "separate"), ("grpo", "shared")])
+def test_one_update_makes_the_rewarded_step_more_likely(advantage, critic):
     # One prompt, four samples: two write the right step (reward 1), two a wrong one (reward 0).
     torch.manual_seed(0)
     lm = build_policy("test", TOK, seed=0)
-    model = PolicyWithValue(lm, value_head=advantage == "gae")
+    model = PolicyWithValue(lm, value_head=advantage == "gae", critic=critic)
     good = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
     bad = dataclasses.replace(good, steps=["3 + 4 = 8"], rewards=[0.0])
     batch = make_batch(TOK, FMT, [good, bad, good, bad], 512)
-    cfg = PPOConfig(prm="oracle", advantage=advantage, group_size=4, ppo_epochs=4, minibatch_size=4, lr=3e-3,
-                    kl_coef=0.0)
+    cfg = PPOConfig(prm="oracle", advantage=advantage, critic=critic, group_size=4, ppo_epochs=4, minibatch_size=4,
+                    lr=3e-3, kl_coef=0.0)
 
     def action_logp():
         with torch.no_grad():
@@ -169,10 +170,41 @@ def test_one_update_makes_the_rewarded_step_more_likely(advantage):
     assert (stats["value_loss"] > 0) == (advantage == "gae")
 
 
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_the_value_loss_moves_the_policy_only_with_a_shared_critic(critic):
+    torch.manual_seed(0)
+    lm = build_policy("test", TOK, seed=0)
+    model = PolicyWithValue(lm, value_head=True, critic=critic)
+    torch.nn.init.normal_(model.v_head.weight)  # a zero head passes no gradient back at all
+    ep = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
+    batch = make_batch(TOK, FMT, [ep, ep], 512)
+    _, values = model(batch.ids, batch.attention_mask)
+    (values**2).mean().backward()
+    policy_grad = sum(float(p.grad.abs().sum()) for p in model.lm.parameters() if p.grad is not None)
+    assert (policy_grad > 0) == (critic == "shared")
+    assert float(model.v_head.weight.grad.abs().sum()) > 0
+    if critic == "separate":
+        assert sum(float(p.grad.abs().sum()) for p in model.critic_lm.parameters()) > 0
+
+
+def test_the_critic_gets_its_own_learning_rate():
+    lm = build_policy("test", TOK, seed=0)
+    model = PolicyWithValue(lm, value_head=True, critic="separate")
+    policy_group, critic_group = param_groups(model, 1e-5, 1e-3)
+    assert policy_group["lr"] == 1e-5 and critic_group["lr"] == 1e-3
+    n_critic = sum(p.numel() for p in critic_group["params"])
+    assert n_critic == sum(p.numel() for p in [*model.v_head.parameters(), *model.critic_lm.parameters()])
+    assert sum(p.numel() for p in policy_group["params"]) == sum(p.numel() for p in lm.parameters())
+    no_critic = PolicyWithValue(build_policy("test", TOK, seed=0), value_head=False)
+    assert [g["lr"] for g in param_groups(no_critic, 1e-5, None)] == [1e-5]
+
+
 @pytest.mark.parametrize("overrides, field", [(["group_size=1"], "group_size"), (["mode=outcome"], "mode"),
                                               (["reference_prefix_fraction=2"], "reference_prefix_fraction"),
                                               (["kl_target=0"], "kl_target"), (["temperature=0"], "temperature"),
-                                              (["prm=oracle", "dataset=gsm8k"], "prm")])
+                                              (["prm=oracle", "dataset=gsm8k"], "prm"),
+                                              (["critic=separate", "lora_r=8"], "critic"),
+                                              (["critic_lr=0"], "critic_lr")])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(PPOConfig, "jobs/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])

@@ -14,6 +14,7 @@ from mathprm import arith
 from mathprm.config import to_dict
 from mathprm.steps import StepFormat
 from mathprm.train_prm import (
+    EpochBatches,
     SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
 )
 from mathprm.treesearch import StepLabel, to_trl
@@ -165,3 +166,34 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     # Reuse: a finished PRM comes back without Ray.
     monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
     assert train_prm(cfg) == out.resolve()
+
+
+class _Shard:
+    """A stand-in for a Ray Data shard: batches of a table, counting the passes over it."""
+
+    def __init__(self, n: int) -> None:
+        import pyarrow as pa
+
+        self.table, self.passes = pa.table({"i": list(range(n)), "text": [f"row {i}" for i in range(n)]}), 0
+
+    def iter_batches(self, batch_size, **_):
+        self.passes += 1
+        for lo in range(0, self.table.num_rows, batch_size):
+            yield self.table.slice(lo, batch_size)
+
+
+@pytest.mark.parametrize("max_bytes, passes", [(1 << 20, 1), (64, 3)])
+def test_epochs_read_a_small_shard_once_and_shuffle_it_in_memory(max_bytes, passes):
+    shard = _Shard(23)
+    epochs = EpochBatches(shard, 5, seed=0, rank=0, max_bytes=max_bytes)
+    seen = [[b.column("i").to_pylist() for b in epochs.batches(e)] for e in range(3)]
+    assert shard.passes == passes  # a shard over max_bytes streams every epoch
+    for batches in seen:
+        rows = [i for b in batches for i in b]
+        assert [len(b) for b in batches] == [5] * 4 and len(set(rows)) == 20  # full batches, no row twice
+    if passes == 1:
+        assert seen[0] != seen[1]  # a new order each epoch
+        again = EpochBatches(_Shard(23), 5, seed=0, rank=0)
+        assert [[b.column("i").to_pylist() for b in again.batches(e)] for e in range(3)] == seen  # and replayable
+        other = EpochBatches(_Shard(23), 5, seed=0, rank=1)
+        assert [b.column("i").to_pylist() for b in other.batches(0)] != seen[0]
