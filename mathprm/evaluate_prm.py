@@ -9,7 +9,7 @@ For each problem the policy samples `n` solutions; the scorer scores every step.
   right" (`arith.step_labels`, ProcessBench's first-error label), over all sampled steps;
 - `first_error_f1`: the ProcessBench metric on the same solutions: the predicted earliest
   error is the first step scored below `threshold` (or -1; by default the threshold the PRM's
-  training picked on its validation labels), compared with `arith.first_error`;
+  training picked on its labels, `mathprm.prm.default_threshold`), compared with `arith.first_error`;
   F1 of the accuracies on erroneous and on correct solutions (in percent);
 - `best_of_n@n`: accuracy when the solution with the highest aggregated score is kept
   (`aggregation`: last / min / prod / mean; all four are in `best_of_n_by_aggregation`),

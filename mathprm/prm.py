@@ -364,9 +364,10 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
 
 
 def default_threshold(path: str | Path | None) -> float:
-    """The ProcessBench threshold to use with the PRM in `path`: the one its training picked on
-    validation labels (`prm_config.json`'s "threshold"), else 0.5 (the usual one for PRMs
-    trained on hard labels; also for the oracles and for `path` None)."""
+    """The ProcessBench threshold to use with the PRM in `path`: the one its training picked
+    (`prm_config.json`'s "threshold", on validation paths or labelled steps:
+    `mathprm.train_prm.choose_threshold`; "threshold_from" says which), else 0.5 (the usual
+    one for PRMs trained on hard labels; also for the oracles and for `path` None)."""
     if path is None or not (Path(path) / PRM_CONFIG_FILE).is_file():
         return 0.5
     value = json.loads((Path(path) / PRM_CONFIG_FILE).read_text()).get("threshold")

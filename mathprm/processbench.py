@@ -120,6 +120,40 @@ def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
             best, best_f1 = t, f1
     return best
 
+
+def step_threshold(scores: Sequence[float], wrong: Sequence[bool]) -> float | None:
+    """The threshold t that best separates wrong steps (score < t) from right ones over single
+    labelled steps: the maximum of Youden's J = TPR + TNR - 1 (among equal J the lowest t),
+    over midpoints between consecutive distinct scores; None without both kinds of step.
+
+    `best_threshold` optimises ProcessBench's F1 itself but needs clean solutions, and a
+    tree search's labelled paths almost all hold an error (OmegaPRM looks for them). The
+    steps of those paths hold both kinds, so this one works where that one cannot; both
+    weigh the two kinds equally (a balanced criterion, like the harmonic mean of F1)."""
+    if len(scores) != len(wrong):
+        raise ValueError(f"step_threshold: {len(scores)} scores but {len(wrong)} labels")
+    n_wrong = sum(bool(w) for w in wrong)
+    n_right = len(wrong) - n_wrong
+    if not n_wrong or not n_right:
+        return None
+    if any(math.isnan(x) for x in scores):
+        raise ValueError("step_threshold: a score is NaN")
+    pairs = sorted(zip((float(x) for x in scores), (bool(w) for w in wrong)))
+    best, best_j = None, -math.inf
+    below_wrong = below_right = 0  # steps with a score below the candidate
+    for k, (x, w) in enumerate(pairs):
+        below_wrong += w
+        below_right += not w
+        if k + 1 < len(pairs) and pairs[k + 1][0] == x:
+            continue  # a threshold between equal scores does not exist
+        t = (x + pairs[k + 1][0]) / 2 if k + 1 < len(pairs) else min(1.0, x + 1e-6)
+        j = below_wrong / n_wrong + (n_right - below_right) / n_right - 1
+        if j > best_j + 1e-12:
+            best, best_j = t, j
+    # The candidate below every score (nothing flagged) has J = 0; only a better one replaces it.
+    return best if best_j > 0 else max(0.0, pairs[0][0] - 1e-6)
+
+
 class ProcessBenchOracle:
     """A `Scorer` that knows the human labels: step i scores 1.0 if the solution is right
     (label -1) or i comes before the first error, else 0.0. With any threshold in (0, 1] it

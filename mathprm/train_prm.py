@@ -197,6 +197,28 @@ def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
 
 
 @torch.no_grad()
+def score_examples(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int, device: torch.device,
+                   batch_size: int) -> tuple[list[list[float]], float, int]:
+    """(each example's scores at its labelled steps, in `examples`' order; the summed BCE of
+    those steps against their targets; how many there are). Leaves the model in eval mode."""
+    model.eval()
+    out: list[list[float]] = [[] for _ in examples]
+    loss_sum, n = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for lo in range(0, len(order), batch_size):
+        members = order[lo : lo + batch_size]
+        chunk = [examples[i] for i in members]
+        batch = collate(chunk, pad_id).to(device)
+        logits = step_logits(model, batch).float()
+        k = int(batch.step_mask.sum())
+        loss_sum += float(bce_step_loss(logits, batch.targets, batch.step_mask)) * k
+        n += k
+        probs = torch.sigmoid(logits).cpu()
+        for row, (i, e) in enumerate(zip(members, chunk)):
+            out[i] = probs[row, e.positions].tolist()
+    return out, loss_sum, n
+
+
 def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int, device: torch.device,
              batch_size: int) -> dict[str, float | None]:
     """BCE against the soft labels and AUROC against `label > 0`, over every labelled step; and
@@ -205,28 +227,44 @@ def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int
     clean ones both."""
     from mathprm.processbench import best_threshold
 
-    model.eval()
-    preds, targets, loss_sum, n = [], [], 0.0, 0
-    paths: list[tuple[list[float], int]] = []
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for lo in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[lo : lo + batch_size]]
-        batch = collate(chunk, pad_id).to(device)
-        logits = step_logits(model, batch).float()
-        k = int(batch.step_mask.sum())
-        loss_sum += float(bce_step_loss(logits, batch.targets, batch.step_mask)) * k
-        n += k
-        probs = torch.sigmoid(logits).cpu()
-        for row, e in enumerate(chunk):
-            scores = probs[row, e.positions].tolist()
-            preds += scores
-            targets += e.targets
-            paths.append((scores, next((i for i, t in enumerate(e.targets) if t == 0), -1)))
+    scores, loss_sum, n = score_examples(model, examples, pad_id, device, batch_size)
     model.train()
-    hard = [t > 0 for t in targets]
+    preds = [x for ss in scores for x in ss]
+    hard = [t > 0 for e in examples for t in e.targets]
+    paths = [(ss, next((i for i, t in enumerate(e.targets) if t == 0), -1)) for ss, e in zip(scores, examples)]
     return {"val_bce": loss_sum / n if n else None,
             "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n,
             "val_threshold": best_threshold([p for p, _ in paths], [y for _, y in paths])}
+
+
+MAX_THRESHOLD_TRAIN = 4000  # training paths (rank 0's shard) scored to pick a step-level threshold
+MIN_THRESHOLD_PATHS = 10  # clean and erroneous validation paths each, to pick the threshold on paths
+
+
+def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: Sequence[PRMExample], pad_id: int,
+                     device: torch.device, batch_size: int) -> tuple[float | None, str]:
+    """(the ProcessBench threshold to store with the PRM, how it was picked).
+
+    With at least MIN_THRESHOLD_PATHS clean and as many erroneous validation paths, the one
+    that maximises F1 on them (`best_threshold`: the benchmark's own objective). Tree-search
+    labels rarely give that many clean paths, so otherwise the step-level threshold
+    (`step_threshold`: steps labelled 0 against the rest) over the validation and `train`
+    steps; training steps are scored by a model fitted on them, so that threshold leans on
+    the PRM's fit, which is why held-out paths come first."""
+    from mathprm.processbench import best_threshold, step_threshold
+
+    val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
+    firsts = [next((i for i, t in enumerate(e.targets) if t == 0), -1) for e in val]
+    n_clean = sum(y == -1 for y in firsts)
+    if n_clean >= MIN_THRESHOLD_PATHS and len(firsts) - n_clean >= MIN_THRESHOLD_PATHS:
+        return best_threshold(val_scores, firsts), (f"F1 on {len(firsts)} validation paths ({n_clean} clean, "
+                                                    f"{len(firsts) - n_clean} with a step labelled 0)")
+    train_scores, _, _ = score_examples(model, train, pad_id, device, batch_size)
+    scores = [x for ss in [*val_scores, *train_scores] for x in ss]
+    wrong = [t == 0 for e in [*val, *train] for t in e.targets]
+    return step_threshold(scores, wrong), (f"Youden's J over {len(scores)} labelled steps ({sum(wrong)} labelled 0) "
+                                           f"of {len(val)} validation and {len(train)} training paths: only "
+                                           f"{n_clean} clean validation paths")
 
 
 # ----------------------------------------------------------------------------- data on Ray
@@ -509,16 +547,21 @@ def _train_loop(config: dict[str, Any]) -> None:
             window_start = time.monotonic()
 
     if rank == 0:
+        train_examples = [ex for row in (_rows(epochs.rows) if epochs.rows is not None else [])[:MAX_THRESHOLD_TRAIN]
+                          if (ex := to_example(row, tokenizer, fmt)) is not None and len(ex.input_ids) <= cfg.max_length]
+        threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
+                                                     cfg.batch_size * 2)
+        print(f"[train-prm] ProcessBench threshold {threshold}: {threshold_from}", flush=True)
         final = unwrapped
         if cfg.lora_r:
             final.lm = final.lm.merge_and_unload()
-        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, **val,
+        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, **val, "threshold": threshold,
                    "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
                    "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
                    "config": {**config}}
         with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
             save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r,
-                                                  "threshold": val.get("val_threshold")})
+                                                  "threshold": threshold, "threshold_from": threshold_from})
             atomic.write_json(tmp / SUMMARY_FILE, summary)
         print(f"[train-prm] saved the PRM to {cfg.out_dir} after {step} steps", flush=True)
 

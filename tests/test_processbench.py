@@ -16,6 +16,7 @@ from mathprm.processbench import (
     predicted_first_error,
     processbench_f1,
     run_processbench,
+    step_threshold,
 )
 
 
@@ -94,6 +95,36 @@ def test_best_threshold_is_the_best_of_a_brute_force_search():
 
         grid = [i / 1000 for i in range(1001)]
         assert f1(t) >= max(f1(g) for g in grid) - 1e-9
+
+def test_step_threshold_by_hand():
+    # Wrong steps 0.1 and 0.7, right steps 0.2 and 0.6: below 0.15 flags half the wrong and no
+    # right step (J = 0.5); every other cut does no better.
+    assert step_threshold([0.1, 0.6, 0.2, 0.7], [True, False, False, True]) == pytest.approx(0.15)
+    assert step_threshold([0.1, 0.2, 0.6, 0.7], [True, True, False, False]) == pytest.approx(0.4)
+    assert step_threshold([0.5, 0.5], [True, False]) == pytest.approx(0.5 - 1e-6)  # no cut separates them
+    assert step_threshold([0.3, 0.2], [False, False]) is None
+    with pytest.raises(ValueError, match="2 scores but 1 labels"):
+        step_threshold([0.3, 0.2], [True])
+
+
+def test_step_threshold_is_the_best_of_a_brute_force_search():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(200):
+        n = rng.randint(2, 12)
+        scores, wrong = [round(rng.random(), 2) for _ in range(n)], [rng.random() < 0.4 for _ in range(n)]
+        t = step_threshold(scores, wrong)
+        if t is None:
+            continue
+
+        def j(th):
+            tpr = sum(s < th for s, w in zip(scores, wrong) if w) / sum(wrong)
+            tnr = sum(s >= th for s, w in zip(scores, wrong) if not w) / (n - sum(wrong))
+            return tpr + tnr - 1
+
+        assert j(t) >= max(j(i / 1000) for i in range(1001)) - 1e-9
+
 
 # ------------------------------------------------------------------ processbench_f1
 

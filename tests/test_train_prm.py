@@ -15,6 +15,7 @@ from mathprm.config import to_dict
 from mathprm.steps import StepFormat
 from mathprm.train_prm import (
     EpochBatches,
+    choose_threshold,
     SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
 )
 from mathprm.treesearch import StepLabel, to_trl
@@ -153,10 +154,10 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
     assert summary["final_loss"] < summary["first_loss"]  # the first loss is the killed run's, kept in the checkpoint
     assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
-    # The ProcessBench threshold picked on the validation paths (each a clean reference step or
-    # a branch labelled 0) is what the PRM's config hands evaluations.
-    assert 0.0 <= summary["val_threshold"] <= 1.0
-    assert default_threshold(out) == summary["val_threshold"]
+    # The ProcessBench threshold picked at the end (on validation paths when there are enough
+    # clean ones, else on labelled steps) is what the PRM's config hands evaluations.
+    assert 0.0 <= summary["threshold"] <= 1.0 and default_threshold(out) == summary["threshold"]
+    assert "paths" in json.loads((out / "prm_config.json").read_text())["threshold_from"]
     assert not list(out.glob("adapter_*"))  # merged: a plain HF causal-LM directory plus the head
     assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(out).named_parameters())
     assert not any("lora" in name for name, _ in load_prm(out).named_parameters())
@@ -197,3 +198,24 @@ def test_epochs_read_a_small_shard_once_and_shuffle_it_in_memory(max_bytes, pass
         assert [[b.column("i").to_pylist() for b in again.batches(e)] for e in range(3)] == seen  # and replayable
         other = EpochBatches(_Shard(23), 5, seed=0, rank=1)
         assert [b.column("i").to_pylist() for b in other.batches(0)] != seen[0]
+
+
+def test_the_threshold_comes_from_validation_paths_when_there_are_enough_clean_ones(monkeypatch):
+    import mathprm.train_prm as tp
+    from mathprm.prm import PRMExample
+
+    def example(targets):
+        return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
+
+    # Scores are the targets shifted down a little: a PRM that ranks perfectly.
+    monkeypatch.setattr(tp, "score_examples", lambda model, examples, *a: (
+        [[max(0.0, t - 0.05) for t in e.targets] for e in examples], 0.0, 0))
+    clean, broken = example([0.9, 0.8]), example([0.7, 0.0])
+    few = [clean, broken, broken]
+    t, how = choose_threshold(None, few, [broken] * 5, 0, "cpu", 8)
+    assert "Youden" in how and "16 labelled steps" in how
+    assert 0.0 < t <= 0.65  # between the wrong steps' 0.0 and the lowest right step's 0.65
+    many = [clean] * 10 + [broken] * 10
+    t, how = choose_threshold(None, many, [], 0, "cpu", 8)
+    assert how.startswith("F1 on 20 validation paths (10 clean, 10")
+    assert 0.0 < t <= 0.65
