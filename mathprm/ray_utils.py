@@ -169,11 +169,19 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
     """Run `loop(config)` on a `TorchTrainer` whose checkpoints live in `out.parent/ray_train/run_name`
     (one kept; a rerun resumes from it, refused by `check_resume` when settings other than
     `may_change` differ; `overwrite` starts from scratch). Keys of `config` starting with "_"
-    are derived values, not settings."""
+    are derived values, not settings.
+
+    Logs: Ray Train's own INFO lines (one "Reporting training result ..." with every metric per
+    report) are filtered to WARNING, and its print patch is off unless RAY_TRAIN_ENABLE_PRINT_PATCH
+    is set (patched, every progress line of a worker reached the driver twice: once through
+    Train's logger and once through its tee to the real stdout)."""
+    import os
     import shutil
 
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the driver's value reaches the workers
 
     storage = out.parent / "ray_train"
     if overwrite:  # from scratch: the old run's checkpoints would be resumed otherwise
@@ -185,7 +193,8 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         run_config=RunConfig(storage_path=str(storage), name=run_name, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             logging_config=LoggingConfig(log_level="WARNING")),
         **extra,
     ).fit()
 

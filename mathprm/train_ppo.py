@@ -81,12 +81,12 @@ class PPOConfig:
     reference_prefix_fraction: float = 0.5  # one_step: prefixes cut from reference solutions (rest: own rollouts)
     outcome_reward: float = 0.0  # full_solution: added to the last step's reward when the answer is right
     truncated_reward: float = 0.0  # the reward of a step or solution cut by its token limit (no PRM score)
-    prompts_per_update: int = 16  # per worker
+    prompts_per_update: int = 32  # per worker
     group_size: int = 4  # samples per prompt (grpo needs >= 2)
     updates: int = 100
     time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
-    ppo_epochs: int = 2  # passes over each update's episodes
-    minibatch_size: int = 32  # episodes per optimiser step, per worker
+    ppo_epochs: int = 1  # passes over each update's episodes
+    minibatch_size: int = 128  # episodes per optimiser step, per worker (small ones made the policy drift)
     lr: float = 2e-5
     critic_lr: float | None = None  # gae: the value head's (and separate critic's) learning rate; None: lr
     clip: float = 0.2  # policy ratio clip
