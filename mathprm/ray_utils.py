@@ -103,6 +103,19 @@ def restore_train_state(model: Any, state: dict, tag: str, rank: int) -> dict:
     return state
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every `report` at INFO with all its metrics, from a logger named after
+    its own file (so `LoggingConfig`'s level, which filters "ray.train" records, misses it);
+    our progress lines already say the same. Raise that logger to WARNING in this worker."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: keep its logs as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def report_train_step(model: Any, optimizer: Any, state: dict, metrics: dict, rank: int,
                       with_checkpoint: bool) -> None:
     """`ray.train.report` is collective: every rank calls it, only rank 0 attaches a checkpoint
@@ -113,6 +126,7 @@ def report_train_step(model: Any, optimizer: Any, state: dict, metrics: dict, ra
     import ray.train
     import torch
 
+    _quiet_report_log()
     if not (with_checkpoint and rank == 0):
         ray.train.report(metrics)
         return
@@ -171,10 +185,10 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
     `may_change` differ; `overwrite` starts from scratch). Keys of `config` starting with "_"
     are derived values, not settings.
 
-    Logs: Ray Train's own INFO lines (one "Reporting training result ..." with every metric per
-    report) are filtered to WARNING, and its print patch is off unless RAY_TRAIN_ENABLE_PRINT_PATCH
-    is set (patched, every progress line of a worker reached the driver twice: once through
-    Train's logger and once through its tee to the real stdout)."""
+    Logs: Ray Train's own INFO lines are filtered to WARNING (`report_train_step` also quiets
+    its "Reporting training result ..." line per report), and its print patch is off unless
+    RAY_TRAIN_ENABLE_PRINT_PATCH is set (patched, every progress line of a worker reached the
+    driver twice: once through Train's logger and once through its tee to the real stdout)."""
     import os
     import shutil
 
