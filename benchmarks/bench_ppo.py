@@ -121,7 +121,8 @@ def main() -> int:
     print(body)
     if args.write:
         command = "python benchmarks/bench_ppo.py " + " ".join(sys.argv[1:])
-        write_section(f"PPO with per-step reward ({prm_name}{', ' + args.tag if args.tag else ''})", command.replace(" --write", ""), body)
+        title = f"PPO with per-step reward ({prm_name}{', ' + args.tag if args.tag else ''})"
+        write_section(title, command.replace(" --write", ""), body)
     return 0
 
 

@@ -188,6 +188,18 @@ def to_example(row: dict[str, Any], tokenizer: Any, fmt: StepFormat) -> PRMExamp
     return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep], step_ends=positions, steps_from=prompt_length)
 
 
+def usable_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: StepFormat,
+                    max_length: int) -> list[PRMExample]:
+    """The training examples of `rows` that have a labelled step and fit in `max_length` tokens."""
+    return [ex for row in rows
+            if (ex := to_example(row, tokenizer, fmt)) is not None and len(ex.input_ids) <= max_length]
+
+
+def first_zero(targets: Sequence[float]) -> int:
+    """The index of a path's first step labelled 0 (its first error, for ProcessBench), -1 if none."""
+    return next((i for i, t in enumerate(targets) if t == 0), -1)
+
+
 def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
     """Linear warmup, then cosine from `lr` to 10 % of it at `total` steps."""
     if step < cfg.warmup_steps:
@@ -231,7 +243,7 @@ def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int
     model.train()
     preds = [x for ss in scores for x in ss]
     hard = [t > 0 for e in examples for t in e.targets]
-    paths = [(ss, next((i for i, t in enumerate(e.targets) if t == 0), -1)) for ss, e in zip(scores, examples)]
+    paths = [(ss, first_zero(e.targets)) for ss, e in zip(scores, examples)]
     return {"val_bce": loss_sum / n if n else None,
             "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n,
             "val_threshold": best_threshold([p for p, _ in paths], [y for _, y in paths])}
@@ -254,7 +266,7 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
     from mathprm.processbench import best_threshold, step_threshold
 
     val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
-    firsts = [next((i for i, t in enumerate(e.targets) if t == 0), -1) for e in val]
+    firsts = [first_zero(e.targets) for e in val]
     n_clean = sum(y == -1 for y in firsts)
     if n_clean >= MIN_THRESHOLD_PATHS and len(firsts) - n_clean >= MIN_THRESHOLD_PATHS:
         return best_threshold(val_scores, firsts), (f"F1 on {len(firsts)} validation paths ({n_clean} clean, "
@@ -475,10 +487,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     val_examples: list[PRMExample] = []
     if rank == 0 and n_val:
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="pyarrow"):
-            for row in _rows(batch):
-                ex = to_example(row, tokenizer, fmt)
-                if ex is not None and len(ex.input_ids) <= cfg.max_length:
-                    val_examples.append(ex)
+            val_examples += usable_examples(_rows(batch), tokenizer, fmt, cfg.max_length)
 
     gauges = _ray_metrics() if rank == 0 else None
     step, dropped = state["step"], state["dropped"]
@@ -547,8 +556,8 @@ def _train_loop(config: dict[str, Any]) -> None:
             window_start = time.monotonic()
 
     if rank == 0:
-        train_examples = [ex for row in (_rows(epochs.rows) if epochs.rows is not None else [])[:MAX_THRESHOLD_TRAIN]
-                          if (ex := to_example(row, tokenizer, fmt)) is not None and len(ex.input_ids) <= cfg.max_length]
+        kept = epochs.rows.slice(0, MAX_THRESHOLD_TRAIN) if epochs.rows is not None else None  # rank 0's shard
+        train_examples = usable_examples(_rows(kept), tokenizer, fmt, cfg.max_length) if kept is not None else []
         threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
                                                      cfg.batch_size * 2)
         print(f"[train-prm] ProcessBench threshold {threshold}: {threshold_from}", flush=True)
