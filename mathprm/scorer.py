@@ -79,6 +79,15 @@ class ArithOracle:
         return out
 
 
+class ZeroScorer:
+    """Every step scores 0.0: no step reward at all, for PPO on the outcome alone (`prm: none`),
+    the baseline that shows what a PRM's step rewards add."""
+
+    def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
+        check_shapes(questions, steps_per_question)
+        return [[0.0] * len(steps) for steps in steps_per_question]
+
+
 SCORERS: dict[str, str] = {
     "prm": "mathprm.prm:PRMScorer",
 }

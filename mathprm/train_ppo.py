@@ -70,7 +70,8 @@ PLOT_FILE = "ppo_curves.png"
 @dataclasses.dataclass
 class PPOConfig:
     policy: str = "runs/arith/policy"  # HF causal-LM directory: the initial policy and the frozen reference
-    prm: str = "runs/arith/prm"  # a PRM directory, or "oracle": the arithmetic world's exact step checker
+    prm: str = "runs/arith/prm"  # a PRM directory; "oracle": the arithmetic world's exact step checker;
+    # "none": no step reward, only outcome_reward (full_solution): the baseline a PRM must beat
     dataset: str = "arith:hard"  # training problems (train split for arith:*), a dataset name or a table path
     num_problems: int = 4000  # size of the training pool
     eval_dataset: str = "arith:hard"  # held-out problems (test split for arith:*)
@@ -103,7 +104,7 @@ class PPOConfig:
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
     max_step_tokens: int = 64
     max_solution_tokens: int = 384
-    separator: str | None = None  # step separator; None: the PRM's (prm_config.json), "\n" for the oracle
+    separator: str | None = None  # step separator; None: the PRM's (prm_config.json), else the dataset's
     lora_r: int = 0  # > 0: LoRA adapters (PEFT); the reference is then the base with adapters off
     lora_alpha: int = 16
     lora_dropout: float = 0.0
@@ -157,6 +158,9 @@ class PPOConfig:
             raise ValueError(f"temperature: PPO samples, so it must be in (0, 2], got {self.temperature}")
         if self.prm == "oracle" and not self.dataset.startswith("arith:"):
             raise ValueError(f"prm: the oracle knows only the arithmetic world, not dataset {self.dataset!r}")
+        if self.prm == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
+            raise ValueError("prm: none leaves only the outcome reward, so it needs mode=full_solution and "
+                             f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
         if self.separator is not None:
             StepFormat(self.separator)
 
@@ -425,13 +429,16 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
 # ----------------------------------------------------------------------------- Ray shell
 
 
+_NO_PRM_DIR = ("oracle", "none")  # `prm` values that name no directory
+
+
 def resolve_separator(cfg: PPOConfig) -> str:
     if cfg.separator is not None:
         return cfg.separator
-    if cfg.prm == "oracle":
-        from mathprm.arith import STEP_SEPARATOR
+    if cfg.prm in _NO_PRM_DIR:
+        from mathprm.evaluate import step_format_for
 
-        return STEP_SEPARATOR
+        return step_format_for(cfg.dataset, None).separator
     from mathprm.prm import read_prm_config
 
     return read_prm_config(cfg.prm)["separator"]
@@ -465,7 +472,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
     from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
-    check_job_paths(policy=cfg.policy, prm=None if cfg.prm == "oracle" else cfg.prm, out_dir=cfg.out_dir)
+    check_job_paths(policy=cfg.policy, prm=None if cfg.prm in _NO_PRM_DIR else cfg.prm, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
     if reuse_finished(out, cfg.overwrite, is_finished(out), "ppo", "policy"):
         return out
@@ -479,7 +486,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
-                "prm": cfg.prm if cfg.prm == "oracle" else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
+                "prm": cfg.prm if cfg.prm in _NO_PRM_DIR else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
     fit_torch_trainer(_train_loop, settings, out, f"ppo-{out.name}", num_workers=cfg.num_workers,
                       use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
                       resources_per_worker={"CPU": cfg.cpus_per_worker})
@@ -489,6 +496,10 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
 
 def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
+    if cfg.prm == "none":
+        from mathprm.scorer import ZeroScorer
+
+        return ZeroScorer()
     if cfg.prm == "oracle":
         from mathprm.scorer import ArithOracle
 

@@ -232,11 +232,11 @@ def score_examples(model: torch.nn.Module, examples: Sequence[PRMExample], pad_i
 
 
 def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int, device: torch.device,
-             batch_size: int) -> dict[str, float | None]:
-    """BCE against the soft labels and AUROC against `label > 0`, over every labelled step; and
+             batch_size: int) -> tuple[dict[str, float | None], list[list[float]]]:
+    """(BCE against the soft labels and AUROC against `label > 0`, over every labelled step, and
     `val_threshold`, the ProcessBench threshold that best finds each path's first step labelled
     0 (`processbench.best_threshold`, over its labelled steps), None without such paths and
-    clean ones both."""
+    clean ones both; the scores themselves, as `score_examples` gives them)."""
     from mathprm.processbench import best_threshold
 
     scores, loss_sum, n = score_examples(model, examples, pad_id, device, batch_size)
@@ -246,7 +246,7 @@ def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int
     paths = [(ss, first_zero(e.targets)) for ss, e in zip(scores, examples)]
     return {"val_bce": loss_sum / n if n else None,
             "val_auroc": auroc(preds, hard) if 0 < sum(hard) < len(hard) else None, "val_steps": n,
-            "val_threshold": best_threshold([p for p, _ in paths], [y for _, y in paths])}
+            "val_threshold": best_threshold([p for p, _ in paths], [y for _, y in paths])}, scores
 
 
 MAX_THRESHOLD_TRAIN = 4000  # training paths (rank 0's shard) scored to pick a step-level threshold
@@ -254,7 +254,8 @@ MIN_THRESHOLD_PATHS = 10  # clean and erroneous validation paths each, to pick t
 
 
 def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: Sequence[PRMExample], pad_id: int,
-                     device: torch.device, batch_size: int) -> tuple[float | None, str]:
+                     device: torch.device, batch_size: int,
+                     val_scores: list[list[float]] | None = None) -> tuple[float | None, str]:
     """(the ProcessBench threshold to store with the PRM, how it was picked).
 
     With at least MIN_THRESHOLD_PATHS clean and as many erroneous validation paths, the one
@@ -262,10 +263,12 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
     labels rarely give that many clean paths, so otherwise the step-level threshold
     (`step_threshold`: steps labelled 0 against the rest) over the validation and `train`
     steps; training steps are scored by a model fitted on them, so that threshold leans on
-    the PRM's fit, which is why held-out paths come first."""
+    the PRM's fit, which is why held-out paths come first. `val_scores`: the final model's scores
+    of `val` when the last validation already computed them (scored here otherwise)."""
     from mathprm.processbench import best_threshold, step_threshold
 
-    val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
+    if val_scores is None:
+        val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
     firsts = [first_zero(e.targets) for e in val]
     n_clean = sum(y == -1 for y in firsts)
     if n_clean >= MIN_THRESHOLD_PATHS and len(firsts) - n_clean >= MIN_THRESHOLD_PATHS:
@@ -492,6 +495,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     gauges = _ray_metrics() if rank == 0 else None
     step, dropped = state["step"], state["dropped"]
     first_loss, last_loss, val = state["first_loss"], state["last_loss"], state.get("val", {})
+    last_val_scores: list[list[float]] | None = None  # the final validation's, for the threshold
     started = time.monotonic() - state["elapsed"]
     window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, solutions, labelled steps
     window_start = time.monotonic()
@@ -537,7 +541,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                        "solutions_per_s": float(stats[2]) / seconds, "labelled_steps_per_s": float(stats[3]) / seconds,
                        "elapsed_s": time.monotonic() - started}
             if rank == 0 and val_examples and (step % cfg.eval_every == 0 or step == total):
-                val = validate(unwrapped, val_examples, pad_id, device, cfg.batch_size * 2)
+                val, scored = validate(unwrapped, val_examples, pad_id, device, cfg.batch_size * 2)
+                last_val_scores = scored if step == total else None
             metrics.update({k: v for k, v in val.items() if v is not None})
             if gauges is not None:
                 gauges["steps"].inc(int(stats[1]) // max(1, ctx.get_world_size()))
@@ -559,7 +564,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         kept = epochs.rows.slice(0, MAX_THRESHOLD_TRAIN) if epochs.rows is not None else None  # rank 0's shard
         train_examples = usable_examples(_rows(kept), tokenizer, fmt, cfg.max_length) if kept is not None else []
         threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
-                                                     cfg.batch_size * 2)
+                                                     cfg.batch_size * 2, last_val_scores)
         print(f"[train-prm] ProcessBench threshold {threshold}: {threshold_from}", flush=True)
         final = unwrapped
         if cfg.lora_r:

@@ -135,6 +135,16 @@ def test_full_solution_episodes_get_a_reward_per_step_plus_the_outcome():
     assert wrong.correct and wrong.rewards == [0.0] * (len(wrong.steps) - 1) + [1.0]
 
 
+def test_prm_none_rewards_only_the_outcome():
+    from mathprm.scorer import ZeroScorer
+
+    problems = arith.generate("easy", 3, seed=4, split="train")
+    cfg = PPOConfig(prm="none", mode="full_solution", group_size=2, outcome_reward=1.0)
+    episodes = collect_episodes(ScriptedGenerator(problems), ZeroScorer(), problems, cfg, FMT, seed=0)
+    assert [ep.rewards for ep in episodes[:2]] == [[0.0] * (len(ep.steps) - 1) + [1.0] for ep in episodes[:2]]
+    assert all(sum(ep.rewards) == float(bool(ep.correct)) for ep in episodes)
+
+
 def test_prompts_replay_for_the_same_seed_rank_and_update():
     pool = arith.generate("easy", 50, seed=0, split="train")
     assert pick_prompts(pool, 8, 0, 1, 7) == pick_prompts(pool, 8, 0, 1, 7)
@@ -204,7 +214,9 @@ def test_the_critic_gets_its_own_learning_rate():
                                               (["kl_target=0"], "kl_target"), (["temperature=0"], "temperature"),
                                               (["prm=oracle", "dataset=gsm8k"], "prm"),
                                               (["critic=separate", "lora_r=8"], "critic"),
-                                              (["critic_lr=0"], "critic_lr")])
+                                              (["critic_lr=0"], "critic_lr"),
+                                              (["prm=none", "mode=one_step"], "prm"),
+                                              (["prm=none", "outcome_reward=0"], "prm")])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(PPOConfig, "jobs/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])
@@ -255,3 +267,12 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
     assert not any("lora" in name or "v_head" in name for name, _ in model.named_parameters())
     base = dict(AutoModelForCausalLM.from_pretrained(tiny_policy_dir).named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())  # the adapters moved the weights
+
+
+def test_prm_none_needs_no_directory_and_scores_zero():
+    from mathprm.train_ppo import _load_scorer, resolve_separator
+
+    cfg = PPOConfig(prm="none", mode="full_solution", outcome_reward=1.0, advantage="grpo")
+    assert resolve_separator(cfg) == arith.STEP_SEPARATOR
+    scorer = _load_scorer(cfg, [], torch.device("cpu"))
+    assert scorer.score(["q", "r"], [["a", "b"], ["c"]]) == [[0.0, 0.0], [0.0]]

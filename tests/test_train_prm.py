@@ -219,3 +219,21 @@ def test_the_threshold_comes_from_validation_paths_when_there_are_enough_clean_o
     t, how = choose_threshold(None, many, [], 0, "cpu", 8)
     assert how.startswith("F1 on 20 validation paths (10 clean, 10")
     assert 0.0 < t <= 0.65
+
+
+def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
+    import mathprm.train_prm as tp
+    from mathprm.prm import PRMExample
+
+    def example(targets):
+        return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
+
+    many = [example([0.9, 0.8])] * 10 + [example([0.7, 0.0])] * 10
+    scores = [[max(0.0, t - 0.05) for t in e.targets] for e in many]
+
+    def no_scoring(*a):
+        raise AssertionError("the validation paths were scored again")
+
+    monkeypatch.setattr(tp, "score_examples", no_scoring)
+    t, how = choose_threshold(None, many, [], 0, "cpu", 8, val_scores=scores)
+    assert how.startswith("F1 on 20 validation paths") and 0.0 < t <= 0.65
