@@ -1,6 +1,6 @@
 """PPO with per-step reward against issue 7's targets, on fresh arith test problems.
 
-    python benchmarks/bench_ppo.py [--policy runs/arith/policy] [--prm runs/arith/prm|oracle] \
+    python benchmarks/bench_ppo.py [--policy runs/arith/policy] [--prm runs/arith/prm|oracle|none] \
         [--minutes 20] [--variants one_step:gae,one_step:grpo,full_solution:gae,full_solution:grpo] \
         [--limit 200] [--guided 0] [--tag NAME] [--reuse] [--write] [key=value ...]
 
@@ -60,10 +60,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     policy = (REPO / args.policy).resolve()
-    prm = args.prm if args.prm == "oracle" else str((REPO / args.prm).resolve())
-    prm_name = "oracle" if args.prm == "oracle" else "prm"
+    named = args.prm in ("oracle", "none")  # no directory: the exact checker, or no step reward at all
+    prm = args.prm if named else str((REPO / args.prm).resolve())
+    prm_name = args.prm if named else "prm"
     base = {d: greedy(policy, d, args.limit, "base") for d in ("arith:hard", "arith:easy")}
-    base_guided = guided(policy, prm, args.guided, "base") if args.guided and prm != "oracle" else None
+    base_guided = guided(policy, prm, args.guided, "base") if args.guided and not named else None
     rows = []
     for variant in args.variants.split(","):
         mode, advantage = variant.split(":")
@@ -100,7 +101,7 @@ def main() -> int:
     lines = [
         f"Base policy `{repo_relative(policy)}`: greedy {100 * base['arith:hard']:.1f} % on arith:hard, "
         f"{100 * base['arith:easy']:.1f} % on arith:easy ({args.limit} fresh test problems each, seed 0). "
-        f"Reward: `{args.prm}`; each run at most {args.minutes:g} minutes "
+        f"Reward: {'none per step, only the outcome bonus' if args.prm == 'none' else f'`{args.prm}`'}; each run at most {args.minutes:g} minutes "
         f"(jobs/configs/ppo_arith.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}).",
         "",
         "| mode / advantage | updates | min | reward first -> last 20 % | KL (last) | hard greedy | "
