@@ -8,6 +8,7 @@ stats would try the network. Both are set here, before the first `ray.init`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
@@ -103,10 +104,12 @@ def restore_train_state(model: Any, state: dict, tag: str, rank: int) -> dict:
     return state
 
 
+@functools.cache
 def _quiet_report_log() -> None:
     """Ray Train logs every `report` at INFO with all its metrics, from a logger named after
     its own file (so `LoggingConfig`'s level, which filters "ray.train" records, misses it);
-    our progress lines already say the same. Raise that logger to WARNING in this worker."""
+    our progress lines already say the same. Raise that logger to WARNING in this worker
+    (once per process)."""
     import logging
 
     try:
