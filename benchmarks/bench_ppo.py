@@ -31,7 +31,7 @@ from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm.config import load_config  # noqa: E402
 from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
-from mathprm.train_ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
+from mathprm.train_ppo import NO_PRM_DIR, SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
 
 
 def greedy(policy: Path, dataset: str, limit: int, tag: str) -> float:
@@ -60,7 +60,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     policy = (REPO / args.policy).resolve()
-    named = args.prm in ("oracle", "none")  # no directory: the exact checker, or no step reward at all
+    named = args.prm in NO_PRM_DIR  # no directory: the exact checker, or no step reward at all
     prm = args.prm if named else str((REPO / args.prm).resolve())
     prm_name = args.prm if named else "prm"
     base = {d: greedy(policy, d, args.limit, "base") for d in ("arith:hard", "arith:easy")}
@@ -101,7 +101,8 @@ def main() -> int:
     lines = [
         f"Base policy `{repo_relative(policy)}`: greedy {100 * base['arith:hard']:.1f} % on arith:hard, "
         f"{100 * base['arith:easy']:.1f} % on arith:easy ({args.limit} fresh test problems each, seed 0). "
-        f"Reward: {'none per step, only the outcome bonus' if args.prm == 'none' else f'`{args.prm}`'}; each run at most {args.minutes:g} minutes "
+        f"Reward: {'none per step, only the outcome bonus' if args.prm == 'none' else f'`{args.prm}`'}; "
+        f"each run at most {args.minutes:g} minutes "
         f"(jobs/configs/ppo_arith.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}).",
         "",
         "| mode / advantage | updates | min | reward first -> last 20 % | KL (last) | hard greedy | "

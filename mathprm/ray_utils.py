@@ -110,8 +110,6 @@ def _quiet_report_log() -> None:
     its own file (so `LoggingConfig`'s level, which filters "ray.train" records, misses it);
     our progress lines already say the same. Raise that logger to WARNING in this worker
     (once per process)."""
-    import logging
-
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:  # another Ray layout: keep its logs as they are

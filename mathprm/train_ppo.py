@@ -429,13 +429,13 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
 # ----------------------------------------------------------------------------- Ray shell
 
 
-_NO_PRM_DIR = ("oracle", "none")  # `prm` values that name no directory
+NO_PRM_DIR = ("oracle", "none")  # `prm` values that name no directory
 
 
 def resolve_separator(cfg: PPOConfig) -> str:
     if cfg.separator is not None:
         return cfg.separator
-    if cfg.prm in _NO_PRM_DIR:
+    if cfg.prm in NO_PRM_DIR:
         from mathprm.evaluate import step_format_for
 
         return step_format_for(cfg.dataset, None).separator
@@ -472,7 +472,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
     from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
-    check_job_paths(policy=cfg.policy, prm=None if cfg.prm in _NO_PRM_DIR else cfg.prm, out_dir=cfg.out_dir)
+    check_job_paths(policy=cfg.policy, prm=None if cfg.prm in NO_PRM_DIR else cfg.prm, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
     if reuse_finished(out, cfg.overwrite, is_finished(out), "ppo", "policy"):
         return out
@@ -486,7 +486,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
-                "prm": cfg.prm if cfg.prm in _NO_PRM_DIR else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
+                "prm": cfg.prm if cfg.prm in NO_PRM_DIR else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
     fit_torch_trainer(_train_loop, settings, out, f"ppo-{out.name}", num_workers=cfg.num_workers,
                       use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
                       resources_per_worker={"CPU": cfg.cpus_per_worker})
