@@ -38,6 +38,11 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _memorised() -> list[dict]:
+    """The tiny policy's memorised questions as problem rows (it writes their solutions)."""
+    return [{"question": q, "answer": steps[-1].rsplit(" ", 1)[1]} for q, steps in MEMORISED.items()]
+
+
 def _config(policy, out, **kw) -> MCTSConfig:
     """A small, fast search: the tiny policy writes junk on arith, so rollouts are short-capped."""
     base = dict(policy=str(policy), dataset="arith:easy", limit=4, num_solutions=2, rollouts_per_step=2,
@@ -130,8 +135,7 @@ def test_a_foreign_parquet_file_in_labels_is_refused(tmp_path):
 
 @pytest.mark.ray
 def test_the_stage_writes_labels_trl_rows_and_a_summary_then_resumes(ray_cluster, tiny_policy_dir, tmp_path):
-    memorised = [{"question": q, "answer": steps[-1].rsplit(" ", 1)[1]} for q, steps in MEMORISED.items()]
-    data = _jsonl(tmp_path / "p.jsonl", [*memorised, {"question": "No answer here.", "answer": None}])
+    data = _jsonl(tmp_path / "p.jsonl", [*_memorised(), {"question": "No answer here.", "answer": None}])
     out = tmp_path / "mcts"
     cfg = _config(tiny_policy_dir, out, dataset=str(data), separator="\n", limit=None, temperature=0.2)
     summary = run_mcts(cfg)
@@ -192,6 +196,9 @@ def test_runs_on_gsm8k_with_any_model_directory(ray_cluster, tiny_policy_dir, tm
     assert set(read_labels(out).column("problem_id").to_pylist()) <= {p for p in committed_problems(out / "labels")}
 
 
+N_KILL = 48  # problems of the kill test
+
+
 @pytest.mark.ray
 def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_policy_dir, tmp_path):
     """Run the job script against the shared cluster, SIGKILL an expander actor once the first
@@ -200,22 +207,29 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
     from ray.util.state import list_actors
 
     out = tmp_path / "mcts"
-    args = [sys.executable, str(REPO / "jobs/mcts.py"), f"policy={tiny_policy_dir}", "dataset=arith:easy",
-            "limit=16", "num_solutions=4", "rollouts_per_step=4", "max_solution_tokens=64", "num_actors=2",
+    # The memorised questions, eight times each: every problem has whole steps to complete, so
+    # the run lasts long enough to be killed on any CPU (on arith the junk may have no steps).
+    data = _jsonl(tmp_path / "p.jsonl", [_memorised()[i % 2] for i in range(N_KILL)])
+    args = [sys.executable, str(REPO / "jobs/mcts.py"), f"policy={tiny_policy_dir}", f"dataset={data}",
+            'separator="\\n"', f"limit={N_KILL}", "num_solutions=4", "rollouts_per_step=8", "max_solution_tokens=64",
+            "num_actors=2",
             "cpus_per_actor=0.5", "problems_per_batch=1", f"out_dir={out}", "progress_every_s=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     labels_dir = out / "labels"
-    killed = None
+    killed, pids = None, []
     deadline = time.monotonic() + 300
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        if labels_dir.exists() and list(labels_dir.glob("part-*.parquet")):
-            alive = [a for a in list_actors(address=f"http://{ray_cluster['webui_url']}", filters=[("state", "=", "ALIVE")])
-                     if "Expander" in a.class_name]
-            if alive:
-                committed = len(committed_problems(labels_dir))
-                os.kill(alive[0].pid, signal.SIGKILL)
-                killed = (alive[0].actor_id, committed)
+        if not pids:  # looked up before the first commit: a lookup takes a second, the run not much more
+            pids = [a.pid for a in list_actors(address=f"http://{ray_cluster['webui_url']}",
+                                               filters=[("state", "=", "ALIVE")]) if "Expander" in a.class_name and a.pid]
+        if pids and labels_dir.exists() and list(labels_dir.glob("part-*.parquet")):
+            committed = len(committed_problems(labels_dir))
+            try:
+                os.kill(pids[0], signal.SIGKILL)
+                killed = (pids[0], committed)
+            except ProcessLookupError:  # that worker is gone already: look again
+                pids = []
         time.sleep(0.1)
     seen_metrics = False
     while proc.poll() is None and time.monotonic() < deadline:
@@ -223,17 +237,17 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
         time.sleep(1)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 0, log[-4000:]
-    assert killed is not None and killed[1] < 16, f"the actor must die mid-run; killed={killed}\n{log[-3000:]}"
+    assert killed is not None and killed[1] < N_KILL, f"the actor must die mid-run; killed={killed}\n{log[-3000:]}"
     table = read_labels(out)
     done = committed_problems(labels_dir)
-    assert len(done) == 16
+    assert len(done) == N_KILL
     assert set(table.column("problem_id").to_pylist()) <= set(done)
     rows = list(zip(table.column("problem_id").to_pylist(), table.column("prefix").to_pylist(),
                     table.column("step").to_pylist()))
     assert len(rows) == len(set(map(str, rows))), "a labelled step appears twice"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == 16 and summary["labels"] == len(rows)
-    assert "[mcts] 16/16 problems" in log
+    assert summary["problems"] == N_KILL and summary["labels"] == len(rows)
+    assert f"[mcts] {N_KILL}/{N_KILL} problems" in log
     seen_metrics = seen_metrics or "mathprm_mcts_problems" in metrics_text(ray_cluster["metrics_export_port"])
     assert seen_metrics, "mathprm_mcts_* metrics never reached the metrics endpoint"
 
@@ -241,8 +255,9 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
 @pytest.mark.ray
 def test_ray_job_submit_runs_the_job_on_the_local_head(ray_cluster, tiny_policy_dir, tmp_path):
     out = tmp_path / "submitted"
+    data = _jsonl(tmp_path / "p.jsonl", _memorised())  # whole steps to label on any CPU
     entry = [sys.executable, "jobs/mcts.py", "--config", "jobs/configs/mcts_arith.yaml", f"policy={tiny_policy_dir}",
-             "method=math_shepherd", "dataset=arith:easy", "limit=2", "num_solutions=2", "rollouts_per_step=2",
+             "method=math_shepherd", f"dataset={data}", 'separator="\\n"', "limit=2", "num_solutions=2", "rollouts_per_step=2",
              "max_solution_tokens=32", "num_actors=1", f"out_dir={out}"]
     ray_bin = Path(sys.executable).with_name("ray")
     r = subprocess.run([str(ray_bin), "job", "submit", "--address", f"http://{ray_cluster['webui_url']}",
