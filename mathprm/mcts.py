@@ -61,14 +61,14 @@ TRL_FORMATS = ("soft", "hard")
 # The fields that make two runs' labels the same experiment: a rerun must match them.
 _IDENTITY = ("policy", "dataset", "split", "columns", "separator", "method", "num_solutions", "rollouts_per_step",
              "rollout_budget", "c_puct", "alpha", "beta", "length_scale", "temperature", "rollout_temperature", "top_p",
-             "max_solution_tokens", "seed")
+             "max_solution_tokens", "seed", "reuse_rollouts")
 
 
 @dataclasses.dataclass
 class MCTSConfig(TreeSearchConfig):
     """The tree-search stage: the search's own fields (`TreeSearchConfig`: method,
     num_solutions, rollouts_per_step, rollout_budget, c_puct, alpha, beta, length_scale,
-    temperature, top_p, max_solution_tokens, seed) plus the data, the policy and the Ray shape."""
+    temperature, top_p, max_solution_tokens, seed, reuse_rollouts) plus the data, the policy and the Ray shape."""
 
     policy: str = "runs/arith/policy"  # any Hugging Face causal-LM directory
     dataset: str = "arith:hard"  # a name load_problems knows (arith:*, gsm8k, math500, ...) or a .jsonl/.parquet

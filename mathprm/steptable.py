@@ -22,7 +22,8 @@ COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "prefix": (pa.list_(pa.string()), "the solution steps before `step`, as the policy wrote them"),
     "step": (pa.string(), "the step being scored (no separator)"),
     "score": (pa.float64(), "in [0, 1]: share of rollouts from prefix + step that reach the gold answer"),
-    "n_rollouts": (pa.int32(), "rollouts behind `score` (1: a finished solution graded directly)"),
+    "n_rollouts": (pa.int32(), "rollouts behind `score`: its own plus the earlier states' that passed through it "
+                                "(reuse_rollouts); 1: a finished solution graded directly"),
     "n_correct": (pa.int32(), "of those, the ones that reach the gold answer"),
     "depth": (pa.int32(), "len(prefix): the step's 0-based index in the solution"),
     "method": (pa.string(), "math_shepherd | omegaprm"),

@@ -18,6 +18,23 @@ it, and score = MC = the fraction of its completions that reach the gold answer 
 estimation" of Math-Shepherd; the hard label `score > 0` is derived later, see `to_trl`).
 Grading is a plain callable (`Grader`), so the search never knows the answer format.
 
+Reused rollouts (`reuse_rollouts`, on by default): a completion sampled from an earlier state
+that wrote exactly the steps of a later state s is, from s on, a sample of the policy from s
+(sampling is autoregressive: what follows s depends on s alone, up to how
+the tokenizer splits the text at s's end). So s's MC counts those
+completions too, besides its own `rollouts_per_step`, at no generation cost. A state's
+`n_rollouts` / `n_correct` include them. This is what OmegaPRM's "reuse of rollouts" asks for
+and what pulls right states of a weak policy off MC = 0: a right state whose own k completions
+all failed is often passed through by a root solution that reached the answer. Two exclusions
+keep the estimate unbiased: a completion that triggered a state's probe (OmegaPRM probes the
+steps of a rollout because it failed) is not counted for the states it made the search probe;
+root solutions count only when they were sampled like the scoring completions
+(`rollout_temperature` null or equal to `temperature`). A completion is counted once it has
+written the state's last step whole: more steps follow it, or it ended there (EOS). A truncated
+completion's cut last step never matches. OmegaPRM's binary search also reads the reused
+completions: a probe whose own completions all failed but that a reused one passed through to
+the answer is right, and the search moves past it.
+
 Choices and departures from the papers:
 
 - Searches are coroutines (`Search`): they yield `Request`s for completions instead of calling
@@ -29,7 +46,8 @@ Choices and departures from the papers:
 - The solution text that is graded is the prefix's steps followed by the completion, so an
   answer written in the prefix still counts if the completion adds nothing.
 - Math-Shepherd: the last step of a finished solution is scored by grading that solution
-  (n_rollouts=1) instead of completing a finished text. A truncated solution's last step is
+  (n_rollouts=1; with reused rollouts, the root solutions that end there, this one among
+  them) instead of completing a finished text. A truncated solution's last step is
   partial and gets no label. Identical prefixes across solutions are scored once.
 - OmegaPRM, pool: the paper's rule, wrong rollouts from states with 0 < MC(s) < 1, plus the
   wrong rollouts of the root when MC(root) = 0. The empty prefix cannot hold an error, so the
@@ -83,7 +101,7 @@ class StepLabel:
     prefix: tuple[str, ...]  # the steps before `step`, as the policy wrote them
     step: str  # the step being scored
     score: float  # in [0, 1]: fraction of completions from prefix + step that reach the gold answer
-    n_rollouts: int  # completions behind `score` (1: a finished solution graded directly)
+    n_rollouts: int  # completions behind `score`, reused ones included (1: a finished solution graded directly)
     n_correct: int  # of those, the ones that reach the gold answer
     depth: int  # len(prefix): the step's 0-based index in the solution
     method: str  # "math_shepherd" or "omegaprm"
@@ -120,6 +138,9 @@ class TreeSearchConfig:
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer completion is cut (and is wrong unless it has the answer)
     seed: int = 0
+    # Count, in a state's score, the rollouts of earlier states that passed through it (module
+    # docstring, "reused rollouts"); False: only the state's own completions.
+    reuse_rollouts: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -142,6 +163,8 @@ class TreeSearchConfig:
         self.sampling(0)  # Sampling's own checks, named by field (temperature, top_p, ...)
         if self.rollout_temperature is not None and not 0 <= self.rollout_temperature <= 2:
             raise ValueError(f"rollout_temperature: must be in [0, 2] or null, got {self.rollout_temperature!r}")
+        if not isinstance(self.reuse_rollouts, bool):
+            raise ValueError(f"reuse_rollouts: must be true or false, got {self.reuse_rollouts!r}")
 
     def sampling(self, seed: int, root: bool = True) -> Sampling:
         """The sampling of root solutions (`root`) or of the completions that score a state."""
@@ -177,6 +200,11 @@ class _Search:
     def __init__(self, problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> None:
         self.problem, self.grader, self.cfg, self.fmt = problem, grader, cfg, fmt
         self.stats = SearchStats()
+        self.graded: list[tuple[State, Rollout, bool]] = []  # every graded completion: (from state, rollout, ok)
+        self.excluded: dict[State, set[int]] = {}  # state -> id() of rollouts not to reuse for it
+        # Root solutions are reused only when they were sampled like the scoring completions.
+        t = cfg.rollout_temperature
+        self.reuse_root = t is None or t == cfg.temperature
 
     def rollouts(self, states: list[State], n: int) -> Generator[Request, list[list[Rollout]], list[list[tuple[Rollout, bool]]]]:
         """`n` graded completions per state, as one request (`yield from` it)."""
@@ -193,7 +221,25 @@ class _Search:
             self.stats.n_rollouts += n
             self.stats.n_tokens += sum(r.n_tokens for r in rollouts)
             graded.append([(r, self.grade(state, r.text)) for r in rollouts])
+            self.graded += [(state, r, ok) for r, ok in graded[-1]]
         return graded
+
+    def reused(self, state: State) -> tuple[int, int]:
+        """(n, correct) over the completions of strictly earlier states that passed through
+        `state`: their continuation after it is a sample of the policy from `state` (module
+        docstring, "reused rollouts"). (0, 0) when `cfg.reuse_rollouts` is off."""
+        if not self.cfg.reuse_rollouts:
+            return 0, 0
+        skip = self.excluded.get(state, set())
+        n = correct = 0
+        for start, rollout, ok in self.graded:
+            m = len(state) - len(start)
+            if m <= 0 or state[: len(start)] != start or id(rollout) in skip or (not start and not self.reuse_root):
+                continue
+            # Its first m steps are the state's; the m-th is whole (more follow, or it ended there).
+            if tuple(rollout.steps[:m]) == state[len(start) :] and (len(rollout.steps) > m or rollout.finished):
+                n, correct = n + 1, correct + ok
+        return n, correct
 
     def grade(self, state: State, completion: str) -> bool:
         head = self.fmt.join(state) + self.fmt.separator if state else ""
@@ -254,14 +300,21 @@ def math_shepherd_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig
         for state, graded in zip(to_complete, (yield from search.rollouts(to_complete, k)), strict=True):
             counts[state] = (k, sum(ok for _, ok in graded))
     for state in ends - inner.keys():  # a state inside another solution is completed instead
-        counts[state] = (1, int(search.grade((), search.fmt.join(state))))
+        if cfg.reuse_rollouts and search.reuse_root:
+            counts[state] = (0, 0)  # the solutions ending here are reused below, this one among them
+        else:
+            counts[state] = (1, int(search.grade((), search.fmt.join(state))))
 
     labels, done = [], set()
     for state in order:
         if state not in done:
             done.add(state)
-            labels.append(search.label(state, *counts[state], "math_shepherd"))
+            labels.append(search.label(state, *_plus(counts[state], search.reused(state)), "math_shepherd"))
     return search.finish(labels)
+
+
+def _plus(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+    return a[0] + b[0], a[1] + b[1]
 
 
 @dataclass
@@ -333,19 +386,22 @@ def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt
             if probe is None:
                 if search.stats.n_rollouts + k > cfg.rollout_budget:
                     return search.finish(_omegaprm_labels(search, tree))
+                search.excluded.setdefault(state, set()).add(id(rollout))  # probed because `rollout` failed
                 probe = tree.add(state, (yield from search.rollouts([state], k))[0])
-            if probe.correct > 0:
+            if probe.correct > 0 or search.reused(state)[1] > 0:
                 lo = mid
             else:
                 hi = mid
         end = node.state + steps
         if hi == len(steps) and end not in tree.nodes:  # the error is the last step: never probed
             tree.nodes[end] = _Node(end, 1, 0)  # a wrong finished solution, graded when sampled
+            search.excluded.setdefault(end, set()).add(id(rollout))  # that grading is its (1, 0)
     return search.finish(_omegaprm_labels(search, tree))
 
 
 def _omegaprm_labels(search: _Search, tree: _Tree) -> list[StepLabel]:
-    return [search.label(s, node.n, node.correct, "omegaprm") for s, node in tree.nodes.items() if s]
+    return [search.label(s, *_plus((node.n, node.correct), search.reused(s)), "omegaprm")
+            for s, node in tree.nodes.items() if s]
 
 
 SEARCHES: dict[str, Callable[[Problem, Grader, TreeSearchConfig, StepFormat], Search]] = {

@@ -143,7 +143,8 @@ def test_scores_rank_steps_like_the_exact_labels(method):
 
 
 def test_math_shepherd_labels_every_step_once_in_two_calls():
-    gen, results = run(math_shepherd, MEDIUM[:5], 0.3, CFG)
+    # Own completions only: the accounting below is per state (reuse has its own tests).
+    gen, results = run(math_shepherd, MEDIUM[:5], 0.3, replace(CFG, reuse_rollouts=False))
     assert len(gen.calls) == 10
     for (labels, stats), batch in zip(results, gen.calls[1::2]):
         assert stats.n_calls == 2
@@ -170,7 +171,7 @@ class TrailingSeparator(NoisyArithGenerator):
 def test_a_completion_that_adds_nothing_is_graded_with_its_prefix():
     gen = TrailingSeparator(MEDIUM[:3], 0.0)
     for pr in MEDIUM[:3]:
-        labels, _ = math_shepherd(pr, gen, judge_grader, CFG)
+        labels, _ = math_shepherd(pr, gen, judge_grader, replace(CFG, reuse_rollouts=False))
         answer, end = labels[-2:]
         # The answer line is now inside the solution: completed, by nothing, and still right.
         assert answer.step.startswith("The answer is") and (answer.n_rollouts, answer.score) == (8, 1.0)
@@ -214,10 +215,12 @@ def root_solutions(problem: Problem, gen: NoisyArithGenerator, cfg: TreeSearchCo
     return gen.rollouts([Prefix(problem.question)], cfg.num_solutions, sampling)[0]
 
 
-def test_omegaprm_binary_search_finds_each_wrong_solutions_first_error():
+@pytest.mark.parametrize("reuse", [False, True])
+def test_omegaprm_binary_search_finds_each_wrong_solutions_first_error(reuse):
     # Errors only at the root: from any later prefix the policy is exact, so MC > 0 exactly
-    # when the prefix is right, and the binary search must land on arith.first_error.
-    cfg = replace(CFG, num_solutions=6, rollout_budget=1000)
+    # when the prefix is right, and the binary search must land on arith.first_error. With
+    # reuse, a right state also counts the root solutions through it, some of which err later.
+    cfg = replace(CFG, num_solutions=6, rollout_budget=1000, reuse_rollouts=reuse)
     _, results = run(omegaprm, HARD, 0.0, cfg, p_root=0.2)
     n_checked = 0
     for pr, (labels, stats) in zip(HARD, results):
@@ -229,7 +232,8 @@ def test_omegaprm_binary_search_finds_each_wrong_solutions_first_error():
             err = arith.first_error(pr, steps)
             assert scores[tuple(steps[: err + 1])] == 0.0  # the first wrong step is labelled wrong
             if err > 0:
-                assert scores[tuple(steps[:err])] == 1.0  # and the step before it right
+                before = scores[tuple(steps[:err])]  # and the step before it right
+                assert before == 1.0 if not reuse else 0.5 < before <= 1.0
             n_checked += 1
     assert n_checked >= 10
 
@@ -250,6 +254,69 @@ def test_omegaprm_searches_the_highest_valued_rollout_first():
     assert n_not_first >= 3
 
 
+# ----------------------------------------------------------------------------- reused rollouts
+
+
+@pytest.mark.parametrize("rollout_temperature", [None, 0.5])
+def test_math_shepherd_counts_the_completions_that_passed_through_a_state(rollout_temperature):
+    # An exact policy: the 4 root solutions are the reference, and every completion of state
+    # j passes through every later state. State d (0-based, m operations then the answer line)
+    # has its own 8, the 8 of each earlier state, and the 4 roots when they were sampled like
+    # the completions; the answer line, completed by nobody, counts the roots that end there
+    # (or is graded once when they were not sampled alike) and every state's completions.
+    cfg = replace(CFG, rollout_temperature=rollout_temperature)
+    k, roots = cfg.rollouts_per_step, cfg.num_solutions if rollout_temperature is None else 0
+    for pr in MEDIUM[:3]:
+        labels, _ = math_shepherd(pr, NoisyArithGenerator([pr], 0.0), judge_grader, cfg)
+        m = len(arith.chain(pr)[1])
+        assert [lab.depth for lab in labels] == list(range(m + 1))
+        want = [k + roots + k * d for d in range(m)] + [(roots or 1) + k * m]
+        assert [lab.n_rollouts for lab in labels] == want
+        assert all(lab.n_correct == lab.n_rollouts for lab in labels)
+
+
+class WrongLastLine(NoisyArithGenerator):
+    """Root solutions: the reference with a wrong answer line. Completions: exact."""
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        out = super().rollouts(prefixes, n, sampling)
+        bad = [Rollout(r.steps[:-1] + ["The answer is -1"], "\n".join(r.steps[:-1] + ["The answer is -1"]),
+                       r.n_tokens, True) for r in out[0]]
+        return [bad if not p.steps else rs for p, rs in zip(prefixes, out)]
+
+
+def test_omegaprm_does_not_count_the_failed_rollout_that_made_it_probe_a_state():
+    # One root solution, wrong only in its answer line: its binary search probes right states,
+    # all of whose completions succeed. Counting the probed rollout itself would pull each
+    # probe below 1; it is left out, so every probe is exactly 1 over its own completions and
+    # those of the earlier probes that passed through it, and the answer line is the root
+    # solution's one grading.
+    cfg = replace(CFG, num_solutions=1, rollout_budget=1000)
+    for pr in HARD[:3]:
+        labels, stats = omegaprm(pr, WrongLastLine([pr], 0.0), judge_grader, cfg)
+        probes, (end,) = labels[:-1], labels[-1:]
+        assert stats.n_searches == 1 and len(probes) >= 2
+        assert all(lab.score == 1.0 for lab in probes)
+        assert sorted(lab.n_rollouts for lab in probes) == [8 * (i + 1) for i in range(len(probes))]
+        assert (end.step, end.n_rollouts, end.score) == ("The answer is -1", 1, 0.0)
+
+
+@pytest.mark.parametrize("method", [math_shepherd, omegaprm])
+def test_reuse_lifts_right_states_off_zero_and_never_lifts_a_wrong_one(method):
+    # A weak policy on hard chains: many right states see all their own completions fail. In
+    # this world a wrong prefix never reaches the gold answer, so reuse can only add evidence
+    # to right states, and it must leave fewer of them at 0 and rank the steps at least as well.
+    cfg = replace(CFG, rollouts_per_step=4, rollout_budget=60)
+    by = {}
+    for reuse in (False, True):
+        _, results = run(method, HARD, 0.25, replace(cfg, reuse_rollouts=reuse))
+        rows = [(lab.score, truth(pr, lab)) for pr, (labels, _) in zip(HARD, results) for lab in labels]
+        assert all(score == 0 for score, right in rows if not right)
+        by[reuse] = (sum(score == 0 for score, right in rows if right), auroc(*zip(*rows)))
+    assert by[False][0] > 0 and by[True][0] < by[False][0]
+    assert by[True][1] >= by[False][1]
+
+
 @pytest.mark.parametrize("method", [math_shepherd, omegaprm])
 def test_same_seed_same_labels_other_seed_other_labels(method):
     a = run(method, MEDIUM[:8], 0.2, CFG)[1]
@@ -262,7 +329,8 @@ def test_same_seed_same_labels_other_seed_other_labels(method):
 @pytest.mark.parametrize(
     "field,value",
     [("method", "beam"), ("num_solutions", 0), ("rollouts_per_step", -1), ("rollout_budget", 2),
-     ("alpha", 0.0), ("beta", 1.5), ("c_puct", -0.1), ("length_scale", 0), ("temperature", 3.0), ("top_p", 0)],
+     ("alpha", 0.0), ("beta", 1.5), ("c_puct", -0.1), ("length_scale", 0), ("temperature", 3.0), ("top_p", 0),
+     ("reuse_rollouts", "yes")],
 )
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"^{field}:"):
