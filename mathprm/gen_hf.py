@@ -8,7 +8,9 @@ A hand-written decoding loop rather than `model.generate`, for two reasons:
   which other prompts share its batch (up to float rounding from padding).
 Prompts are batched by length, and rows that have stopped are dropped from the batch (with
 their KV cache) once a quarter of it has stopped, so rollouts of very different lengths do not
-all pay for the longest.
+all pay for the longest. After the prefill, the cache of every full-attention layer gets room for
+the tokens still to come (`_preallocate`): transformers' `DynamicLayer` concatenates the whole
+cache at each decoding step, which on CPU was over half the time of a rollout from a deep prefix.
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
 merges into a longer token (".\\n\\n") still stops the step; the text is cut at its first
 separator, as vLLM's `stop` strings do.
@@ -115,6 +117,7 @@ class HFGenerator:
             out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
             cache = out.past_key_values
             cache.batch_repeat_interleave(n)  # the prompt's work, shared by its n samples
+            _preallocate(cache, max_tokens)
             logits = out.logits[:, -1].float().repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
             next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1
@@ -167,3 +170,76 @@ class HFGenerator:
             drop = (sorted_p.cumsum(-1) - sorted_p) >= sampling.top_p
             probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
         return torch.stack([torch.multinomial(probs[k], 1, generator=gen)[0] for k, gen in enumerate(gens)])
+
+
+def _preallocate(cache, extra: int) -> None:
+    """Give every full-attention layer of a `DynamicCache` room for `extra` more tokens, so
+    that decoding writes each new key and value in place instead of concatenating the whole
+    cache at every step (on CPU that copy was over half of a deep-prefix rollout's time).
+    Layers of other kinds are left as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0:
+            cache.layers[i] = _PreallocatedLayer(layer, extra)
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A `DynamicLayer` over buffers with room for `extra` tokens past the prompt: `update`
+        writes in place and returns views of the filled part."""
+
+        def __init__(self, layer, extra: int) -> None:
+            super().__init__()
+            self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
+            batch, heads, length, dim = layer.keys.shape
+            self._k = layer.keys.new_empty(batch, heads, length + extra, dim)
+            self._v = layer.values.new_empty(batch, heads, length + extra, layer.values.shape[-1])
+            self._k[:, :, :length], self._v[:, :, :length] = layer.keys, layer.values
+            self._set(length)
+
+        def _set(self, length: int) -> None:
+            self.length = length
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if self.length + n > self._k.shape[-2]:  # past the room: grow as DynamicLayer does
+                self._k = torch_cat([self._k[:, :, : self.length], key_states])
+                self._v = torch_cat([self._v[:, :, : self.length], value_states])
+            else:
+                self._k[:, :, self.length : self.length + n] = key_states
+                self._v[:, :, self.length : self.length + n] = value_states
+            self._set(self.length + n)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+            self._set(self.length)
+
+        def batch_select_indices(self, indices) -> None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._set(self.length)
+
+    return PreallocatedLayer
+
+
+def torch_cat(parts):
+    import torch
+
+    return torch.cat(parts, dim=-2)
+
+
+def _PreallocatedLayer(layer, extra: int):  # noqa: N802 (a class made on first use: transformers is imported lazily)
+    global _LAYER_CLASS
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _preallocated_layer_class()
+    return _LAYER_CLASS(layer, extra)
+
+
+_LAYER_CLASS = None
