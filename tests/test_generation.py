@@ -175,3 +175,26 @@ def test_vllm_seeded_batch_over_the_step_token_budget(vllm_generator):
     first = vllm_generator.rollouts(prefixes, 2, sampling)
     assert len(first) == 40 and all(len(r) == 2 for r in first)
     assert first == vllm_generator.rollouts(prefixes, 2, sampling)
+
+
+def test_hf_preallocated_cache_samples_exactly_what_the_growing_cache_samples(hf, monkeypatch):
+    """The cache gets room for the tokens still to come (mathprm/gen_hf.py, `_preallocate`):
+    every full-attention layer is replaced, and hot samples, with rows stopping at different
+    times and dropped from the batch, are the ones transformers' own cache gives."""
+    import mathprm.gen_hf as gen_hf
+
+    replaced = []
+    real = gen_hf._preallocate
+
+    def spy(cache, extra):
+        real(cache, extra)
+        replaced.append(sum(type(layer).__name__ == "PreallocatedLayer" for layer in cache.layers))
+
+    prefixes = [UNSEEN, Prefix("What is 1+1?"), Prefix("What is 2+3?", ("2 + 3 = 5",))]
+    hot = Sampling(temperature=1.5, max_solution_tokens=40, seed=7)
+    monkeypatch.setattr(gen_hf, "_preallocate", spy)
+    with_room = hf.rollouts(prefixes, 6, hot)
+    assert replaced and all(n == hf.model.config.num_hidden_layers for n in replaced)
+    monkeypatch.setattr(gen_hf, "_preallocate", lambda cache, extra: None)
+    assert hf.rollouts(prefixes, 6, hot) == with_room
+    assert len({r.n_tokens for rs in with_room for r in rs}) > 2  # rows stopped at different times
