@@ -18,6 +18,8 @@ separator, as vLLM's `stop` strings do.
 
 from __future__ import annotations
 
+import functools
+
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
 from mathprm.steps import StepFormat
 
@@ -181,10 +183,13 @@ def _preallocate(cache, extra: int) -> None:
 
     for i, layer in enumerate(getattr(cache, "layers", [])):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.get_seq_length() > 0:
-            cache.layers[i] = _PreallocatedLayer(layer, extra)
+            cache.layers[i] = _preallocated_layer_class()(layer, extra)
 
 
+@functools.cache
 def _preallocated_layer_class():
+    """The layer class, made on first use: transformers is imported lazily in this module."""
+    import torch
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -207,8 +212,8 @@ def _preallocated_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
             if self.length + n > self._k.shape[-2]:  # past the room: grow as DynamicLayer does
-                self._k = torch_cat([self._k[:, :, : self.length], key_states])
-                self._v = torch_cat([self._v[:, :, : self.length], value_states])
+                self._k = torch.cat([self.keys, key_states], dim=-2)
+                self._v = torch.cat([self.values, value_states], dim=-2)
             else:
                 self._k[:, :, self.length : self.length + n] = key_states
                 self._v[:, :, self.length : self.length + n] = value_states
@@ -227,19 +232,3 @@ def _preallocated_layer_class():
             self._set(self.length)
 
     return PreallocatedLayer
-
-
-def torch_cat(parts):
-    import torch
-
-    return torch.cat(parts, dim=-2)
-
-
-def _PreallocatedLayer(layer, extra: int):  # noqa: N802 (a class made on first use: transformers is imported lazily)
-    global _LAYER_CLASS
-    if _LAYER_CLASS is None:
-        _LAYER_CLASS = _preallocated_layer_class()
-    return _LAYER_CLASS(layer, extra)
-
-
-_LAYER_CLASS = None
