@@ -1,0 +1,42 @@
+#!/bin/bash
+# The GPU checks, as one call on a bare GPU machine (torch + transformers, no Ray, no vLLM):
+# the CUDA/bf16 tests (tests/test_cuda.py), then benchmarks/bench_prm_verifier.py (a learned
+# verifier on exact labels, variants side by side). Results go under $OUT (default runs/gpu_check):
+# pytest.log, verifier.log, results.json, data/test samples (gzipped) and the two best PRMs (tgz).
+#
+#   OUT=runs/gpu_check bash benchmarks/gpu_check.sh            # needs runs/arith/policy (make demo)
+#   TRAIN_PROBLEMS=3000 MINUTES=3 VARIANTS=head+min,head bash benchmarks/gpu_check.sh
+#
+# Sized for a 15-minute device lease: ~1 min of tests, ~2 min of sampling, MINUTES of training,
+# ~1 min of scoring. On a CPU the tests skip and the benchmark runs (slowly) on the CPU.
+OUT=${OUT:-runs/gpu_check}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+${PYTHON:-python3} -c "import torch,transformers,sys;print(sys.version.split()[0],torch.__version__,transformers.__version__)"
+date +%T
+timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
+echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
+date +%T
+timeout ${BENCH_TIMEOUT:-400} ${PYTHON:-python3} benchmarks/bench_prm_verifier.py --policy runs/arith/policy --out /tmp/v \
+  --train-problems ${TRAIN_PROBLEMS:-3000} --minutes ${MINUTES:-3} --variants ${VARIANTS:-head+min,head+min@3e-4,head,head+all~128} 2>&1 \
+  | grep --line-buffered -v 'Loading\|Writing' > $OUT/verifier.log
+echo "bench done"; date +%T; tail -30 $OUT/verifier.log
+cp /tmp/v/results.json $OUT/ 2>/dev/null
+cd /tmp/v && gzip -c data.jsonl > $OUT/data.jsonl.gz; gzip -c test.jsonl > $OUT/test.jsonl.gz
+${PYTHON:-python3} - <<'PY'
+import json, os, subprocess
+from pathlib import Path
+out = os.environ["OUT"]
+try:
+    rows = json.loads(Path("/tmp/v/results.json").read_text())["results"]
+    ranked = sorted((r for r in rows if not r["prm"].startswith("prior")), key=lambda r: -(r["step_auroc"] or 0))
+    names = [r["prm"] for r in ranked[:2]]
+except Exception as e:
+    print("no results.json:", e); names = []
+    names = [p.name for p in Path("/tmp/v").glob("prm_*") if p.name != "prm_prior"][:2]
+for i, name in enumerate(names):
+    d = "prm_" + name.replace("+", "_").replace("@", "_lr").replace("~", "_b") if not name.startswith("prm_") else name
+    subprocess.run(["tar", "czf", f"{out}/best{i + 1}.tgz", d], cwd="/tmp/v", check=False)
+    print("packed", d)
+PY
+ls -la $OUT
