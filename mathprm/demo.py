@@ -2,14 +2,15 @@
 
 1. the data check over the real data (or the bundled samples without it);
 2. the base policy (jobs/configs/sft_arith.yaml, 10-22 min on 2 cores the first time);
-3. its greedy / majority@16 / pass@16 on fresh arith:hard problems (eval_arith.yaml);
-4. step labels by tree search (mcts_arith.yaml, DEMO_MCTS_LIMIT problems);
-5. a PRM on those labels (prm_arith.yaml), then its step AUROC / first-error F1 / best-of-n
-   (eval_prm_arith.yaml);
-6. PRM-guided search against sampling at N = 1..16 (eval_guided_arith.yaml, DEMO_SEARCH_LIMIT
+3. the checker, the PRM's backbone: the base policy trained on, annealed (checker_arith.yaml, 4 min);
+4. the base policy's greedy / majority@16 / pass@16 on fresh arith:hard problems (eval_arith.yaml);
+5. step labels by tree search (mcts_arith.yaml, DEMO_MCTS_LIMIT problems);
+6. a PRM on those labels over the checker (prm_arith.yaml), then its step AUROC / first-error F1 /
+   best-of-n (eval_prm_arith.yaml);
+7. PRM-guided search against sampling at N = 1..16 (eval_guided_arith.yaml, DEMO_SEARCH_LIMIT
    problems): the accuracy-vs-N table and PNG;
-7. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, at most DEMO_PPO_MINUTES),
-   then the PPO policy's greedy accuracy on stage 3's problems.
+8. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, at most DEMO_PPO_MINUTES),
+   then the PPO policy's greedy accuracy on stage 4's problems.
 
 Finished stages are reused: the policy, the labels, the PRM and the PPO policy by their own
 "finished" markers, and each evaluation report while it was made with the same settings from
@@ -32,7 +33,7 @@ from mathprm import atomic
 from mathprm.config import ConfigError, load_config, parse_args, to_dict
 
 JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-STAGES = ("data", "sft", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
+STAGES = ("data", "sft", "checker", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; PRM scoring dominates)
 DEMO_PPO_MINUTES = 6  # PPO's time budget in the demo (the job's config says 20)
@@ -43,6 +44,8 @@ QUICK: dict[str, list[str]] = {
     "data": ["limit=10"],
     "sft": ["preset=test", "num_problems=64", "batch_size=8", "max_steps=10", "log_every=5", "checkpoint_every=10",
             "time_budget_min=null", "stop_at_accuracy=null"],
+    "checker": ["num_problems=64", "batch_size=8", "max_steps=10", "log_every=5", "checkpoint_every=10",
+                "time_budget_min=null"],
     "eval": ["limit=3", "strategies=[greedy, majority@2, pass@2]", "max_solution_tokens=24"],
     "mcts": ["limit=2", "num_solutions=2", "rollouts_per_step=2", "max_solution_tokens=24", "num_actors=1"],
     "prm": ["epochs=1", "batch_size=1", "num_workers=1", "val_fraction=0", "log_every=1", "eval_every=1",
@@ -74,6 +77,7 @@ def _paths(root: Path) -> dict[str, list[str]]:
     return {
         "data": [f"out_dir={root / 'data_check'}"],
         "sft": [f"out_dir={root / 'policy'}"],
+        "checker": [f"out_dir={root / 'checker'}"],
         "eval": [f"out={root / 'eval' / 'policy_arith_hard.json'}"],
         "mcts": [f"out_dir={root / 'mcts'}"],
         "prm": [f"out_dir={root / 'prm'}"],
@@ -128,6 +132,7 @@ def run_demo(argv: list[str]) -> int:
     # Every config is read before any work starts, so a bad field fails in the first second.
     data_cfg = parse_args(DataCheckConfig, [f"datasets={datasets}", *args["data"]])
     sft_cfg = load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml", args["sft"])
+    checker_cfg = load_config(SFTConfig, JOB_CONFIGS / "checker_arith.yaml", args["checker"])
     eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", args["eval"])
     mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *args["mcts"]])
     prm_cfg = load_config(TrainPRMConfig, JOB_CONFIGS / "prm_arith.yaml", args["prm"])
@@ -136,7 +141,7 @@ def run_demo(argv: list[str]) -> int:
                              [f"limit={DEMO_SEARCH_LIMIT}", *args["search"]])
     ppo_cfg = load_config(PPOConfig, JOB_CONFIGS / "ppo_arith.yaml", [f"time_budget_min={DEMO_PPO_MINUTES}",
                                                                       *args["ppo"]])
-    # The PPO policy is judged on stage 3's problems with stage 3's settings, greedy only.
+    # The PPO policy is judged on stage 4's problems with stage 4's settings, greedy only.
     ppo_eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml",
                                [*args["eval"], "strategies=[greedy]", *args["ppo_eval"]])
 
@@ -145,7 +150,7 @@ def run_demo(argv: list[str]) -> int:
     started = time.monotonic()
 
     def stage(title: str, body: Callable[[], bool]) -> None:
-        print(f"[demo] {len(times) + 1}/7 {title}", flush=True)
+        print(f"[demo] {len(times) + 1}/8 {title}", flush=True)
         t0 = time.monotonic()
         reused = body()
         times.append((title, time.monotonic() - t0, reused))
@@ -163,13 +168,20 @@ def run_demo(argv: list[str]) -> int:
         state["policy"] = train_sft(sft_cfg)
         return reused
 
+    def checker() -> bool:
+        reused = sft_finished(checker_cfg.out_dir) and not checker_cfg.overwrite
+        checker_cfg.init_from = str(state["policy"])
+        state["checker"] = train_sft(checker_cfg)
+        return reused
+
     def base_eval() -> bool:
         eval_cfg.policy = str(state["policy"])
         report, again = _reused_report(eval_cfg.out_path, eval_cfg, [eval_cfg.policy], lambda: run_evaluation(eval_cfg))
         state["base_report"] = report
         table = eval_table(report)
         print(table)
-        sections.append(f"## 2-3. The base policy `{state['policy']}` and its accuracy\n\n```\n{table}\n```")
+        sections.append(f"## 2-4. The base policy `{state['policy']}` (checker `{state['checker']}`) and its "
+                        f"accuracy\n\n```\n{table}\n```")
         return again
 
     def labels() -> bool:
@@ -180,19 +192,19 @@ def run_demo(argv: list[str]) -> int:
                 f"({mcts_cfg.method}), {summary['n_rollouts']:,} rollouts; AUROC of the scores against the exact step "
                 f"truth: {quality.get('auroc')}; right steps scored 0: {quality.get('right_states_scored_0')}")
         print(f"[demo] {line} -> {mcts_cfg.out_dir}")
-        sections.append(f"## 4. Step labels by tree search\n\n{line} (`{mcts_cfg.out_dir}`)")
+        sections.append(f"## 5. Step labels by tree search\n\n{line} (`{mcts_cfg.out_dir}`)")
         return summary.get("searched_this_run", 1) == 0
 
     def prm() -> bool:
         reused = prm_finished(prm_cfg.out_dir) and not prm_cfg.overwrite
-        prm_cfg.data, prm_cfg.base = mcts_cfg.out_dir, str(state["policy"])
+        prm_cfg.data, prm_cfg.base = mcts_cfg.out_dir, str(state["checker"])
         state["prm"] = prm_dir = train_prm(prm_cfg)
         prm_eval_cfg.prm, prm_eval_cfg.policy = str(prm_dir), str(state["policy"])
         report, again = _reused_report(Path(prm_eval_cfg.out), prm_eval_cfg, [prm_eval_cfg.prm, prm_eval_cfg.policy],
                                        lambda: run_prm_evaluation(prm_eval_cfg))
         text = format_report(report)
         print(text)
-        sections.append(f"## 5. The PRM `{prm_dir}`\n\n```\n{text}\n```")
+        sections.append(f"## 6. The PRM `{prm_dir}`\n\n```\n{text}\n```")
         return reused and again
 
     def search() -> bool:
@@ -203,7 +215,7 @@ def run_demo(argv: list[str]) -> int:
         print(table)
         plot = Path(report["plot"]) if report.get("plot") else None
         image = f"\n\n![accuracy vs N]({_relative(plot, root)})" if plot else ""
-        sections.append(f"## 6. PRM-guided search vs sampling\n\n```\n{table}\n```{image}")
+        sections.append(f"## 7. PRM-guided search vs sampling\n\n```\n{table}\n```{image}")
         return again
 
     def rl() -> bool:
@@ -218,12 +230,14 @@ def run_demo(argv: list[str]) -> int:
                 f"{100 * base:.1f} %, PPO policy {100 * after:.1f} %")
         print(f"[demo] {line} ({ppo_dir}; curves: {ppo_dir / 'ppo_curves.png'})")
         curves = _relative(ppo_dir / "ppo_curves.png", root)
-        sections.append(f"## 7. PPO with the PRM's per-step reward ({ppo_cfg.mode}, {ppo_cfg.advantage})\n\n"
+        sections.append(f"## 8. PPO with the PRM's per-step reward ({ppo_cfg.mode}, {ppo_cfg.advantage})\n\n"
                         f"{line.capitalize()}.\n\n![PPO curves]({curves})")
         return reused and again
 
     stage("data check", data)
     stage("base policy (trained once, then reused)", policy)
+    stage("the checker: the base policy trained on and annealed, the PRM's backbone (trained once, then reused)",
+          checker)
     stage(f"evaluating the base policy on {eval_cfg.limit} fresh {eval_cfg.dataset} problems", base_eval)
     stage(f"step labels by tree search ({mcts_cfg.method}) on {mcts_cfg.limit} {mcts_cfg.dataset} training problems",
           labels)

@@ -46,7 +46,10 @@ class SFTConfig:
     mixture: dict[str, float] = dataclasses.field(default_factory=lambda: {"easy": 1.0, "medium": 1.0, "hard": 2.0})
     num_problems: int = 20000  # training problems over all workers (train split only)
     word_fraction: float = 0.3  # share of problems phrased as word problems
-    preset: str = "tiny"  # model size, a key of mathprm.policy.MODEL_PRESETS
+    preset: str = "tiny"  # model size, a key of mathprm.policy.MODEL_PRESETS (ignored with init_from)
+    # Start from this HF causal-LM directory's weights (a policy saved by this command) instead of a
+    # fresh `preset` model: e.g. the PRM's checker, the base policy annealed further (checker_arith.yaml).
+    init_from: str | None = None
     max_length: int = 512  # longer examples are dropped (counted), never truncated
     lr: float = 1e-3  # peak learning rate (AdamW), reached after `warmup_steps`
     warmup_steps: int = 100
@@ -300,17 +303,46 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
     from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
-    check_job_paths(out_dir=cfg.out_dir)
+    check_job_paths(out_dir=cfg.out_dir, init_from=cfg.init_from)
     out = Path(cfg.out_dir).resolve()
     if reuse_finished(out, cfg.overwrite, is_finished(out), "sft", "policy"):
         return out
+    init_from = None
+    if cfg.init_from is not None:
+        init_from = str(Path(cfg.init_from).resolve())
+        check_init_from(init_from, build_char_tokenizer())
     init_ray(cfg.ray_address, cfg.num_cpus)
-    fit_torch_trainer(_train_loop, {**to_dict(cfg), "out_dir": str(out)}, out, f"sft-{out.name}",
+    fit_torch_trainer(_train_loop, {**to_dict(cfg), "out_dir": str(out), "init_from": init_from}, out,
+                      f"sft-{out.name}",
                       num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, overwrite=cfg.overwrite,
                       may_change=_MAY_CHANGE_ON_RESUME)
     if not is_finished(out):
         raise RuntimeError(f"SFT finished without writing a policy to {out}")
     return out
+
+
+def check_init_from(path: str | Path, tokenizer: Any) -> None:
+    """`init_from` must be an HF causal-LM directory over this tokenizer's vocabulary (a policy
+    this command saved): ValueError naming the field otherwise, before any worker starts."""
+    from mathprm.config import ConfigError
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"init_from: {path} is not a Hugging Face model directory (no config.json)")
+    import json
+
+    vocab = json.loads(config.read_text()).get("vocab_size")
+    if vocab is not None and vocab < len(tokenizer):
+        raise ConfigError(f"init_from: {path} has a vocabulary of {vocab} tokens, fewer than the character "
+                          f"tokenizer's {len(tokenizer)}; start from a policy saved by `mathprm sft`")
+
+
+def _initial_model(cfg: SFTConfig, tokenizer: Any) -> torch.nn.Module:
+    if cfg.init_from is None:
+        return build_policy(cfg.preset, tokenizer, seed=cfg.seed)  # same init everywhere; DDP broadcasts anyway
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
 
 
 # A resumed run may train longer or log differently; any other change would silently continue
@@ -333,7 +365,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     tokenizer = build_char_tokenizer()
     examples, dropped = training_examples(cfg, tokenizer, rank, world)
 
-    model = build_policy(cfg.preset, tokenizer, seed=cfg.seed)  # same init everywhere; DDP broadcasts anyway
+    model = _initial_model(cfg, tokenizer)
     state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None}
     state = restore_train_state(model, state, "sft", rank)
     model = ray.train.torch.prepare_model(model)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -76,10 +77,14 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ra
     assert set(report["strategies"]) == {"greedy", "majority@2", "pass@2"} and report["n_problems"] == 3
     summary = json.loads((root / "mcts/summary.json").read_text())
     assert (summary["problems"], summary["searched_this_run"], summary["dataset"]) == (2, 2, "arith:hard")
-    for n, title in enumerate(["data check", "base policy", "evaluating the base policy", "step labels",
+    for n, title in enumerate(["data check", "base policy", "the checker", "evaluating the base policy", "step labels",
                                "the PRM", "PRM-guided", "PPO"], 1):
-        assert f"[demo] {n}/7 {title}" in out
+        assert f"[demo] {n}/8 {title}" in out
+    checker = json.loads((root / "checker/sft_summary.json").read_text())
+    assert checker["config"]["init_from"] == str((root / "policy").resolve())
     assert (root / "prm/prm_config.json").exists()
+    prm_base = json.loads((root / "prm/prm_summary.json").read_text())["config"]["base"]
+    assert Path(prm_base).resolve() == (root / "checker").resolve()
     prm_report = json.loads((root / "prm_eval.json").read_text())
     assert prm_report["n_problems"] == 2 and {"step_auroc", "first_error_f1", "best_of_n@2", "majority@2"} <= set(
         prm_report)
@@ -94,7 +99,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ra
     assert ppo_eval["n_problems"] == 3 and ppo_eval["policy"].endswith("policy-ppo")
     assert "PPO policy" in out and "| **total** |" in out
     md = (root / "report.md").read_text()
-    for part in ("## Stage times", "## 1. Data check", "## 5. The PRM", "![accuracy vs N](accuracy_vs_n.png)",
+    for part in ("## Stage times", "## 1. Data check", "## 6. The PRM", "![accuracy vs N](accuracy_vs_n.png)",
                  "![PPO curves](policy-ppo/ppo_curves.png)"):
         assert part in md, part
     # Second run: every stage is reused, none is made again.
@@ -104,7 +109,7 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ra
     assert f"reusing the finished policy in {(root / 'policy-ppo').resolve()}" in out
     assert out.count("(same settings and models)") == 4  # the four evaluations
     timing = out[out.index("| stage | minutes |"):]
-    assert timing.count("| reused |") == 6  # all but the data check, which has its own reuse line
+    assert timing.count("| reused |") == 7  # all but the data check, which has its own reuse line
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):

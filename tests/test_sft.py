@@ -147,6 +147,34 @@ def test_cli_sft_rejects_a_bad_field_with_status_2(capsys):
     assert "lr" in capsys.readouterr().err
 
 
+def test_init_from_starts_from_the_saved_weights(tok, tmp_path):
+    saved = build_policy("test", tok, seed=3)
+    saved.save_pretrained(tmp_path / "policy")
+    loaded = sft._initial_model(SFTConfig(init_from=str(tmp_path / "policy"), preset="tiny"), tok)
+    assert loaded.config.hidden_size == saved.config.hidden_size  # the directory's architecture, not the preset's
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+    fresh = sft._initial_model(SFTConfig(preset="test", seed=3), tok)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_bad_init_from_is_refused_naming_the_field_before_any_work(tok, tmp_path, capsys):
+    from mathprm.cli import main
+
+    with pytest.raises(ConfigError, match=r"init_from: .*\(no config.json\)"):
+        sft.check_init_from(tmp_path, tok)
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 5}))
+    with pytest.raises(ConfigError, match="init_from: .* vocabulary of 5 tokens"):
+        sft.check_init_from(tmp_path, tok)
+    assert main(["sft", f"init_from={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'out'}"]) == 2
+    assert "init_from" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_the_checker_config_starts_from_the_policy_and_anneals_without_a_stop():
+    cfg = parse_args(SFTConfig, ["--config", "jobs/configs/checker_arith.yaml"])
+    assert cfg.init_from == "runs/arith/policy" and cfg.stop_at_accuracy is None and cfg.seed != 0
+    assert cfg.out_dir == "runs/arith/checker" and cfg.time_budget_min is not None
+
+
 def _tiny_run(out, **overrides) -> SFTConfig:
     values = dict(
         mixture={"easy": 1.0}, num_problems=256, word_fraction=0.0, preset="test", batch_size=16,
