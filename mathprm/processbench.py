@@ -121,37 +121,30 @@ def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
     return best
 
 
-def step_threshold(scores: Sequence[float], wrong: Sequence[bool]) -> float | None:
-    """The threshold t that best separates wrong steps (score < t) from right ones over single
-    labelled steps: the maximum of Youden's J = TPR + TNR - 1 (among equal J the lowest t),
-    over midpoints between consecutive distinct scores; None without both kinds of step.
+def two_group_threshold(scores: Sequence[float]) -> float | None:
+    """The cut that splits `scores` into two groups best (Otsu's method: the largest
+    between-group variance n_low * n_high * (mean_high - mean_low)^2), as the midpoint between
+    the two scores around it; None with fewer than two distinct scores. Uses no labels.
 
-    `best_threshold` optimises ProcessBench's F1 itself but needs clean solutions, and a
-    tree search's labelled paths almost all hold an error (OmegaPRM looks for them). The
-    steps of those paths hold both kinds, so this one works where that one cannot; both
-    weigh the two kinds equally (a balanced criterion, like the harmonic mean of F1)."""
-    if len(scores) != len(wrong):
-        raise ValueError(f"step_threshold: {len(scores)} scores but {len(wrong)} labels")
-    n_wrong = sum(bool(w) for w in wrong)
-    n_right = len(wrong) - n_wrong
-    if not n_wrong or not n_right:
-        return None
-    if any(math.isnan(x) for x in scores):
-        raise ValueError("step_threshold: a score is NaN")
-    pairs = sorted(zip((float(x) for x in scores), (bool(w) for w in wrong)))
-    best, best_j = None, -math.inf
-    below_wrong = below_right = 0  # steps with a score below the candidate
-    for k, (x, w) in enumerate(pairs):
-        below_wrong += w
-        below_right += not w
-        if k + 1 < len(pairs) and pairs[k + 1][0] == x:
-            continue  # a threshold between equal scores does not exist
-        t = (x + pairs[k + 1][0]) / 2 if k + 1 < len(pairs) else min(1.0, x + 1e-6)
-        j = below_wrong / n_wrong + (n_right - below_right) / n_right - 1
-        if j > best_j + 1e-12:
-            best, best_j = t, j
-    # The candidate below every score (nothing flagged) has J = 0; only a better one replaces it.
-    return best if best_j > 0 else max(0.0, pairs[0][0] - 1e-6)
+    For a PRM whose only labels are a tree search's: those are noisy both ways (a right step
+    is labelled 0 when every rollout from it failed, a wrong one > 0 when a rollout recovered),
+    so a threshold fitted to them is pulled into the group of wrong steps. A PRM that ranks
+    well scores right steps in a tight group near its ceiling and wrong ones spread below it
+    (docs/BENCHMARKS.md, "The checker"); the split between the groups is the threshold."""
+    values = sorted(float(x) for x in scores)
+    if any(math.isnan(x) for x in values):
+        raise ValueError("two_group_threshold: a score is NaN")
+    n, total = len(values), sum(values)
+    best, best_var, low_sum = None, -math.inf, 0.0
+    for k in range(n - 1):
+        low_sum += values[k]
+        if values[k + 1] == values[k]:
+            continue  # a cut between equal scores does not exist
+        n_low, n_high = k + 1, n - k - 1
+        var = n_low * n_high * ((total - low_sum) / n_high - low_sum / n_low) ** 2
+        if var > best_var + 1e-15:
+            best, best_var = (values[k] + values[k + 1]) / 2, var
+    return best
 
 
 class ProcessBenchOracle:

@@ -260,12 +260,12 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
 
     With at least MIN_THRESHOLD_PATHS clean and as many erroneous validation paths, the one
     that maximises F1 on them (`best_threshold`: the benchmark's own objective). Tree-search
-    labels rarely give that many clean paths, so otherwise the step-level threshold
-    (`step_threshold`: steps labelled 0 against the rest) over the validation and `train`
-    steps; training steps are scored by a model fitted on them, so that threshold leans on
-    the PRM's fit, which is why held-out paths come first. `val_scores`: the final model's scores
+    labels rarely give that many clean paths, so otherwise the split of the PRM's own scores
+    of the validation and `train` labelled steps into two groups (`two_group_threshold`, no
+    labels: tree-search labels are wrong both ways often enough to pull a fitted threshold into
+    the wrong steps' group; docs/BENCHMARKS.md, "The checker"). `val_scores`: the final model's scores
     of `val` when the last validation already computed them (scored here otherwise)."""
-    from mathprm.processbench import best_threshold, step_threshold
+    from mathprm.processbench import best_threshold, two_group_threshold
 
     if val_scores is None:
         val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
@@ -276,10 +276,9 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
                                                     f"{len(firsts) - n_clean} with a step labelled 0)")
     train_scores, _, _ = score_examples(model, train, pad_id, device, batch_size)
     scores = [x for ss in [*val_scores, *train_scores] for x in ss]
-    wrong = [t == 0 for e in [*val, *train] for t in e.targets]
-    return step_threshold(scores, wrong), (f"Youden's J over {len(scores)} labelled steps ({sum(wrong)} labelled 0) "
-                                           f"of {len(val)} validation and {len(train)} training paths: only "
-                                           f"{n_clean} clean validation paths")
+    return two_group_threshold(scores), (f"the split of the scores of {len(scores)} labelled steps of {len(val)} "
+                                         f"validation and {len(train)} training paths into two groups (Otsu): only "
+                                         f"{n_clean} clean validation paths")
 
 
 # ----------------------------------------------------------------------------- data on Ray

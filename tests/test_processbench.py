@@ -16,7 +16,7 @@ from mathprm.processbench import (
     predicted_first_error,
     processbench_f1,
     run_processbench,
-    step_threshold,
+    two_group_threshold,
 )
 
 
@@ -96,38 +96,36 @@ def test_best_threshold_is_the_best_of_a_brute_force_search():
         grid = [i / 1000 for i in range(1001)]
         assert f1(t) >= max(f1(g) for g in grid) - 1e-9
 
-def test_step_threshold_by_hand():
-    # Wrong steps 0.1 and 0.7, right steps 0.2 and 0.6: below 0.15 flags half the wrong and no
-    # right step (J = 0.5); every other cut does no better.
-    assert step_threshold([0.1, 0.6, 0.2, 0.7], [True, False, False, True]) == pytest.approx(0.15)
-    assert step_threshold([0.1, 0.2, 0.6, 0.7], [True, True, False, False]) == pytest.approx(0.4)
-    assert step_threshold([0.5, 0.5], [True, False]) == pytest.approx(0.5 - 1e-6)  # no cut separates them
-    assert step_threshold([0.3, 0.2], [False, False]) is None
-    with pytest.raises(ValueError, match="2 scores but 1 labels"):
-        step_threshold([0.3, 0.2], [True])
+def test_two_group_threshold_by_hand():
+    # Groups {0.1, 0.2} and {0.8, 0.9}: the cut between them, whatever the labels would say.
+    assert two_group_threshold([0.9, 0.1, 0.8, 0.2]) == pytest.approx(0.5)
+    # A tight group near the ceiling and a spread group below it (a good PRM on right and wrong
+    # steps): the cut falls under the tight group, not in the middle of the range.
+    # Between 0.2 and 0.42: 4 x 30 x (0.4367 - 0.09)^2 = 14.4 beats the cut at 0.15 (3 x 31 x 0.376^2 = 13.1).
+    assert two_group_threshold([0.01, 0.05, 0.1, 0.2] + [0.42, 0.44, 0.45] * 10) == pytest.approx(0.31)
+    assert two_group_threshold([0.5, 0.5]) is None and two_group_threshold([]) is None
+    with pytest.raises(ValueError, match="NaN"):
+        two_group_threshold([0.3, float("nan")])
 
 
-def test_step_threshold_is_the_best_of_a_brute_force_search():
+def test_two_group_threshold_is_the_best_cut_of_a_brute_force_search():
     import random
 
     rng = random.Random(1)
     for _ in range(200):
-        n = rng.randint(2, 12)
-        scores, wrong = [round(rng.random(), 2) for _ in range(n)], [rng.random() < 0.4 for _ in range(n)]
-        t = step_threshold(scores, wrong)
+        scores = [round(rng.random(), 2) for _ in range(rng.randint(2, 12))]
+        t = two_group_threshold(scores)
         if t is None:
+            assert len(set(scores)) == 1
             continue
 
-        def j(th):
-            tpr = sum(s < th for s, w in zip(scores, wrong) if w) / sum(wrong)
-            tnr = sum(s >= th for s, w in zip(scores, wrong) if not w) / (n - sum(wrong))
-            return tpr + tnr - 1
+        def between(th):
+            low, high = [x for x in scores if x < th], [x for x in scores if x >= th]
+            return len(low) * len(high) * (sum(high) / len(high) - sum(low) / len(low)) ** 2 if low and high else 0
 
-        assert j(t) >= max(j(i / 1000) for i in range(1001)) - 1e-9
-
-
-# ------------------------------------------------------------------ processbench_f1
-
+        cuts = sorted(set(scores))
+        assert between(t) >= max(between((a + b) / 2) for a, b in zip(cuts, cuts[1:])) - 1e-12
+        assert t in {(a + b) / 2 for a, b in zip(cuts, cuts[1:])}
 
 def test_processbench_f1_by_hand():
     labels = [2, 0, 3, -1, -1]

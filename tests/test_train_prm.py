@@ -213,7 +213,7 @@ def test_the_threshold_comes_from_validation_paths_when_there_are_enough_clean_o
     clean, broken = example([0.9, 0.8]), example([0.7, 0.0])
     few = [clean, broken, broken]
     t, how = choose_threshold(None, few, [broken] * 5, 0, "cpu", 8)
-    assert "Youden" in how and "16 labelled steps" in how
+    assert "two groups (Otsu)" in how and "16 labelled steps" in how
     assert 0.0 < t <= 0.65  # between the wrong steps' 0.0 and the lowest right step's 0.65
     many = [clean] * 10 + [broken] * 10
     t, how = choose_threshold(None, many, [], 0, "cpu", 8)
