@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU checks, as one call on a bare GPU machine (torch + transformers, no Ray, no vLLM):
-# the CUDA/bf16 tests (tests/test_cuda.py), then benchmarks/bench_prm_verifier.py (a learned
+# the CUDA/bf16 tests (tests/test_cuda.py), then benchmarks/prm_verifier.py (a learned
 # verifier on exact labels, variants side by side). Results go under $OUT (default runs/gpu_check):
 # pytest.log, verifier.log, results.json, data/test samples (gzipped) and the two best PRMs (tgz).
 #
@@ -17,7 +17,7 @@ date +%T
 timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
-timeout ${BENCH_TIMEOUT:-400} ${PYTHON:-python3} benchmarks/bench_prm_verifier.py --policy runs/arith/policy --out /tmp/v \
+timeout ${BENCH_TIMEOUT:-400} ${PYTHON:-python3} benchmarks/prm_verifier.py --policy runs/arith/policy --out /tmp/v \
   --train-problems ${TRAIN_PROBLEMS:-3000} --minutes ${MINUTES:-3} --variants ${VARIANTS:-head+min,head+min@3e-4,head,head+all~128} 2>&1 \
   | grep --line-buffered -v 'Loading\|Writing' > $OUT/verifier.log
 echo "bench done"; date +%T; tail -30 $OUT/verifier.log

@@ -1,6 +1,8 @@
 """How good can a learned PRM get in the arithmetic world, given exact labels and compute?
 
-    python benchmarks/bench_prm_verifier.py --policy runs/arith/policy --out runs/exp/verifier \\
+(Not a bench_*.py: sized for a GPU, so `make bench` does not run it on the CPU box.)
+
+    python benchmarks/prm_verifier.py --policy runs/arith/policy --out runs/exp/verifier \\
         [--train-problems 4000] [--minutes 4] [--variants head+min,head+min@3e-4,head] [--device cuda]
 
 The demo's PRM (`jobs/configs/prm_arith.yaml`) is the policy's own confidence (weight and bias
@@ -313,7 +315,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO / "benchmarks"))
     from _doc import machine
 
-    report = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/bench_prm_verifier.py " + " ".join(sys.argv[1:]),
+    report = {"date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/prm_verifier.py " + " ".join(sys.argv[1:]),
               "machine": machine(), "device": args.device,
               "policy": args.policy, "train_solutions": len(rows), "train_wrong_steps": wrong,
               "failed_variants": failed, "results": results, "elapsed_s": round(time.monotonic() - started, 1)}
