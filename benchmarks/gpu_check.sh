@@ -30,12 +30,11 @@ out = os.environ["OUT"]
 try:
     rows = json.loads(Path("/tmp/v/results.json").read_text())["results"]
     ranked = sorted((r for r in rows if not r["prm"].startswith("prior")), key=lambda r: -(r["step_auroc"] or 0))
-    names = [r["prm"] for r in ranked[:2]]
-except Exception as e:
-    print("no results.json:", e); names = []
-    names = [p.name for p in Path("/tmp/v").glob("prm_*") if p.name != "prm_prior"][:2]
-for i, name in enumerate(names):
-    d = "prm_" + name.replace("+", "_").replace("@", "_lr").replace("~", "_b") if not name.startswith("prm_") else name
+    dirs = [Path(r["dir"]).name for r in ranked[:2]]
+except (OSError, KeyError, ValueError) as e:  # no results (a timeout): whatever variants finished training
+    print("no results.json:", e)
+    dirs = [p.name for p in Path("/tmp/v").glob("prm_*") if p.name != "prm_prior"][:2]
+for i, d in enumerate(dirs):
     subprocess.run(["tar", "czf", f"{out}/best{i + 1}.tgz", d], cwd="/tmp/v", check=False)
     print("packed", d)
 PY

@@ -67,6 +67,11 @@ def parse_variant(name: str, lr: float, batch: int) -> tuple[list[str], float, i
     return FEATURE_SETS[base], float(rest) if rest else lr, int(b) if b else batch
 
 
+def variant_dir(out: Path, name: str) -> Path:
+    """Where variant `name` saves its PRM (and train_result.json) under `out`."""
+    return out / f"prm_{name.replace('+', '_').replace('@', '_lr').replace('~', '_b')}"
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -160,7 +165,7 @@ def train_variant(args, name: str) -> dict:
     elapsed = time.monotonic() - started
     metrics, val_scores = validate(model, val, pad, device, 256)
     threshold, how = choose_threshold(model, val, train[:2000], pad, device, 256, val_scores)
-    target = out / f"prm_{name.replace('+', '_').replace('@', '_lr').replace('~', '_b')}"
+    target = variant_dir(out, name)
     tmp = target.with_name(target.name + ".tmp")
     model.eval()
     save_prm(model.float(), tok, FMT, tmp, {"threshold": threshold, "threshold_from": how, "variant": name})
@@ -280,7 +285,7 @@ def main() -> None:
     failed = [v for v, p in procs.items() if p.wait() != 0]
     trained = []
     for v in variants:
-        d = out / f"prm_{v.replace('+', '_').replace('@', '_lr').replace('~', '_b')}"
+        d = variant_dir(out, v)
         if (d / "train_result.json").is_file():
             trained.append(json.loads((d / "train_result.json").read_text()))
 
@@ -303,7 +308,7 @@ def main() -> None:
     for label, d, threshold, t in entries:
         summary = score_records(json.loads(json.dumps(records)), PRMScorer(d, device=args.device, batch_size=256),
                                 threshold, args.n)
-        row = {"prm": label, "threshold": round(threshold, 4),
+        row = {"prm": label, "dir": str(d), "threshold": round(threshold, 4),
                **{k: summary[k] for k in ("step_auroc", "first_error_f1", f"best_of_n@{args.n}", f"majority@{args.n}",
                                           f"pass@{args.n}", "n_steps", "wrong_steps")}}
         if t is not None:

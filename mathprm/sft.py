@@ -19,6 +19,7 @@ accuracy on held-out train-split problems reaches a target, checked on all ranks
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import random
 import time
@@ -329,8 +330,6 @@ def check_init_from(path: str | Path, tokenizer: Any) -> None:
     config = Path(path) / "config.json"
     if not config.is_file():
         raise ConfigError(f"init_from: {path} is not a Hugging Face model directory (no config.json)")
-    import json
-
     vocab = json.loads(config.read_text()).get("vocab_size")
     if vocab is not None and vocab < len(tokenizer):
         raise ConfigError(f"init_from: {path} has a vocabulary of {vocab} tokens, fewer than the character "
