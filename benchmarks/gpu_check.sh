@@ -1,14 +1,19 @@
 #!/bin/bash
 # The GPU checks, as one call on a bare GPU machine (torch + transformers, no Ray, no vLLM):
-# the CUDA/bf16 tests (tests/test_cuda.py), then benchmarks/prm_verifier.py (a learned
-# verifier on exact labels, variants side by side). Results go under $OUT (default runs/gpu_check):
-# pytest.log, verifier.log, results.json, data/test samples (gzipped) and the two best PRMs (tgz).
+# the CUDA/bf16 tests (tests/test_cuda.py), then one of two GPU-sized benchmarks (BENCH):
+#   sft       benchmarks/gpu_sft.py: the 4.9x larger `small` policy by the SFT recipe, for issue 6's
+#             "small policy + guided@8 vs the larger policy's greedy"; its snapshots come back as tgz
+#   verifier  benchmarks/prm_verifier.py: a learned verifier on exact labels, variants side by side
+#             (needs runs/arith/policy, from make demo: carry it)
+# Results go under $OUT (default runs/gpu_check): pytest.log, then sft.log + log.json + snapshots,
+# or verifier.log + results.json + data/test samples (gzipped) + the two best PRMs (tgz).
 #
-#   OUT=runs/gpu_check bash benchmarks/gpu_check.sh            # needs runs/arith/policy (make demo)
-#   TRAIN_PROBLEMS=3000 MINUTES=3 VARIANTS=head+min,head bash benchmarks/gpu_check.sh
+#   OUT=runs/gpu_check bash benchmarks/gpu_check.sh                  # tests + the larger policy, MINUTES=4
+#   BENCH=verifier TRAIN_PROBLEMS=3000 MINUTES=3 VARIANTS=head+min,head bash benchmarks/gpu_check.sh
 #
-# Sized for a 15-minute device lease: ~1 min of tests, ~2 min of sampling, MINUTES of training,
-# ~1 min of scoring. On a CPU the tests skip and the benchmark runs (slowly) on the CPU.
+# Sized for a 15-minute device lease: ~1-2 min of tests, then MINUTES of training plus its
+# held-out checks (sft), or ~2 min of sampling, MINUTES of training and ~1 min of scoring
+# (verifier). On a CPU the tests skip and the benchmark runs (slowly) on the CPU.
 OUT=${OUT:-runs/gpu_check}; mkdir -p "$OUT"; export OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
@@ -17,6 +22,14 @@ date +%T
 timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
+if [ "${BENCH:-sft}" = sft ]; then
+  timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
+    --out /tmp/s --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} 2>&1 | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft.log
+  echo "sft done"; date +%T; tail -25 $OUT/sft.log
+  cp /tmp/s/log.json $OUT/ 2>/dev/null
+  cd /tmp/s && for d in snap_* final; do [ -d $d ] && tar czf $OUT/$d.tgz $d; done
+  ls -la $OUT; exit 0
+fi
 timeout ${BENCH_TIMEOUT:-400} ${PYTHON:-python3} benchmarks/prm_verifier.py --policy runs/arith/policy --out /tmp/v \
   --train-problems ${TRAIN_PROBLEMS:-3000} --minutes ${MINUTES:-3} --variants ${VARIANTS:-head+min,head+min@3e-4,head,head+all~128} 2>&1 \
   | grep --line-buffered -v 'Loading\|Writing' > $OUT/verifier.log
