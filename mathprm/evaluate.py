@@ -81,6 +81,7 @@ class EvalConfig:
     beam_width: int = 4  # beam: beams kept; dvts: candidates per step of each subtree
     max_steps: int = 24  # step-by-step strategies stop a solution after this many steps
     simulations: int = 16  # mcts: rounds per problem
+    tie_break: str = "mode"  # guided, beam, dvts: equally scored candidates -> mode (most sampled) | first
     separator: str | None = None  # step separator; None: "\n" for arith:*, "\n\n" otherwise
     backend: str = "hf"  # a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator call (each brings its samples)
@@ -117,7 +118,7 @@ class EvalConfig:
         return SearchConfig(n=k, beam_width=self.beam_width, max_steps=self.max_steps, temperature=self.temperature,
                             top_p=self.top_p, max_step_tokens=self.max_step_tokens,
                             max_solution_tokens=self.max_solution_tokens, aggregation=self.aggregation,
-                            simulations=self.simulations, seed=self.seed)
+                            simulations=self.simulations, tie_break=self.tie_break, seed=self.seed)
 
     @property
     def step_format(self) -> StepFormat:

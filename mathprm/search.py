@@ -26,7 +26,11 @@ Strategies (`STRATEGIES`; `name@N` sets `n`, e.g. `guided@8`):
   the most visited path is completed by guided steps.
 
 Partial solutions are compared by their last step's score (the PRM's value of the prefix);
-finished solutions by `aggregation`. Every result reports what it cost (`Usage`: generated
+finished solutions by `aggregation`. Candidate steps whose scores tie (to 6 decimals) are told
+apart by `tie_break`: `mode` (default) prefers the candidate the policy sampled most often among
+the `n`, `first` the first sampled. Ties are common, not a corner case: a PRM whose step score is
+the prefix's minimum (`prefix_min_logp`, the demo's) gives every candidate that is no worse than
+an earlier step the same score, and an exact verifier gives every right candidate 1.0. Every result reports what it cost (`Usage`: generated
 tokens, generator calls and samples, PRM calls and the solutions and steps they scored), so
 strategies can be compared at equal compute.
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Callable, Generator as PyGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +62,8 @@ from mathprm.scorer import AGGREGATIONS, aggregate
 from mathprm.steps import StepFormat
 
 # ----------------------------------------------------------------------------- configuration
+
+TIE_BREAKS = ("mode", "first")
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class SearchConfig:
     aggregation: str = "min"  # step scores -> solution score: last | min | prod | mean
     simulations: int = 16  # mcts: selection-expansion-backup rounds
     c_puct: float = 1.0  # mcts: exploration weight
+    tie_break: str = "mode"  # guided, dvts, beam: between equally scored candidates, mode | first (sampled)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +88,8 @@ class SearchConfig:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break: unknown {self.tie_break!r}; choose one of {', '.join(TIE_BREAKS)}")
         if not isinstance(self.c_puct, (int, float)) or self.c_puct < 0:
             raise ValueError(f"c_puct: must be a number >= 0, got {self.c_puct!r}")
         self.sampling  # Sampling's own checks (temperature, top_p, token limits, seed), named by field
@@ -257,6 +267,14 @@ def _best(paths: Sequence[Path], key: Callable[[Path], float]) -> Path:
     return best
 
 
+def _candidate_key(ctx: Context, candidates: Sequence[Path]) -> Callable[[Path], tuple]:
+    """Sort key of candidate steps: the PRM's value (to 6 decimals, so float noise between the
+    rows of one batched PRM call makes no difference), then, with `tie_break="mode"`, how often
+    the policy sampled that same step among `candidates` (duplicates included)."""
+    counts = Counter((c.steps, c.finished) for c in candidates) if ctx.cfg.tie_break == "mode" else Counter()
+    return lambda p: (round(p.value, 6), counts[(p.steps, p.finished)])
+
+
 def _open(ctx: Context, path: Path) -> bool:
     return not path.finished and len(path.steps) < ctx.cfg.max_steps
 
@@ -337,7 +355,7 @@ def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool) -> S
         for i, cands in zip(active, samples):
             parent, mine = paths[i], scored[lo: lo + len(cands)]
             lo += len(cands)
-            paths[i] = _best(mine, lambda p: p.value)
+            paths[i] = _best(mine, _candidate_key(ctx, mine))
             if stream and len(paths[i].steps) > len(parent.steps):
                 yield Chosen(ScoredStep(paths[i].steps[-1], paths[i].scores[-1]))
 
@@ -359,16 +377,18 @@ def beam(ctx: Context) -> Search:
     beams, done = [Path()], []
     while beams and len(done) < cfg.beam_width:
         samples = yield NextSteps(tuple(ctx.prefix(b) for b in beams), cfg.n, cfg.sampling)
-        parents, children, seen = [], [], set()
+        parents, children, sampled, seen = [], [], [], set()
         for b, cands in zip(beams, samples):
             for s in cands:
                 child = _extend(ctx, b, s)
+                sampled.append(child)
                 if (child.steps, child.finished) not in seen:  # one copy of each distinct candidate
                     seen.add((child.steps, child.finished))
                     parents.append(b)
                     children.append(child)
         scored = yield from _score_new(ctx, parents, children)
-        ranked = sorted(scored, key=lambda p: p.value, reverse=True)  # stable: ties keep sampling order
+        key = _candidate_key(ctx, sampled)  # how often each was sampled, over all beams
+        ranked = sorted(scored, key=key, reverse=True)  # stable: full ties keep sampling order
         beams = []
         for p in ranked:
             if len(done) + len(beams) >= cfg.beam_width:

@@ -196,6 +196,8 @@ def test_prm_strategies_need_a_prm_and_a_matching_separator(tmp_path, tiny_polic
         parse_args(EvalConfig, ["--prm", "oracle", "--dataset", "gsm8k", "--strategies", "guided@2"])
     with pytest.raises(ConfigError, match="beam_width"):
         parse_args(EvalConfig, ["--beam-width", "0"])
+    with pytest.raises(ConfigError, match="tie_break: unknown 'last'"):
+        parse_args(EvalConfig, ["--tie-break", "last"])
     cfg = EvalConfig(policy=str(tiny_policy_dir), prm=str(tmp_path / "none"), strategies=["guided@2"],
                      out=str(tmp_path / "x.json"))
     with pytest.raises((FileNotFoundError, ValueError), match="none"):

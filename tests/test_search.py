@@ -225,6 +225,45 @@ def test_the_async_driver_equals_the_sync_one():
         assert got.to_dict() == sync.to_dict() and streamed == got.steps
 
 
+class Scripted:
+    """Samples `script[len(steps)]` (a list of (text, finished) per step) for any prefix."""
+
+    step_format = FMT
+
+    def __init__(self, script) -> None:
+        self.script = script
+
+    def next_steps(self, prefixes, n, sampling):
+        return [[StepSample(t, len(t), f) for t, f in self.script[len(pre.steps)][:n]] for pre in prefixes]
+
+
+class TableScorer:
+    """Each step's score is `table[step]` (default 0.5): a PRM that cannot tell most steps apart."""
+
+    def __init__(self, table) -> None:
+        self.table = table
+
+    def score(self, questions, steps_per_question):
+        return [[self.table.get(s, 0.5) for s in steps] for steps in steps_per_question]
+
+
+@pytest.mark.parametrize("strategy", ["guided", "beam", "dvts"])
+def test_equally_scored_candidates_go_to_the_one_sampled_most_often(strategy):
+    problem = PROBLEMS[0]
+    first = [("1 + 1 = 3", False), ("1 + 1 = 2", False), ("1 + 1 = 2", False), ("1 + 1 = 3", False),
+             ("1 + 1 = 2", False), ("1 + 1 = 4", False)]
+    script = [first, [("The answer is 2", True)] * 6]
+    cfg = SearchConfig(n=6, beam_width=1 if strategy == "beam" else 6)  # dvts: one subtree of all 6
+    steps = lambda r: [s.text for s in r.steps]  # noqa: E731
+    tied = TableScorer({"1 + 1 = 3": 0.5 + 1e-9})  # float noise: still a tie at 6 decimals
+    assert steps(run_search(strategy, Scripted(script), tied, problem, cfg))[0] == "1 + 1 = 2"
+    fifo = dataclasses.replace(cfg, tie_break="first")
+    assert steps(run_search(strategy, Scripted(script), tied, problem, fifo))[0] == "1 + 1 = 3"
+    # A higher score wins over any count.
+    rare = TableScorer({"1 + 1 = 4": 0.6})
+    assert steps(run_search(strategy, Scripted(script), rare, problem, cfg))[0] == "1 + 1 = 4"
+
+
 def test_a_policy_that_never_finishes_stops_at_max_steps():
     problem = PROBLEMS[0]
     policy = NoisyArithPolicy([problem], 1.0, finish=False)
@@ -253,7 +292,7 @@ def test_errors_name_what_is_wrong():
         run_search("nope", policy, None, problem, SearchConfig())
     for bad, field in [({"n": 0}, "n"), ({"beam_width": -1}, "beam_width"), ({"aggregation": "max"}, "aggregation"),
                        ({"temperature": 3.0}, "temperature"), ({"max_steps": 1.5}, "max_steps"),
-                       ({"c_puct": -1}, "c_puct")]:
+                       ({"c_puct": -1}, "c_puct"), ({"tie_break": "last"}, "tie_break")]:
         with pytest.raises(ValueError, match=field):
             SearchConfig(**bad)
     assert parse_strategy("guided@8") == ("guided", 8) and parse_strategy("beam") == ("beam", None)
