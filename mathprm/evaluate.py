@@ -59,7 +59,7 @@ from mathprm.scorer import AGGREGATIONS, aggregate
 from mathprm.steps import StepFormat
 
 POOL = ("majority", "pass", "best_of_n", "weighted_majority")  # judged on one pool of samples
-SEARCH = ("guided", "beam", "dvts", "mcts")  # step by step, by mathprm.search
+SEARCH = ("guided", "guided_retry", "beam", "dvts", "mcts")  # step by step, by mathprm.search
 STRATEGIES = ("greedy", *POOL, *SEARCH)
 NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", *SEARCH})
 
@@ -81,7 +81,9 @@ class EvalConfig:
     beam_width: int = 4  # beam: beams kept; dvts: candidates per step of each subtree
     max_steps: int = 24  # step-by-step strategies stop a solution after this many steps
     simulations: int = 16  # mcts: rounds per problem
-    tie_break: str = "mode"  # guided, beam, dvts: equally scored candidates -> mode (most sampled) | first
+    tie_break: str = "first"  # guided, beam, dvts: equally scored candidates -> first (sampled) | mode (most)
+    retry_below: float = 0.9  # guided_retry: resample a step whose candidates all score below this x the parent's
+    max_retries: int = 2  # guided_retry: resamplings of one step at most
     separator: str | None = None  # step separator; None: "\n" for arith:*, "\n\n" otherwise
     backend: str = "hf"  # a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator call (each brings its samples)
@@ -118,7 +120,8 @@ class EvalConfig:
         return SearchConfig(n=k, beam_width=self.beam_width, max_steps=self.max_steps, temperature=self.temperature,
                             top_p=self.top_p, max_step_tokens=self.max_step_tokens,
                             max_solution_tokens=self.max_solution_tokens, aggregation=self.aggregation,
-                            simulations=self.simulations, tie_break=self.tie_break, seed=self.seed)
+                            simulations=self.simulations, tie_break=self.tie_break,
+                            retry_below=self.retry_below, max_retries=self.max_retries, seed=self.seed)
 
     @property
     def step_format(self) -> StepFormat:

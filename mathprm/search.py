@@ -14,6 +14,10 @@ Strategies (`STRATEGIES`; `name@N` sets `n`, e.g. `guided@8`):
   solutions' aggregated scores (PRM-weighted vote); the answer with most weight wins.
 - `guided` (the seed's): sample `n` candidate next steps, keep the one the PRM scores
   highest, repeat until the policy ends the solution or `max_steps`.
+- `guided_retry`: `guided`, but when every candidate scores below `retry_below` times its
+  parent's score (the PRM says each one made the solution worse: a step the policy rarely gets
+  right), `n` more candidates are sampled, up to `max_retries` times, and the best of all is
+  kept. It spends more than `guided@N` only on such steps; its `Usage` says how much.
 - `beam`: keep `beam_width` partial solutions; each samples `n` candidate next steps; of all
   candidates the `beam_width` with the highest last-step score survive (a finished one leaves
   the beam for the pool of finished solutions); the best finished one by `aggregation` wins.
@@ -27,10 +31,10 @@ Strategies (`STRATEGIES`; `name@N` sets `n`, e.g. `guided@8`):
 
 Partial solutions are compared by their last step's score (the PRM's value of the prefix);
 finished solutions by `aggregation`. Candidate steps whose scores tie (to 6 decimals) are told
-apart by `tie_break`: `mode` (default) prefers the candidate the policy sampled most often among
-the `n`, `first` the first sampled. Ties are common, not a corner case: a PRM whose step score is
-the prefix's minimum (`prefix_min_logp`, the demo's) gives every candidate that is no worse than
-an earlier step the same score, and an exact verifier gives every right candidate 1.0. Every result reports what it cost (`Usage`: generated
+apart by `tie_break`: `first` (default) keeps the first sampled, `mode` the one the policy sampled
+most often among the `n` (a PRM whose score is the prefix's minimum, like the demo's, ties every
+candidate no worse than an earlier step; on the demo's PRM `mode` measured no better, see
+docs/BENCHMARKS.md). Every result reports what it cost (`Usage`: generated
 tokens, generator calls and samples, PRM calls and the solutions and steps they scored), so
 strategies can be compared at equal compute.
 
@@ -78,16 +82,21 @@ class SearchConfig:
     aggregation: str = "min"  # step scores -> solution score: last | min | prod | mean
     simulations: int = 16  # mcts: selection-expansion-backup rounds
     c_puct: float = 1.0  # mcts: exploration weight
-    tie_break: str = "mode"  # guided, dvts, beam: between equally scored candidates, mode | first (sampled)
+    tie_break: str = "first"  # guided, dvts, beam: between equally scored candidates, first (sampled) | mode
+    retry_below: float = 0.9  # guided_retry: resample when the best candidate scores below this x its parent's
+    max_retries: int = 2  # guided_retry: at most this many resamplings of one step
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n", "beam_width", "max_steps", "simulations"):
+        for name in ("n", "beam_width", "max_steps", "simulations", "max_retries"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive int, got {value!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        if not isinstance(self.retry_below, (int, float)) or not 0.0 < self.retry_below <= 1.0:
+            raise ValueError(f"retry_below: must be in (0, 1] (a fraction of the parent's score), got "
+                             f"{self.retry_below!r}")
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"tie_break: unknown {self.tie_break!r}; choose one of {', '.join(TIE_BREAKS)}")
         if not isinstance(self.c_puct, (int, float)) or self.c_puct < 0:
@@ -339,22 +348,46 @@ def weighted_majority(ctx: Context) -> Search:
     return ctx.result("weighted_majority", _best(voters, lambda p: p.total(ctx.cfg.aggregation)), answer=winner)
 
 
-def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool) -> Search:
+def _candidates(ctx: Context, paths: list[Path], which: list[int], width: int) -> Search:
+    """`width` scored candidate next steps for each of `paths[i]`, i in `which` (one generator
+    call and one PRM call for all). Returns {i: candidates}."""
+    samples = yield NextSteps(tuple(ctx.prefix(paths[i]) for i in which), width, ctx.cfg.sampling)
+    parents = [paths[i] for i, cands in zip(which, samples) for _ in cands]
+    children = [_extend(ctx, paths[i], s) for i, cands in zip(which, samples) for s in cands]
+    scored = yield from _score_new(ctx, parents, children)
+    out, lo = {}, 0
+    for i, cands in zip(which, samples):
+        out[i], lo = scored[lo: lo + len(cands)], lo + len(cands)
+    return out
+
+
+def _all_worse(ctx: Context, parent: Path, candidates: Sequence[Path]) -> bool:
+    """guided_retry's test: every candidate scores below `retry_below` x the parent's score (never
+    at the first step, which has no parent score)."""
+    return bool(parent.scores) and parent.value > 0 and \
+        max(c.value for c in candidates) < ctx.cfg.retry_below * parent.value
+
+
+def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool, retry: bool = False) -> Search:
     """Guided search from each of `paths` at once (`width` candidates per step, the best kept),
-    each until it finishes or reaches max_steps. Returns the final paths, in order."""
+    each until it finishes or reaches max_steps; with `retry`, a step whose candidates all look
+    worse than their parent is resampled (`_all_worse`, up to `max_retries` times). Returns the
+    final paths, in order."""
     paths = list(paths)
     while True:
         active = [i for i, p in enumerate(paths) if _open(ctx, p)]
         if not active:
             return paths
-        samples = yield NextSteps(tuple(ctx.prefix(paths[i]) for i in active), width, ctx.cfg.sampling)
-        parents = [paths[i] for i, cands in zip(active, samples) for _ in cands]
-        children = [_extend(ctx, paths[i], s) for i, cands in zip(active, samples) for s in cands]
-        scored = yield from _score_new(ctx, parents, children)  # one PRM call for every subtree
-        lo = 0
-        for i, cands in zip(active, samples):
-            parent, mine = paths[i], scored[lo: lo + len(cands)]
-            lo += len(cands)
+        found = yield from _candidates(ctx, paths, active, width)  # one PRM call for every subtree
+        for _ in range(ctx.cfg.max_retries if retry else 0):
+            worse = [i for i in active if _all_worse(ctx, paths[i], found[i])]
+            if not worse:
+                break
+            more = yield from _candidates(ctx, paths, worse, width)
+            for i in worse:
+                found[i] = found[i] + more[i]
+        for i in active:
+            parent, mine = paths[i], found[i]
             paths[i] = _best(mine, _candidate_key(ctx, mine))
             if stream and len(paths[i].steps) > len(parent.steps):
                 yield Chosen(ScoredStep(paths[i].steps[-1], paths[i].scores[-1]))
@@ -363,6 +396,11 @@ def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool) -> S
 def guided(ctx: Context) -> Search:
     (path,) = yield from _guided_from(ctx, [Path()], ctx.cfg.n, stream=True)
     return ctx.result("guided", path)
+
+
+def guided_retry(ctx: Context) -> Search:
+    (path,) = yield from _guided_from(ctx, [Path()], ctx.cfg.n, stream=True, retry=True)
+    return ctx.result("guided_retry", path)
 
 
 def dvts(ctx: Context) -> Search:
@@ -453,11 +491,12 @@ STRATEGIES: dict[str, Callable[[Context], Search]] = {
     "best_of_n": best_of_n,
     "weighted_majority": weighted_majority,
     "guided": guided,
+    "guided_retry": guided_retry,
     "beam": beam,
     "dvts": dvts,
     "mcts": mcts,
 }
-NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", "guided", "beam", "dvts", "mcts"})
+NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", "guided", "guided_retry", "beam", "dvts", "mcts"})
 
 
 def parse_strategy(text: str) -> tuple[str, int | None]:

@@ -320,7 +320,7 @@ def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: 
 def settings(search: SearchConfig) -> dict[str, Any]:
     """The search settings a request may set or sees in its response."""
     return {k: getattr(search, k) for k in ("n", "beam_width", "max_steps", "temperature", "aggregation", "tie_break",
-                                          "seed")}
+                                          "retry_below", "max_retries", "seed")}
 
 
 # ----------------------------------------------------------------------------- handle adapters

@@ -225,6 +225,31 @@ def test_the_async_driver_equals_the_sync_one():
         assert got.to_dict() == sync.to_dict() and streamed == got.steps
 
 
+def test_guided_retry_resamples_only_the_steps_whose_candidates_all_look_worse():
+    problems = arith.generate("medium", 12, seed=7, split="test")
+    cfg = SearchConfig(n=4, seed=3, max_retries=2)
+    policy, oracle = NoisyArithPolicy(problems, p_correct=0.3), ArithOracle(problems)
+    guided = run_searches("guided", policy, oracle, problems, cfg)
+    retry = run_searches("guided_retry", policy, oracle, problems, cfg)
+    # A step after a right prefix: 4 candidates find a right one with P 1 - 0.7^4 = 0.76, 12 with 0.99.
+    assert accuracy(retry, problems) >= accuracy(guided, problems) + 0.25
+    tokens = lambda rs: sum(r.usage.generated_tokens for r in rs)  # noqa: E731
+    assert tokens(guided) < tokens(retry) < (1 + cfg.max_retries) * tokens(guided)
+    for r in retry:  # at most n * (1 + max_retries) candidates below any node
+        children = {}
+        for node in r.trace:
+            children[node["parent"]] = children.get(node["parent"], 0) + 1
+        assert max(children.values()) <= 4 * 3
+    # A policy that is always right never looks worse: guided_retry is guided, to the token.
+    sure = NoisyArithPolicy(problems, p_correct=1.0)
+    same = run_searches("guided_retry", sure, oracle, problems, cfg)
+    plain = run_searches("guided", sure, oracle, problems, cfg)
+    assert [[s.text for s in r.steps] for r in same] == [[s.text for s in r.steps] for r in plain]
+    assert [r.usage.generated_tokens for r in same] == [r.usage.generated_tokens for r in plain]
+    with pytest.raises(ValueError, match="retry_below"):
+        SearchConfig(retry_below=1.5)
+
+
 class Scripted:
     """Samples `script[len(steps)]` (a list of (text, finished) per step) for any prefix."""
 
@@ -253,11 +278,11 @@ def test_equally_scored_candidates_go_to_the_one_sampled_most_often(strategy):
     first = [("1 + 1 = 3", False), ("1 + 1 = 2", False), ("1 + 1 = 2", False), ("1 + 1 = 3", False),
              ("1 + 1 = 2", False), ("1 + 1 = 4", False)]
     script = [first, [("The answer is 2", True)] * 6]
-    cfg = SearchConfig(n=6, beam_width=1 if strategy == "beam" else 6)  # dvts: one subtree of all 6
+    cfg = SearchConfig(n=6, beam_width=1 if strategy == "beam" else 6, tie_break="mode")  # dvts: one subtree
     steps = lambda r: [s.text for s in r.steps]  # noqa: E731
     tied = TableScorer({"1 + 1 = 3": 0.5 + 1e-9})  # float noise: still a tie at 6 decimals
     assert steps(run_search(strategy, Scripted(script), tied, problem, cfg))[0] == "1 + 1 = 2"
-    fifo = dataclasses.replace(cfg, tie_break="first")
+    fifo = dataclasses.replace(cfg, tie_break="first")  # the default
     assert steps(run_search(strategy, Scripted(script), tied, problem, fifo))[0] == "1 + 1 = 3"
     # A higher score wins over any count.
     rare = TableScorer({"1 + 1 = 4": 0.6})

@@ -219,8 +219,8 @@ def test_solve_greedy_and_guided(app):
         assert guided["config"]["n"] == 3 and guided["latency_ms"] > 0
     # The defaults from args fill what a request leaves out.
     assert _solve(app, {"question": "What is 1+1?"})["config"] == {
-        "n": 4, "beam_width": 4, "max_steps": 6, "temperature": 0.85, "aggregation": "min", "tie_break": "mode",
-        "seed": 0}
+        "n": 4, "beam_width": 4, "max_steps": 6, "temperature": 0.85, "aggregation": "min", "tie_break": "first",
+        "retry_below": 0.9, "max_retries": 2, "seed": 0}
 
 
 def _events(response) -> list[tuple[str, dict]]:
