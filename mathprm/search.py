@@ -67,7 +67,7 @@ from mathprm.steps import StepFormat
 
 # ----------------------------------------------------------------------------- configuration
 
-TIE_BREAKS = ("mode", "first")
+TIE_BREAKS = ("first", "mode")
 
 
 @dataclass(frozen=True)
