@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,28 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
                          "mathprm must be retrained (`mathprm train-prm`)")
     return config
 
+
+
+# A step is doubtful when the reference LM gives one of its tokens probability below 1/e (~0.37):
+# the best first-error F1 of two PRMs with very different fitted weights fell at -1.0 to -1.1 on
+# 200 problems each, and -1.0 held on 200 fresh ones (docs/BENCHMARKS.md, "A threshold on the
+# likelihood scale"). Tuned in the arithmetic world with exact labels; a real checker may differ.
+DOUBT_LOGP = -1.0
+
+
+def likelihood_threshold(model: Any) -> float | None:
+    """The ProcessBench threshold of a PRM that is its likelihood alone (no hidden-state head,
+    the one feature `prefix_min_logp`, a positive weight): its score of a prefix whose least
+    likely token the reference LM gives probability 1/e (`DOUBT_LOGP`). It needs no labels, and
+    it is the same point on the log-prob scale whatever weight and bias the noisy tree-search
+    labels fitted (docs/BENCHMARKS.md, "A threshold on the likelihood scale"). None for any
+    other PRM (or model)."""
+    if not isinstance(model, PRMModel) or model.hidden_head or model.features != ("prefix_min_logp",):
+        return None
+    weight, bias = float(model.feature_weights.weight[0, 0].detach()), float(model.score.bias[0].detach())
+    if not weight > 0:  # a PRM that learned to trust unlikely steps: no such point
+        return None
+    return 1.0 / (1.0 + math.exp(-(weight * DOUBT_LOGP + bias)))
 
 
 def default_threshold(path: str | Path | None) -> float:

@@ -42,7 +42,8 @@ import torch
 from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
 from mathprm.prm import (
-    FEATURES, PRMExample, bce_step_loss, build_prm, collate, encode_solution_spans, save_prm, step_logits,
+    FEATURES, PRMExample, bce_step_loss, build_prm, collate, encode_solution_spans, likelihood_threshold, save_prm,
+    step_logits,
 )
 from mathprm.steps import StepFormat
 from mathprm.treesearch import auroc
@@ -260,7 +261,9 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
 
     With at least MIN_THRESHOLD_PATHS clean and as many erroneous validation paths, the one
     that maximises F1 on them (`best_threshold`: the benchmark's own objective). Tree-search
-    labels rarely give that many clean paths, so otherwise the split of the PRM's own scores
+    labels rarely give that many clean paths, so otherwise, for a likelihood-only PRM, its score
+    of a step with a token the reference LM gives probability 1/e (`prm.likelihood_threshold`), and
+    for any other PRM the split of its own scores
     of the validation and `train` labelled steps into two groups (`two_group_threshold`, no
     labels: tree-search labels are wrong both ways often enough to pull a fitted threshold into
     the wrong steps' group; docs/BENCHMARKS.md, "The checker"). `val_scores`: the final model's scores
@@ -274,6 +277,10 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
     if n_clean >= MIN_THRESHOLD_PATHS and len(firsts) - n_clean >= MIN_THRESHOLD_PATHS:
         return best_threshold(val_scores, firsts), (f"F1 on {len(firsts)} validation paths ({n_clean} clean, "
                                                     f"{len(firsts) - n_clean} with a step labelled 0)")
+    doubt = likelihood_threshold(model)
+    if doubt is not None:
+        return doubt, (f"the score of a step whose least likely token the reference LM gives probability 1/e "
+                       f"(a likelihood-only PRM): only {n_clean} clean validation paths")
     train_scores, _, _ = score_examples(model, train, pad_id, device, batch_size)
     scores = [x for ss in [*val_scores, *train_scores] for x in ss]
     return two_group_threshold(scores), (f"the split of the scores of {len(scores)} labelled steps of {len(val)} "

@@ -221,6 +221,36 @@ def test_the_threshold_comes_from_validation_paths_when_there_are_enough_clean_o
     assert 0.0 < t <= 0.65
 
 
+def test_a_likelihood_only_prm_gets_the_score_of_a_doubtful_token_as_its_threshold(tiny_policy_dir, monkeypatch):
+    import math
+
+    import torch
+
+    import mathprm.train_prm as tp
+    from mathprm.prm import DOUBT_LOGP, PRMExample, build_prm, likelihood_threshold
+
+    def example(targets):
+        return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
+
+    monkeypatch.setattr(tp, "score_examples", lambda model, examples, *a: (
+        [[max(0.0, t - 0.05) for t in e.targets] for e in examples], 0.0, 0))
+    few = [example([0.9, 0.8]), example([0.7, 0.0]), example([0.7, 0.0])]
+    model = build_prm(tiny_policy_dir, features=["prefix_min_logp"], hidden_head=False)
+    with torch.no_grad():
+        model.feature_weights.weight.fill_(0.3)
+        model.score.bias.fill_(-1.1)
+    t, how = choose_threshold(model, few, [], 0, "cpu", 8)
+    assert "probability 1/e" in how and t == pytest.approx(1 / (1 + math.exp(-(0.3 * -1.0 - 1.1))))
+    assert DOUBT_LOGP == -1.0
+    with torch.no_grad():
+        model.feature_weights.weight.fill_(-0.3)  # trusts unlikely steps: no such point, Otsu
+    assert likelihood_threshold(model) is None
+    assert "two groups (Otsu)" in choose_threshold(model, few, [], 0, "cpu", 8)[1]
+    hidden = build_prm(tiny_policy_dir, features=["prefix_min_logp"], hidden_head=True)
+    both = build_prm(tiny_policy_dir, features=["prefix_min_logp", "step_min_logp"], hidden_head=False)
+    assert likelihood_threshold(hidden) is None and likelihood_threshold(both) is None and likelihood_threshold(None) is None
+
+
 def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
     import mathprm.train_prm as tp
     from mathprm.prm import PRMExample
