@@ -9,6 +9,7 @@
 # or verifier.log + results.json + data/test samples (gzipped) + the two best PRMs (tgz).
 #
 #   OUT=runs/gpu_check bash benchmarks/gpu_check.sh                  # tests + the larger policy, MINUTES=4
+#   SFT_ARGS="lr=7e-4 max_steps=40000" MINUTES=6 bash benchmarks/gpu_check.sh   # more SFTConfig overrides
 #   BENCH=verifier TRAIN_PROBLEMS=3000 MINUTES=3 VARIANTS=head+min,head bash benchmarks/gpu_check.sh
 #
 # Sized for a 15-minute device lease: ~1-2 min of tests, then MINUTES of training plus its
@@ -24,7 +25,7 @@ echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
 if [ "${BENCH:-sft}" = sft ]; then
   timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
-    --out /tmp/s --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} 2>&1 | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft.log
+    --out /tmp/s --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS 2>&1 | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft.log
   echo "sft done"; date +%T; tail -25 $OUT/sft.log
   cp /tmp/s/log.json $OUT/ 2>/dev/null
   cd /tmp/s && for d in snap_* final; do [ -d $d ] && tar czf $OUT/$d.tgz $d; done
