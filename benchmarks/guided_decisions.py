@@ -26,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mathprm import arith, atomic  # noqa: E402
+from mathprm.answers import Judge  # noqa: E402
 from mathprm.generation import load_generator  # noqa: E402
 from mathprm.problems import load_problems  # noqa: E402
 from mathprm.scorer import load_scorer  # noqa: E402
@@ -33,28 +34,16 @@ from mathprm.search import SearchConfig, run_searches  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
 
 
-class Logged:
-    """The generator and scorer, recording every candidate (with duplicates) and its score by
-    (question, parent steps)."""
+class LoggedScorer:
+    """The scorer, recording every scored candidate step's score by (question, parent steps)."""
 
-    def __init__(self, generator, scorer) -> None:
-        self.generator, self.scorer, self.step_format = generator, scorer, generator.step_format
-        self.log: dict = collections.defaultdict(dict)
-
-    def next_steps(self, prefixes, n, sampling):
-        out = self.generator.next_steps(prefixes, n, sampling)
-        for pre, cands in zip(prefixes, out):
-            counts = self.log[(pre.question, tuple(pre.steps))].setdefault("candidates", collections.Counter())
-            counts.update(c.text for c in cands)
-        return out
-
-    def rollouts(self, prefixes, n, sampling):
-        return self.generator.rollouts(prefixes, n, sampling)
+    def __init__(self, scorer) -> None:
+        self.scorer, self.log = scorer, collections.defaultdict(dict)
 
     def score(self, questions, steps_per_question):
         got = self.scorer.score(questions, steps_per_question)
         for q, steps, s in zip(questions, steps_per_question, got):
-            self.log[(q, tuple(steps[:-1]))].setdefault("scores", {})[steps[-1]] = s[-1]
+            self.log[(q, tuple(steps[:-1]))][steps[-1]] = s[-1]
         return got
 
 
@@ -66,7 +55,7 @@ def classify(problems, results, log) -> tuple[collections.Counter, list[dict]]:
             parent = tuple(chosen[:k])
             if arith.first_error(p, list(parent)) != -1:
                 break
-            scores = log.get((p.question, parent), {}).get("scores")
+            scores = log.get((p.question, parent))
             if not scores:
                 continue  # a step ended the solution without a new one
             right = {t: s for t, s in scores.items() if arith.first_error(p, [*parent, t]) == -1}
@@ -96,18 +85,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     problems = load_problems("arith:hard", limit=args.limit, seed=args.seed)
     generator = load_generator("hf", args.policy, StepFormat(arith.STEP_SEPARATOR))
-    logged = Logged(generator, load_scorer("prm", args.prm))
+    logged = LoggedScorer(load_scorer("prm", args.prm))
     cfg = SearchConfig(n=args.n, seed=args.seed, temperature=args.temperature, tie_break=args.tie_break)
     started = time.monotonic()
     greedy = run_searches("greedy", generator, None, problems, cfg)
     results = []
     for lo in range(0, len(problems), 25):
-        results += run_searches(args.strategy, logged, logged, problems[lo: lo + 25], cfg)
+        results += run_searches(args.strategy, generator, logged, problems[lo: lo + 25], cfg)
         print(f"[guided_decisions] {len(results)}/{len(problems)} problems", flush=True)
 
     def accuracy(rs):
-        return sum(r.answer is not None and arith.is_correct(p, f"The answer is {r.answer}")
-                   for p, r in zip(problems, rs)) / len(problems)
+        return sum(Judge(p).correct(r.answer) for p, r in zip(problems, rs)) / len(problems)
 
     kinds, rows = classify(problems, results, logged.log)
     summary = {"strategy": f"{args.strategy}@{args.n}", "problems": len(problems), "seed": args.seed,

@@ -363,7 +363,6 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
-
 # A step is doubtful when the reference LM gives one of its tokens probability below 1/e (~0.37):
 # the best first-error F1 of two PRMs with very different fitted weights fell at -1.0 to -1.1 on
 # 200 problems each, and -1.0 held on 200 fresh ones (docs/BENCHMARKS.md, "A threshold on the
