@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import subprocess
@@ -112,7 +111,8 @@ def train_variant(args, name: str) -> dict:
     from transformers import AutoTokenizer
 
     from mathprm.prm import PRM_CONFIG_FILE, build_prm, collate, save_prm
-    from mathprm.train_prm import _MIN_LR_RATIO, _train_step, choose_threshold, is_validation, usable_examples, validate
+    from mathprm.schedule import warmup_cosine
+    from mathprm.train_prm import _train_step, choose_threshold, is_validation, usable_examples, validate
 
     out = Path(args.out)
     features, lr, batch_size = parse_variant(name, args.lr, args.batch)
@@ -150,8 +150,7 @@ def train_variant(args, name: str) -> dict:
             epoch += 1
         members, order = order[:batch_size], order[batch_size:]
         progress = min(1.0, el / budget)
-        rate = lr * (step + 1) / warmup if step < warmup else \
-            lr * (_MIN_LR_RATIO + (1 - _MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+        rate = warmup_cosine(lr, warmup, step, progress)
         batch = collate([train[j] for j in members], pad).to(device)
         loss = _train_step(model, batch, opt, rate, bf16)
         step += 1

@@ -248,14 +248,17 @@ def _extend(ctx: Context, path: Path, sample: StepSample) -> Path:
     return Path(path.steps + (sample.text,), path.scores, sample.finished, path.node)
 
 
-def _score_new(ctx: Context, parents: Sequence[Path], children: Sequence[Path]) -> Search:
-    """Score the children that added a step (one `Score` request, duplicates scored once) and
-    record every child in the trace. Returns the scored children, in order."""
-    todo = list(dict.fromkeys(c.steps for c, p in zip(children, parents) if len(c.steps) > len(p.steps)))
-    scores: dict[tuple[str, ...], list[float]] = {}
+def _score_new(ctx: Context, parents: Sequence[Path], children: Sequence[Path],
+               known: dict[tuple[str, ...], Sequence[float]] | None = None) -> Search:
+    """Score the children that added a step (one `Score` request, duplicates scored once, and
+    none already in `known`, which gains the new scores) and record every child in the trace.
+    Returns the scored children, in order."""
+    scores = {} if known is None else known
+    todo = list(dict.fromkeys(c.steps for c, p in zip(children, parents)
+                              if len(c.steps) > len(p.steps) and c.steps not in scores))
     if todo:
         got = yield Score(tuple(ctx.problem.question for _ in todo), tuple(todo))
-        scores = dict(zip(todo, got))
+        scores.update(zip(todo, got))
     out = []
     for p, c in zip(parents, children):
         if len(c.steps) > len(p.steps):
@@ -348,13 +351,15 @@ def weighted_majority(ctx: Context) -> Search:
     return ctx.result("weighted_majority", _best(voters, lambda p: p.total(ctx.cfg.aggregation)), answer=winner)
 
 
-def _candidates(ctx: Context, paths: list[Path], which: list[int], width: int) -> Search:
+def _candidates(ctx: Context, paths: list[Path], which: list[int], width: int,
+                known: dict[tuple[str, ...], Sequence[float]] | None = None) -> Search:
     """`width` scored candidate next steps for each of `paths[i]`, i in `which` (one generator
-    call and one PRM call for all). Returns {i: candidates}."""
+    call and one PRM call for all; `known`: scores to reuse, see `_score_new`). Returns
+    {i: candidates}."""
     samples = yield NextSteps(tuple(ctx.prefix(paths[i]) for i in which), width, ctx.cfg.sampling)
     parents = [paths[i] for i, cands in zip(which, samples) for _ in cands]
     children = [_extend(ctx, paths[i], s) for i, cands in zip(which, samples) for s in cands]
-    scored = yield from _score_new(ctx, parents, children)
+    scored = yield from _score_new(ctx, parents, children, known)
     out, lo = {}, 0
     for i, cands in zip(which, samples):
         out[i], lo = scored[lo: lo + len(cands)], lo + len(cands)
@@ -378,12 +383,13 @@ def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool, retr
         active = [i for i, p in enumerate(paths) if _open(ctx, p)]
         if not active:
             return paths
-        found = yield from _candidates(ctx, paths, active, width)  # one PRM call for every subtree
+        known: dict[tuple[str, ...], Sequence[float]] = {}  # this step's scores: a resample seen before is not rescored
+        found = yield from _candidates(ctx, paths, active, width, known)  # one PRM call for every subtree
         for _ in range(ctx.cfg.max_retries if retry else 0):
             worse = [i for i in active if _all_worse(ctx, paths[i], found[i])]
             if not worse:
                 break
-            more = yield from _candidates(ctx, paths, worse, width)
+            more = yield from _candidates(ctx, paths, worse, width, known)
             for i in worse:
                 found[i] = found[i] + more[i]
         for i in active:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -32,13 +31,13 @@ import torch
 from mathprm import arith, atomic
 from mathprm.config import to_dict
 from mathprm.policy import MODEL_PRESETS, build_policy
+from mathprm.schedule import warmup_cosine
 from mathprm.steps import StepFormat
 from mathprm.tokenizer import build_char_tokenizer
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding)
 SUMMARY_FILE = "sft_summary.json"  # written into the policy dir; its presence marks a finished policy
 _GRAD_CLIP = 1.0
-_MIN_LR_RATIO = 0.1  # cosine decays to this fraction of `lr`
 
 
 @dataclasses.dataclass
@@ -216,15 +215,13 @@ class BatchOrder:
 
 
 def learning_rate(cfg: SFTConfig, step: int, progress: float) -> float:
-    """Linear warmup over `warmup_steps`, then cosine from `lr` to `_MIN_LR_RATIO * lr`.
+    """Linear warmup over `warmup_steps`, then cosine from `lr` to a tenth of it
+    (`schedule.warmup_cosine`).
 
     `progress` in [0, 1] is how far the run is; the loop passes the larger of the step
     fraction and the time-budget fraction, so a time-bounded run still anneals.
     """
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-    return cfg.lr * (_MIN_LR_RATIO + (1.0 - _MIN_LR_RATIO) * cosine)
+    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, progress)
 
 
 def train_step(

@@ -45,12 +45,12 @@ from mathprm.prm import (
     FEATURES, PRMExample, bce_step_loss, build_prm, collate, encode_solution_spans, likelihood_threshold, save_prm,
     step_logits,
 )
+from mathprm.schedule import warmup_cosine
 from mathprm.steps import StepFormat
 from mathprm.treesearch import auroc
 
 SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
 _GRAD_CLIP = 1.0
-_MIN_LR_RATIO = 0.1
 SOLUTIONS = pa.schema([
     pa.field("problem_id", pa.string()),
     pa.field("question", pa.string()),
@@ -203,10 +203,7 @@ def first_zero(targets: Sequence[float]) -> int:
 
 def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
     """Linear warmup, then cosine from `lr` to 10 % of it at `total` steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (_MIN_LR_RATIO + (1 - _MIN_LR_RATIO) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
 
 
 @torch.no_grad()

@@ -250,6 +250,28 @@ def test_guided_retry_resamples_only_the_steps_whose_candidates_all_look_worse()
         SearchConfig(retry_below=1.5)
 
 
+def test_guided_retry_scores_a_resampled_candidate_it_has_seen_once():
+    # The noisy policy's wrong step is always the same text (one too high), so a resampled round
+    # repeats candidates of the first: those keep their scores instead of going to the PRM again.
+    problems = arith.generate("medium", 8, seed=7, split="test")
+    cfg = SearchConfig(n=4, seed=3, max_retries=2)
+    policy, oracle = NoisyArithPolicy(problems, p_correct=0.3), ArithOracle(problems)
+
+    class Counting:
+        def __init__(self):
+            self.seen = []
+
+        def score(self, questions, steps_per_question):
+            self.seen += [(q, tuple(s)) for q, s in zip(questions, steps_per_question)]
+            return oracle.score(questions, steps_per_question)
+
+    counting = Counting()
+    retry = run_searches("guided_retry", policy, counting, problems, cfg)
+    assert sum(r.usage.prm_calls for r in retry) > sum(len(r.steps) for r in retry)  # it did resample
+    assert len(counting.seen) == len(set(counting.seen))  # ... and scored no solution twice
+    assert sum(r.usage.scored_solutions for r in retry) == len(counting.seen)
+
+
 class Scripted:
     """Samples `script[len(steps)]` (a list of (text, finished) per step) for any prefix."""
 
