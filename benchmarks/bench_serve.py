@@ -12,7 +12,14 @@ after one untimed warm-up request per client. Run twice: the PRM deployment's
 forward pass per solution); everything else, the generator's batching included, is the same.
 Reports problems/s, p50 / p95 latency, the accuracy, and the mean PRM batch the deployment
 ran (its `stats()`); the throughput ratio batched / unbatched is the headline. Clients, proxy
-and replicas share this machine's cores. With --write the table replaces the
+and replicas share this machine's cores.
+
+The end-to-end figure mixes in the generator, which guided@N waits on most of the time. So each
+run then loads the PRM deployment alone: `--clients` threads send it scoring rounds through its
+DeploymentHandle (what the ingress's HandleScorer sends: one question, `--n` candidate next
+steps after a prefix of its reference solution, the candidates' results differing) until
+`--prm-rounds` are scored, and report solutions scored per second; their ratio is what
+`@serve.batch` itself buys. With --write the table replaces the
 "## Serve: guided search under load" section of docs/BENCHMARKS.md.
 """
 
@@ -105,6 +112,56 @@ def load(url: str, problems: list, clients: int, requests_total: int, n: int) ->
             "accuracy": round(correct[0] / len(latencies), 3)}
 
 
+def scoring_rounds(problems: list, n: int, count: int) -> list[tuple[list[str], list[list[str]]]]:
+    """`count` rounds of a guided@n search as the PRM deployment gets them: per round, n solutions
+    that share a prefix of one problem's reference solution and differ in the next step's result
+    (the first is the right step), for `score_solutions(questions, steps)`."""
+    import random
+
+    rng, rounds = random.Random(0), []
+    for i in range(count):
+        p = problems[i % len(problems)]
+        steps = arith.solution_steps(p)
+        k = rng.randrange(len(steps) - 1)  # the next step is an operation, not the answer line
+        head, _, result = steps[k].rpartition(" = ")
+        candidates = [f"{head} = {int(result) + d}" for d in range(n)]
+        rounds.append(([p.question] * n, [steps[:k] + [c] for c in candidates]))
+    return rounds
+
+
+def prm_load(handle, rounds: list, clients: int) -> dict:
+    """`clients` threads sending `rounds` to the PRM deployment's handle; solutions per second."""
+    lock, issued, latencies = threading.Lock(), [0], []
+
+    def client() -> None:
+        while True:
+            with lock:
+                i = issued[0]
+                if i >= len(rounds):
+                    return
+                issued[0] += 1
+            t0 = time.perf_counter()
+            scores = handle.score_solutions.remote(*rounds[i]).result()
+            dt = time.perf_counter() - t0
+            if len(scores) != len(rounds[i][0]):
+                raise RuntimeError(f"round {i}: {len(scores)} score lists for {len(rounds[i][0])} solutions")
+            with lock:
+                latencies.append(dt)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if len(latencies) != len(rounds):
+        raise RuntimeError(f"PRM load: {len(rounds) - len(latencies)} of {len(rounds)} rounds failed")
+    solutions = sum(len(r[0]) for r in rounds)
+    return {"prm_rounds": len(rounds), "prm_solutions_per_s": round(solutions / wall, 1),
+            "prm_round_p50_s": round(statistics.median(latencies), 3)}
+
+
 def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
     from ray import serve
 
@@ -118,6 +175,7 @@ def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}/v1/solve"
     problems = arith.generate(args.difficulty, max(args.requests, args.clients), seed=0, split="test")
+    rounds = scoring_rounds(problems, args.n, args.prm_rounds)
     rows = []
     try:
         for size in BATCH_SIZES:
@@ -135,6 +193,12 @@ def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
             result |= {"prm_max_batch_size": size, "prm_batches": batches,
                        "mean_prm_batch": round(items / batches, 2) if batches else 0.0,
                        "largest_prm_batch": after["largest_batch"]}
+            prm_load(prm, rounds[: args.clients], args.clients)  # untimed warm-up
+            before = prm.stats.remote().result()
+            result |= prm_load(prm, rounds, args.clients)
+            after = prm.stats.remote().result()
+            batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
+            result["prm_alone_mean_batch"] = round(items / batches, 2) if batches else 0.0
             print(result, flush=True)
             rows.append(result)
             serve.delete("bench")
@@ -151,12 +215,24 @@ def table(rows: list[dict], source: str, args: argparse.Namespace) -> str:
                      f"{r['p95_s']:.2f} s | {r['mean_prm_batch']:.1f} | {r['accuracy']:.1%} |")
     by_size = {r["prm_max_batch_size"]: r for r in rows}
     ratio = by_size[BATCH_SIZES[0]]["problems_per_s"] / by_size[BATCH_SIZES[1]]["problems_per_s"]
-    lines += ["", f"Throughput batched / unbatched: **{ratio:.2f}x**.", "",
+    alone = by_size[BATCH_SIZES[0]]["prm_solutions_per_s"] / by_size[BATCH_SIZES[1]]["prm_solutions_per_s"]
+    lines += ["", f"Throughput batched / unbatched: **{ratio:.2f}x** end to end.", "",
+              "The PRM deployment alone (its handle, the same clients, no generator):", "",
+              "| PRM max_batch_size | solutions scored / s | p50 round latency | solutions per Serve batch |",
+              "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['prm_max_batch_size']} | {r['prm_solutions_per_s']:.0f} | {r['prm_round_p50_s'] * 1e3:.0f} ms | "
+                     f"{r['prm_alone_mean_batch']:.1f} |")
+    lines += ["", f"PRM throughput batched / unbatched: **{alone:.2f}x**.", "",
               f"{args.clients} concurrent clients, {rows[0]['requests']} arith:{args.difficulty} test problems per "
               f"run (seed 0), `guided@{args.n}` at the app's default temperature, one seed per request, after one "
               f"warm-up request per client. Models: {source}. One replica per deployment (generator batching on "
               f"in both runs, PRM `batch_wait_timeout_s` {args.batch_wait_s}); clients, HTTP proxy and replicas "
-              "share the machine's cores."]
+              "share the machine's cores. The PRM-alone rows: "
+              f"{rows[0]['prm_rounds']} rounds of {args.n} solutions each (a prefix of a problem's reference solution and "
+              f"{args.n} candidate next steps whose results differ), sent by {args.clients} threads through the "
+              "deployment's handle. A Serve batch's solutions go through the model in forward batches of at most "
+              "max_batch_size, so at 1 every solution is a forward pass of its own."]
     return "\n".join(lines)
 
 
@@ -168,11 +244,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=96, help="timed requests per run")
     parser.add_argument("--n", type=int, default=8, help="guided@N: candidates per step")
+    parser.add_argument("--prm-rounds", type=int, default=400, help="scoring rounds sent to the PRM alone per run")
     parser.add_argument("--batch-wait-s", type=float, default=0.01, help="PRM batch_wait_timeout_s")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
-    if args.requests < 1 or args.clients < 1:
-        parser.error("--requests and --clients must be >= 1")
+    if min(args.requests, args.clients, args.prm_rounds, args.n) < 1:
+        parser.error("--requests, --clients, --prm-rounds and --n must be >= 1")
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         policy, prm, source = models(Path(args.policy), Path(args.prm), tmp)
         rows = run(policy, prm, args)
