@@ -10,6 +10,7 @@
 #
 #   OUT=runs/gpu_check bash benchmarks/gpu_check.sh                  # tests + the larger policy, MINUTES=4
 #   SFT_ARGS="lr=7e-4 max_steps=40000" MINUTES=6 bash benchmarks/gpu_check.sh   # more SFTConfig overrides
+#   LRS=5e-4,1e-3,2e-3 MINUTES=6 bash benchmarks/gpu_check.sh    # one sft run per lr, side by side on the GPU
 #   BENCH=verifier TRAIN_PROBLEMS=3000 MINUTES=3 VARIANTS=head+min,head bash benchmarks/gpu_check.sh
 #
 # Sized for a 15-minute device lease: ~1-2 min of tests, then MINUTES of training plus its
@@ -23,6 +24,21 @@ date +%T
 timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
+if [ "${BENCH:-sft}" = sft ] && [ -n "$LRS" ]; then  # one run per learning rate, all at once on the one GPU
+  for lr in ${LRS//,/ }; do
+    timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
+      --out /tmp/s_$lr --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS lr=$lr 2>&1 \
+      | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft_$lr.log &
+  done
+  wait; echo "sft done"; date +%T
+  for lr in ${LRS//,/ }; do
+    echo "== lr $lr"; tail -6 $OUT/sft_$lr.log; cp /tmp/s_$lr/log.json $OUT/log_$lr.json 2>/dev/null
+    # the final policy and the best snapshot only (a 4.3M policy is ~9 MB in bf16)
+    best=$(cd /tmp/s_$lr 2>/dev/null && ls -d snap_* 2>/dev/null | sort -t_ -k2 -g | tail -1)
+    for d in $best final; do [ -d /tmp/s_$lr/$d ] && tar czf $OUT/${lr}_$d.tgz -C /tmp/s_$lr $d; done
+  done
+  ls -la $OUT; exit 0
+fi
 if [ "${BENCH:-sft}" = sft ]; then
   timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
     --out /tmp/s --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS 2>&1 | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft.log
