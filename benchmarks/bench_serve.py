@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,26 +66,41 @@ def models(policy: Path, prm: Path, tmp: str) -> tuple[Path, Path, str]:
     return policy, prm, "untrained `tiny` policy and PRM (no demo models found; answers are junk)"
 
 
+def drain(count: int, clients: int, client: Callable[[Callable[[], int | None]], None]) -> float:
+    """Run `client(next_index)` in `clients` threads until the indices 0..count-1 are handed out
+    (`next_index()` gives the next or None); the wall time in seconds."""
+    lock, issued = threading.Lock(), [0]
+
+    def next_index() -> int | None:
+        with lock:
+            if issued[0] >= count:
+                return None
+            issued[0] += 1
+            return issued[0] - 1
+
+    threads = [threading.Thread(target=client, args=(next_index,)) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def load(url: str, problems: list, clients: int, requests_total: int, n: int) -> dict:
     """`clients` threads solving `problems` in turn until `requests_total` answers; latencies,
     accuracy and wall time."""
     import requests
 
     lock, latencies, correct, failures = threading.Lock(), [], [0], []
-    issued = [0]
 
-    def client() -> None:
+    def client(next_index: Callable[[], int | None]) -> None:
         with requests.Session() as session:
             # The app demands the key named by ServeConfig.api_key_env when it is set in the
             # environment its replicas inherit (this shell's, on the local cluster this starts).
             if key := os.environ.get(ServeConfig.api_key_env):
                 session.headers["Authorization"] = f"Bearer {key}"
-            while True:
-                with lock:
-                    i = issued[0]
-                    if i >= requests_total:
-                        return
-                    issued[0] += 1
+            while (i := next_index()) is not None:
                 p = problems[i % len(problems)]
                 t0 = time.perf_counter()
                 r = session.post(url, json={"question": p.question, "strategy": "guided", "n": n, "seed": i},
@@ -97,13 +113,7 @@ def load(url: str, problems: list, clients: int, requests_total: int, n: int) ->
                     latencies.append(dt)
                     correct[0] += r.json()["answer"] == p.answer
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = drain(requests_total, clients, client)
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
     return {"requests": len(latencies), "wall_s": round(wall, 2), "problems_per_s": round(len(latencies) / wall, 3),
@@ -131,15 +141,10 @@ def scoring_rounds(problems: list, n: int, count: int) -> list[tuple[list[str], 
 
 def prm_load(handle, rounds: list, clients: int) -> dict:
     """`clients` threads sending `rounds` to the PRM deployment's handle; solutions per second."""
-    lock, issued, latencies = threading.Lock(), [0], []
+    lock, latencies = threading.Lock(), []
 
-    def client() -> None:
-        while True:
-            with lock:
-                i = issued[0]
-                if i >= len(rounds):
-                    return
-                issued[0] += 1
+    def client(next_index: Callable[[], int | None]) -> None:
+        while (i := next_index()) is not None:
             t0 = time.perf_counter()
             scores = handle.score_solutions.remote(*rounds[i]).result()
             dt = time.perf_counter() - t0
@@ -148,13 +153,7 @@ def prm_load(handle, rounds: list, clients: int) -> dict:
             with lock:
                 latencies.append(dt)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
+    wall = drain(len(rounds), clients, client)
     if len(latencies) != len(rounds):
         raise RuntimeError(f"PRM load: {len(rounds) - len(latencies)} of {len(rounds)} rounds failed")
     solutions = sum(len(r[0]) for r in rounds)
