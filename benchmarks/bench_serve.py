@@ -161,6 +161,16 @@ def prm_load(handle, rounds: list, clients: int) -> dict:
             "prm_round_p50_s": round(statistics.median(latencies), 3)}
 
 
+def with_prm_batches(prm, work: Callable[[], dict]) -> tuple[dict, tuple[int, float, int]]:
+    """`work()`'s result, and the PRM deployment's Serve batches during it (its `stats()` before
+    and after): how many, their mean size in solutions, the largest so far."""
+    before = prm.stats.remote().result()
+    result = work()
+    after = prm.stats.remote().result()
+    batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
+    return result, (batches, round(items / batches, 2) if batches else 0.0, after["largest_batch"])
+
+
 def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
     from ray import serve
 
@@ -185,19 +195,14 @@ def run(policy: Path, prm_dir: Path, args: argparse.Namespace) -> list[dict]:
             print(f"PRM max_batch_size {size}: warming up", flush=True)
             load(url, problems[::-1], args.clients, args.clients, args.n)  # untimed: first calls, lazy init
             prm = serve.get_deployment_handle("PRMDeployment", app_name="bench")
-            before = prm.stats.remote().result()
-            result = load(url, problems, args.clients, args.requests, args.n)
-            after = prm.stats.remote().result()
-            batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
-            result |= {"prm_max_batch_size": size, "prm_batches": batches,
-                       "mean_prm_batch": round(items / batches, 2) if batches else 0.0,
-                       "largest_prm_batch": after["largest_batch"]}
+            result, (batches, mean, largest) = with_prm_batches(
+                prm, lambda: load(url, problems, args.clients, args.requests, args.n))
+            result |= {"prm_max_batch_size": size, "prm_batches": batches, "mean_prm_batch": mean,
+                       "largest_prm_batch": largest}
             prm_load(prm, rounds[: args.clients], args.clients)  # untimed warm-up
-            before = prm.stats.remote().result()
-            result |= prm_load(prm, rounds, args.clients)
-            after = prm.stats.remote().result()
-            batches, items = after["batches"] - before["batches"], after["items"] - before["items"]
-            result["prm_alone_mean_batch"] = round(items / batches, 2) if batches else 0.0
+            alone, (_, result["prm_alone_mean_batch"], _) = with_prm_batches(
+                prm, lambda: prm_load(prm, rounds, args.clients))
+            result |= alone
             print(result, flush=True)
             rows.append(result)
             serve.delete("bench")
