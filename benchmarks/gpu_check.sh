@@ -24,11 +24,14 @@ date +%T
 timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
+sft_run() {  # sft_run OUT_DIR LOG [more SFTConfig overrides]: the larger policy by gpu_sft.py
+  timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
+    --out "$1" --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS "${@:3}" 2>&1 \
+    | grep --line-buffered -v 'Loading\|Writing' > "$2"
+}
 if [ "${BENCH:-sft}" = sft ] && [ -n "$LRS" ]; then  # one run per learning rate, all at once on the one GPU
   for lr in ${LRS//,/ }; do
-    timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
-      --out /tmp/s_$lr --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS lr=$lr 2>&1 \
-      | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft_$lr.log &
+    sft_run /tmp/s_$lr $OUT/sft_$lr.log lr=$lr &
   done
   wait; echo "sft done"; date +%T
   for lr in ${LRS//,/ }; do
@@ -40,8 +43,7 @@ if [ "${BENCH:-sft}" = sft ] && [ -n "$LRS" ]; then  # one run per learning rate
   ls -la $OUT; exit 0
 fi
 if [ "${BENCH:-sft}" = sft ]; then
-  timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
-    --out /tmp/s --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS 2>&1 | grep --line-buffered -v 'Loading\|Writing' > $OUT/sft.log
+  sft_run /tmp/s $OUT/sft.log
   echo "sft done"; date +%T; tail -25 $OUT/sft.log
   cp /tmp/s/log.json $OUT/ 2>/dev/null
   cd /tmp/s && for d in snap_* final; do [ -d $d ] && tar czf $OUT/$d.tgz $d; done
