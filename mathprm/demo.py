@@ -9,7 +9,7 @@
    best-of-n (eval_prm_arith.yaml);
 7. PRM-guided search against sampling at N = 1..16 (eval_guided_arith.yaml, DEMO_SEARCH_LIMIT
    problems): the accuracy-vs-N table and PNG;
-8. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, at most DEMO_PPO_MINUTES),
+8. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, DEMO_PPO_UPDATES updates),
    then the PPO policy's greedy accuracy on stage 4's problems.
 
 Finished stages are reused: the policy, the labels, the PRM and the PPO policy by their own
@@ -36,7 +36,10 @@ JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 STAGES = ("data", "sft", "checker", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; PRM scoring dominates)
-DEMO_PPO_MINUTES = 6  # PPO's time budget in the demo (the job's config says 20)
+# PPO's length in the demo counts updates, not minutes, so a second run on any box trains the same weights
+# (~6 min on the 2-core box; the job's config says 200 updates or 20 min). The clock is only a cap.
+DEMO_PPO_UPDATES = 36
+DEMO_PPO_MAX_MINUTES = 15
 
 # Every stage tiny: a 2-layer policy trained 10 steps, a handful of problems per stage. It shows
 # that every stage runs and hands its output to the next, not how good anything is.
@@ -139,7 +142,8 @@ def run_demo(argv: list[str]) -> int:
     prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", args["prm_eval"])
     search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml",
                              [f"limit={DEMO_SEARCH_LIMIT}", *args["search"]])
-    ppo_cfg = load_config(PPOConfig, JOB_CONFIGS / "ppo_arith.yaml", [f"time_budget_min={DEMO_PPO_MINUTES}",
+    ppo_cfg = load_config(PPOConfig, JOB_CONFIGS / "ppo_arith.yaml", [f"updates={DEMO_PPO_UPDATES}",
+                                                                      f"time_budget_min={DEMO_PPO_MAX_MINUTES}",
                                                                       *args["ppo"]])
     # The PPO policy is judged on stage 4's problems with stage 4's settings, greedy only.
     ppo_eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml",
