@@ -11,7 +11,8 @@ Each decision taken while the chosen prefix is still right falls in one of: `cho
 `PRM tie` / `PRM misrank` (a right candidate existed, the PRM scored a wrong one as high / higher).
 Also greedy's and the search's accuracy and mean generated tokens. `--out` gets the summary and,
 per decision, the parent's score, the best candidate's score and whether any / the chosen
-candidate was right (the ratios behind guided_retry's `retry_below`).
+candidate was right (the ratios behind guided_retry's `retry_below`), and where a decision was not `chosen right`
+the question, the prefix and every candidate with its score.
 """
 
 from __future__ import annotations
@@ -66,8 +67,14 @@ def classify(problems, results, log) -> tuple[collections.Counter, list[dict]]:
             else:
                 kind = "PRM tie" if abs(scores[chosen[k]] - max(right.values())) < 1e-6 else "PRM misrank"
             kinds[kind] += 1
-            rows.append({"step": k, "parent_score": r.steps[k - 1].score if k else None, "best": max(scores.values()),
-                         "any_right": bool(right), "chosen_right": chosen[k] in right, "distinct": len(scores)})
+            row = {"step": k, "parent_score": r.steps[k - 1].score if k else None, "best": max(scores.values()),
+                   "any_right": bool(right), "chosen_right": chosen[k] in right, "distinct": len(scores), "kind": kind}
+            if kind != "chosen right":  # what the PRM saw where it lost: each candidate, its score, right or not
+                row["question"] = p.question
+                row["prefix"] = list(parent)
+                row["candidates"] = [{"text": t, "score": s, "right": t in right}
+                                     for t, s in sorted(scores.items(), key=lambda ts: -ts[1])]
+            rows.append(row)
     return kinds, rows
 
 
