@@ -71,6 +71,10 @@ class SFTConfig:
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under bfloat16 autocast (GPU, or CPU with AVX-512 BF16)
     log_every: int = 50  # steps between progress lines / ray.train.report calls
     checkpoint_every: int = 500  # steps between rank-0 Ray Train checkpoints (a multiple of log_every)
+    # Steps between loadable HF copies of the model in <out_dir>-snapshots/step-<N> (a multiple of log_every;
+    # 0: none): the policy along its schedule, e.g. greedy accuracy against updates (the run keeps only its
+    # latest Ray Train checkpoint).
+    snapshot_every: int = 0
     out_dir: str = "runs/arith/policy"
     overwrite: bool = False  # retrain from scratch even if out_dir holds a finished policy
     ray_address: str | None = None  # None: RAY_ADDRESS or a local loopback cluster
@@ -92,6 +96,9 @@ class SFTConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.num_problems < self.num_workers:
             raise ValueError(f"num_problems: must be >= num_workers ({self.num_workers}), got {self.num_problems}")
+        if self.snapshot_every < 0 or self.snapshot_every % self.log_every:
+            raise ValueError(f"snapshot_every: must be 0 or a multiple of log_every ({self.log_every}), "
+                             f"got {self.snapshot_every}")
         if self.checkpoint_every % self.log_every:
             raise ValueError(
                 f"checkpoint_every: must be a multiple of log_every ({self.log_every}), got {self.checkpoint_every}"
@@ -289,6 +296,12 @@ def held_out_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence
     return acc
 
 
+def snapshot_dir(out_dir: str | Path, step: int) -> Path:
+    """Where `snapshot_every` puts the model after `step` updates: <out_dir>-snapshots/step-<step>."""
+    out = Path(out_dir)
+    return out.with_name(f"{out.name}-snapshots") / f"step-{step:06d}"
+
+
 def is_finished(out_dir: str | Path) -> bool:
     """A policy directory written to the end by `train_sft` (atomic, so complete if present)."""
     return (Path(out_dir) / SUMMARY_FILE).is_file()
@@ -343,8 +356,8 @@ def _initial_model(cfg: SFTConfig, tokenizer: Any) -> torch.nn.Module:
 
 # A resumed run may train longer or log differently; any other change would silently continue
 # the old run with the new settings, so `check_resume` refuses it.
-_MAY_CHANGE_ON_RESUME = ("max_steps", "time_budget_min", "log_every", "checkpoint_every", "out_dir", "overwrite",
-                         "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every")
+_MAY_CHANGE_ON_RESUME = ("max_steps", "time_budget_min", "log_every", "checkpoint_every", "snapshot_every", "out_dir",
+                         "overwrite", "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every")
 
 
 def _train_loop(config: dict[str, Any]) -> None:
@@ -420,6 +433,10 @@ def _train_loop(config: dict[str, Any]) -> None:
                  "accuracy_history": accuracy_history}
         report_train_step(model, optimizer, state, metrics, rank,
                 with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
+        if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            with atomic.directory(snapshot_dir(cfg.out_dir, step), overwrite=True) as tmp:
+                unwrapped.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
         window.zero_()
         window_start = time.monotonic()
         if stop:

@@ -113,6 +113,7 @@ def test_train_step_lowers_the_loss(tok, bf16):
         ("max_length=4096", "max_length"),
         ("time_budget_min=0", "time_budget_min"),
         ("checkpoint_every=75", "checkpoint_every"),
+        ("snapshot_every=75", "snapshot_every"),
         ("stop_at_accuracy=0", "stop_at_accuracy"),
         ("stop_at_accuracy=1.5", "stop_at_accuracy"),
         ("stop_at_accuracy=0.5|eval_difficulty=extreme", "eval_difficulty"),
@@ -195,7 +196,7 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "runs" / "policy"
-    cfg = _tiny_run(out, num_workers=2, max_steps=100_000, log_every=5, checkpoint_every=5,
+    cfg = _tiny_run(out, num_workers=2, max_steps=100_000, log_every=5, checkpoint_every=5, snapshot_every=5,
                     # a policy trained for seconds never reaches 100 %, so only the budget stops it
                     stop_at_accuracy=1.0, eval_difficulty="easy", eval_problems=4, eval_every=5)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
@@ -218,6 +219,12 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("1+1\n")["input_ids"][0] == tokenizer.bos_token_id
     assert model.config.vocab_size == len(tokenizer)
+    # snapshot_every: a loadable copy after every 5th update the resumed run made, the last one the saved policy.
+    snaps = {int(d.name.split("-")[1]): d for d in (tmp_path / "runs" / "policy-snapshots").iterdir()}
+    assert set(range(summary["resumed_from_step"] + 5, summary["steps"] + 1, 5)) <= set(snaps)
+    assert all(step % 5 == 0 and step <= summary["steps"] for step in snaps)
+    last = AutoModelForCausalLM.from_pretrained(snaps[summary["steps"]]).state_dict()
+    assert all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
 
     # Reuse: a finished policy comes back without touching Ray or rewriting it.
     monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("retrained"))
