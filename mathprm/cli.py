@@ -10,6 +10,8 @@
                                          accuracy per decoding strategy, PRM-guided search
                                          included, + an accuracy-vs-N PNG
     mathprm train-prm [--config F] ...   train a process reward model on step labels, on Ray Train
+    mathprm prm-prior base=DIR out_dir=DIR [separator=...]
+                                         a PRM with no training: an LM's lowest step log-prob so far
     mathprm train-ppo [--config F] ...   PPO with per-step PRM reward, on Ray Train
     mathprm evaluate-prm --prm DIR --policy DIR --dataset arith:hard --limit N --seed S --out F.json
                                          step AUROC, first-error F1, best-of-n of a PRM
@@ -100,6 +102,14 @@ def _train_prm(argv: list[str]) -> int:
     return 0
 
 
+def _prm_prior(argv: list[str]) -> int:
+    from mathprm.train_prm import PriorPRMConfig, save_prior_prm
+
+    if (cfg := _config(PriorPRMConfig, argv)) is not None:
+        print(f"[prm-prior] PRM: {save_prior_prm(cfg)}")
+    return 0
+
+
 def _train_ppo(argv: list[str]) -> int:
     from mathprm.train_ppo import PPOConfig, train_ppo
 
@@ -143,7 +153,8 @@ def _grade(argv: list[str]) -> int:
 
 
 COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "mcts": _mcts, "evaluate": _evaluate,
-            "train-prm": _train_prm, "train-ppo": _train_ppo, "evaluate-prm": _evaluate_prm, "processbench": _processbench, "grade": _grade}
+            "train-prm": _train_prm, "prm-prior": _prm_prior, "train-ppo": _train_ppo, "evaluate-prm": _evaluate_prm,
+            "processbench": _processbench, "grade": _grade}
 
 if __name__ == "__main__":
     sys.exit(main())

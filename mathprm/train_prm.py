@@ -410,6 +410,49 @@ _MAY_CHANGE_ON_RESUME = ("epochs", "log_every", "eval_every", "checkpoint_every"
                          "ray_address", "num_cpus")
 
 
+@dataclasses.dataclass
+class PriorPRMConfig:
+    """`mathprm prm-prior`: a PRM with no labels and no training. Its score of a step is
+    sigmoid(the lowest log-probability `base` gives any token of the solution so far): the
+    likelihood prior that `train-prm` with `hidden_head: false` starts from and then only
+    calibrates (a weight and a bias: the ranking of steps stays the prior's). Use it to try a
+    stronger LM as the verifier before labelling anything (docs/BENCHMARKS.md, "A PRM over
+    the 5x larger policy")."""
+
+    base: str = "runs/arith/checker"  # any HF causal-LM directory; it must compute the steps better than the policy
+    separator: str = "\n"  # the step separator of the solutions it will score: the arithmetic world's
+                            # (MATH-style solutions: separator='"\n\n"' on the command line)
+    out_dir: str = "runs/arith/prm_prior"
+    overwrite: bool = False  # replace a finished PRM in out_dir
+
+    def __post_init__(self) -> None:
+        StepFormat(self.separator)  # ValueError naming `separator`
+
+
+def save_prior_prm(cfg: PriorPRMConfig) -> Path:
+    """Write (or reuse) the prior over `cfg.base` into `cfg.out_dir`, atomically; returns it. Its
+    ProcessBench threshold is `prm.likelihood_threshold`: the score of a step whose least likely
+    token the LM gives probability 1/e."""
+    from transformers import AutoTokenizer
+
+    from mathprm.ray_utils import check_job_paths, reuse_finished
+
+    check_job_paths(base=cfg.base, out_dir=cfg.out_dir)
+    out = Path(cfg.out_dir).resolve()
+    if reuse_finished(out, cfg.overwrite, is_finished(out), "prm-prior", "PRM"):
+        return out
+    model = build_prm(cfg.base, features=["prefix_min_logp"], hidden_head=False)  # FileNotFoundError names base
+    threshold = likelihood_threshold(model)
+    threshold_from = "the score of a step whose least likely token the LM gives probability 1/e (untrained prior)"
+    with atomic.directory(out, overwrite=cfg.overwrite) as tmp:
+        save_prm(model, AutoTokenizer.from_pretrained(cfg.base), StepFormat(cfg.separator), tmp,
+                 {"base": cfg.base, "data": None, "lora_r": 0, "threshold": threshold, "threshold_from": threshold_from})
+        atomic.write_json(tmp / SUMMARY_FILE, {"steps": 0, "prior": True, "threshold": threshold,
+                                               "config": to_dict(cfg)})
+    print(f"[prm-prior] saved the untrained prior over {cfg.base} to {out} (threshold {threshold:.4f})", flush=True)
+    return out
+
+
 def _rows(batch: pa.Table) -> list[dict[str, Any]]:
     return batch.to_pylist() if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch).to_pylist()
 

@@ -267,3 +267,28 @@ def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
     monkeypatch.setattr(tp, "score_examples", no_scoring)
     t, how = choose_threshold(None, many, [], 0, "cpu", 8, val_scores=scores)
     assert how.startswith("F1 on 20 validation paths") and 0.0 < t <= 0.65
+
+
+def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_does_not_compute(
+        tiny_policy_dir, tmp_path, capsys):
+    from mathprm import cli
+    from mathprm.prm import PRMScorer, default_threshold
+
+    out = tmp_path / "prior"
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0
+    assert (out / SUMMARY_FILE).is_file() and not list(tmp_path.glob(".prior.tmp-*"))
+    assert default_threshold(out) == pytest.approx(1 / (1 + math.e))  # sigmoid(-1): a token at p = 1/e
+    scorer = PRMScorer(out, device="cpu")
+    right, wrong = scorer.score(["What is 2+3?"] * 2, [["2 + 3 = 5", "5 + 0 = 5"], ["2 + 3 = 6", "6 + 0 = 6"]])
+    assert right[0] > default_threshold(out) > wrong[0]  # the memorised step is sure; a digit it never saw is not
+    assert right[1] > wrong[1] and wrong[1] <= wrong[0]  # the lowest log-prob so far: a doubt never goes away
+    capsys.readouterr()
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0
+    assert "reusing the finished PRM" in capsys.readouterr().out
+    assert cli.main(["prm-prior", f"base={tmp_path / 'nowhere'}", f"out_dir={tmp_path / 'p2'}"]) == 2
+    assert "nowhere is not a Hugging Face model directory" in capsys.readouterr().err
+    assert not (tmp_path / "p2").exists()
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={tmp_path}"]) == 2  # someone else's files
+    assert "out_dir" in capsys.readouterr().err
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={tmp_path / 'p3'}", "separator="]) == 2
+    assert "separator" in capsys.readouterr().err
