@@ -201,17 +201,12 @@ def score_records(records: list[dict], scorer, threshold: float, n: int) -> dict
 
 
 def prior_dir(args) -> Path:
-    """The demo's recipe untrained: weight 1 on prefix_min_logp, bias 0, threshold picked on the
-    held-out training samples' exact labels (as its training would pick it)."""
-    from transformers import AutoTokenizer
+    """The demo's recipe untrained (`mathprm prm-prior`): weight 1 on prefix_min_logp, bias 0; main()
+    picks its threshold on the held-out training samples' exact labels (as its training would)."""
+    from mathprm.train_prm import PriorPRMConfig, save_prior_prm
 
-    from mathprm.prm import build_prm, save_prm
-
-    target = Path(args.out) / "prm_prior"
-    if not (target / "prm_config.json").is_file():
-        model = build_prm(args.policy, features=["prefix_min_logp"], hidden_head=False)
-        save_prm(model, AutoTokenizer.from_pretrained(args.policy), FMT, target, {"threshold": None})
-    return target
+    return save_prior_prm(PriorPRMConfig(base=args.policy, separator=FMT.separator,
+                                         out_dir=str(Path(args.out) / "prm_prior")))
 
 
 def held_out_threshold(args, prm: Path) -> float:
