@@ -56,7 +56,7 @@ from mathprm.answers import Judge, majority_vote, weighted_vote  # noqa: F401  (
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, aggregate
-from mathprm.steps import StepFormat
+from mathprm.steps import StepFormat, content
 
 POOL = ("majority", "pass", "best_of_n", "weighted_majority")  # judged on one pool of samples
 SEARCH = ("guided", "guided_retry", "beam", "dvts", "mcts")  # step by step, by mathprm.search
@@ -182,7 +182,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def step_stats(problem: Problem, steps: Sequence[str]) -> tuple[int, int, int]:
     """(steps judged, steps correct given the steps before them, index of the first wrong step or -1)."""
-    steps = [s for s in steps if s.strip()]
+    steps = content(steps)
     ok = [arith.check_step(problem, steps[:i], s) for i, s in enumerate(steps)]
     return len(ok), sum(ok), next((i for i, good in enumerate(ok) if not good), -1)
 
@@ -344,7 +344,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
         sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_solution_tokens=cfg.max_solution_tokens,
                             seed=cfg.seed * 1_000_003 + chunk_index)
         for r, j, rolls in zip(records, judges, generator.rollouts(prefixes, pool, sampling)):
-            r["samples"] = [judge_rollout(j, roll) | {"_steps": [s for s in roll.steps if s.strip()]} for roll in rolls]
+            r["samples"] = [judge_rollout(j, roll) | {"_steps": content(roll.steps)} for roll in rolls]
         if any(s.kind in NEEDS_PRM for s in strategies if s.kind in POOL):
             todo = [(p, s) for p, r in zip(problems, records) for s in r["samples"] if s["_steps"]]
             got = scorer.score([p.question for p, _ in todo], [s["_steps"] for _, s in todo]) if todo else []

@@ -63,7 +63,7 @@ from mathprm.answers import Judge, majority_vote, weighted_vote
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
 from mathprm.problems import Problem
 from mathprm.scorer import AGGREGATIONS, aggregate
-from mathprm.steps import StepFormat
+from mathprm.steps import StepFormat, blank, content
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -162,6 +162,7 @@ class Usage:
     prm_calls: int = 0  # requests to the scorer
     scored_solutions: int = 0  # solutions those requests held
     scored_steps: int = 0  # steps those solutions held
+    blank_steps: int = 0  # sampled next steps dropped as blank (`mathprm.steps`, "Sampled steps")
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Path:
     scores: tuple[float, ...] = ()
     finished: bool = False
     node: int = -1  # trace id; -1 is the root (the question)
+    dead_end: bool = False  # every sampled next step was blank: the path ends here, unfinished
 
     @property
     def value(self) -> float:
@@ -208,6 +210,7 @@ class Context:
         digest = hashlib.sha256(problem.question.encode()).digest()
         self._base = (cfg.seed * 1_000_003 + int.from_bytes(digest[:8], "big")) % (1 << 63)
         self._draws = 0
+        self.blank_steps = 0  # sampled next steps dropped as blank
         self.trace: list[dict[str, Any]] = []
 
     def prefix(self, path: Path) -> Prefix:
@@ -234,18 +237,28 @@ class Context:
         scores = list(path.scores) if scored else [None] * len(path.steps)
         steps = [ScoredStep(t, s) for t, s in zip(path.steps, scores)]
         return SearchResult(strategy, answer if answer is not None else self.answer_of(path.steps), steps,
-                            path.finished, self.trace)
+                            path.finished, self.trace, Usage(blank_steps=self.blank_steps))
 
 
 Search = PyGenerator[Request, Any, SearchResult]
 
 
-def _extend(ctx: Context, path: Path, sample: StepSample) -> Path:
-    """`path` followed by the sampled step (unscored). An empty step that ends the solution adds
-    nothing: the path just finishes."""
-    if sample.finished and not sample.text.strip():
-        return Path(path.steps, path.scores, True, path.node)
-    return Path(path.steps + (sample.text,), path.scores, sample.finished, path.node)
+def _children(ctx: Context, path: Path, samples: Sequence[StepSample]) -> list[Path]:
+    """`path` followed by each sampled step (unscored), in sampling order, by the rule in
+    `mathprm.steps` ("Sampled steps"): each step is cleaned; a blank step that ends the solution
+    adds nothing (the path just finishes); any other blank step is dropped and counted. When
+    every sample was dropped, the one child is `path` itself, ended there (`dead_end`)."""
+    out = []
+    for sample in samples:
+        text = ctx.fmt.clean(sample.text)
+        if blank(text):
+            if sample.finished:
+                out.append(Path(path.steps, path.scores, True, path.node))
+            else:
+                ctx.blank_steps += 1
+            continue
+        out.append(Path(path.steps + (text,), path.scores, sample.finished, path.node))
+    return out or [dataclasses.replace(path, dead_end=True)]
 
 
 def _score_new(ctx: Context, parents: Sequence[Path], children: Sequence[Path],
@@ -265,8 +278,8 @@ def _score_new(ctx: Context, parents: Sequence[Path], children: Sequence[Path],
             s = tuple(float(x) for x in scores[c.steps])
             node = ctx.node(p.node, c.steps[-1], s[-1], c.finished)
             out.append(Path(c.steps, s, c.finished, node))
-        else:  # finished without a new step: the parent's solution, now ended
-            out.append(Path(c.steps, c.scores, True, p.node))
+        else:  # no new step: the parent's solution, now finished or at a dead end
+            out.append(dataclasses.replace(c, node=p.node))
     return out
 
 
@@ -288,7 +301,7 @@ def _candidate_key(ctx: Context, candidates: Sequence[Path]) -> Callable[[Path],
 
 
 def _open(ctx: Context, path: Path) -> bool:
-    return not path.finished and len(path.steps) < ctx.cfg.max_steps
+    return not path.finished and not path.dead_end and len(path.steps) < ctx.cfg.max_steps
 
 
 # ----------------------------------------------------------------------------- strategies
@@ -302,7 +315,7 @@ def greedy(ctx: Context) -> Search:
 
 
 def _solution_steps(rollout: Rollout) -> tuple[str, ...]:
-    return tuple(s for s in rollout.steps if s.strip())
+    return tuple(content(rollout.steps))
 
 
 def _chain(ctx: Context, rollout: Rollout, scores: Sequence[float] | None) -> Path:
@@ -357,12 +370,12 @@ def _candidates(ctx: Context, paths: list[Path], which: list[int], width: int,
     call and one PRM call for all; `known`: scores to reuse, see `_score_new`). Returns
     {i: candidates}."""
     samples = yield NextSteps(tuple(ctx.prefix(paths[i]) for i in which), width, ctx.cfg.sampling)
-    parents = [paths[i] for i, cands in zip(which, samples) for _ in cands]
-    children = [_extend(ctx, paths[i], s) for i, cands in zip(which, samples) for s in cands]
-    scored = yield from _score_new(ctx, parents, children, known)
+    kids = [_children(ctx, paths[i], cands) for i, cands in zip(which, samples)]
+    parents = [paths[i] for i, mine in zip(which, kids) for _ in mine]
+    scored = yield from _score_new(ctx, parents, [c for mine in kids for c in mine], known)
     out, lo = {}, 0
-    for i, cands in zip(which, samples):
-        out[i], lo = scored[lo: lo + len(cands)], lo + len(cands)
+    for i, mine in zip(which, kids):
+        out[i], lo = scored[lo: lo + len(mine)], lo + len(mine)
     return out
 
 
@@ -423,8 +436,7 @@ def beam(ctx: Context) -> Search:
         samples = yield NextSteps(tuple(ctx.prefix(b) for b in beams), cfg.n, cfg.sampling)
         parents, children, sampled, seen = [], [], [], set()
         for b, cands in zip(beams, samples):
-            for s in cands:
-                child = _extend(ctx, b, s)
+            for child in _children(ctx, b, cands):
                 sampled.append(child)
                 if (child.steps, child.finished) not in seen:  # one copy of each distinct candidate
                     seen.add((child.steps, child.finished))
@@ -460,8 +472,7 @@ def mcts(ctx: Context) -> Search:
         if _open(ctx, paths[leaf]) and not expanded[leaf]:
             (cands,) = yield NextSteps((ctx.prefix(paths[leaf]),), cfg.n, cfg.sampling)
             kids, seen = [], set()
-            for s in cands:
-                child = _extend(ctx, paths[leaf], s)
+            for child in _children(ctx, paths[leaf], cands):
                 if (child.steps, child.finished) not in seen:
                     seen.add((child.steps, child.finished))
                     kids.append(child)
@@ -561,6 +572,7 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
 
 
 def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[ScoredStep], None] | None):
+    usage.blank_steps = result.usage.blank_steps  # counted by the strategy, the rest by the driver
     result.usage = usage
     if on_step is not None:  # steps a strategy decides only at its end are sent now
         for step in result.steps[emitted:]:
@@ -657,8 +669,7 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
         try:
             request = search.send(reply)
         except StopIteration as stop:
-            result: SearchResult = stop.value
-            result.usage = usage
+            result: SearchResult = _finish(stop.value, usage, emitted, None)
             for step in result.steps[emitted:]:
                 await emit(step)
             return result

@@ -17,6 +17,19 @@ The round trip is exact in both directions, with no stripping:
 That last one is the edge case. The empty text has no steps (`split("") == []`,
 `join([]) == ""`), which is what a search tree's root prefix needs; so the one step `""`
 would also write as `""` and could not be told apart from no steps at all.
+
+Sampled steps. A policy can write anything, and a sampled step must never break a run. The
+rule, in one place:
+
+- `clean(text)` makes a sampled step storable: the text before the first separator, less a
+  tail that runs into the separator (a step cut at its token limit right after `"\n"` when
+  the separator is `"\n\n"`). Any list of non-blank cleaned steps joins and reads back.
+- A *blank* step (empty or whitespace only, `blank`) carries nothing to score or to build on.
+  Inference search drops it from the candidates; a path whose candidates are all blank ends
+  there, unfinished (`Usage.blank_steps` counts the dropped ones). A solution read from a
+  sampled text keeps only its non-blank steps (`content`); a prefix built from a sample holds
+  none. Tree-search labelling keeps each sample's text as written (its labels are prefixes of
+  real samples) and labels no prefix that cannot be written (the lone blank first step).
 """
 
 from __future__ import annotations
@@ -57,9 +70,27 @@ class StepFormat:
                 )
         return sep.join(steps)
 
+    def clean(self, text: str) -> str:
+        """`text` as a storable step: cut at its first separator, then its tail shortened until
+        it no longer runs into the separator (module docstring, "Sampled steps")."""
+        step = text.split(self.separator, 1)[0]
+        while step and (step + self.separator).find(self.separator) != len(step):
+            step = step[:-1]
+        return step
+
     def prompt(self, question: str, steps: Sequence[str] = ()) -> str:
         """The text a policy continues to write the next step: question, separator, then each
         step followed by the separator. A solution's training text is `prompt(question)` +
         `join(steps)`, so a model trained on it stops each step at the separator."""
         self.join(steps)  # the same validation: each step must read back from the text
         return question + self.separator + "".join(s + self.separator for s in steps)
+
+
+def blank(step: str) -> bool:
+    """Whether a step is empty or whitespace only (module docstring, "Sampled steps")."""
+    return not step.strip()
+
+
+def content(steps: Sequence[str]) -> list[str]:
+    """The non-blank steps of `steps`, in order: a sampled solution's steps worth scoring."""
+    return [s for s in steps if not blank(s)]

@@ -59,7 +59,7 @@ from mathprm import atomic, ppo
 from mathprm.config import ConfigError, to_dict
 from mathprm.generation import Prefix, Sampling
 from mathprm.problems import Problem
-from mathprm.steps import StepFormat
+from mathprm.steps import StepFormat, content
 from mathprm.treesearch import judge_grader
 
 SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
@@ -287,10 +287,10 @@ def _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng) -> list[lis
     use_ref = [p.solution is not None and rng.random() < cfg.reference_prefix_fraction for p in problems]
     own = [i for i, ref in enumerate(use_ref) if not ref]
     rolled = generator.rollouts([Prefix(problems[i].question) for i in own], 1, sampling) if own else []
-    steps_of = {i: r[0].steps[: len(r[0].steps) - (0 if r[0].finished else 1)] for i, r in zip(own, rolled)}
+    steps_of = {i: content(r[0].steps[: len(r[0].steps) - (0 if r[0].finished else 1)]) for i, r in zip(own, rolled)}
     out = []
     for i, p in enumerate(problems):
-        steps = fmt.split(p.solution) if use_ref[i] else steps_of[i]
+        steps = content(fmt.split(p.solution)) if use_ref[i] else steps_of[i]
         k = rng.randrange(len(steps)) if steps else 0  # keep at least one step to write
         out.append(list(steps[:k]))
     return out

@@ -538,6 +538,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="pyarrow"):
             val_examples += usable_examples(_rows(batch), tokenizer, fmt, cfg.max_length)
 
+    if rank == 0 and val_examples and state.get("initial_val_bce") is None:
+        # The untrained PRM's validation loss: what "it learned" is measured against (a batch
+        # loss moves with each batch's rows; this is one fixed set).
+        state["initial_val_bce"] = validate(unwrapped, val_examples, pad_id, device, cfg.batch_size * 2)[0]["val_bce"]
     gauges = _ray_metrics() if rank == 0 else None
     step, dropped = state["step"], state["dropped"]
     first_loss, last_loss, val = state["first_loss"], state["last_loss"], state.get("val", {})
@@ -600,7 +604,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                 print(f"[train-prm] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
                       f"{metrics['solutions_per_s']:.1f} solutions/s {shown}", flush=True)
             state = {"step": step, "elapsed": metrics["elapsed_s"], "first_loss": first_loss, "last_loss": last_loss,
-                     "dropped": dropped, "val": val, "resumed_from": state.get("resumed_from", 0)}
+                     "dropped": dropped, "val": val, "resumed_from": state.get("resumed_from", 0),
+                     "initial_val_bce": state.get("initial_val_bce")}
             report_train_step(unwrapped, optimizer, state, metrics, rank,
                     with_checkpoint=step % cfg.checkpoint_every == 0 or step == total)
             window.zero_()
@@ -615,7 +620,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         final = unwrapped
         if cfg.lora_r:
             final.lm = final.lm.merge_and_unload()
-        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss, **val, "threshold": threshold,
+        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss,
+                   "initial_val_bce": state.get("initial_val_bce"), **val, "threshold": threshold,
                    "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
                    "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
                    "config": {**config}}

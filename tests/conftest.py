@@ -197,3 +197,66 @@ class MetricsWatcher:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class OddPolicy:
+    """A scripted Generator that writes the steps a real policy writes now and then: empty,
+    whitespace-only, separator-only, cut in the middle of the separator, and real ones; each
+    prefix's samples are drawn from `steps` by its own seed. `only_odd` leaves the real steps
+    out (every next step is blank or a cut separator). Rollouts join 1-4 such steps and end,
+    finished or cut, sometimes with the separator itself as the text."""
+
+    def __init__(self, fmt, only_odd: bool = False) -> None:
+        sep = fmt.separator
+        self.step_format = fmt
+        self.odd = ["", " ", "\t ", sep, sep[:1], " " + sep[:1]]
+        self.real = ["x = 1", "x + 1 = 2" + sep[:1], "The answer is 2"]
+        self.steps = self.odd if only_odd else self.odd + self.real
+        self.prompts: list = []
+
+    def _sample(self, rng):
+        text = rng.choice(self.steps)
+        finished = rng.random() < 0.2
+        return text, finished, not finished and rng.random() < 0.3
+
+    def next_steps(self, prefixes, n, sampling):
+        import random
+
+        from mathprm.generation import StepSample
+
+        out = []
+        for i, pre in enumerate(prefixes):
+            self.prompts.append(pre.prompt(self.step_format))  # raises on a prefix that cannot be written
+            rng = random.Random(pre.sample_seed(sampling, i))
+            out.append([StepSample(t, 3, f, c) for t, f, c in (self._sample(rng) for _ in range(n))])
+        return out
+
+    def rollouts(self, prefixes, n, sampling):
+        import random
+
+        from mathprm.generation import Rollout
+
+        fmt, out = self.step_format, []
+        for i, pre in enumerate(prefixes):
+            self.prompts.append(pre.prompt(fmt))
+            rng = random.Random(pre.sample_seed(sampling, i))
+            rolls = []
+            for _ in range(n):
+                text = fmt.separator.join(rng.choice(self.steps) for _ in range(rng.randint(1, 4)))
+                if rng.random() < 0.2:
+                    text = rng.choice(["", fmt.separator, fmt.separator * 2])
+                finished = rng.random() < 0.7
+                rolls.append(Rollout(fmt.split(text), text, 5, finished, not finished))
+            out.append(rolls)
+        return out
+
+
+class LengthScorer:
+    """A Scorer that refuses blank steps (none may reach a PRM) and scores a step by its length."""
+
+    def score(self, questions, steps_per_question):
+        out = []
+        for steps in steps_per_question:
+            assert all(s.strip() for s in steps), f"a blank step reached the scorer: {steps!r}"
+            out.append([min(1.0, len(s) / 20) for s in steps])
+        return out

@@ -381,3 +381,51 @@ def test_search_runs_on_the_real_hf_backend_and_a_real_prm(tiny_policy_dir, tmp_
                 assert all(0.0 <= s.score <= 1.0 for s in r.steps)
         alone = run_search(strategy, gen, scorer if strategy != "greedy" else None, problems[1], cfg)
         assert [s.text for s in alone.steps] == [s.text for s in results[1].steps]
+
+
+@pytest.mark.parametrize("separator", ["\n", "\n\n"])
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_blank_separator_only_and_cut_steps_never_raise_nor_reach_the_prm(strategy, separator):
+    """The rule of `mathprm.steps` ("Sampled steps"): blank samples are dropped, cut ones
+    cleaned; with the old code an empty first step raised inside `StepFormat.join`."""
+    from tests.conftest import LengthScorer, OddPolicy
+
+    fmt = StepFormat(separator)
+    problems = [arith.generate("easy", 1, seed=s, split="test")[0] for s in range(6)]
+    scorer = LengthScorer() if strategy in NEEDS_PRM else None
+    cfg = SearchConfig(n=4, beam_width=2, simulations=5, max_steps=6, seed=3)
+    for only_odd in (False, True):
+        policy = OddPolicy(fmt, only_odd=only_odd)
+        merged = run_searches(strategy, policy, scorer, problems, cfg)
+        alone = [run_search(strategy, OddPolicy(fmt, only_odd), scorer, p, cfg) for p in problems]
+        via_async = [asyncio.run(run_search_async(strategy, _Async(OddPolicy(fmt, only_odd)), _Async(scorer),
+                                                  p, cfg, fmt)) for p in problems]
+        assert [r.to_dict() for r in merged] == [r.to_dict() for r in alone] == [r.to_dict() for r in via_async]
+        for r in merged:
+            texts = [s.text for s in r.steps]
+            assert all(t.strip() for t in texts), texts  # no blank step in an answer
+            fmt.join(texts)  # every answer writes and reads back
+            assert fmt.split(fmt.join(texts)) == texts
+            if only_odd:
+                assert not any(t in policy.real for t in texts)
+        if only_odd and strategy not in ("greedy", "majority", "best_of_n", "weighted_majority"):
+            # Every next step was blank: each search ends at once (finished where a blank sample
+            # ended the solution, else at a dead end) and counts what it dropped.
+            assert all(r.steps == [] and (r.finished or r.usage.blank_steps > 0) for r in merged)
+            assert sum(r.usage.blank_steps for r in merged) > 0
+
+
+class _Async:
+    """An awaitable view of a synchronous Generator or Scorer (the Serve driver's handles)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    async def next_steps(self, *a):
+        return self.inner.next_steps(*a)
+
+    async def rollouts(self, *a):
+        return self.inner.rollouts(*a)
+
+    async def score(self, *a):
+        return self.inner.score(*a)

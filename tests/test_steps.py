@@ -128,3 +128,35 @@ def test_prompt_is_question_then_each_step_terminated():
     assert fmt.prompt("Q?", ["a", "b"]) == fmt.prompt("Q?") + fmt.join(["a", "b"]) + "\n"
     with pytest.raises(ValueError, match="step 1"):
         fmt.prompt("Q?", ["a", "b\nc"])
+
+
+@pytest.mark.parametrize("sep", ["\n", "\n\n", "<sep>"])
+def test_clean_makes_any_sampled_text_a_step_that_joins_with_any_other(sep):
+    fmt = StepFormat(sep)
+    rng = random.Random(1)
+    alphabet = ["a", " ", "\n", "<", "s", "e", "p", ">", sep]
+    cleaned = []
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        step = fmt.clean(text)
+        assert text.startswith(step) and sep not in step
+        cleaned.append(step)
+    steps = [s for s in cleaned if s]
+    assert fmt.split(fmt.join(steps)) == steps  # every order of cleaned steps reads back
+    rng.shuffle(steps)
+    assert fmt.split(fmt.join(steps)) == steps
+
+
+def test_clean_cuts_at_the_separator_and_drops_a_tail_that_runs_into_it():
+    assert NL.clean("5 + 3 = 8\n") == "5 + 3 = 8"  # cut at its token limit between the two newlines
+    assert NL.clean("a\n\nb") == "a"
+    assert NL.clean("\n\n") == NL.clean("\n") == ""
+    assert NL.clean("a\nb") == "a\nb" and LINES.clean("a b") == "a b"
+    assert LINES.clean("x = 1\n") == "x = 1"
+
+
+def test_blank_and_content():
+    from mathprm.steps import blank, content
+
+    assert blank("") and blank(" \t") and blank("\n") and not blank(" x ")
+    assert content(["", "a", " ", "b\n", "\t"]) == ["a", "b\n"]

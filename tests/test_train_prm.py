@@ -152,7 +152,12 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     assert summary["steps"] > summary["resumed_from_step"]
     assert summary["config"]["lora_r"] == 4 and summary["config"]["num_workers"] == 2
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
-    assert summary["final_loss"] < summary["first_loss"]  # the first loss is the killed run's, kept in the checkpoint
+    # It learns: the validation BCE (one fixed set, so no batch-to-batch noise) falls well below
+    # the untrained PRM's, measured by the killed run and kept in its checkpoint. Measured on an
+    # AMD EPYC box: 7.93 untrained, then 7.16 / 6.70 / 6.33 / 6.09 / 5.98 every 2 steps (0.75x);
+    # the windowed batch loss went 5.47 -> 7.50 over the last two logs, so it says nothing.
+    # Required: at least 5 % below.
+    assert summary["initial_val_bce"] is not None and summary["val_bce"] < 0.95 * summary["initial_val_bce"], summary
     assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
     # The ProcessBench threshold picked at the end (on validation paths when there are enough
     # clean ones, else on labelled steps) is what the PRM's config hands evaluations.

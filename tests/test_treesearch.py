@@ -423,3 +423,25 @@ def test_root_solutions_and_scoring_completions_use_their_own_temperatures(metho
     assert {t for _, t in gen.temps} == {0.9}
     with pytest.raises(ValueError, match="rollout_temperature"):
         replace(CFG, rollout_temperature=3.0)
+
+
+@pytest.mark.parametrize("method", ["math_shepherd", "omegaprm"])
+@pytest.mark.parametrize("separator", ["\n", "\n\n"])
+def test_the_labeller_takes_empty_blank_and_cut_rollouts_without_raising(method, separator):
+    """Rollouts whose text is empty, the separator alone, blank steps or a cut end: every
+    prefix the labeller asks for can be written (OddPolicy raises otherwise), and every label
+    is a prefix of a sampled text."""
+    from tests.conftest import OddPolicy
+
+    fmt = StepFormat(separator)
+    policy = OddPolicy(fmt)
+    problems = [Problem(f"odd-{i}", f"What is {i} + 1?", str(i + 1), "table") for i in range(8)]
+    cfg = replace(CFG, method=method, num_solutions=6, rollouts_per_step=3, rollout_budget=40)
+    results = run_searches(problems, policy, lambda p, text: "2" in text, cfg)
+    assert len(results) == len(problems) and policy.prompts
+    labels = [lab for labs, _ in results for lab in labs]
+    assert labels, "no problem was labelled"
+    for lab in labels:
+        assert 0.0 <= lab.score <= 1.0 and lab.n_rollouts >= 1
+        assert (*lab.prefix, lab.step) != ("",)  # the one prefix that cannot be written
+        fmt.prompt(lab.question, [*lab.prefix, lab.step])
