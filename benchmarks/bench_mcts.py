@@ -36,7 +36,8 @@ from mathprm import arith, atomic  # noqa: E402
 from mathprm.generation import Prefix, load_generator  # noqa: E402
 from mathprm.mcts import label_quality  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
-from mathprm.treesearch import TreeSearchConfig, judge_grader, run_searches  # noqa: E402
+from mathprm.answers import judge_grader  # noqa: E402
+from mathprm.treesearch import TreeSearchConfig, run_searches  # noqa: E402
 
 SECTION = "Tree-search labels"
 PLOT = REPO / "docs" / "img" / "mcts_auroc.png"
@@ -144,6 +145,27 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def figures(results: dict) -> list[tuple[str, str]]:
+    """Rows of docs/BENCHMARKS.md's figures table: AUROC against K per method (the reused-rollout
+    runs when there are any), and the searches' rollout tok/s as a share of raw sampling."""
+    rows = results["rows"]
+    reuse = any(r.get("reuse", True) for r in rows)
+    per_method = []
+    for method, name in (("omegaprm", "OmegaPRM"), ("math_shepherd", "Math-Shepherd")):
+        mine = [r for r in rows if r["method"] == method and r.get("reuse", True) == reuse]
+        if mine:
+            ks = " / ".join(str(r["k"]) for r in mine)
+            aurocs = " / ".join("n/a" if r["auroc"] is None else f"{r['auroc']:.3f}" for r in mine)
+            per_method.append(f"{name} K = {ks}: {aurocs}")
+    raw = results["raw"]["tokens_per_s"]
+    shares = [r["tokens_per_s"] / raw for r in rows]
+    return [("Tree-search label AUROC vs rollout budget (bench_mcts)",
+             "; ".join(per_method)
+             + f" ({'reused' if reuse else 'no reused'} rollouts; {results['problems']} problems)"),
+            ("Tree-search rollout speed vs raw sampling",
+             f"{min(shares):.2f}-{max(shares):.2f} of raw sampling ({raw:,.0f} tok/s, {results['backend']})")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=str(REPO / "runs" / "arith" / "policy"))
@@ -172,7 +194,7 @@ def main() -> int:
         plot(results, PLOT)
         command = (f"python benchmarks/bench_mcts.py --problems {args.problems} --budgets {args.budgets} "
                    f"--reuse {args.reuse} --backend {args.backend} --write")
-        write_section(SECTION, command, text + f"\n\n![AUROC vs budget](img/{PLOT.name})\n")
+        write_section(SECTION, command, text + f"\n\n![AUROC vs budget](img/{PLOT.name})\n", figures(results))
     return 0
 
 

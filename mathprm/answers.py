@@ -64,3 +64,9 @@ def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> st
         return None
     best = max(totals.values())
     return next(a for a in totals if totals[a] == best)
+
+
+def judge_grader(problem: Problem, text: str) -> bool:
+    """The project's grader: exact integers on arith, math-verify/sympy on real math."""
+    judge = Judge(problem)
+    return judge.correct(judge.key(text))

@@ -31,9 +31,9 @@ import random
 import re
 from dataclasses import dataclass
 
-from mathprm.problems import Problem
+from mathprm.problems import Problem, default_separator
 
-STEP_SEPARATOR = "\n"
+STEP_SEPARATOR = default_separator("arith:")
 TEST_PERCENT = 20  # share of all possible chains that belong to the test split
 DEFAULT_LIMIT = 500
 SPLITS = ("train", "test")

@@ -56,7 +56,8 @@ from mathprm.answers import Judge, majority_vote, weighted_vote  # noqa: F401  (
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, aggregate
-from mathprm.steps import StepFormat, content
+from mathprm.stats import pass_at_k
+from mathprm.steps import StepFormat, content, step_format_for
 
 POOL = ("majority", "pass", "best_of_n", "weighted_majority")  # judged on one pool of samples
 SEARCH = ("guided", "guided_retry", "beam", "dvts", "mcts")  # step by step, by mathprm.search
@@ -139,14 +140,6 @@ class EvalConfig:
         return Path(self.plot) if self.plot else self.out_path.with_suffix(".accuracy_vs_n.png")
 
 
-def step_format_for(dataset: str, separator: str | None) -> StepFormat:
-    """`separator`, or the dataset's own: one line per step in the arithmetic world, a blank line
-    between steps on real math."""
-    if separator is not None:
-        return StepFormat(separator)
-    return StepFormat(arith.STEP_SEPARATOR if dataset.startswith("arith:") else "\n\n")
-
-
 # ----------------------------------------------------------------------------- pure core
 
 
@@ -169,15 +162,6 @@ def parse_strategy(text: str) -> Strategy:
         return Strategy(kind, int(k))
     raise ValueError(f"strategies: {text!r} is not greedy or KIND@K (K >= 1) with KIND one of "
                      f"{', '.join(s for s in STRATEGIES if s != 'greedy')}")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Chance that at least one of k samples drawn without replacement from n (c correct) is correct."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 def step_stats(problem: Problem, steps: Sequence[str]) -> tuple[int, int, int]:

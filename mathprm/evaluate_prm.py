@@ -35,11 +35,11 @@ from typing import Any
 
 from mathprm import arith, atomic
 from mathprm.answers import Judge, majority_vote
-from mathprm.evaluate import pass_at_k, step_format_for
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, SCORERS, ArithOracle, aggregate, load_scorer
-from mathprm.treesearch import auroc
+from mathprm.stats import auroc, pass_at_k
+from mathprm.steps import step_format_for
 
 
 @dataclasses.dataclass

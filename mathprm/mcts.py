@@ -48,11 +48,13 @@ import pyarrow.parquet as pq
 
 from mathprm import arith, atomic, steptable
 from mathprm.config import ConfigError
-from mathprm.evaluate import step_format_for
 from mathprm.generation import GENERATORS
 from mathprm.problems import BadRecordError, Problem, load_problems
-from mathprm.steps import StepFormat
-from mathprm.treesearch import SearchStats, StepLabel, TreeSearchConfig, auroc, judge_grader, to_trl
+from mathprm.steps import StepFormat, step_format_for
+from mathprm.answers import judge_grader
+from mathprm.stats import auroc
+from mathprm.steptable import StepLabel
+from mathprm.treesearch import SearchStats, TreeSearchConfig, to_trl
 
 PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds
 # Per-problem costs kept in a file's metadata and summed into summary.json.

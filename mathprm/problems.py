@@ -511,6 +511,13 @@ _DATASETS: dict[str, Loader] = {
 }
 
 
+def default_separator(spec: str) -> str:
+    """The step separator a dataset's solutions are written with: one operation per line in the
+    generated arithmetic worlds (`arith:*`), a blank line between steps everywhere else (MATH,
+    ProcessBench, Math-Shepherd's convention)."""
+    return "\n" if str(spec).startswith("arith:") else "\n\n"
+
+
 def load_problems(
     spec: str, *, data_dir: str | Path | None = None, **kw: Any
 ) -> list[Problem] | list[ProcessBenchItem]:

@@ -57,12 +57,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
 
 from mathprm.config import from_dict
-from mathprm.evaluate import step_format_for
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, StepSample, load_generator
 from mathprm.problems import Problem
 from mathprm.search import (NEEDS_PRM, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
                             run_search_async)
-from mathprm.steps import StepFormat
+from mathprm.steps import StepFormat, step_format_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -138,10 +137,7 @@ class ServeConfig:
             from mathprm.prm import read_prm_config
 
             trained = read_prm_config(self.prm)["separator"]
-        if self.separator is not None and trained is not None and self.separator != trained:
-            raise ValueError(f"separator: {self.separator!r} differs from {trained!r}, the one the PRM was "
-                             "trained with")
-        self.separator = step_format_for(self.source, self.separator or trained).separator
+        self.separator = step_format_for(self.source, self.separator, trained).separator
         name, at_n = parse_strategy(self.strategy)  # its ValueError names the field
         if name in NEEDS_PRM and self.prm is None:
             raise ValueError(f"strategy: {name} needs a PRM; set prm, or make the default greedy or majority")

@@ -94,3 +94,18 @@ def blank(step: str) -> bool:
 def content(steps: Sequence[str]) -> list[str]:
     """The non-blank steps of `steps`, in order: a sampled solution's steps worth scoring."""
     return [s for s in steps if not blank(s)]
+
+
+def step_format_for(dataset: str, separator: str | None = None, trained: str | None = None) -> StepFormat:
+    """The step format of a stage, by the one rule every stage and the Serve app use:
+    `separator` when the config sets one; else `trained`, the separator the PRM in use was
+    trained with (its scores mean something only on steps cut its way); else the dataset's own
+    (`problems.default_separator`). A set `separator` that differs from `trained` is a
+    ValueError naming `separator`."""
+    from mathprm.problems import default_separator
+
+    if separator is not None and trained is not None and separator != trained:
+        raise ValueError(f"separator: {separator!r} differs from {trained!r}, the one the PRM was trained with; "
+                         "leave separator unset or pick another PRM")
+    chosen = separator if separator is not None else trained
+    return StepFormat(chosen if chosen is not None else default_separator(dataset))

@@ -14,7 +14,21 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from mathprm.treesearch import StepLabel
+
+@dataclasses.dataclass(frozen=True)
+class StepLabel:
+    """One scored step: `prefix + (step,)` is a state whose completions were graded."""
+
+    problem_id: str
+    question: str
+    prefix: tuple[str, ...]  # the steps before `step`, as the policy wrote them
+    step: str  # the step being scored
+    score: float  # in [0, 1]: fraction of completions from prefix + step that reach the gold answer
+    n_rollouts: int  # completions behind `score`, reused ones included (1: a finished solution graded directly)
+    n_correct: int  # of those, the ones that reach the gold answer
+    depth: int  # len(prefix): the step's 0-based index in the solution
+    method: str  # "math_shepherd" or "omegaprm"
+
 
 COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "problem_id": (pa.string(), "the problem's id (e.g. arith:hard:3f0ddfff75c0, gsm8k:17)"),

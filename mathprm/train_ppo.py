@@ -59,8 +59,8 @@ from mathprm import atomic, ppo
 from mathprm.config import ConfigError, to_dict
 from mathprm.generation import Prefix, Sampling
 from mathprm.problems import Problem
-from mathprm.steps import StepFormat, content
-from mathprm.treesearch import judge_grader
+from mathprm.steps import StepFormat, content, step_format_for
+from mathprm.answers import judge_grader
 
 SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -432,16 +432,13 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
 NO_PRM_DIR = ("oracle", "none")  # `prm` values that name no directory
 
 
-def resolve_separator(cfg: PPOConfig) -> str:
-    if cfg.separator is not None:
-        return cfg.separator
-    if cfg.prm in NO_PRM_DIR:
-        from mathprm.evaluate import step_format_for
-
-        return step_format_for(cfg.dataset, None).separator
+def ppo_step_format(cfg: PPOConfig) -> StepFormat:
+    """The steps the policy writes and the reward scores (`step_format_for`: the config's, else
+    the PRM's, else the dataset's)."""
     from mathprm.prm import read_prm_config
 
-    return read_prm_config(cfg.prm)["separator"]
+    trained = None if cfg.prm in NO_PRM_DIR else read_prm_config(cfg.prm)["separator"]
+    return step_format_for(cfg.dataset, cfg.separator, trained)
 
 
 def load_pools(cfg: PPOConfig) -> tuple[list[Problem], list[Problem]]:
@@ -479,7 +476,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     if not (Path(cfg.policy) / "config.json").is_file():
         raise ConfigError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
     try:
-        fmt = StepFormat(resolve_separator(cfg))
+        fmt = ppo_step_format(cfg)
     except FileNotFoundError as e:
         raise ConfigError(f"prm: {e}") from None
     load_pools(cfg)  # fail here, not inside a worker, on a bad dataset name

@@ -46,8 +46,8 @@ from mathprm.prm import (
     step_logits,
 )
 from mathprm.schedule import warmup_cosine
-from mathprm.steps import StepFormat
-from mathprm.treesearch import auroc
+from mathprm.steps import StepFormat, step_format_for
+from mathprm.stats import auroc
 
 SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
 _GRAD_CLIP = 1.0
@@ -288,16 +288,13 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
 # ----------------------------------------------------------------------------- data on Ray
 
 
-def resolve_separator(cfg: TrainPRMConfig) -> str:
-    if cfg.separator is not None:
-        return cfg.separator
+def data_step_format(cfg: TrainPRMConfig) -> StepFormat:
+    """`separator`, else the labelling run's (its `run.json`: its separator, or its dataset's),
+    else the default of real math (`step_format_for`)."""
     run = Path(cfg.data) / "run.json"
-    if run.is_file():  # the tree-search config: its separator, or its dataset's default
-        from mathprm.evaluate import step_format_for
-
-        identity = json.loads(run.read_text())
-        return step_format_for(identity["dataset"], identity.get("separator")).separator
-    return "\n\n"
+    identity = json.loads(run.read_text()) if run.is_file() else {}
+    chosen = cfg.separator if cfg.separator is not None else identity.get("separator")
+    return step_format_for(identity.get("dataset", ""), chosen)
 
 
 def _materialize_with_sort_shuffle(ds):
@@ -375,7 +372,7 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
         return out
     if not (Path(cfg.base) / "config.json").is_file():
         raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
-    fmt = StepFormat(resolve_separator(cfg))
+    fmt = data_step_format(cfg)
 
     from ray.train import DataConfig
 

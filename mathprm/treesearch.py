@@ -76,35 +76,14 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mathprm.answers import Judge
 from mathprm.generation import Generator as GeneratorProtocol
 from mathprm.generation import Prefix, Rollout, Sampling, prefix_seed
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
+from mathprm.steptable import StepLabel
 
 State = tuple[str, ...]  # a prefix: the steps written so far
 Grader = Callable[[Problem, str], bool]  # (problem, solution text) -> reaches the gold answer
-
-
-def judge_grader(problem: Problem, text: str) -> bool:
-    """The project's grader: exact integers on arith, math-verify/sympy on real math."""
-    judge = Judge(problem)
-    return judge.correct(judge.key(text))
-
-
-@dataclass(frozen=True)
-class StepLabel:
-    """One scored step: `prefix + (step,)` is a state whose completions were graded."""
-
-    problem_id: str
-    question: str
-    prefix: tuple[str, ...]  # the steps before `step`, as the policy wrote them
-    step: str  # the step being scored
-    score: float  # in [0, 1]: fraction of completions from prefix + step that reach the gold answer
-    n_rollouts: int  # completions behind `score`, reused ones included (1: a finished solution graded directly)
-    n_correct: int  # of those, the ones that reach the gold answer
-    depth: int  # len(prefix): the step's 0-based index in the solution
-    method: str  # "math_shepherd" or "omegaprm"
 
 
 @dataclass
@@ -479,29 +458,6 @@ def omegaprm(
 
 
 # ----------------------------------------------------------------------------- using labels
-
-
-def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
-    """Area under the ROC curve: the chance that a random positive outscores a random negative,
-    ties counting one half. Computed as the Mann-Whitney U statistic over average ranks
-    (Mann & Whitney 1947; Hanley & McNeil 1982): AUROC = (R+ - n+(n+ + 1)/2) / (n+ n-), with R+
-    the sum of the positives' ranks, tied scores sharing the mean of their ranks."""
-    if len(scores) != len(labels):
-        raise ValueError(f"scores and labels differ in length: {len(scores)} != {len(labels)}")
-    n_pos = sum(bool(y) for y in labels)
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"auroc needs both classes, got {n_pos} positives and {n_neg} negatives")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    rank_sum, i = 0.0, 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        mean_rank = (i + j) / 2 + 1  # ranks i+1 .. j+1 share their mean
-        rank_sum += mean_rank * sum(bool(labels[order[t]]) for t in range(i, j + 1))
-        i = j + 1
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def to_trl(labels: Sequence[StepLabel], hard: bool, fmt: StepFormat) -> list[dict]:

@@ -14,9 +14,9 @@ from mathprm.evaluate import (
     EvalConfig,
     majority_vote,
     parse_strategy,
-    pass_at_k,
     run_evaluation,
 )
+from mathprm.stats import pass_at_k
 from mathprm.generation import Rollout
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat

@@ -28,7 +28,8 @@ from mathprm.mcts import (
 )
 from mathprm.problems import Problem
 from tests.conftest import metrics_text
-from mathprm.treesearch import SearchStats, StepLabel
+from mathprm.steptable import StepLabel
+from mathprm.treesearch import SearchStats
 
 from .conftest import MEMORISED, REPO
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathprm.steptable import COLUMNS, SCHEMA, from_table, to_table
-from mathprm.treesearch import StepLabel
+from mathprm.steptable import StepLabel
 
 LABELS = [
     StepLabel("arith:hard:1", "Start with 5. Add 3.", (), "5 + 3 = 8", 0.75, 8, 6, 0, "math_shepherd"),

@@ -18,7 +18,8 @@ from mathprm.train_prm import (
     choose_threshold,
     SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
 )
-from mathprm.treesearch import StepLabel, to_trl
+from mathprm.steptable import StepLabel
+from mathprm.treesearch import to_trl
 from tests.conftest import kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
@@ -78,13 +79,13 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 
 def test_the_separator_comes_from_the_tree_search_run(tmp_path):
-    from mathprm.train_prm import resolve_separator
+    from mathprm.train_prm import data_step_format
 
     (tmp_path / "run.json").write_text(json.dumps({"dataset": "arith:hard", "separator": None}))
-    assert resolve_separator(TrainPRMConfig(data=str(tmp_path))) == "\n"
+    assert data_step_format(TrainPRMConfig(data=str(tmp_path))).separator == "\n"
     (tmp_path / "run.json").write_text(json.dumps({"dataset": "gsm8k", "separator": None}))
-    assert resolve_separator(TrainPRMConfig(data=str(tmp_path))) == "\n\n"
-    assert resolve_separator(TrainPRMConfig(data=str(tmp_path), separator="; ")) == "; "
+    assert data_step_format(TrainPRMConfig(data=str(tmp_path))).separator == "\n\n"
+    assert data_step_format(TrainPRMConfig(data=str(tmp_path), separator="; ")).separator == "; "
 
 
 @pytest.mark.parametrize("override, field", [("epochs=0", "epochs"), ("val_fraction=1", "val_fraction"),

@@ -11,12 +11,12 @@ from mathprm import arith
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
+from mathprm.answers import judge_grader
+from mathprm.stats import auroc
+from mathprm.steptable import StepLabel
 from mathprm.treesearch import (
-    StepLabel,
     TreeSearchConfig,
-    auroc,
     call_seed,
-    judge_grader,
     math_shepherd,
     omegaprm,
     run_searches,
