@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: the machine line and writing one section of docs/BENCHMARKS.md."""
+"""Shared by the benchmarks: the machine line, writing one section of docs/BENCHMARKS.md and its
+rows in the figures table at the top of that doc."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime
 import os
 import platform
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from mathprm import atomic
@@ -54,13 +56,56 @@ def rollout_speed(gen, prefixes: list, n: int, sampling, repeats: int) -> dict:
     return best
 
 
-def write_section(title: str, command: str, body: str) -> None:
-    """Replace (or append) the `## title` section with the command, date, machine and `body`."""
+# The table of figures that hold today, at the top of the doc: rows "| figure | value | command | date |
+# machine |" between these markers. A script owns the rows whose figure names it passes to write_section.
+FIGURES_START = "<!-- figures:start -->"
+FIGURES_END = "<!-- figures:end -->"
+_FIRST_CELL = re.compile(r"^\|\s*(.*?)\s*(?<!\\)\|")
+
+
+def _cell(text: str) -> str:
+    """`text` as one table cell: on one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def update_figures(doc: str, figures: Iterable[tuple[str, str]], command: str, date: str, where: str) -> str:
+    """`doc` with the figures table's row of each (figure, value) in `figures` rewritten in place
+    (value, command, date, machine); a figure without a row gets one at the table's end, a second
+    row of the same figure goes, and every other row is kept as it is. No table: `doc` unchanged."""
+    rows = {_cell(f): f"| {_cell(f)} | {_cell(v)} | `{_cell(command)}` | {date} | {_cell(where)} |"
+            for f, v in figures}
+    start, end = doc.find(FIGURES_START), doc.find(FIGURES_END)
+    if not rows or start < 0 or end < start:
+        if rows:
+            print(f"no {FIGURES_START} ... {FIGURES_END} table in {DOC}: its figure rows not written")
+        return doc
+    start += len(FIGURES_START)
+    kept, written, last_row = [], set(), 1  # 1: after the marker's own line
+    for line in doc[start:end].split("\n"):
+        m = _FIRST_CELL.match(line)
+        name = m.group(1) if m else None
+        if name in written:
+            continue
+        if name in rows:
+            line = rows.pop(name)
+            written.add(name)
+        kept.append(line)
+        if m:
+            last_row = len(kept)
+    kept[last_row:last_row] = list(rows.values())
+    return doc[:start] + "\n".join(kept) + doc[end:]
+
+
+def write_section(title: str, command: str, body: str, figures: Iterable[tuple[str, str]] = ()) -> None:
+    """Replace (or append) the `## title` section with the command, date, machine and `body`, and
+    rewrite the figures table's rows of `figures`, (figure, value) pairs (`update_figures`)."""
     section = f"## {title}"
-    text = "\n".join([section, "", f"Command: `{command}`  ", f"Date: {datetime.date.today().isoformat()}  ",
-                      f"Machine: {machine()}", "", body.strip("\n"), ""])
+    date, where = datetime.date.today().isoformat(), machine()
+    text = "\n".join([section, "", f"Command: `{command}`  ", f"Date: {date}  ",
+                      f"Machine: {where}", "", body.strip("\n"), ""])
     doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(section)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     doc = pattern.sub(lambda _: text + "\n", doc) if pattern.search(doc) else doc.rstrip("\n") + "\n\n" + text
+    doc = update_figures(doc, figures, command, date, where)
     atomic.write_text(DOC, doc)
     print(f"wrote {section!r} in {DOC}")

@@ -72,6 +72,16 @@ def table(results: dict, policy: str) -> str:
                                "default here, see mathprm/gen_vllm.py).")
 
 
+def figures(results: dict) -> list[tuple[str, str]]:
+    """The row of docs/BENCHMARKS.md's figures table: tokens/s at 64 and at 1 prompt, start-up."""
+    def each(key: str) -> str:
+        return " vs ".join(f"{b} {results[b][key]['tokens_per_s']:,.0f}" for b in results)
+
+    startup = " vs ".join(f"{b} {results[b]['startup_s']} s" for b in results)
+    return [("Generation speed, hf vs vLLM",
+             f"64 prompts x 1: {each('64x1')} tok/s; 1 x 1: {each('1x1')} tok/s; engine start-up: {startup}")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=str(REPO / "runs" / "arith" / "policy"))
@@ -89,7 +99,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, results)
     if args.write:
-        write_section(SECTION, "python benchmarks/bench_generation.py --write", text)
+        write_section(SECTION, "python benchmarks/bench_generation.py --write", text, figures(results))
     return 0
 
 

@@ -20,13 +20,18 @@ import json
 import os
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 
-from mathprm import atomic, grading
-from mathprm.grading import extract_answer, grade, is_equivalent, normalize_answer
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _doc import update_figures  # noqa: E402
+
+from mathprm import atomic, grading  # noqa: E402
+from mathprm.grading import extract_answer, grade, is_equivalent, normalize_answer  # noqa: E402
+
 DOC = REPO / "docs" / "BENCHMARKS.md"
 SECTION = "## Answer grading on real data"
 COMMAND = ".venv/bin/python benchmarks/bench_grading.py --write"
@@ -67,7 +72,7 @@ def processbench(data: Path, subset: str, golds: dict[str, str]) -> dict:
     return {"n": len(rows), "agree": agree, "no_answer": no_answer, "disagree": disagree, "seconds": seconds}
 
 
-def run() -> tuple[str, str]:
+def run() -> tuple[str, str, list[tuple[str, str]]]:
     data = data_dir()
     start = time.perf_counter()
     assert is_equivalent("x+1", "1+x")
@@ -129,16 +134,27 @@ def run() -> tuple[str, str]:
         "ProcessBench disagreements where an answer was extracted (id, label, extracted, gold): "
         + "; ".join(f"`{i}` {lab} `{e}` vs `{g}`" for i, lab, e, g in pb_math["disagree"] + pb_gsm8k["disagree"]),
     ]
-    return table, "\n\n".join(notes)
+    # The rows of the doc's figures table.
+    figures = [
+        ("Answer grading: reference answers (MATH-500, GSM8K, MATH)",
+         f"MATH-500 {len(math500) - len(failures)} / {len(math500)} equivalent to `answer`; GSM8K test "
+         f"{gsm8k_ok} / {len(gsm8k)} and MATH test {math_ok} / {len(math_all)} yield an answer"),
+        ("Answer grading: ProcessBench outputs vs `final_answer_correct`",
+         f"math {pb_math['agree']} / {pb_math['n'] - pb_math['no_answer']}, gsm8k {pb_gsm8k['agree']} / "
+         f"{pb_gsm8k['n'] - pb_gsm8k['no_answer']} agree (outputs with an extracted answer; "
+         f"{pb_math['no_answer']} and {pb_gsm8k['no_answer']} have none)"),
+    ]
+    return table, "\n\n".join(notes), figures
 
 
-def write_section(table: str, notes: str) -> None:
+def write_section(table: str, notes: str, figures: list[tuple[str, str]]) -> None:
+    date = datetime.date.today().isoformat()
     body = "\n".join(
         [
             SECTION,
             "",
             f"Command: `{COMMAND}`  ",
-            f"Date: {datetime.date.today().isoformat()}  ",
+            f"Date: {date}  ",
             f"Machine: {machine()}",
             "",
             table,
@@ -158,17 +174,17 @@ def write_section(table: str, notes: str) -> None:
     text = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
     pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
     text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    atomic.write_text(DOC, text)
+    atomic.write_text(DOC, update_figures(text, figures, COMMAND, date, machine()))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--write", action="store_true", help=f"record the figures in {DOC.relative_to(REPO)}")
     args = parser.parse_args()
-    table, notes = run()
+    table, notes, figures = run()
     print(table, notes, sep="\n\n")
     if args.write:
-        write_section(table, notes)
+        write_section(table, notes, figures)
         print(f"\nwrote {SECTION!r} in {DOC}")
     return 0
 

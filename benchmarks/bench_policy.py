@@ -28,6 +28,7 @@ from _doc import repo_relative, write_section  # noqa: E402
 from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
+FIGURES = {"tiny": "Base policy (`tiny` preset)", "small": "5x larger policy (`small` preset)"}  # by preset
 PLOT = REPO / "docs" / "img" / "policy_arith_hard.png"
 
 
@@ -90,6 +91,13 @@ def plot(rows: list[dict], n: int, temperature: float) -> None:
     tmp.replace(PLOT)
 
 
+def figures(rows: list[dict], limit: int) -> list[tuple[str, str]]:
+    """Rows of docs/BENCHMARKS.md's figures table: each policy's greedy, majority@16 and pass@16."""
+    return [(FIGURES.get(r["preset"], f"`{r['preset']}` policy") + " greedy on arith:hard",
+             f"{100 * r['greedy']:.1f} % (majority@16 {100 * r['majority@16']:.1f} %, "
+             f"pass@16 {100 * r['pass@16']:.1f} %; {limit} problems)") for r in rows]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policies", default="runs/arith/policy,runs/arith/policy_small")
@@ -128,7 +136,8 @@ def main() -> int:
     plot(rows, args.limit, args.temperature)
     print(text)
     if args.write:
-        write_section("Arithmetic base policy", "python benchmarks/bench_policy.py --write", text)
+        write_section("Arithmetic base policy", "python benchmarks/bench_policy.py --write", text,
+                      figures(rows, args.limit))
     return 0 if all(r["targets"] for r in rows[:1]) else 1
 
 

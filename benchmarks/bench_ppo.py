@@ -123,8 +123,17 @@ def main() -> int:
     print(body)
     if args.write:
         command = "python benchmarks/bench_ppo.py " + " ".join(sys.argv[1:])
-        title = f"PPO with per-step reward ({prm_name}{', ' + args.tag if args.tag else ''})"
-        write_section(title, command.replace(" --write", ""), body)
+        inner = f"{prm_name}{', ' + args.tag if args.tag else ''}"
+        # Its row of the doc's figures table: greedy before -> after per variant.
+        value = "; ".join(
+            f"{r['variant']}: {100 * base['arith:hard']:.1f} % -> {100 * r['hard']:.1f} % "
+            f"({100 * r['hard_rel']:+.0f} %), "
+            f"arith:easy {100 * base['arith:easy']:.1f} % -> {100 * r['easy']:.1f} %, "
+            f"{r['updates']} updates in {r['minutes']:.1f} min"
+            + (f", guided@8 {100 * base_guided:.1f} % -> {100 * r['guided']:.1f} % ({args.guided} problems)"
+               if base_guided is not None else "") for r in rows)
+        write_section(f"PPO with per-step reward ({inner})", command.replace(" --write", ""), body,
+                      [(f"PPO greedy on arith:hard, before -> after ({inner})", value)])
     return 0
 
 

@@ -134,6 +134,13 @@ def table(r: dict, source: str) -> str:
     return "\n".join(lines)
 
 
+def figures(r: dict) -> list[tuple[str, str]]:
+    """The row of docs/BENCHMARKS.md's figures table: solutions/s of both ways, and the speed-up."""
+    return [("PRM scoring speed, one pass per solution vs one per step prefix",
+             f"{r['one_pass']['solutions_per_s']:,.1f} vs {r['per_prefix']['solutions_per_s']:,.1f} solutions/s "
+             f"({r['speedup']}x; {r['solutions']} solutions of {r['steps']} steps)")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prm", default=str(REPO / "runs" / "arith" / "prm"))
@@ -170,7 +177,7 @@ def main() -> int:
         command = "python benchmarks/bench_prm.py" + "".join(
             f" --{k} {v}" for k, v in (("prm", args.prm), ("n", args.n), ("repeats", args.repeats))
             if v != parser.get_default(k)) + " --write"
-        write_section(SECTION, command, text)
+        write_section(SECTION, command, text, figures(results))
     return 0
 
 

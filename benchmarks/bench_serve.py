@@ -240,6 +240,24 @@ def table(rows: list[dict], source: str, args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def figures(rows: list[dict], args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Rows of docs/BENCHMARKS.md's figures table: end to end batched vs unbatched (a run with a failed
+    request raises before this), and the PRM deployment alone."""
+    by_size = {r["prm_max_batch_size"]: r for r in rows}
+    batched, unbatched = by_size[BATCH_SIZES[0]], by_size[BATCH_SIZES[1]]
+
+    def speed(r: dict) -> str:
+        return f"{r['problems_per_s']:.2f} problems/s, p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s"
+
+    return [("Serve: guided search under concurrent clients",
+             f"{args.clients} clients, guided@{args.n}, {batched['requests']} requests per run, none failed; "
+             f"PRM batched: {speed(batched)}; unbatched: {speed(unbatched)} "
+             f"({batched['problems_per_s'] / unbatched['problems_per_s']:.2f}x)"),
+            ("Serve: PRM deployment alone, batched vs unbatched",
+             f"{batched['prm_solutions_per_s']:.0f} vs {unbatched['prm_solutions_per_s']:.0f} solutions scored/s "
+             f"({batched['prm_solutions_per_s'] / unbatched['prm_solutions_per_s']:.2f}x)")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default=str(REPO / "runs" / "arith" / "policy"))
@@ -266,7 +284,7 @@ def main() -> int:
         command = "python benchmarks/bench_serve.py" + "".join(
             f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
             if k != "write" and v != parser.get_default(k)) + " --write"
-        write_section(SECTION, command, text)
+        write_section(SECTION, command, text, figures(rows, args))
     return 0
 
 
