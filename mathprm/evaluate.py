@@ -52,17 +52,14 @@ from pathlib import Path
 from typing import Any
 
 from mathprm import arith, atomic
-from mathprm.answers import Judge, majority_vote, weighted_vote  # noqa: F401  (Judge, majority_vote re-exported)
+from mathprm.answers import Judge
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, aggregate
+from mathprm.search import STRATEGIES, parse_strategy, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
 
-POOL = ("majority", "pass", "best_of_n", "weighted_majority")  # judged on one pool of samples
-SEARCH = ("guided", "guided_retry", "beam", "dvts", "mcts")  # step by step, by mathprm.search
-STRATEGIES = ("greedy", *POOL, *SEARCH)
-NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", *SEARCH})
 
 
 @dataclasses.dataclass
@@ -98,8 +95,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.strategies:
             raise ValueError("strategies: give at least one, e.g. greedy,majority@16,pass@16")
-        parsed = [parse_strategy(s) for s in self.strategies]  # ValueError names the bad one
-        needing = [s.name for s in parsed if s.kind in NEEDS_PRM]
+        parsed = [eval_strategy(s) for s in self.strategies]  # ValueError names the bad one
+        needing = [s.name for s in parsed if s.needs_prm]
         if needing and not self.prm:
             raise ValueError(f"prm: {', '.join(needing)} need a PRM; give one, e.g. --prm runs/arith/prm")
         if self.prm == "oracle" and not self.dataset.startswith("arith:"):
@@ -144,24 +141,33 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Strategy:
-    kind: str  # one of STRATEGIES
+class EvalStrategy:
+    kind: str  # a key of mathprm.search.STRATEGIES
     k: int  # samples (or candidates per step) per problem
 
     @property
     def name(self) -> str:
-        return "greedy" if self.kind == "greedy" else f"{self.kind}@{self.k}"
+        return self.kind if STRATEGIES[self.kind].spends == "one" else f"{self.kind}@{self.k}"
+
+    @property
+    def spends(self) -> str:
+        return STRATEGIES[self.kind].spends
+
+    @property
+    def needs_prm(self) -> bool:
+        return STRATEGIES[self.kind].needs_prm
 
 
-def parse_strategy(text: str) -> Strategy:
-    """`greedy` or `KIND@K` (K >= 1, KIND in STRATEGIES); ValueError naming the text otherwise."""
-    if text == "greedy":
-        return Strategy("greedy", 1)
-    kind, at, k = str(text).partition("@")
-    if kind in STRATEGIES and kind != "greedy" and at and k.isdigit() and int(k) >= 1:
-        return Strategy(kind, int(k))
-    raise ValueError(f"strategies: {text!r} is not greedy or KIND@K (K >= 1) with KIND one of "
-                     f"{', '.join(s for s in STRATEGIES if s != 'greedy')}")
+def eval_strategy(text: str) -> EvalStrategy:
+    """`greedy` or `KIND@K` (K >= 1, KIND in STRATEGIES, pass included); ValueError naming
+    `strategies` otherwise."""
+    try:
+        kind, k = parse_strategy(text, allowed=tuple(STRATEGIES))
+    except ValueError as e:
+        raise ValueError(f"strategies: {e}") from None
+    if k is None and STRATEGIES[kind].spends != "one":
+        raise ValueError(f"strategies: {text!r} needs @K (K >= 1), e.g. {kind}@8")
+    return EvalStrategy(kind, k or 1)
 
 
 def step_stats(problem: Problem, steps: Sequence[str]) -> tuple[int, int, int]:
@@ -186,19 +192,13 @@ def _solution_score(sample: dict[str, Any], how: str) -> float:
 
 
 def _pool_pick(used: Sequence[dict[str, Any]], kind: str, how: str) -> bool:
-    """Whether the pool strategy `kind` picks a right answer from the samples `used`."""
-    if kind == "best_of_n":
-        totals = [_solution_score(s, how) for s in used]
-        return bool(used[totals.index(max(totals))]["correct"])  # index: ties go to the first
-    keys = [s["key"] for s in used]
-    if kind == "majority":
-        winner = majority_vote(keys)
-    else:  # weighted_majority: an unscored (empty) sample votes with weight 0
-        winner = weighted_vote(keys, [max(_solution_score(s, how), 0.0) for s in used])
-    return winner is not None and any(s["correct"] for s in used if s["key"] == winner)
+    """Whether the pool strategy `kind` picks a right answer from the samples `used` (its
+    `STRATEGIES` pick, as the search applies it)."""
+    i, answer = STRATEGIES[kind].pick([s["key"] for s in used], [_solution_score(s, how) for s in used])
+    return answer is not None and bool(used[i]["correct"])
 
 
-def score(records: Sequence[dict[str, Any]], strategies: Sequence[Strategy], aggregation: str = "min") -> dict:
+def score(records: Sequence[dict[str, Any]], strategies: Sequence[EvalStrategy], aggregation: str = "min") -> dict:
     """Per strategy: accuracy, n_problems, samples_per_problem, generated_tokens (and
     prm_scored_solutions for PRM strategies), from the per-problem records."""
     out: dict[str, dict[str, Any]] = {}
@@ -208,7 +208,7 @@ def score(records: Sequence[dict[str, Any]], strategies: Sequence[Strategy], agg
             if strategy.kind == "greedy":
                 hits += r["greedy"]["correct"]
                 tokens += r["greedy"]["tokens"]
-            elif strategy.kind in SEARCH:
+            elif strategy.spends == "search":
                 s = r["search"][strategy.name]
                 hits += s["correct"]
                 tokens += s["tokens"]
@@ -220,11 +220,11 @@ def score(records: Sequence[dict[str, Any]], strategies: Sequence[Strategy], agg
                     hits += pass_at_k(len(r["samples"]), sum(s["correct"] for s in r["samples"]), strategy.k)
                 else:
                     hits += _pool_pick(used, strategy.kind, aggregation)
-                    scored += sum(1 for s in used if s.get("scores")) if strategy.kind in NEEDS_PRM else 0
+                    scored += sum(1 for s in used if s.get("scores")) if strategy.needs_prm else 0
         n = len(records)
         out[strategy.name] = {"accuracy": hits / n if n else 0.0, "n_problems": n,
                               "samples_per_problem": strategy.k, "generated_tokens": tokens}
-        if strategy.kind in NEEDS_PRM:
+        if strategy.needs_prm:
             out[strategy.name]["prm_scored_solutions"] = scored
     return out
 
@@ -309,10 +309,8 @@ def plot_accuracy_vs_n(report: dict[str, Any], path: str | Path) -> Path | None:
 
 
 def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg: EvalConfig,
-                   strategies: Sequence[Strategy], chunk_index: int) -> list[dict[str, Any]]:
+                   strategies: Sequence[EvalStrategy], chunk_index: int) -> list[dict[str, Any]]:
     """Every strategy on one chunk of problems: one record (a JSON-able dict) per problem."""
-    from mathprm.search import run_searches
-
     judges = [Judge(p) for p in problems]
     records: list[dict[str, Any]] = [{"id": p.id, "gold": p.answer, "greedy": None, "samples": [], "search": {}}
                                      for p in problems]
@@ -321,7 +319,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
         greedy = Sampling(temperature=0.0, max_solution_tokens=cfg.max_solution_tokens, seed=cfg.seed)
         for r, j, (roll,) in zip(records, judges, generator.rollouts(prefixes, 1, greedy)):
             r["greedy"] = judge_rollout(j, roll)
-    pool = max((s.k for s in strategies if s.kind in POOL), default=0)
+    pool = max((s.k for s in strategies if s.spends == "pool"), default=0)
     if pool:
         # A generator seeds prefix i of a call from (seed, i): give each chunk its own seed,
         # or problem 0 of every chunk would draw the same random stream.
@@ -329,7 +327,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
                             seed=cfg.seed * 1_000_003 + chunk_index)
         for r, j, rolls in zip(records, judges, generator.rollouts(prefixes, pool, sampling)):
             r["samples"] = [judge_rollout(j, roll) | {"_steps": content(roll.steps)} for roll in rolls]
-        if any(s.kind in NEEDS_PRM for s in strategies if s.kind in POOL):
+        if any(s.needs_prm for s in strategies if s.spends == "pool"):
             todo = [(p, s) for p, r in zip(problems, records) for s in r["samples"] if s["_steps"]]
             got = scorer.score([p.question for p, _ in todo], [s["_steps"] for _, s in todo]) if todo else []
             for (_, s), scores in zip(todo, got):
@@ -338,7 +336,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
             for s in r["samples"]:
                 del s["_steps"]
     for strategy in strategies:
-        if strategy.kind not in SEARCH:
+        if strategy.spends != "search":
             continue
         started = time.monotonic()
         results = run_searches(strategy.kind, generator, scorer, problems, cfg.search_config(strategy.k))
@@ -384,7 +382,7 @@ class _Worker:
 
     def __init__(self, cfg: EvalConfig, problems: list[Problem]) -> None:
         self.cfg, self.generator, self.scorer = cfg, _generator(cfg), _scorer(cfg, problems)
-        self.strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
+        self.strategies = [eval_strategy(s) for s in dict.fromkeys(cfg.strategies)]
         self.by_id = {p.id: p for p in problems}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
@@ -398,7 +396,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
                    scorer: Any | None = None) -> dict:
     """Evaluate `cfg.policy` (or a ready `generator`, and `scorer` for PRM strategies) and write
     `cfg.out_path` (+ one JSON line per problem, + the accuracy-vs-k PNG) atomically."""
-    strategies = [parse_strategy(s) for s in dict.fromkeys(cfg.strategies)]
+    strategies = [eval_strategy(s) for s in dict.fromkeys(cfg.strategies)]
     if problems is None:
         problems = _problems(cfg)
     if not problems:
@@ -435,7 +433,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
             print(f"[evaluate] {len(records)}/{len(problems)} problems, {elapsed:.0f}s, "
                   f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
 
-    pool = max((s.k for s in strategies if s.kind in POOL), default=0)
+    pool = max((s.k for s in strategies if s.spends == "pool"), default=0)
     report = {
         "policy": str(cfg.policy),
         "prm": cfg.prm,

@@ -28,16 +28,18 @@ scorer (`jobs/eval_prm.py`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mathprm import arith, atomic
-from mathprm.answers import Judge, majority_vote
+from mathprm.answers import Judge
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
 from mathprm.scorer import AGGREGATIONS, SCORERS, ArithOracle, aggregate, load_scorer
+from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
 
@@ -134,14 +136,14 @@ def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, thres
             step_scores += s["scores"]
             labels.append(first)
             predicted.append(predicted_first_error(s["scores"], threshold))
-        voted = majority_vote([s["key"] for s in sols])
-        hits["majority"] += voted is not None and any(s["correct"] and s["key"] == voted for s in sols)
+        keys = [s["key"] for s in sols]
+        i, voted = STRATEGIES["majority"].pick(keys, [])
+        hits["majority"] += voted is not None and sols[i]["correct"]
         hits["pass"] += pass_at_k(len(sols), sum(s["correct"] for s in sols), len(sols))
         for a in AGGREGATIONS:
-            ranked = [s for s in sols if s["steps"]]
-            if ranked:
-                best = max(ranked, key=lambda s: aggregate(s["scores"], a))  # first of equals wins
-                hits[f"best_of_n:{a}"] += best["correct"]
+            totals = [aggregate(s["scores"], a) if s["steps"] else -math.inf for s in sols]
+            if any(s["steps"] for s in sols):
+                hits[f"best_of_n:{a}"] += sols[STRATEGIES["best_of_n"].pick(keys, totals)[0]]["correct"]
     m = max(len(records), 1)
     f1 = processbench_f1(labels, predicted) if labels else None
     has_both = 0 < sum(step_truth) < len(step_truth)

@@ -24,6 +24,8 @@ Strategies (`STRATEGIES`; `name@N` sets `n`, e.g. `guided@8`):
 - `dvts` (diverse verifier tree search, Beeching et al. 2024): `n // beam_width` independent
   subtrees, each a guided search with `beam_width` candidates per step, so `dvts@N` spends what
   `guided@N` spends per step; the best subtree by `aggregation` wins.
+- `pass`: not a strategy but a metric over the same pool (any of `n` samples right; it needs
+  the gold answer), so only `mathprm evaluate` computes it; `RUNNABLE` leaves it out.
 - `mcts`: Monte-Carlo tree search with the PRM as value: `simulations` rounds of PUCT
   selection (c_puct), expansion by `n` sampled next steps, each scored by the PRM, and backup
   of the best child's score; the best finished solution found wins, and when none finished,
@@ -341,27 +343,37 @@ def _sampled(ctx: Context, scored: bool) -> Search:
     return [_chain(ctx, r, s if s is not None else (() if scored else None)) for r, s in zip(rolls, scores)]
 
 
-def majority(ctx: Context) -> Search:
-    paths = yield from _sampled(ctx, scored=False)
-    answers = [ctx.answer_of(p.steps) for p in paths]
+def pick_best(answers: Sequence[str | None], totals: Sequence[float]) -> tuple[int, str | None]:
+    """best_of_n: the solution with the highest aggregated score (the first of equals) and its answer."""
+    i = max(range(len(totals)), key=lambda j: (totals[j], -j))
+    return i, answers[i]
+
+
+def pick_majority(answers: Sequence[str | None], totals: Sequence[float]) -> tuple[int, str | None]:
+    """majority (self-consistency): the most frequent answer and the first solution that gives it."""
     winner = majority_vote(answers)
-    chosen = paths[answers.index(winner)] if winner is not None else paths[0]
-    return ctx.result("majority", chosen, answer=winner, scored=False)
+    return (answers.index(winner) if winner is not None else 0), winner
 
 
-def best_of_n(ctx: Context) -> Search:
-    paths = yield from _sampled(ctx, scored=True)
-    return ctx.result("best_of_n", _best(paths, lambda p: p.total(ctx.cfg.aggregation)))
+def pick_weighted(answers: Sequence[str | None], totals: Sequence[float]) -> tuple[int, str | None]:
+    """weighted_majority: each answer weighs the sum of its solutions' scores (a -inf score of an
+    unscored empty solution counts 0); the answer with most weight, and its best solution."""
+    winner = weighted_vote(answers, [max(t, 0.0) for t in totals])
+    voters = [j for j, a in enumerate(answers) if a == winner] or list(range(len(answers)))
+    return max(voters, key=lambda j: (totals[j], -j)), winner
 
 
-def weighted_majority(ctx: Context) -> Search:
-    paths = yield from _sampled(ctx, scored=True)
-    answers = [ctx.answer_of(p.steps) for p in paths]
-    # A weight must not be negative (-inf for an unscored empty solution): such a vote counts 0.
-    weights = [max(p.total(ctx.cfg.aggregation), 0.0) for p in paths]
-    winner = weighted_vote(answers, weights)
-    voters = [p for p, a in zip(paths, answers) if a == winner] or paths
-    return ctx.result("weighted_majority", _best(voters, lambda p: p.total(ctx.cfg.aggregation)), answer=winner)
+def _pool(name: str) -> Callable[[Context], Search]:
+    """The search of a pool strategy: `n` sampled solutions (scored when it needs a PRM), then
+    its `pick` (`STRATEGIES[name]`)."""
+    def run(ctx: Context) -> Search:
+        strategy = STRATEGIES[name]
+        paths = yield from _sampled(ctx, scored=strategy.needs_prm)
+        answers = [ctx.answer_of(p.steps) for p in paths]
+        i, answer = strategy.pick(answers, [p.total(ctx.cfg.aggregation) for p in paths])
+        return ctx.result(name, paths[i], answer=answer, scored=strategy.needs_prm)
+
+    return run
 
 
 def _candidates(ctx: Context, paths: list[Path], which: list[int], width: int,
@@ -502,39 +514,53 @@ def mcts(ctx: Context) -> Search:
     return ctx.result("mcts", path)
 
 
-STRATEGIES: dict[str, Callable[[Context], Search]] = {
-    "greedy": greedy,
-    "majority": majority,
-    "best_of_n": best_of_n,
-    "weighted_majority": weighted_majority,
-    "guided": guided,
-    "guided_retry": guided_retry,
-    "beam": beam,
-    "dvts": dvts,
-    "mcts": mcts,
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy, declared once (`STRATEGIES`): evaluation, the Serve app and the demo read these
+    properties instead of keeping lists of their own."""
+
+    run: Callable[[Context], Search] | None  # the search; None for pass (it needs the gold answer)
+    needs_prm: bool  # scores steps with a Scorer
+    spends: str  # "one": a single greedy solution; "pool": picks from N sampled solutions; "search": N candidates a step
+    pick: Callable[[Sequence[str | None], Sequence[float]], tuple[int, str | None]] | None = None  # pool: (answers,
+    #   aggregated scores) -> (chosen solution, answer); evaluation applies it to a shared pool of samples
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "greedy": Strategy(greedy, False, "one"),
+    "majority": Strategy(_pool("majority"), False, "pool", pick_majority),
+    "best_of_n": Strategy(_pool("best_of_n"), True, "pool", pick_best),
+    "weighted_majority": Strategy(_pool("weighted_majority"), True, "pool", pick_weighted),
+    "pass": Strategy(None, False, "pool"),  # pass@N: any of N samples right; a metric for `mathprm evaluate`
+    "guided": Strategy(guided, True, "search"),
+    "guided_retry": Strategy(guided_retry, True, "search"),
+    "beam": Strategy(beam, True, "search"),
+    "dvts": Strategy(dvts, True, "search"),
+    "mcts": Strategy(mcts, True, "search"),
 }
-NEEDS_PRM = frozenset({"best_of_n", "weighted_majority", "guided", "guided_retry", "beam", "dvts", "mcts"})
+RUNNABLE = tuple(name for name, s in STRATEGIES.items() if s.run is not None)  # what a search or a server can run
 
 
-def parse_strategy(text: str) -> tuple[str, int | None]:
-    """`name` or `name@N` -> (name, N or None); ValueError naming the text otherwise."""
+def parse_strategy(text: str, allowed: Sequence[str] = RUNNABLE) -> tuple[str, int | None]:
+    """`name` or `name@N` -> (name, N or None), `name` one of `allowed` (default: what a search can
+    run); ValueError naming the text otherwise."""
     name, at, n = str(text).partition("@")
-    if name in STRATEGIES and (not at or (n.isdigit() and int(n) >= 1)):
-        if name == "greedy" and at:
-            raise ValueError(f"strategy: {text!r}: greedy takes no @N")
+    if name in allowed and (not at or (n.isdigit() and int(n) >= 1)):
+        if STRATEGIES[name].spends == "one" and at:
+            raise ValueError(f"strategy: {text!r}: {name} takes no @N")
         return name, int(n) if at else None
-    raise ValueError(f"strategy: {text!r} is not one of {', '.join(STRATEGIES)} (optionally @N, N >= 1)")
+    raise ValueError(f"strategy: {text!r} is not one of {', '.join(allowed)} (optionally @N, N >= 1)")
 
 
 # ----------------------------------------------------------------------------- drivers
 
 
 def _start(strategy: str, problem: Problem, cfg: SearchConfig, fmt: StepFormat, has_scorer: bool) -> Search:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: unknown {strategy!r}; strategies: {', '.join(STRATEGIES)}")
-    if strategy in NEEDS_PRM and not has_scorer:
+    if strategy not in RUNNABLE:
+        raise ValueError(f"strategy: unknown {strategy!r}; strategies: {', '.join(RUNNABLE)}")
+    if STRATEGIES[strategy].needs_prm and not has_scorer:
         raise ValueError(f"strategy: {strategy} needs a PRM (a Scorer); give one, e.g. --prm runs/arith/prm")
-    return STRATEGIES[strategy](Context(problem, cfg, fmt))
+    return STRATEGIES[strategy].run(Context(problem, cfg, fmt))
 
 
 def _account(usage: Usage, request: Request, result: Any) -> None:

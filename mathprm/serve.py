@@ -59,7 +59,7 @@ from ray.serve.handle import DeploymentHandle
 from mathprm.config import from_dict
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, StepSample, load_generator
 from mathprm.problems import Problem
-from mathprm.search import (NEEDS_PRM, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
+from mathprm.search import (RUNNABLE, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
                             run_search_async)
 from mathprm.steps import StepFormat, step_format_for
 
@@ -139,7 +139,7 @@ class ServeConfig:
             trained = read_prm_config(self.prm)["separator"]
         self.separator = step_format_for(self.source, self.separator, trained).separator
         name, at_n = parse_strategy(self.strategy)  # its ValueError names the field
-        if name in NEEDS_PRM and self.prm is None:
+        if STRATEGIES[name].needs_prm and self.prm is None:
             raise ValueError(f"strategy: {name} needs a PRM; set prm, or make the default greedy or majority")
         if at_n is not None:
             self.search = dataclasses.replace(self.search, n=at_n)
@@ -192,7 +192,7 @@ class SolveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     question: str = Field(min_length=1, description="the problem text")
-    strategy: str | None = Field(None, description=f"one of {', '.join(STRATEGIES)}, optionally name@N")
+    strategy: str | None = Field(None, description=f"one of {', '.join(RUNNABLE)}, optionally name@N")
     n: int | None = Field(None, ge=1, description="candidates per step or sampled solutions")
     beam_width: int | None = Field(None, ge=1, description="beam: partial solutions kept; dvts: width per subtree")
     max_steps: int | None = Field(None, ge=1, description="a solution unfinished after this many steps ends there")
@@ -256,7 +256,7 @@ class Solver:
             name, at_n = parse_strategy(req.strategy if req.strategy is not None else self.cfg.strategy_name)
         except ValueError as e:
             raise RequestError("strategy", str(e)) from None
-        if name in NEEDS_PRM and self.scorer is None:
+        if STRATEGIES[name].needs_prm and self.scorer is None:
             raise RequestError("strategy", f"strategy: {name} needs a PRM and this server has none; "
                                            "use greedy or majority", status=400)
         if req.n is not None and at_n is not None and req.n != at_n:
@@ -563,7 +563,7 @@ class SolveAPI:
         cfg = self.cfg
         return {"status": "ok", "policy": Path(cfg.policy).name, "prm": cfg.prm and Path(cfg.prm).name,
                 "backend": cfg.backend, "dataset": cfg.dataset,
-                "strategies": [s for s in STRATEGIES if cfg.prm is not None or s not in NEEDS_PRM],
+                "strategies": [s for s in RUNNABLE if cfg.prm is not None or not STRATEGIES[s].needs_prm],
                 "defaults": {"strategy": cfg.strategy_name} | settings(cfg.search),
                 "limits": dataclasses.asdict(cfg.limits), "api_key_required": self.api_key_sha256 is not None}
 

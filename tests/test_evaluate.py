@@ -12,10 +12,10 @@ from mathprm.cli import main
 from mathprm.config import ConfigError, parse_args
 from mathprm.evaluate import (
     EvalConfig,
-    majority_vote,
-    parse_strategy,
+    eval_strategy,
     run_evaluation,
 )
+from mathprm.answers import majority_vote
 from mathprm.stats import pass_at_k
 from mathprm.generation import Rollout
 from mathprm.problems import Problem
@@ -23,13 +23,13 @@ from mathprm.steps import StepFormat
 from tests.conftest import MEMORISED
 
 
-def test_parse_strategy():
-    assert parse_strategy("greedy").k == 1
-    assert parse_strategy("majority@16").kind == "majority"
-    assert parse_strategy("pass@4").name == "pass@4"
+def test_eval_strategy():
+    assert eval_strategy("greedy").k == 1
+    assert eval_strategy("majority@16").kind == "majority"
+    assert eval_strategy("pass@4").name == "pass@4"
     for bad in ("best", "pass@0", "pass@", "majority@x", "greedy@2"):
         with pytest.raises(ValueError, match="strategies"):
-            parse_strategy(bad)
+            eval_strategy(bad)
 
 
 def test_pass_at_k_is_the_unbiased_estimator():

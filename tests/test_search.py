@@ -12,7 +12,7 @@ from mathprm import arith
 from mathprm.generation import Rollout, StepSample
 from mathprm.scorer import ArithOracle
 from mathprm.search import (
-    NEEDS_PRM,
+    RUNNABLE,
     STRATEGIES,
     SearchConfig,
     parse_strategy,
@@ -168,11 +168,11 @@ def test_usage_counts_every_sampled_token_and_prm_call():
     assert len(result.trace) == 5 * len(steps)
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(RUNNABLE))
 def test_merged_searches_equal_searches_run_alone(strategy):
     problems = PROBLEMS[:5]
     cfg = SearchConfig(n=4, beam_width=2, simulations=6, seed=7)
-    scorer = ArithOracle(problems) if strategy in NEEDS_PRM else None
+    scorer = ArithOracle(problems) if STRATEGIES[strategy].needs_prm else None
     merged_policy = NoisyArithPolicy(problems, p_correct=0.6)
     merged = run_searches(strategy, merged_policy, scorer, problems, cfg)
     alone = [run_search(strategy, NoisyArithPolicy(problems, 0.6), scorer, p, cfg) for p in problems]
@@ -384,7 +384,7 @@ def test_search_runs_on_the_real_hf_backend_and_a_real_prm(tiny_policy_dir, tmp_
 
 
 @pytest.mark.parametrize("separator", ["\n", "\n\n"])
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", sorted(RUNNABLE))
 def test_blank_separator_only_and_cut_steps_never_raise_nor_reach_the_prm(strategy, separator):
     """The rule of `mathprm.steps` ("Sampled steps"): blank samples are dropped, cut ones
     cleaned; with the old code an empty first step raised inside `StepFormat.join`."""
@@ -392,7 +392,7 @@ def test_blank_separator_only_and_cut_steps_never_raise_nor_reach_the_prm(strate
 
     fmt = StepFormat(separator)
     problems = [arith.generate("easy", 1, seed=s, split="test")[0] for s in range(6)]
-    scorer = LengthScorer() if strategy in NEEDS_PRM else None
+    scorer = LengthScorer() if STRATEGIES[strategy].needs_prm else None
     cfg = SearchConfig(n=4, beam_width=2, simulations=5, max_steps=6, seed=3)
     for only_odd in (False, True):
         policy = OddPolicy(fmt, only_odd=only_odd)
