@@ -5,7 +5,7 @@
         [--limit 200] [--guided 0] [--tag NAME] [--reuse] [--write] [key=value ...]
 
 For each variant (episode mode x advantage estimator) this trains a PPO policy from
-jobs/configs/ppo_arith.yaml for at most `--minutes` (extra `key=value` go to every run) into
+mathprm/configs/ppo_arith.yaml for at most `--minutes` (extra `key=value` go to every run) into
 runs/bench/ppo/<prm>/<mode>_<advantage>[_<tag>], then measures greedy accuracy of the base policy and of
 each PPO policy on `--limit` fresh arith:hard and arith:easy test problems (`mathprm
 evaluate`, seed 0). Targets: arith:hard greedy at least 20 % higher (relative) than the
@@ -31,7 +31,8 @@ from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm.config import load_config  # noqa: E402
 from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
-from mathprm.train_ppo import NO_PRM_DIR, SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
+from mathprm.scorer import NO_PRM  # noqa: E402
+from mathprm.train_ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
 
 
 def greedy(policy: Path, dataset: str, limit: int, tag: str) -> float:
@@ -60,7 +61,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     policy = (REPO / args.policy).resolve()
-    named = args.prm in NO_PRM_DIR  # no directory: the exact checker, or no step reward at all
+    named = args.prm in NO_PRM  # no directory: the exact checker, or no step reward at all
     prm = args.prm if named else str((REPO / args.prm).resolve())
     prm_name = args.prm if named else "prm"
     base = {d: greedy(policy, d, args.limit, "base") for d in ("arith:hard", "arith:easy")}
@@ -70,7 +71,7 @@ def main() -> int:
         mode, advantage = variant.split(":")
         run_name = f"{mode}_{advantage}" + (f"_{args.tag}" if args.tag else "")
         out = REPO / "runs" / "bench" / "ppo" / prm_name / run_name
-        cfg = load_config(PPOConfig, REPO / "jobs" / "configs" / "ppo_arith.yaml", [
+        cfg = load_config(PPOConfig, REPO / "mathprm" / "configs" / "ppo_arith.yaml", [
             f"policy={policy}", f"prm={prm}", f"mode={mode}", f"advantage={advantage}",
             f"time_budget_min={args.minutes}", f"out_dir={out}", f"overwrite={not args.reuse}", *args.overrides])
         if not (args.reuse and (out / SUMMARY_FILE).is_file()):
@@ -103,7 +104,7 @@ def main() -> int:
         f"{100 * base['arith:easy']:.1f} % on arith:easy ({args.limit} fresh test problems each, seed 0). "
         f"Reward: {'none per step, only the outcome bonus' if args.prm == 'none' else f'`{args.prm}`'}; "
         f"each run at most {args.minutes:g} minutes "
-        f"(jobs/configs/ppo_arith.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}).",
+        f"(mathprm/configs/ppo_arith.yaml{', ' + ' '.join(args.overrides) if args.overrides else ''}).",
         "",
         "| mode / advantage | updates | min | reward first -> last 20 % | KL (last) | hard greedy | "
         "rel. change | easy greedy | easy drop | targets |",

@@ -55,7 +55,7 @@ from mathprm import arith, atomic
 from mathprm.answers import Judge
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
-from mathprm.scorer import AGGREGATIONS, aggregate
+from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
 from mathprm.search import STRATEGIES, parse_strategy, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
@@ -69,8 +69,8 @@ class EvalConfig:
     limit: int | None = 200  # first N problems (arith: N fresh test-split problems)
     seed: int = 0  # arith problem seed and sampling seed
     strategies: list[str] = dataclasses.field(default_factory=lambda: ["greedy", "majority@16", "pass@16"])
-    prm: str | None = None  # a PRM directory (mathprm train-prm), or `oracle` (arith: exact step truth, the upper
-    #                          bound); needed by best_of_n, weighted_majority, guided, beam, dvts, mcts
+    prm: str | None = None  # none | oracle (arith: exact step truth, the upper bound) | DIR | KIND:DIR
+    #                          (mathprm.scorer.parse_prm); needed by best_of_n, weighted_majority, guided, beam, ...
     temperature: float = 1.0  # of the sampled strategies
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer solution is cut (and counts as unparseable if no answer yet)
@@ -97,9 +97,9 @@ class EvalConfig:
             raise ValueError("strategies: give at least one, e.g. greedy,majority@16,pass@16")
         parsed = [eval_strategy(s) for s in self.strategies]  # ValueError names the bad one
         needing = [s.name for s in parsed if s.needs_prm]
-        if needing and not self.prm:
+        if needing and self.prm_ref.kind == "none":
             raise ValueError(f"prm: {', '.join(needing)} need a PRM; give one, e.g. --prm runs/arith/prm")
-        if self.prm == "oracle" and not self.dataset.startswith("arith:"):
+        if self.prm_ref.kind == "oracle" and not self.dataset.startswith("arith:"):
             raise ValueError(f"prm: the oracle knows only the arithmetic world's problems, not {self.dataset!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
@@ -122,8 +122,12 @@ class EvalConfig:
                             retry_below=self.retry_below, max_retries=self.max_retries, seed=self.seed)
 
     @property
+    def prm_ref(self) -> PRMRef:
+        return parse_prm(self.prm)
+
+    @property
     def step_format(self) -> StepFormat:
-        return step_format_for(self.dataset, self.separator)
+        return step_format_for(self.dataset, self.separator, trained_separator(self.prm_ref))
 
     @property
     def out_path(self) -> Path:
@@ -366,15 +370,7 @@ def _generator(cfg: EvalConfig) -> Any:
 
 
 def _scorer(cfg: EvalConfig, problems: Sequence[Problem]) -> Any:
-    if not cfg.prm:
-        return None
-    if cfg.prm == "oracle":
-        from mathprm.scorer import ArithOracle
-
-        return ArithOracle(problems)
-    from mathprm.scorer import load_scorer
-
-    return load_scorer("prm", cfg.prm, **({"device": cfg.device} if cfg.device else {}))
+    return build_scorer(cfg.prm_ref, lambda: ArithOracle(problems), **({"device": cfg.device} if cfg.device else {}))
 
 
 class _Worker:
@@ -401,13 +397,8 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         problems = _problems(cfg)
     if not problems:
         raise ValueError(f"dataset {cfg.dataset!r} gave no problems")
-    if cfg.prm and cfg.prm != "oracle" and scorer is None:
-        from mathprm.prm import read_prm_config
-
-        prm_sep = read_prm_config(cfg.prm)["separator"]  # fails now, naming the directory, not inside an actor
-        if prm_sep != cfg.step_format.separator:
-            raise ValueError(f"prm: {cfg.prm} was trained with the step separator {prm_sep!r} but this evaluation "
-                             f"uses {cfg.step_format.separator!r}; set separator or pick another PRM")
+    if scorer is None:
+        cfg.step_format  # reads the PRM's config: fails now, naming the directory, not inside an actor
     if generator is None and not (Path(cfg.policy) / "config.json").is_file():
         raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
     chunks = [problems[lo: lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
@@ -417,11 +408,9 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         from mathprm.ray_data import records_on_actor_pool
         from mathprm.ray_utils import check_job_paths, init_ray
 
-        check_job_paths(policy=cfg.policy, prm=None if cfg.prm == "oracle" else cfg.prm, out=str(cfg.out_path),
-                        plot=str(cfg.plot_path))
+        check_job_paths(policy=cfg.policy, prm=cfg.prm_ref.path, out=str(cfg.out_path), plot=str(cfg.plot_path))
         # Actors run in another working directory: ship absolute model paths.
-        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
-                                  prm=str(Path(cfg.prm).resolve()) if cfg.prm not in (None, "oracle") else cfg.prm)
+        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()), prm=str(cfg.prm_ref.resolved()) if cfg.prm_ref.path else cfg.prm)
         init_ray(cfg.ray_address)
         records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate")
     else:

@@ -16,7 +16,7 @@ For each problem the policy samples `n` solutions; the scorer scores every step.
   beside `majority@n` (self-consistency over the same samples) and `pass@n` (the ceiling).
 
 Step truth exists only in the arithmetic world; on real math (gsm8k, math500) the step
-metrics are None and best-of-n / majority are still measured. `scorer: oracle` swaps the PRM
+metrics are None and best-of-n / majority are still measured. `prm: oracle` swaps the PRM
 for the exact checker: the upper bound every PRM figure should be read against.
 
 The core (`sample_and_score` for a batch of problems, `summarise` for the metrics) is plain
@@ -38,7 +38,7 @@ from mathprm import arith, atomic
 from mathprm.answers import Judge
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
 from mathprm.problems import Problem, load_problems
-from mathprm.scorer import AGGREGATIONS, SCORERS, ArithOracle, aggregate, load_scorer
+from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
@@ -46,9 +46,8 @@ from mathprm.steps import step_format_for
 
 @dataclasses.dataclass
 class PRMEvalConfig:
-    prm: str = "runs/arith/prm"  # a PRM directory (mathprm train-prm)
+    prm: str = "runs/arith/prm"  # DIR | KIND:DIR | oracle (arith: the exact checker), see mathprm.scorer.parse_prm
     policy: str = "runs/arith/policy"  # the HF causal-LM that samples the solutions
-    scorer: str = "prm"  # a key of mathprm.scorer.SCORERS, or "oracle" (arith: the exact checker)
     dataset: str = "arith:hard"  # arith:* (fresh test-split problems), gsm8k, math500, ...
     limit: int | None = 200
     seed: int = 0  # problem seed (arith) and sampling seed
@@ -68,11 +67,15 @@ class PRMEvalConfig:
     ray_address: str | None = None
     out: str = "runs/arith/prm_eval.json"
 
+    @property
+    def prm_ref(self) -> PRMRef:
+        return parse_prm(self.prm)
+
     def __post_init__(self) -> None:
-        if self.scorer != "oracle" and self.scorer not in SCORERS:
-            raise ValueError(f"scorer: unknown {self.scorer!r}; choose oracle or one of {', '.join(SCORERS)}")
-        if self.scorer == "oracle" and not self.dataset.startswith("arith:"):
-            raise ValueError(f"scorer: the oracle knows only arith:* problems, not {self.dataset!r}")
+        if self.prm_ref.kind == "none":
+            raise ValueError("prm: evaluate-prm needs a PRM: a directory, KIND:DIR or oracle")
+        if self.prm_ref.kind == "oracle" and not self.dataset.startswith("arith:"):
+            raise ValueError(f"prm: the oracle knows only arith:* problems, not {self.dataset!r}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
@@ -172,16 +175,15 @@ def _problems(cfg: PRMEvalConfig) -> list[Problem]:
 
 
 def _scorer(cfg: PRMEvalConfig, problems: Sequence[Problem]) -> Any:
-    if cfg.scorer == "oracle":
-        return ArithOracle(problems)
-    return load_scorer(cfg.scorer, cfg.prm, **({"device": cfg.device} if cfg.device else {}))
+    return build_scorer(cfg.prm_ref, lambda: ArithOracle(problems), **({"device": cfg.device} if cfg.device else {}))
 
 
 def _generator(cfg: PRMEvalConfig) -> Any:
     if not (Path(cfg.policy) / "config.json").is_file():
         raise FileNotFoundError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
-    return load_generator(cfg.backend, cfg.policy, step_format_for(cfg.dataset, cfg.separator), **options)
+    fmt = step_format_for(cfg.dataset, cfg.separator, trained_separator(cfg.prm_ref))
+    return load_generator(cfg.backend, cfg.policy, fmt, **options)
 
 
 class _Worker:
@@ -205,10 +207,8 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     """Sample, score and summarise; writes `cfg.out` (and one JSON line per problem) atomically."""
     import json
 
-    if cfg.scorer != "oracle" and scorer is None:
-        from mathprm.prm import read_prm_config
-
-        read_prm_config(cfg.prm)  # fail now, not inside an actor
+    if scorer is None:
+        trained_separator(cfg.prm_ref)  # reads the PRM's config: fails now, not inside an actor
     problems = _problems(cfg)
     if not problems:
         raise ValueError(f"dataset: {cfg.dataset!r} gave no problems")
@@ -221,7 +221,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
 
         # Actors run in another working directory: ship absolute model paths.
         cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
-                                  prm=str(Path(cfg.prm).resolve()) if cfg.scorer != "oracle" else cfg.prm)
+                                  prm=str(cfg.prm_ref.resolved()))
         init_ray(cfg.ray_address)
         records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate-prm")
     else:
@@ -237,8 +237,8 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     else:
         from mathprm.prm import default_threshold
 
-        threshold = default_threshold(cfg.prm if cfg.scorer == "prm" else None)
-    report = {"prm": cfg.prm if cfg.scorer != "oracle" else "oracle", "policy": cfg.policy, "dataset": cfg.dataset,
+        threshold = default_threshold(cfg.prm_ref.path if cfg.prm_ref.kind == "prm" else None)
+    report = {"prm": cfg.prm, "policy": cfg.policy, "dataset": cfg.dataset,
               "seed": cfg.seed, "n": cfg.n, "temperature": cfg.temperature, "aggregation": cfg.aggregation,
               "threshold": threshold, **summarise(records, cfg.n, cfg.aggregation, threshold),
               "elapsed_s": round(time.monotonic() - started, 1), "date": time.strftime("%Y-%m-%d")}

@@ -1,7 +1,7 @@
 """The tree-search stage on Ray: problems -> expander actors -> the step-score Parquet table.
 
-    python jobs/mcts.py --config jobs/configs/mcts_arith.yaml method=omegaprm
-    ray job submit --working-dir . -- python jobs/mcts.py --config jobs/configs/mcts_arith.yaml
+    python jobs/mcts.py --config mathprm/configs/mcts_arith.yaml method=omegaprm
+    ray job submit --working-dir . -- python jobs/mcts.py --config mathprm/configs/mcts_arith.yaml
 
 The shape is plain Ray Data: the problems become a Dataset, `map_batches` runs `Expander`, a
 stateful class (one `Generator` engine per actor, an actor pool of `num_actors`, with

@@ -392,7 +392,7 @@ def default_threshold(path: str | Path | None) -> float:
     one for PRMs trained on hard labels; also for the oracles and for `path` None)."""
     if path is None or not (Path(path) / PRM_CONFIG_FILE).is_file():
         return 0.5
-    value = json.loads((Path(path) / PRM_CONFIG_FILE).read_text()).get("threshold")
+    value = read_prm_config(path).get("threshold")
     return 0.5 if value is None else float(value)
 
 def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:

@@ -32,7 +32,7 @@ from typing import Any
 
 from mathprm import atomic
 from mathprm.problems import ProcessBenchItem, load_problems
-from mathprm.scorer import SCORERS, Scorer, check_shapes, load_scorer
+from mathprm.scorer import Scorer, build_scorer, check_shapes, parse_prm
 
 SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 
@@ -173,8 +173,7 @@ class ProcessBenchOracle:
 
 @dataclasses.dataclass
 class ProcessBenchConfig:
-    scorer_backend: str = "prm"  # a key of mathprm.scorer.SCORERS, or "oracle" (the human labels)
-    prm: str | None = "runs/arith/prm"  # the scorer's directory; unused by the oracle
+    prm: str = "runs/arith/prm"  # DIR | KIND:DIR | oracle (the human labels), see mathprm.scorer.parse_prm
     subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the
     #                                   PRM's own (mathprm.prm.default_threshold), 0.5 for other scorers
@@ -183,11 +182,8 @@ class ProcessBenchConfig:
     out: str = "runs/eval/processbench.json"
 
     def __post_init__(self) -> None:
-        if self.scorer_backend != "oracle" and self.scorer_backend not in SCORERS:
-            raise ValueError(f"scorer_backend: unknown {self.scorer_backend!r}; "
-                             f"choose oracle or one of {', '.join(SCORERS)}")
-        if self.scorer_backend != "oracle" and not self.prm:
-            raise ValueError(f"prm: the {self.scorer_backend!r} backend needs a directory")
+        if parse_prm(self.prm).kind == "none":
+            raise ValueError("prm: ProcessBench needs a PRM: a directory, KIND:DIR or oracle (the human labels)")
         if not self.subsets:
             raise ValueError(f"subsets: give at least one of {', '.join(SUBSETS)}")
         for s in self.subsets:
@@ -247,26 +243,25 @@ def evaluate_scorer(
 
 
 def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> dict[str, Any]:
-    """Evaluate `cfg.scorer_backend` (or a ready `scorer`) and write `cfg.out` atomically."""
+    """Evaluate `cfg.prm` (or a ready `scorer`) and write `cfg.out` atomically."""
     items_by_subset: dict[str, list[ProcessBenchItem]] = {
         s: load_problems(f"processbench:{s}", limit=cfg.limit) for s in cfg.subsets
     }
+    ref = parse_prm(cfg.prm)
     if scorer is None:
-        if cfg.scorer_backend == "oracle":
-            scorer = ProcessBenchOracle([it for items in items_by_subset.values() for it in items])
-        else:
-            scorer = load_scorer(cfg.scorer_backend, cfg.prm)
+        every = [it for items in items_by_subset.values() for it in items]
+        scorer = build_scorer(ref, lambda: ProcessBenchOracle(every))
     threshold = cfg.threshold
     if threshold is None:
         from mathprm.prm import default_threshold
 
-        threshold = default_threshold(cfg.prm if cfg.scorer_backend == "prm" else None)
+        threshold = default_threshold(ref.path if ref.kind == "prm" else None)
     started = time.monotonic()
     result = evaluate_scorer(scorer, items_by_subset, threshold, cfg.batch_size)
     report = {
         "date": time.strftime("%Y-%m-%d"),
-        "backend": cfg.scorer_backend,
-        "prm": cfg.prm if cfg.scorer_backend != "oracle" else None,
+        "backend": ref.kind,
+        "prm": ref.path,
         "limit": cfg.limit,
         "elapsed_s": round(time.monotonic() - started, 1),
     } | result

@@ -10,6 +10,10 @@ that can judge steps implements it, batched over solutions:
   then 0.0), for tests and upper bounds;
 - later, the Serve deployment's handle adapter.
 
+Which PRM a stage uses is spelled one way in every config and the Serve app (`parse_prm`):
+`prm: none | oracle | DIR | KIND:DIR`, DIR a PRM directory in mathprm's format and KIND a key
+of `SCORERS` (published PRM formats join there); `build_scorer` turns it into a Scorer.
+
 Backends are picked by name from `SCORERS` and imported only when chosen. Aggregations of a
 solution's step scores into one solution score (`last`, `min`, `prod`, `mean`) live beside
 the contract, because best-of-n and guided search both need them. This module imports
@@ -21,6 +25,8 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from mathprm import arith
@@ -89,8 +95,52 @@ class ZeroScorer:
 
 
 SCORERS: dict[str, str] = {
-    "prm": "mathprm.prm:PRMScorer",
+    "prm": "mathprm.prm:PRMScorer",  # mathprm's own format (`mathprm train-prm`, `mathprm prm-prior`)
 }
+NO_PRM = ("none", "oracle")  # the `prm` values that name no directory
+
+
+@dataclass(frozen=True)
+class PRMRef:
+    """Which PRM a stage uses, as every config and the Serve app spell it (`parse_prm`)."""
+
+    kind: str  # "none", "oracle" (the exact step truth of the problems at hand), or a key of SCORERS
+    path: str | None = None  # the directory, for the SCORERS kinds
+
+    def __str__(self) -> str:
+        return self.kind if self.path is None else (self.path if self.kind == "prm" else f"{self.kind}:{self.path}")
+
+    def resolved(self) -> PRMRef:
+        """The same PRM with an absolute directory (actors and replicas run in other directories)."""
+        return self if self.path is None else PRMRef(self.kind, str(Path(self.path).resolve()))
+
+
+def parse_prm(value: str | None, field: str = "prm") -> PRMRef:
+    """`none` (or null) | `oracle` | `DIR` (mathprm's format) | `KIND:DIR` (KIND a key of
+    `SCORERS`) -> a PRMRef; ValueError naming `field` for anything else."""
+    if value is None or value == "none":
+        return PRMRef("none")
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{field}: give none, oracle, a PRM directory or KIND:DIR (KIND one of "
+                         f"{', '.join(SCORERS)}), got {value!r}")
+    if value == "oracle":
+        return PRMRef("oracle")
+    kind, colon, path = value.partition(":")
+    if colon and kind in SCORERS:
+        if not path:
+            raise ValueError(f"{field}: {value!r} names no directory after {kind}:")
+        return PRMRef(kind, path)
+    return PRMRef("prm", value)
+
+
+def trained_separator(ref: PRMRef) -> str | None:
+    """The step separator the PRM in `ref` was trained with (None: none, oracle); reading its
+    config names the directory in the error when it is not a PRM."""
+    if ref.path is None:
+        return None
+    from mathprm.prm import read_prm_config
+
+    return read_prm_config(ref.path)["separator"]
 
 
 def load_scorer(backend: str, path: str, **options: Any) -> Scorer:
@@ -99,3 +149,16 @@ def load_scorer(backend: str, path: str, **options: Any) -> Scorer:
         raise ValueError(f"unknown scorer backend {backend!r}; backends: {', '.join(SCORERS)}")
     module_name, cls_name = SCORERS[backend].split(":")
     return getattr(importlib.import_module(module_name), cls_name)(path, **options)
+
+
+def build_scorer(ref: PRMRef, oracle: Callable[[], Scorer] | None = None, **options: Any) -> Scorer | None:
+    """The Scorer `ref` names: None for `none`; `oracle()` for `oracle` (the caller knows its
+    problems' truth: `ArithOracle` for arith problems, the human labels for ProcessBench); else
+    the SCORERS backend loaded from its directory with `options` (e.g. device=)."""
+    if ref.kind == "none":
+        return None
+    if ref.kind == "oracle":
+        if oracle is None:
+            raise ValueError("prm: oracle knows only problems with exact step truth (arith:*, ProcessBench)")
+        return oracle()
+    return load_scorer(ref.kind, ref.path, **options)

@@ -12,7 +12,7 @@ Three deployments, each scaled and placed on its own (`serve_configs/guided.yaml
   prefix keeps its own seed, so a search samples the same alone or merged, up to the float
   rounding that padding brings on `hf`). One backend call
   runs at a time, which a vLLM `LLM` object needs.
-- `PRMDeployment` holds a `PRMScorer`; its `score_solutions(questions, steps)` scores one
+- `PRMDeployment` holds the Scorer that `prm` names (`mathprm.scorer.build_scorer`); its `score_solutions(questions, steps)` scores one
   search round's solutions and is `@serve.batch`ed, so the rounds of every concurrent request
   go through one forward pass in batches of `max_batch_size` solutions (`max_batch_size: 1` is
   the unbatched baseline: one call and one forward pass per solution). `stats()` reports the
@@ -59,6 +59,7 @@ from ray.serve.handle import DeploymentHandle
 from mathprm.config import from_dict
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, StepSample, load_generator
 from mathprm.problems import Problem
+from mathprm.scorer import PRMRef, build_scorer, parse_prm, trained_separator
 from mathprm.search import (RUNNABLE, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
                             run_search_async)
 from mathprm.steps import StepFormat, step_format_for
@@ -106,7 +107,7 @@ class ServeConfig:
     """The app builder's `args` (the `args:` of serve_configs/guided.yaml)."""
 
     policy: str = "runs/arith/policy"  # HF causal-LM directory
-    prm: str | None = "runs/arith/prm"  # PRM directory (mathprm train-prm); null: greedy and majority only
+    prm: str | None = "runs/arith/prm"  # DIR | KIND:DIR (mathprm.scorer.parse_prm); null / none: greedy and majority only
     backend: str = "hf"  # generator backend: hf | vllm
     dataset: str = "arith:hard"  # how answers are read: arith / arith:* (integers), else the real-math grader
     separator: str | None = None  # step separator; null: the PRM's own, else the dataset's
@@ -126,18 +127,18 @@ class ServeConfig:
             raise ValueError(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
         # Replicas start in other processes and directories: paths must be absolute here.
         self.policy = _model_dir("policy", self.policy, "config.json")
-        if self.prm is not None:
-            self.prm = _model_dir("prm", self.prm, "prm_config.json")
+        ref = parse_prm(self.prm)
+        if ref.kind == "oracle":
+            raise ValueError("prm: the oracle needs each problem's exact step truth, which a server's questions do not "
+                             "carry; give a PRM directory, KIND:DIR or null")
+        if ref.path is not None:
+            ref = PRMRef(ref.kind, _model_dir("prm", ref.path, "prm_config.json" if ref.kind == "prm" else "config.json"))
+        self.prm = None if ref.kind == "none" else str(ref)
         if self.backend not in GENERATORS:
             raise ValueError(f"backend: unknown {self.backend!r}; backends: {', '.join(GENERATORS)}")
         if not self.dataset:
             raise ValueError("dataset: give a name, e.g. arith:hard or math500")
-        trained = None
-        if self.prm is not None:
-            from mathprm.prm import read_prm_config
-
-            trained = read_prm_config(self.prm)["separator"]
-        self.separator = step_format_for(self.source, self.separator, trained).separator
+        self.separator = step_format_for(self.source, self.separator, trained_separator(ref)).separator
         name, at_n = parse_strategy(self.strategy)  # its ValueError names the field
         if STRATEGIES[name].needs_prm and self.prm is None:
             raise ValueError(f"strategy: {name} needs a PRM; set prm, or make the default greedy or majority")
@@ -411,11 +412,9 @@ class GeneratorDeployment:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class PRMDeployment:
-    def __init__(self, prm_dir: str, batching: Batching, device: str | None = None) -> None:
-        from mathprm.prm import PRMScorer
-
+    def __init__(self, prm: str, batching: Batching, device: str | None = None) -> None:
         # One Serve batch is one forward batch: the scorer's own batch is as large.
-        self.scorer = PRMScorer(prm_dir, device=device, batch_size=batching.max_batch_size)
+        self.scorer = build_scorer(parse_prm(prm), device=device, batch_size=batching.max_batch_size)
         # A Serve batch holds up to max_batch_size calls (rounds); the scorer cuts their
         # solutions into forward batches of max_batch_size.
         self.score_solutions.set_max_batch_size(batching.max_batch_size)

@@ -1,6 +1,6 @@
 """PPO with per-step PRM reward, on Ray Train.
 
-    mathprm train-ppo --config jobs/configs/ppo_arith.yaml     # runs/arith/policy + prm -> runs/arith/policy-ppo
+    mathprm train-ppo --config mathprm/configs/ppo_arith.yaml     # runs/arith/policy + prm -> runs/arith/policy-ppo
 
 Episodes (`mode`):
 - `one_step` (the seed's): the prompt is a question plus a solution prefix, cut at a random
@@ -56,11 +56,12 @@ from typing import Any, Literal
 import torch
 
 from mathprm import atomic, ppo
+from mathprm.answers import judge_grader
 from mathprm.config import ConfigError, to_dict
 from mathprm.generation import Prefix, Sampling
 from mathprm.problems import Problem
+from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, parse_prm, trained_separator
 from mathprm.steps import StepFormat, content, step_format_for
-from mathprm.answers import judge_grader
 
 SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -70,8 +71,8 @@ PLOT_FILE = "ppo_curves.png"
 @dataclasses.dataclass
 class PPOConfig:
     policy: str = "runs/arith/policy"  # HF causal-LM directory: the initial policy and the frozen reference
-    prm: str = "runs/arith/prm"  # a PRM directory; "oracle": the arithmetic world's exact step checker;
-    # "none": no step reward, only outcome_reward (full_solution): the baseline a PRM must beat
+    prm: str = "runs/arith/prm"  # DIR | KIND:DIR (mathprm.scorer.parse_prm); "oracle": the arithmetic world's
+    # exact step checker; "none": no step reward, only outcome_reward (full_solution): the baseline a PRM must beat
     dataset: str = "arith:hard"  # training problems (train split for arith:*), a dataset name or a table path
     num_problems: int = 4000  # size of the training pool
     eval_dataset: str = "arith:hard"  # held-out problems (test split for arith:*)
@@ -156,9 +157,9 @@ class PPOConfig:
             raise ValueError(f"time_budget_min: must be > 0 or null, got {self.time_budget_min}")
         if not 0 < self.temperature <= 2:
             raise ValueError(f"temperature: PPO samples, so it must be in (0, 2], got {self.temperature}")
-        if self.prm == "oracle" and not self.dataset.startswith("arith:"):
+        if parse_prm(self.prm).kind == "oracle" and not self.dataset.startswith("arith:"):
             raise ValueError(f"prm: the oracle knows only the arithmetic world, not dataset {self.dataset!r}")
-        if self.prm == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
+        if parse_prm(self.prm).kind == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
             raise ValueError("prm: none leaves only the outcome reward, so it needs mode=full_solution and "
                              f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
         if self.separator is not None:
@@ -429,16 +430,10 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
 # ----------------------------------------------------------------------------- Ray shell
 
 
-NO_PRM_DIR = ("oracle", "none")  # `prm` values that name no directory
-
-
 def ppo_step_format(cfg: PPOConfig) -> StepFormat:
     """The steps the policy writes and the reward scores (`step_format_for`: the config's, else
     the PRM's, else the dataset's)."""
-    from mathprm.prm import read_prm_config
-
-    trained = None if cfg.prm in NO_PRM_DIR else read_prm_config(cfg.prm)["separator"]
-    return step_format_for(cfg.dataset, cfg.separator, trained)
+    return step_format_for(cfg.dataset, cfg.separator, trained_separator(parse_prm(cfg.prm)))
 
 
 def load_pools(cfg: PPOConfig) -> tuple[list[Problem], list[Problem]]:
@@ -469,7 +464,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
     from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
 
-    check_job_paths(policy=cfg.policy, prm=None if cfg.prm in NO_PRM_DIR else cfg.prm, out_dir=cfg.out_dir)
+    check_job_paths(policy=cfg.policy, prm=parse_prm(cfg.prm).path, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
     if reuse_finished(out, cfg.overwrite, is_finished(out), "ppo", "policy"):
         return out
@@ -483,7 +478,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
     init_ray(cfg.ray_address, cfg.num_cpus)
     settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
-                "prm": cfg.prm if cfg.prm in NO_PRM_DIR else str(Path(cfg.prm).resolve()), "out_dir": str(out)}
+                "prm": str(parse_prm(cfg.prm).resolved()), "out_dir": str(out)}
     fit_torch_trainer(_train_loop, settings, out, f"ppo-{out.name}", num_workers=cfg.num_workers,
                       use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
                       resources_per_worker={"CPU": cfg.cpus_per_worker})
@@ -493,17 +488,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
 
 
 def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
-    if cfg.prm == "none":
-        from mathprm.scorer import ZeroScorer
-
-        return ZeroScorer()
-    if cfg.prm == "oracle":
-        from mathprm.scorer import ArithOracle
-
-        return ArithOracle(pool)
-    from mathprm.prm import PRMScorer
-
-    return PRMScorer(cfg.prm, device=str(device), batch_size=32)
+    """The step reward's Scorer; `prm: none` scores every step 0 (only the outcome rewards)."""
+    scorer = build_scorer(parse_prm(cfg.prm), lambda: ArithOracle(pool), device=str(device), batch_size=32)
+    return scorer if scorer is not None else ZeroScorer()
 
 
 def _held_out_accuracy(generator, problems: Sequence[Problem], rank: int, world: int, cfg: PPOConfig) -> float:

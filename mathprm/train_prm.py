@@ -1,6 +1,6 @@
 """PRM training on Ray Train: BCE on soft step scores, from tree-search Parquet or TRL rows.
 
-    mathprm train-prm --config jobs/configs/prm_arith.yaml            # runs/arith/mcts -> runs/arith/prm
+    mathprm train-prm --config mathprm/configs/prm_arith.yaml            # runs/arith/mcts -> runs/arith/prm
 
 Data. `data` is a tree-search output directory (its `labels/`), step-score Parquet files
 (`mathprm.steptable.SCHEMA`), or a TRL stepwise-supervision dataset (Parquet or JSONL with

@@ -46,7 +46,7 @@ def test_the_oracle_scores_perfectly_and_best_of_n_beats_a_wrong_majority():
                                                                     f"The answer is {wrong_value}"]
     # Problem 1: three right solutions.
     policy = ScriptedPolicy({problems[0].question: [bad0, g0, bad0], problems[1].question: [good[1]] * 3})
-    cfg = PRMEvalConfig(scorer="oracle", dataset="arith:easy", n=3, limit=2)
+    cfg = PRMEvalConfig(prm="oracle", dataset="arith:easy", n=3, limit=2)
     records = sample_and_score(problems, policy, ArithOracle(problems), cfg, batch_index=0)
     assert [s["first_error"] for s in records[0]["solutions"]] == [1, -1, 1]
     assert [s["correct"] for s in records[0]["solutions"]] == [False, True, False]
@@ -72,13 +72,14 @@ def test_a_constant_scorer_finds_no_error_and_ranks_nothing():
     assert report["best_of_n@2"] == 0.0 and report["step_auroc"] == 0.5
 
 
-@pytest.mark.parametrize("override, field", [("scorer=nope", "scorer"), ("aggregation=max", "aggregation"),
+@pytest.mark.parametrize("override, field", [("prm=none", "prm"), ("prm=''", "prm"),
+                                             ("aggregation=max", "aggregation"),
                                              ("threshold=2", "threshold"), ("n=0", "n"),
-                                             ("dataset=gsm8k", "scorer")])
+                                             ("dataset=gsm8k", "prm")])
 def test_config_errors_name_the_field(override, field):
     from mathprm.config import ConfigError, load_config
 
-    extra = ["scorer=oracle"] if override.startswith("dataset") else []
+    extra = ["prm=oracle"] if override.startswith("dataset") else []
     with pytest.raises(ConfigError, match=field):
         load_config(PRMEvalConfig, None, [*extra, override])
 
@@ -92,7 +93,7 @@ def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_pol
     from mathprm.evaluate_prm import run_prm_evaluation
 
     monkeypatch.chdir(tiny_policy_dir.parent)
-    common = dict(scorer="oracle", policy=tiny_policy_dir.name, dataset="arith:easy", limit=3, n=2,
+    common = dict(prm="oracle", policy=tiny_policy_dir.name, dataset="arith:easy", limit=3, n=2,
                   batch_problems=2, max_solution_tokens=24, device="cpu")
     local = run_prm_evaluation(PRMEvalConfig(**common, out=str(tmp_path / "local.json")))
     remote = run_prm_evaluation(PRMEvalConfig(**common, use_ray=True, num_actors=1, out=str(tmp_path / "ray.json")))
@@ -115,5 +116,5 @@ def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_d
                   max_solution_tokens=24, device="cpu")
     assert run_prm_evaluation(PRMEvalConfig(**common, out=str(tmp_path / "a.json")))["threshold"] == 0.125
     assert run_prm_evaluation(PRMEvalConfig(**common, threshold=0.7, out=str(tmp_path / "b.json")))["threshold"] == 0.7
-    oracle = run_prm_evaluation(PRMEvalConfig(**{**common, "prm": "unused"}, scorer="oracle", out=str(tmp_path / "c.json")))
+    oracle = run_prm_evaluation(PRMEvalConfig(**{**common, "prm": "oracle"}, out=str(tmp_path / "c.json")))
     assert oracle["threshold"] == 0.5

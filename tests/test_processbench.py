@@ -245,8 +245,10 @@ def test_evaluate_scorer_rejects_wrong_number_of_scores():
         ({"subsets": []}, r"^subsets: give at least one"),
         ({"limit": 0}, r"^limit: must be >= 1"),
         ({"batch_size": 0}, r"^batch_size: must be >= 1"),
-        ({"scorer_backend": "llm-judge"}, r"^scorer_backend: unknown 'llm-judge'"),
-        ({"prm": None}, r"^prm: the 'prm' backend needs a directory"),
+        ({"prm": "none"}, r"^prm: ProcessBench needs a PRM"),
+        ({"prm": None}, r"^prm: ProcessBench needs a PRM"),
+        ({"prm": ""}, r"^prm: give none, oracle, a PRM directory or KIND:DIR"),
+        ({"prm": "prm:"}, r"^prm: 'prm:' names no directory"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, message):
@@ -255,8 +257,8 @@ def test_config_validation_names_the_field(kwargs, message):
 
 
 def test_config_from_overrides():
-    cfg = load_config(ProcessBenchConfig, None, ["scorer_backend=oracle", "prm=null", "subsets=gsm8k,math"])
-    assert (cfg.scorer_backend, cfg.prm, cfg.subsets) == ("oracle", None, ["gsm8k", "math"])
+    cfg = load_config(ProcessBenchConfig, None, ["prm=oracle", "subsets=gsm8k,math"])
+    assert (cfg.prm, cfg.subsets) == ("oracle", ["gsm8k", "math"])
     with pytest.raises(ConfigError, match="subsets: unknown subset 'mmlu'"):
         load_config(ProcessBenchConfig, None, ["subsets=gsm8k,mmlu"])
 
@@ -266,7 +268,7 @@ def test_config_from_overrides():
 
 def test_run_processbench_oracle_writes_the_report(data_dir, tmp_path):
     out = tmp_path / "eval" / "pb.json"
-    cfg = ProcessBenchConfig(scorer_backend="oracle", limit=5, out=str(out))
+    cfg = ProcessBenchConfig(prm="oracle", limit=5, out=str(out))
     report = run_processbench(cfg)
     written = json.loads(out.read_text())
     assert written == report

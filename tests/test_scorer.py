@@ -41,3 +41,26 @@ def test_the_oracle_scores_one_until_the_first_wrong_step():
     assert oracle.score([p.question, p.question], [good, bad]) == [[1.0] * len(good), [0.0] * len(bad)]
     with pytest.raises(ValueError, match="does not know the question"):
         oracle.score(["What is 1+1?"], [["1 + 1 = 2"]])
+
+
+def test_one_prm_grammar_for_every_stage():
+    from mathprm.scorer import PRMRef, build_scorer, parse_prm
+
+    assert parse_prm(None) == parse_prm("none") == PRMRef("none")
+    assert parse_prm("oracle") == PRMRef("oracle")
+    assert parse_prm("runs/arith/prm") == PRMRef("prm", "runs/arith/prm")
+    assert parse_prm("prm:/abs/dir") == PRMRef("prm", "/abs/dir")
+    assert parse_prm("runs/a:b") == PRMRef("prm", "runs/a:b")  # a colon is a kind only before a known KIND
+    assert str(parse_prm("prm:/abs/dir")) == "/abs/dir" and str(parse_prm("oracle")) == "oracle"
+    for bad, message in (("", "give none, oracle"), ("prm:", "names no directory"), (3, "give none, oracle")):
+        with pytest.raises(ValueError, match=f"^prm: .*{message}"):
+            parse_prm(bad)
+    assert build_scorer(PRMRef("none")) is None
+    problems = arith.generate("easy", 1, seed=3, split="test")
+    oracle = build_scorer(PRMRef("oracle"), lambda: ArithOracle(problems))
+    assert oracle.score([problems[0].question], [arith.solution_steps(problems[0])]) == [
+        [1.0] * len(arith.solution_steps(problems[0]))]
+    with pytest.raises(ValueError, match="^prm: oracle knows only"):
+        build_scorer(PRMRef("oracle"))
+    with pytest.raises(FileNotFoundError, match="not a PRM directory"):
+        build_scorer(parse_prm("/nonexistent/prm"))

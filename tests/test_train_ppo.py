@@ -266,7 +266,7 @@ def test_the_critic_gets_its_own_learning_rate():
                                               (["prm=none", "outcome_reward=0"], "prm")])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
-        load_config(PPOConfig, "jobs/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])
+        load_config(PPOConfig, "mathprm/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])
 
 
 # ----------------------------------------------------------------------------- real Ray Train
