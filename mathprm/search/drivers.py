@@ -1,0 +1,175 @@
+"""Drivers: they execute the requests a strategy yields against a Generator and a Scorer, for
+one problem (`run_search`), many in lockstep (`run_searches`) or with awaitable backends
+(`run_search_async`, the Serve app)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mathprm.problems import Problem
+from mathprm.search.core import (Chosen, Context, NextSteps, Request, Rollouts, Score, ScoredStep, Search, SearchConfig,
+                                 SearchResult, Usage)
+from mathprm.search.strategies import RUNNABLE, STRATEGIES
+from mathprm.steps import StepFormat
+
+# ----------------------------------------------------------------------------- drivers
+
+
+def _start(strategy: str, problem: Problem, cfg: SearchConfig, fmt: StepFormat, has_scorer: bool) -> Search:
+    if strategy not in RUNNABLE:
+        raise ValueError(f"strategy: unknown {strategy!r}; strategies: {', '.join(RUNNABLE)}")
+    if STRATEGIES[strategy].needs_prm and not has_scorer:
+        raise ValueError(f"strategy: {strategy} needs a PRM (a Scorer); give one, e.g. --prm runs/arith/prm")
+    return STRATEGIES[strategy].run(Context(problem, cfg, fmt))
+
+
+def _account(usage: Usage, request: Request, result: Any) -> None:
+    if isinstance(request, (NextSteps, Rollouts)):
+        usage.generator_calls += 1
+        for per_prefix in result:
+            usage.samples += len(per_prefix)
+            usage.generated_tokens += sum(s.n_tokens for s in per_prefix)
+    elif isinstance(request, Score):
+        usage.prm_calls += 1
+        usage.scored_solutions += len(request.steps)
+        usage.scored_steps += sum(map(len, request.steps))
+
+
+def _check_answer(request: Request, result: Any) -> None:
+    """A backend that answers with the wrong number of items would silently misalign scores."""
+    expected = len(request.prefixes) if isinstance(request, (NextSteps, Rollouts)) else len(request.steps)
+    if len(result) != expected:
+        raise RuntimeError(f"{type(request).__name__}: asked for {expected} items, the backend returned {len(result)}")
+    if isinstance(request, Score):
+        for steps, scores in zip(request.steps, result):
+            if len(scores) != len(steps):
+                raise RuntimeError(f"Score: a solution of {len(steps)} steps got {len(scores)} scores")
+
+
+def _execute(request: Request, generator: Any, scorer: Any) -> Any:
+    if isinstance(request, NextSteps):
+        result = generator.next_steps(list(request.prefixes), request.n, request.sampling)
+    elif isinstance(request, Rollouts):
+        result = generator.rollouts(list(request.prefixes), request.n, request.sampling)
+    else:
+        result = scorer.score(list(request.questions), [list(s) for s in request.steps])
+    _check_answer(request, result)
+    return result
+
+
+def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[ScoredStep], None] | None):
+    usage.blank_steps = result.usage.blank_steps  # counted by the strategy, the rest by the driver
+    result.usage = usage
+    if on_step is not None:  # steps a strategy decides only at its end are sent now
+        for step in result.steps[emitted:]:
+            on_step(step)
+    return result
+
+
+def run_search(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg: SearchConfig,
+               on_step: Callable[[ScoredStep], None] | None = None) -> SearchResult:
+    """Run one strategy on one problem with a synchronous Generator and Scorer (the scorer may
+    be None for greedy and majority). `on_step` gets each chosen step as soon as it is decided."""
+    search = _start(strategy, problem, cfg, generator.step_format, scorer is not None)
+    usage, emitted, reply = Usage(), 0, None
+    while True:
+        try:
+            request = search.send(reply)
+        except StopIteration as stop:
+            return _finish(stop.value, usage, emitted, on_step)
+        if isinstance(request, Chosen):
+            emitted += 1
+            if on_step is not None:
+                on_step(request.step)
+            reply = None
+            continue
+        reply = _execute(request, generator, scorer)
+        _account(usage, request, reply)
+
+
+def _merge_key(request: Request) -> tuple:
+    if isinstance(request, Score):
+        return ("score",)
+    s = request.sampling
+    return (type(request).__name__, request.n, s.temperature, s.top_p, s.max_step_tokens, s.max_solution_tokens)
+
+
+def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[Problem],
+                 cfg: SearchConfig) -> list[SearchResult]:
+    """Run one strategy on many problems in lockstep: each round, the searches' requests that
+    can share a call (same kind, n and sampling; every prefix carries its own seed) go to the
+    generator or scorer as one batch. Results equal `run_search` on each problem alone."""
+    searches = [_start(strategy, p, cfg, generator.step_format, scorer is not None) for p in problems]
+    usages = [Usage() for _ in problems]
+    results: list[SearchResult | None] = [None] * len(problems)
+    replies: dict[int, Any] = {i: None for i in range(len(problems))}
+    while replies:
+        pending: dict[int, Request] = {}
+        for i, reply in replies.items():
+            try:
+                request = searches[i].send(reply)
+                while isinstance(request, Chosen):
+                    request = searches[i].send(None)
+            except StopIteration as stop:
+                results[i] = _finish(stop.value, usages[i], 0, None)
+                continue
+            pending[i] = request
+        replies = {}
+        groups: dict[tuple, list[int]] = {}
+        for i, request in pending.items():
+            groups.setdefault(_merge_key(request), []).append(i)
+        for members in groups.values():
+            first = pending[members[0]]
+            if isinstance(first, Score):
+                merged: Request = Score(tuple(q for i in members for q in pending[i].questions),
+                                        tuple(s for i in members for s in pending[i].steps))
+            else:
+                merged = type(first)(tuple(p for i in members for p in pending[i].prefixes), first.n, first.sampling)
+            answer = _execute(merged, generator, scorer)
+            lo = 0
+            for i in members:
+                r = pending[i]
+                size = len(r.steps) if isinstance(r, Score) else len(r.prefixes)
+                replies[i] = answer[lo: lo + size]
+                lo += size
+                _account(usages[i], r, replies[i])
+    return results  # type: ignore[return-value]
+
+
+async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg: SearchConfig,
+                           step_format: StepFormat, on_step: Callable[[ScoredStep], Any] | None = None) -> SearchResult:
+    """`run_search` for asynchronous backends (`await generator.next_steps(...)`, `await
+    scorer.score(...)`, e.g. Serve deployment handles). `on_step` may be a coroutine function."""
+    import inspect
+
+    search = _start(strategy, problem, cfg, step_format, scorer is not None)
+    usage, emitted, reply = Usage(), 0, None
+
+    async def emit(step: ScoredStep) -> None:
+        if on_step is not None:
+            out = on_step(step)
+            if inspect.isawaitable(out):
+                await out
+
+    while True:
+        try:
+            request = search.send(reply)
+        except StopIteration as stop:
+            result: SearchResult = _finish(stop.value, usage, emitted, None)
+            for step in result.steps[emitted:]:
+                await emit(step)
+            return result
+        if isinstance(request, Chosen):
+            emitted += 1
+            await emit(request.step)
+            reply = None
+            continue
+        if isinstance(request, NextSteps):
+            reply = await generator.next_steps(list(request.prefixes), request.n, request.sampling)
+        elif isinstance(request, Rollouts):
+            reply = await generator.rollouts(list(request.prefixes), request.n, request.sampling)
+        else:
+            reply = await scorer.score(list(request.questions), [list(s) for s in request.steps])
+        _check_answer(request, reply)
+        _account(usage, request, reply)
