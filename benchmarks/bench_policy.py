@@ -3,7 +3,7 @@
     python benchmarks/bench_policy.py [--policies runs/arith/policy,runs/arith/policy_small] [--write]
 
 For each policy (trained by `mathprm sft`; `make demo` trains runs/arith/policy, and
-`python jobs/sft.py --config jobs/configs/sft_arith_small.yaml` the larger one) this runs
+`python jobs/sft.py --config mathprm/configs/sft_arith_small.yaml` the larger one) this runs
 `mathprm evaluate` with greedy, majority@k and pass@k (k = 1..16) and reports, with its
 training summary: accuracy per strategy, the share of sampled solutions with a parseable
 final answer, and per-step accuracy (steps right given the steps before them, judged by

@@ -6,8 +6,8 @@
 `--run` runs `mathprm demo --quick` in a fresh folder (so nothing is reused) and hashes what it
 wrote; `--root DIR` hashes an existing `runs/quick`. The fingerprints cover the outputs each stage
 hands to the next: the policy's and the checker's weights, the label table (its rows, in a fixed
-order, whatever the part files), the PRM, every evaluation report (less timings and paths), and
-the PPO policy. Same seeds must give the same fingerprints; `--compare` exits 1 naming each one
+order, whatever the part files), the PRM, every evaluation report with its per-problem records
+(less timings and paths), and the PPO policy. Same seeds must give the same fingerprints; `--compare` exits 1 naming each one
 that differs.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ("policy", "checker", "prm", "policy-ppo")
 REPORTS = ("eval/policy_arith_hard.json", "prm_eval.json", "eval.json", "eval/policy_ppo_arith_hard.json")
-# Report keys that measure the run, not its results.
-VOLATILE = ("seconds", "elapsed", "_s", "time", "date", "path", "dir", "model", "prm", "policy", "out", "plot")
+# Report keys that measure the run or name its folders, not its results.
+VOLATILE = ("seconds", "elapsed", "_s", "time", "date", "path", "dir", "prm", "policy", "out", "plot")
 
 
 def _sha(data: bytes) -> str:
@@ -67,7 +67,13 @@ def _strip(value: Any) -> Any:
 
 
 def report(path: Path) -> str:
-    return _sha(json.dumps(_strip(json.loads(path.read_text())), sort_keys=True).encode())
+    """A report (less timings and paths) and its per-problem records (`<name>.problems.jsonl`:
+    every strategy's chosen steps and scores), when it has them."""
+    parts = [json.dumps(_strip(json.loads(path.read_text())), sort_keys=True)]
+    records = path.with_suffix(".problems.jsonl")
+    if records.is_file():
+        parts += [json.dumps(_strip(json.loads(line)), sort_keys=True) for line in records.read_text().splitlines()]
+    return _sha("\n".join(parts).encode())
 
 
 def fingerprints(root: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/tes
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
 sft_run() {  # sft_run OUT_DIR LOG [more SFTConfig overrides]: the larger policy by gpu_sft.py
-  timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml \
+  timeout ${BENCH_TIMEOUT:-420} ${PYTHON:-python3} benchmarks/gpu_sft.py --config mathprm/configs/sft_arith_small.yaml \
     --out "$1" --minutes ${MINUTES:-4} eval_every=${EVAL_EVERY:-1000} $SFT_ARGS "${@:3}" 2>&1 \
     | grep --line-buffered -v 'Loading\|Writing' > "$2"
 }

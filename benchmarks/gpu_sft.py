@@ -3,7 +3,7 @@ trained on one GPU without Ray (a bare GPU machine has torch and transformers on
 
 (Not a bench_*.py: sized for a GPU, so `make bench` does not run it on the CPU box.)
 
-    python benchmarks/gpu_sft.py --config jobs/configs/sft_arith_small.yaml --out runs/exp/small_gpu \\
+    python benchmarks/gpu_sft.py --config mathprm/configs/sft_arith_small.yaml --out runs/exp/small_gpu \\
         [--minutes 5] [--snapshots 0.5,0.7,0.9] [--device cuda] [key=value ...]
 
 On 2 CPU cores the `small` preset (4.3M parameters, 4.9x the demo's policy) gets ~2,500 updates

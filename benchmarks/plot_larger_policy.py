@@ -4,9 +4,9 @@ of the final policy) against the small policy's strategies as horizontal lines.
 
 (Not a bench_*.py: it reads reports that `mathprm evaluate` wrote, it measures nothing itself.)
 
-    python jobs/sft.py --config jobs/configs/sft_arith_small.yaml snapshot_every=500
+    python jobs/sft.py --config mathprm/configs/sft_arith_small.yaml snapshot_every=500
     for d in runs/arith/policy_small-snapshots/step-* runs/arith/policy_small; do
-        mathprm evaluate --config jobs/configs/eval_arith.yaml policy=$d "strategies=[greedy]" \\
+        mathprm evaluate --config mathprm/configs/eval_arith.yaml policy=$d "strategies=[greedy]" \\
             out=runs/exp/larger/$(basename $d).json plot=null; done
     python benchmarks/plot_larger_policy.py --larger 'runs/exp/larger/step-*.json' \\
         --larger-final 3000=runs/exp/larger/policy_small.json \\

@@ -5,7 +5,7 @@
     python benchmarks/prm_verifier.py --policy runs/arith/policy --out runs/exp/verifier \\
         [--train-problems 4000] [--minutes 4] [--variants head+min,head+min@3e-4,head] [--device cuda]
 
-The demo's PRM (`jobs/configs/prm_arith.yaml`) is the policy's own confidence (weight and bias
+The demo's PRM (`mathprm/configs/prm_arith.yaml`) is the policy's own confidence (weight and bias
 on `prefix_min_logp`); issue 5's targets (step AUROC >= 0.95, first-error F1 >= 80) need a
 verifier that sees errors the policy is confident about. This asks whether training can give
 one, with no Ray and no tree search in the way (so it runs on a bare GPU machine):

@@ -1,6 +1,6 @@
 """Check a dataset's gold answers against its reference solutions, on Ray.
 
-    ray job submit --working-dir . -- python jobs/check_data.py --config jobs/configs/check_data.yaml \
+    ray job submit --working-dir . -- python jobs/check_data.py --config mathprm/configs/check_data.yaml \
         out_dir=$PWD/runs/data_check        # absolute: the job runs in a temporary copy of .
     python jobs/check_data.py datasets='[math500, gsm8k]' limit=100     # local Ray, overrides
 

@@ -1,9 +1,9 @@
 """Step-score data by tree search (Math-Shepherd or OmegaPRM) over many problems, on Ray.
 
     ray start --head
-    ray job submit --working-dir . -- python jobs/mcts.py --config jobs/configs/mcts_arith.yaml \
+    ray job submit --working-dir . -- python jobs/mcts.py --config mathprm/configs/mcts_arith.yaml \
         policy=$PWD/runs/arith/policy out_dir=$PWD/runs/arith/mcts
-    python jobs/mcts.py --config jobs/configs/mcts_arith.yaml method=omegaprm limit=50   # local Ray
+    python jobs/mcts.py --config mathprm/configs/mcts_arith.yaml method=omegaprm limit=50   # local Ray
     python jobs/mcts.py dataset=gsm8k:train policy=/models/Qwen2.5-Math-1.5B backend=vllm \
         gpus_per_actor=1 num_actors=4 out_dir=runs/gsm8k/mcts
 

@@ -1,8 +1,8 @@
 """Supervised fine-tuning of the arithmetic policy on reference solutions, on Ray Train.
 
-    ray job submit --working-dir . -- python jobs/sft.py --config jobs/configs/sft_arith.yaml \
+    ray job submit --working-dir . -- python jobs/sft.py --config mathprm/configs/sft_arith.yaml \
         out_dir=$PWD/runs/arith/policy      # absolute: the job runs in a temporary copy of .
-    python jobs/sft.py --config jobs/configs/sft_arith.yaml time_budget_min=5 preset=test   # local Ray
+    python jobs/sft.py --config mathprm/configs/sft_arith.yaml time_budget_min=5 preset=test   # local Ray
 
 Writes a Hugging Face checkpoint (model + tokenizer + sft_summary.json) to runs/arith/policy,
 reused unless overwrite=true; Ray Train checkpoints go to runs/arith/ray_train/sft-policy and

@@ -1,10 +1,10 @@
 """PPO with per-step PRM reward on Ray Train: the policy writes the next step, the PRM scores it.
 
     ray start --head
-    ray job submit --working-dir . -- python jobs/train_ppo.py --config jobs/configs/ppo_arith.yaml \
+    ray job submit --working-dir . -- python jobs/train_ppo.py --config mathprm/configs/ppo_arith.yaml \
         policy=$PWD/runs/arith/policy prm=$PWD/runs/arith/prm out_dir=$PWD/runs/arith/policy-ppo
-    python jobs/train_ppo.py --config jobs/configs/ppo_arith.yaml updates=20        # local Ray
-    python jobs/train_ppo.py --config jobs/configs/ppo_arith.yaml mode=full_solution advantage=grpo \
+    python jobs/train_ppo.py --config mathprm/configs/ppo_arith.yaml updates=20     # local Ray
+    python jobs/train_ppo.py --config mathprm/configs/ppo_arith.yaml mode=full_solution advantage=grpo \
         outcome_reward=1.0 out_dir=runs/arith/policy-ppo-grpo
     python jobs/train_ppo.py policy=/models/Qwen2.5-Math-1.5B-Instruct prm=/models/my-prm \
         dataset=gsm8k:train eval_dataset=gsm8k use_gpu=true num_workers=8 precision=bf16 lora_r=16

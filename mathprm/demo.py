@@ -1,7 +1,7 @@
 """`mathprm demo` (`make demo`): the whole arithmetic-world pipeline on a local Ray, with a report.
 
 1. the data check over the real data (or the bundled samples without it);
-2. the base policy (jobs/configs/sft_arith.yaml, 10-22 min on 2 cores the first time);
+2. the base policy (mathprm/configs/sft_arith.yaml, 10-22 min on 2 cores the first time);
 3. the checker, the PRM's backbone: the base policy trained on, annealed (checker_arith.yaml, 4 min);
 4. the base policy's greedy / majority@16 / pass@16 on fresh arith:hard problems (eval_arith.yaml);
 5. step labels by tree search (mcts_arith.yaml, DEMO_MCTS_LIMIT problems);
@@ -26,13 +26,16 @@ import datetime
 import json
 import time
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mathprm import atomic
 from mathprm.config import ConfigError, load_config, parse_args, to_dict
 
-JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+# The stage configs ship inside the package (package data: pyproject.toml), so an installed wheel
+# has them too; never found through the repository's layout.
+STAGE_CONFIGS = resources.files("mathprm") / "configs"
 STAGES = ("data", "sft", "checker", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; PRM scoring dominates)
@@ -60,6 +63,15 @@ QUICK: dict[str, list[str]] = {
             "eval_problems=2", "max_step_tokens=12", "max_solution_tokens=24", "cpus_per_worker=1"],
     "ppo_eval": [],
 }
+
+
+T = TypeVar("T")
+
+
+def stage_config(cls: type[T], name: str, overrides: list[str]) -> T:
+    """`cls` from the bundled config `name` (mathprm/configs/name), then `key=value` overrides."""
+    with resources.as_file(STAGE_CONFIGS / name) as path:  # a real file even from a zipped install
+        return load_config(cls, path, overrides)
 
 
 def stage_args(argv: list[str]) -> tuple[bool, dict[str, list[str]]]:
@@ -134,20 +146,20 @@ def run_demo(argv: list[str]) -> int:
         datasets = ["sample:math500", "sample:gsm8k", "arith:hard"]
     # Every config is read before any work starts, so a bad field fails in the first second.
     data_cfg = parse_args(DataCheckConfig, [f"datasets={datasets}", *args["data"]])
-    sft_cfg = load_config(SFTConfig, JOB_CONFIGS / "sft_arith.yaml", args["sft"])
-    checker_cfg = load_config(SFTConfig, JOB_CONFIGS / "checker_arith.yaml", args["checker"])
-    eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml", args["eval"])
-    mcts_cfg = load_config(MCTSConfig, JOB_CONFIGS / "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *args["mcts"]])
-    prm_cfg = load_config(TrainPRMConfig, JOB_CONFIGS / "prm_arith.yaml", args["prm"])
-    prm_eval_cfg = load_config(PRMEvalConfig, JOB_CONFIGS / "eval_prm_arith.yaml", args["prm_eval"])
-    search_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_guided_arith.yaml",
-                             [f"limit={DEMO_SEARCH_LIMIT}", *args["search"]])
-    ppo_cfg = load_config(PPOConfig, JOB_CONFIGS / "ppo_arith.yaml", [f"updates={DEMO_PPO_UPDATES}",
-                                                                      f"time_budget_min={DEMO_PPO_MAX_MINUTES}",
-                                                                      *args["ppo"]])
+    sft_cfg = stage_config(SFTConfig, "sft_arith.yaml", args["sft"])
+    checker_cfg = stage_config(SFTConfig, "checker_arith.yaml", args["checker"])
+    eval_cfg = stage_config(EvalConfig, "eval_arith.yaml", args["eval"])
+    mcts_cfg = stage_config(MCTSConfig, "mcts_arith.yaml", [f"limit={DEMO_MCTS_LIMIT}", *args["mcts"]])
+    prm_cfg = stage_config(TrainPRMConfig, "prm_arith.yaml", args["prm"])
+    prm_eval_cfg = stage_config(PRMEvalConfig, "eval_prm_arith.yaml", args["prm_eval"])
+    search_cfg = stage_config(EvalConfig, "eval_guided_arith.yaml",
+                              [f"limit={DEMO_SEARCH_LIMIT}", *args["search"]])
+    ppo_cfg = stage_config(PPOConfig, "ppo_arith.yaml", [f"updates={DEMO_PPO_UPDATES}",
+                                                         f"time_budget_min={DEMO_PPO_MAX_MINUTES}",
+                                                         *args["ppo"]])
     # The PPO policy is judged on stage 4's problems with stage 4's settings, greedy only.
-    ppo_eval_cfg = load_config(EvalConfig, JOB_CONFIGS / "eval_arith.yaml",
-                               [*args["eval"], "strategies=[greedy]", *args["ppo_eval"]])
+    ppo_eval_cfg = stage_config(EvalConfig, "eval_arith.yaml",
+                                [*args["eval"], "strategies=[greedy]", *args["ppo_eval"]])
 
     times: list[tuple[str, float, bool]] = []
     sections: list[str] = []  # report.md's parts

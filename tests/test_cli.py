@@ -49,7 +49,7 @@ def test_bad_input_exits_2_without_traceback(tmp_path):
 def test_job_script_runs_on_existing_cluster(ray_cluster, tmp_path):
     """`python jobs/check_data.py` joins a running cluster through RAY_ADDRESS, as under `ray job submit`."""
     r = _run(
-        [sys.executable, str(REPO / "jobs" / "check_data.py"), "--config", str(REPO / "jobs/configs/check_data.yaml"),
+        [sys.executable, str(REPO / "jobs" / "check_data.py"), "--config", str(REPO / "mathprm/configs/check_data.yaml"),
          "datasets=[sample:gsm8k, arith:easy]", "limit=20", f"out_dir={tmp_path}"],
         tmp_path,
         {"RAY_ADDRESS": ray_cluster["address"]},

@@ -24,7 +24,7 @@ import yaml
 from mathprm.config import load_config, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "mathprm" / "configs").glob("*.yaml"))
 GPU_CONFIGS = [p for p in CONFIGS if p.stem.endswith("_gpu")]
 LAUNCHERS = [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml"]
 KUBERAY = REPO / "cluster" / "kuberay"
@@ -288,7 +288,7 @@ def test_rayjob_runs_the_mcts_job_from_the_image(monkeypatch):
     cd, command = (part.strip() for part in spec["entrypoint"].split("&&"))
     assert cd == f"cd {_dockerfile()['WORKDIR']}"  # the image's copy of this repository
     argv = shlex.split(command)
-    assert argv[:4] == ["python", "jobs/mcts.py", "--config", "jobs/configs/mcts_arith_gpu.yaml"]
+    assert argv[:4] == ["python", "jobs/mcts.py", "--config", "mathprm/configs/mcts_arith_gpu.yaml"]
     cfg = parse_args(_job_dataclasses()["jobs/mcts.py"], argv[2:])
     shared = _shared_mount(spec["rayClusterSpec"])
     assert cfg.policy.startswith(shared + "/") and cfg.out_dir.startswith(shared + "/")

@@ -56,7 +56,7 @@ def _config(policy, out, **kw) -> MCTSConfig:
 
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="'methd'"):
-        load_config(MCTSConfig, REPO / "jobs/configs/mcts_arith.yaml", ["methd=omegaprm"])
+        load_config(MCTSConfig, REPO / "mathprm/configs/mcts_arith.yaml", ["methd=omegaprm"])
     with pytest.raises(ConfigError, match="'method'"):
         load_config(MCTSConfig, None, ["method=beam"])
     with pytest.raises(ConfigError, match="trl_export"):
@@ -65,7 +65,7 @@ def test_config_errors_name_the_key():
         load_config(MCTSConfig, None, ["num_solutions=8", "rollout_budget=4"])
     with pytest.raises(ConfigError, match="backend"):
         load_config(MCTSConfig, None, ["backend=tgi"])
-    cfg = load_config(MCTSConfig, REPO / "jobs/configs/mcts_arith.yaml", ["method=omegaprm"])
+    cfg = load_config(MCTSConfig, REPO / "mathprm/configs/mcts_arith.yaml", ["method=omegaprm"])
     assert (cfg.method, cfg.out_dir, cfg.split) == ("omegaprm", "runs/arith/mcts", "train")
 
 
@@ -257,7 +257,7 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
 def test_ray_job_submit_runs_the_job_on_the_local_head(ray_cluster, tiny_policy_dir, tmp_path):
     out = tmp_path / "submitted"
     data = _jsonl(tmp_path / "p.jsonl", _memorised())  # whole steps to label on any CPU
-    entry = [sys.executable, "jobs/mcts.py", "--config", "jobs/configs/mcts_arith.yaml", f"policy={tiny_policy_dir}",
+    entry = [sys.executable, "jobs/mcts.py", "--config", "mathprm/configs/mcts_arith.yaml", f"policy={tiny_policy_dir}",
              "method=math_shepherd", f"dataset={data}", 'separator="\\n"', "limit=2", "num_solutions=2", "rollouts_per_step=2",
              "max_solution_tokens=32", "num_actors=1", f"out_dir={out}"]
     ray_bin = Path(sys.executable).with_name("ray")

@@ -137,7 +137,7 @@ def test_held_out_problems_are_train_split_fresh_and_fixed():
 
 
 def test_job_config_parses():
-    cfg = parse_args(SFTConfig, ["--config", "jobs/configs/sft_arith.yaml"])
+    cfg = parse_args(SFTConfig, ["--config", "mathprm/configs/sft_arith.yaml"])
     assert cfg.out_dir == "runs/arith/policy" and cfg.mixture == {"easy": 1.0, "medium": 3.0, "hard": 6.0}
 
 
@@ -171,7 +171,7 @@ def test_a_bad_init_from_is_refused_naming_the_field_before_any_work(tok, tmp_pa
 
 
 def test_the_checker_config_starts_from_the_policy_and_anneals_without_a_stop():
-    cfg = parse_args(SFTConfig, ["--config", "jobs/configs/checker_arith.yaml"])
+    cfg = parse_args(SFTConfig, ["--config", "mathprm/configs/checker_arith.yaml"])
     assert cfg.init_from == "runs/arith/policy" and cfg.stop_at_accuracy is None and cfg.seed != 0
     assert cfg.out_dir == "runs/arith/checker" and cfg.time_budget_min is not None
 
