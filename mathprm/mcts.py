@@ -83,7 +83,7 @@ class MCTSConfig(TreeSearchConfig):
     num_actors: int = 1  # expander actors, each with its own generator engine
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # e.g. 1 for vLLM on a GPU
-    problems_per_batch: int = 8  # problems an actor searches in lockstep; also problems per output file
+    batch_problems: int = 8  # problems an actor searches in lockstep; also problems per output file
     out_dir: str = "runs/arith/mcts"
     trl_export: list[str] = dataclasses.field(default_factory=lambda: list(TRL_FORMATS))
     overwrite: bool = False  # start over instead of resuming
@@ -99,7 +99,7 @@ class MCTSConfig(TreeSearchConfig):
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if self.split not in arith.SPLITS:
             raise ValueError(f"split: must be one of {', '.join(arith.SPLITS)}, got {self.split!r}")
-        for name in ("num_actors", "problems_per_batch"):
+        for name in ("num_actors", "batch_problems"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
@@ -370,11 +370,11 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     if todo:
         init_ray(cfg.ray_address, cfg.num_cpus)
         run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        ds = problems_dataset(todo, override_num_blocks=max(1, -(-len(todo) // cfg.problems_per_batch)))
+        ds = problems_dataset(todo, override_num_blocks=max(1, -(-len(todo) // cfg.batch_problems)))
         labelled = ds.map_batches(
             Expander,
             fn_constructor_kwargs={"cfg": cfg},
-            batch_size=cfg.problems_per_batch,
+            batch_size=cfg.batch_problems,
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,

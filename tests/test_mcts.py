@@ -47,7 +47,7 @@ def _memorised() -> list[dict]:
 def _config(policy, out, **kw) -> MCTSConfig:
     """A small, fast search: the tiny policy writes junk on arith, so rollouts are short-capped."""
     base = dict(policy=str(policy), dataset="arith:easy", limit=4, num_solutions=2, rollouts_per_step=2,
-                max_solution_tokens=40, num_actors=1, problems_per_batch=2, out_dir=str(out), progress_every_s=2)
+                max_solution_tokens=40, num_actors=1, batch_problems=2, out_dir=str(out), progress_every_s=2)
     return MCTSConfig(**{**base, **kw})
 
 
@@ -166,7 +166,7 @@ def test_the_stage_writes_labels_trl_rows_and_a_summary_then_resumes(ray_cluster
 @pytest.mark.ray
 def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster, tiny_policy_dir, tmp_path):
     out = tmp_path / "mcts"
-    cfg = _config(tiny_policy_dir, out, limit=4, problems_per_batch=1)
+    cfg = _config(tiny_policy_dir, out, limit=4, batch_problems=1)
     first = run_mcts(cfg)
     files = sorted((out / "labels").glob("part-*.parquet"))
     assert first["searched_this_run"] == 4 and len(files) == 4
@@ -183,7 +183,7 @@ def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster,
     assert after.sort_by([(k, "ascending") for k in key]).equals(before.sort_by([(k, "ascending") for k in key]))
     # A smaller limit would leave labels of unselected problems: refused before any search.
     with pytest.raises(ConfigError, match="limit changed"):
-        run_mcts(_config(tiny_policy_dir, out, limit=2, problems_per_batch=1))
+        run_mcts(_config(tiny_policy_dir, out, limit=2, batch_problems=1))
     assert read_labels(out).num_rows == after.num_rows
 
 
@@ -214,7 +214,7 @@ def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_
     args = [sys.executable, str(REPO / "jobs/mcts.py"), f"policy={tiny_policy_dir}", f"dataset={data}",
             'separator="\\n"', f"limit={N_KILL}", "num_solutions=4", "rollouts_per_step=8", "max_solution_tokens=64",
             "num_actors=2",
-            "cpus_per_actor=0.5", "problems_per_batch=1", f"out_dir={out}", "progress_every_s=2"]
+            "cpus_per_actor=0.5", "batch_problems=1", f"out_dir={out}", "progress_every_s=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     labels_dir = out / "labels"
