@@ -61,13 +61,14 @@ class Preset:
             raise ValueError(f"Preset.max_value {self.max_value} is below the largest start value {self.start[1]}")
 
 
-# Sized so that a ~1M-parameter character-level model trained from scratch for 15 minutes on
-# two CPU cores gets most steps right but not all (measured: docs/BENCHMARKS.md, "SFT recipe").
-# Values stay non-negative (negatives were a measured weak spot and make word problems absurd).
-# easy and medium stay below 100, where the tiny policy learns + and - exactly; hard reaches
-# 199 and chains 7-9 operations. Its residual errors are mostly * and / facts and carries
-# across 100, and one wrong step anywhere sinks the answer. Moving hard to 3-digit numbers
-# made +/- unlearnable in the budget (5 % greedy); keeping it below 100 made it too easy (92 %).
+# Sized so that the tiny character-level policy (`mathprm.policy`), trained from scratch on a
+# CPU within the SFT time budget, gets most steps right but not all: a PRM then has errors to
+# find. Values stay non-negative (the tiny policy handles negatives poorly, and they make word
+# problems absurd). easy and medium stay below 100, where the tiny policy learns + and -
+# exactly; hard reaches 199 and chains 7-9 operations. Its residual errors are mostly * and /
+# facts and carries across 100, and one wrong step anywhere sinks the answer. hard sits
+# between two failures: 3-digit numbers make + and - unlearnable in the budget, and numbers
+# kept below 100 leave too few errors.
 PRESETS: dict[str, Preset] = {
     "easy": Preset(
         n_ops=(2, 2), start=(1, 20), add_operand=(1, 9), mul_operand=(2, 5), operators="+-*", max_value=50

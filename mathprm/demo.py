@@ -1,8 +1,8 @@
 """`mathprm demo` (`make demo`): the whole arithmetic-world pipeline on a local Ray, with a report.
 
 1. the data check over the real data (or the bundled samples without it);
-2. the base policy (mathprm/configs/sft_arith.yaml, 10-22 min on 2 cores the first time);
-3. the checker, the PRM's backbone: the base policy trained on, annealed (checker_arith.yaml, 4 min);
+2. the base policy (mathprm/configs/sft_arith.yaml);
+3. the checker, the PRM's backbone: the base policy trained on, annealed (checker_arith.yaml);
 4. the base policy's greedy / majority@16 / pass@16 on fresh arith:hard problems (eval_arith.yaml);
 5. step labels by tree search (mcts_arith.yaml, DEMO_MCTS_LIMIT problems);
 6. a PRM on those labels over the checker (prm_arith.yaml), then its step AUROC / first-error F1 /
@@ -14,8 +14,9 @@
 
 Finished stages are reused: the policy, the labels, the PRM and the PPO policy by their own
 "finished" markers, and each evaluation report while it was made with the same settings from
-the same models (a stamp beside the report). So a second run takes minutes. The run ends
-with a table of stage times and writes `<root>/report.md` with every table and the PNG plots.
+the same models (a stamp beside the report). So a second run skips the work already done. The
+run ends with a table of stage times and writes `<root>/report.md` with every table and the
+PNG plots.
 `--quick` runs every stage tiny under runs/quick/ (QUICK; what the integration test runs).
 Arguments `<stage>.<field>=<value>` override one stage's config (`eval.limit=50`).
 """
@@ -39,8 +40,8 @@ STAGE_CONFIGS = resources.files("mathprm") / "configs"
 STAGES = ("data", "sft", "checker", "eval", "mcts", "prm", "prm_eval", "search", "ppo", "ppo_eval")
 DEMO_MCTS_LIMIT = 50  # problems the demo labels (the job's config says 200)
 DEMO_SEARCH_LIMIT = 50  # problems the demo searches (the job's config says 100; PRM scoring dominates)
-# PPO's length in the demo counts updates, not minutes, so a second run on any box trains the same weights
-# (~6 min on the 2-core box; the job's config says 200 updates or 20 min). The clock is only a cap.
+# PPO's length in the demo counts updates, not minutes, so a second run on any machine trains the same
+# weights (the job's config says 200 updates or 20 min). The clock is only a cap.
 DEMO_PPO_UPDATES = 36
 DEMO_PPO_MAX_MINUTES = 15
 

@@ -10,7 +10,8 @@ Prompts are batched by length, and rows that have stopped are dropped from the b
 their KV cache) once a quarter of it has stopped, so rollouts of very different lengths do not
 all pay for the longest. After the prefill, the cache of every full-attention layer gets room for
 the tokens still to come (`_preallocate`): transformers' `DynamicLayer` concatenates the whole
-cache at each decoding step, which on CPU was over half the time of a rollout from a deep prefix.
+cache at each decoding step, a copy that grows with the prefix and on CPU dominates a rollout
+from a deep one.
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
 merges into a longer token (".\\n\\n") still stops the step; the text is cut at its first
 separator, as vLLM's `stop` strings do.
@@ -177,7 +178,7 @@ class HFGenerator:
 def _preallocate(cache, extra: int) -> None:
     """Give every full-attention layer of a `DynamicCache` room for `extra` more tokens, so
     that decoding writes each new key and value in place instead of concatenating the whole
-    cache at every step (on CPU that copy was over half of a deep-prefix rollout's time).
+    cache at every step (on CPU that copy dominates a rollout from a deep prefix).
     Layers of other kinds are left as they are."""
     from transformers.cache_utils import DynamicLayer
 

@@ -53,11 +53,11 @@ class VLLMGenerator:
         else:
             # vLLM rewinds a seeded request's torch.Generator when its prompt was only partly
             # prefilled, and CPU generators cannot rewind ("CPU Generator does not use
-            # offset"): a seeded batch over the 4096-token step budget killed the engine.
+            # offset"), so a seeded batch over the 4096-token step budget kills the engine.
             # Without chunked prefill a prompt is always prefilled whole, in a later step if
             # the budget is spent.
             options["enable_chunked_prefill"] = False
-        # Eager mode starts ~3x faster on CPU (no torch.compile warm-up) but decodes ~2x slower.
+        # Eager mode starts faster on CPU (no torch.compile warm-up) but decodes slower.
         eager = (not on_gpu) if enforce_eager is None else enforce_eager
         self.step_format = step_format
         # The engine's sockets go to TMPDIR when it starts; the caller's TMPDIR comes back after.

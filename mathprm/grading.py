@@ -26,9 +26,9 @@ So (a) `_is_risky` refuses, before sympy sees them, numeric exponent towers, hug
 factorials and binomials, and over-long answers; and (b) sympy runs in a persistent helper
 process (one per grading process, shared by its threads) that the caller waits on for at
 most `SYMPY_SECONDS`, then kills and restarts. This holds in any thread, Ray actor or Serve
-replica. Cost: one helper start (~2 s of imports, off the caller's clock until the first
-comparison that needs sympy), ~0.1 ms of pipe traffic per sympy comparison, and results are
-cached. Most answers never reach the helper (stage 2).
+replica. Cost: one helper start (importing sympy and math-verify, off the caller's clock until
+the first comparison that needs sympy), one pipe round trip per sympy comparison, and results
+are cached. Most answers never reach the helper (stage 2).
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 
 The arithmetic world's policy is a real Hugging Face `LlamaForCausalLM`, so every later
 stage (vLLM generation, PRM backbone, PPO) treats it exactly as it would treat a
-downloaded checkpoint. Presets name sizes; `tiny` trains in minutes on two cores and
-`small` is the ">= 4x larger" model for the "small model + PRM beats a bigger model" test.
+downloaded checkpoint. Presets name sizes; `tiny` trains from scratch on a CPU within the
+SFT time budget and `small` is the ">= 4x larger" model for the "small model + PRM beats a
+bigger model" test.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Qwen2.5-Math, ...) plus a small head. A solution is encoded as
 
 each piece tokenised on its own, and step i's logit is read at the last token of
 `step_i + sep`, where a causal model has seen the question and steps 0..i and nothing after.
-So one forward pass scores every step; the seed instead ran one pass per step prefix and read
-the logit of a `<next>` marker. Tokenising pieces separately pins each step's end to a token
+So one forward pass scores every step, rather than one pass per step prefix reading the logit
+of a marker token. Tokenising pieces separately pins each step's end to a token
 boundary for any tokenizer (a BPE merge across the separator cannot move it), and training
 and scoring share `encode_solution`, so they always agree.
 
@@ -22,12 +22,12 @@ beside the trained backbone: the lowest and the mean log-probability of step i's
 and the lowest over steps 0..i. A causal LM's surprise at a token ("I expected 116, it says 126") forms in its last
 layer at the position before that token, where no later position's head can read it back;
 handing the head that surprise is what lets a small PRM work from a few hundred labelled
-solutions (docs/BENCHMARKS.md, "The PRM's likelihood features": on the demo's labels a head on
-h alone scores step AUROC 0.52, the feature head 0.83). The confidence of a model in its own
-tokens is a known verifier by itself (DeepConf, Fu et al. 2025); `w` starts as that verifier
-(weight 1 on the prefix minimum) and training moves it. Measured there too: that untrained
-start (0.93) beats every trained variant, because Monte-Carlo values also teach the head how
-hard the rest of a problem is, which the first-error truth ignores. `features: []` gives the
+solutions, from which a head on h alone learns little (docs/BENCHMARKS.md compares the two).
+The confidence of a model in its own tokens is a known verifier by itself (DeepConf, Fu et al.
+2025); `w` starts as that verifier (weight 1 on the prefix minimum) and training moves it.
+Against the first-error truth that untrained start can rank steps better than the trained
+variants, because Monte-Carlo values also teach the head how hard the rest of a problem is,
+which the first-error truth ignores. `features: []` gives the
 plain head; `hidden_head=False` drops score(h) and keeps the backbone frozen as the reference
 itself, so training only fits `w` and a bias: the calibrated prior, one model copy, one
 forward pass per batch, and nothing for Monte-Carlo values to teach about problem difficulty.
@@ -364,9 +364,9 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
 
 
 # A step is doubtful when the reference LM gives one of its tokens probability below 1/e (~0.37):
-# the best first-error F1 of two PRMs with very different fitted weights fell at -1.0 to -1.1 on
-# 200 problems each, and -1.0 held on 200 fresh ones (docs/BENCHMARKS.md, "A threshold on the
-# likelihood scale"). Tuned in the arithmetic world with exact labels; a real checker may differ.
+# PRMs with very different fitted weights find their best first-error F1 near this log-prob, and
+# it carries over to fresh problems. Tuned in the arithmetic world with exact labels; a real
+# checker may differ.
 DOUBT_LOGP = -1.0
 
 
@@ -375,8 +375,7 @@ def likelihood_threshold(model: Any) -> float | None:
     the one feature `prefix_min_logp`, a positive weight): its score of a prefix whose least
     likely token the reference LM gives probability 1/e (`DOUBT_LOGP`). It needs no labels, and
     it is the same point on the log-prob scale whatever weight and bias the noisy tree-search
-    labels fitted (docs/BENCHMARKS.md, "A threshold on the likelihood scale"). None for any
-    other PRM (or model)."""
+    labels fitted. None for any other PRM (or model)."""
     if not isinstance(model, PRMModel) or model.hidden_head or model.features != ("prefix_min_logp",):
         return None
     weight, bias = float(model.feature_weights.weight[0, 0].detach()), float(model.score.bias[0].detach())

@@ -130,7 +130,7 @@ def two_group_threshold(scores: Sequence[float]) -> float | None:
     is labelled 0 when every rollout from it failed, a wrong one > 0 when a rollout recovered),
     so a threshold fitted to them is pulled into the group of wrong steps. A PRM that ranks
     well scores right steps in a tight group near its ceiling and wrong ones spread below it
-    (docs/BENCHMARKS.md, "The checker"); the split between the groups is the threshold."""
+    (see docs/BENCHMARKS.md); the split between the groups is the threshold."""
     values = sorted(float(x) for x in scores)
     if any(math.isnan(x) for x in values):
         raise ValueError("two_group_threshold: a score is NaN")

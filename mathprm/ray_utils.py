@@ -188,7 +188,7 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
 
     Logs: Ray Train's own INFO lines are filtered to WARNING (`report_train_step` also quiets
     its "Reporting training result ..." line per report), and its print patch is off unless
-    RAY_TRAIN_ENABLE_PRINT_PATCH is set (patched, every progress line of a worker reached the
+    RAY_TRAIN_ENABLE_PRINT_PATCH is set (patched, every progress line of a worker reaches the
     driver twice: once through Train's logger and once through its tee to the real stdout)."""
     import os
     import shutil

@@ -8,7 +8,7 @@ that can judge steps implements it, batched over solutions:
   forward pass;
 - `ArithOracle`: the arithmetic world's exact checker (1.0 while every step so far is right,
   then 0.0), for tests and upper bounds;
-- later, the Serve deployment's handle adapter.
+- the Serve app's handle adapter over the PRM deployment (the same contract, async).
 
 Which PRM a stage uses is spelled one way in every config and the Serve app (`parse_prm`):
 `prm: none | oracle | DIR | KIND:DIR`, DIR a PRM directory in mathprm's format and KIND a key

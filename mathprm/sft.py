@@ -59,8 +59,9 @@ class SFTConfig:
     max_steps: int = 3000  # the cosine schedule ends here
     time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
     # Stop (and save) once greedy accuracy on `eval_problems` held-out train-split problems of
-    # `eval_difficulty` reaches this: the policy is deliberately imperfect, and how many updates
-    # a box fits in the time budget no longer decides how imperfect. None: no held-out check.
+    # `eval_difficulty` reaches this: the policy is deliberately imperfect, and how imperfect
+    # then does not depend on how many updates a machine fits in the time budget. None: no
+    # held-out check.
     stop_at_accuracy: float | None = None
     eval_difficulty: str = "hard"
     eval_problems: int = 100
@@ -237,8 +238,8 @@ def train_step(
     """One AdamW step on the mean token loss of `batch`; returns that loss.
 
     `bf16` runs the forward pass under bfloat16 autocast (weights, optimiser state and the
-    loss's softmax stay float32): the usual choice on GPUs, and ~1.3x faster on CPUs with
-    AVX-512 BF16.
+    loss's softmax stay float32): the usual choice on GPUs, and faster on CPUs with AVX-512
+    BF16.
     """
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -3,7 +3,7 @@
     mathprm train-ppo --config mathprm/configs/ppo_arith.yaml     # runs/arith/policy + prm -> runs/arith/policy-ppo
 
 Episodes (`mode`):
-- `one_step` (the seed's): the prompt is a question plus a solution prefix, cut at a random
+- `one_step`: the prompt is a question plus a solution prefix, cut at a random
   step from the problem's reference solution (share `reference_prefix_fraction`) or from one
   of the policy's own rollouts; the action is the next step; its reward is the PRM's score
   of that step (the last score of prefix + step).
@@ -88,7 +88,7 @@ class PPOConfig:
     updates: int = 100
     time_budget_min: float | None = None  # stop cleanly (and still save) after this many minutes
     ppo_epochs: int = 1  # passes over each update's episodes
-    minibatch_size: int = 128  # episodes per optimiser step, per worker (small ones made the policy drift)
+    minibatch_size: int = 128  # episodes per optimiser step, per worker (small ones let the policy drift)
     lr: float = 2e-5
     critic_lr: float | None = None  # gae: the value head's (and separate critic's) learning rate; None: lr
     clip: float = 0.2  # policy ratio clip

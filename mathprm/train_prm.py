@@ -263,8 +263,8 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
     for any other PRM the split of its own scores
     of the validation and `train` labelled steps into two groups (`two_group_threshold`, no
     labels: tree-search labels are wrong both ways often enough to pull a fitted threshold into
-    the wrong steps' group; docs/BENCHMARKS.md, "The checker"). `val_scores`: the final model's scores
-    of `val` when the last validation already computed them (scored here otherwise)."""
+    the wrong steps' group). `val_scores`: the final model's scores of `val` when the last
+    validation already computed them (scored here otherwise)."""
     from mathprm.processbench import best_threshold, two_group_threshold
 
     if val_scores is None:
@@ -300,8 +300,8 @@ def data_step_format(cfg: TrainPRMConfig) -> StepFormat:
 def _materialize_with_sort_shuffle(ds):
     """`ds.materialize()` with Ray Data's sort-based shuffle for its groupby. Ray 2.60's default
     (SHUFFLE_V2) starts aggregator actors that hold the CPUs for a while after the shuffle and
-    leaves ~200 blocks; on the 2-CPU box grouping the demo's 564 step labels took 29 s and
-    the split after it 12 s, against 10 s and 0.1 s with the sort-based shuffle."""
+    leaves many blocks; on a machine with few CPUs both slow the grouping and the split after
+    it far more than the sort-based shuffle does."""
     import ray.data
     from ray.data.context import ShuffleStrategy
 
@@ -413,8 +413,7 @@ class PriorPRMConfig:
     sigmoid(the lowest log-probability `base` gives any token of the solution so far): the
     likelihood prior that `train-prm` with `hidden_head: false` starts from and then only
     calibrates (a weight and a bias: the ranking of steps stays the prior's). Use it to try a
-    stronger LM as the verifier before labelling anything (docs/BENCHMARKS.md, "A PRM over
-    the 5x larger policy")."""
+    stronger LM as the verifier before labelling anything."""
 
     base: str = "runs/arith/checker"  # any HF causal-LM directory; it must compute the steps better than the policy
     separator: str = "\n"  # the step separator of the solutions it will score: the arithmetic world's
@@ -458,7 +457,7 @@ class EpochBatches:
     """This worker's training batches (full batches only), one epoch at a time.
 
     Every pass over a Ray Data shard starts a new streaming execution, and the workers wait for
-    each other at its start (~5 s per epoch on the 2-core box: most of a small run's time). So
+    each other at its start (a fixed cost per epoch that dominates a small run). So
     the first epoch reads the shard into memory, and if it fits in `max_bytes` that epoch and
     every later one shuffle those rows in memory, seeded by (seed, epoch, rank), without going
     back to Ray Data. A larger shard streams every epoch (Ray Data's local shuffle)."""

@@ -112,7 +112,7 @@ class TreeSearchConfig:
     length_scale: float = 500.0  # omegaprm: L, in generated tokens
     temperature: float = 1.0  # of the solutions sampled at the root
     # Of the completions that score a state; None: `temperature`. Lower makes a weak policy's
-    # completions from a right state succeed more often (docs/BENCHMARKS.md, tree-search labels).
+    # completions from a right state succeed more often (see docs/BENCHMARKS.md).
     rollout_temperature: float | None = None
     top_p: float = 1.0
     max_solution_tokens: int = 384  # a longer completion is cut (and is wrong unless it has the answer)

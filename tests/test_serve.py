@@ -1,4 +1,4 @@
-"""The Serve app (mathprm/serve.py) on real Ray Serve: HTTP solve, SSE stream, bad input, batching,
+"""The Serve app (mathprm/serve/) on real Ray Serve: HTTP solve, SSE stream, bad input, batching,
 the API key, and the `serve run` CLI on serve_configs/guided.yaml.
 
 One app serves every HTTP test (module fixture `app`); the CLI test runs before it, because

@@ -12,7 +12,7 @@ Strategies (`STRATEGIES`; `name@N` sets `n`, e.g. `guided@8`):
   `aggregation` (last / min / prod / mean of its step scores) wins.
 - `weighted_majority`: the same `n` scored solutions; each answer's weight is the sum of its
   solutions' aggregated scores (PRM-weighted vote); the answer with most weight wins.
-- `guided` (the seed's): sample `n` candidate next steps, keep the one the PRM scores
+- `guided`: sample `n` candidate next steps, keep the one the PRM scores
   highest, repeat until the policy ends the solution or `max_steps`.
 - `guided_retry`: `guided`, but when every candidate scores below `retry_below` times its
   parent's score (the PRM says each one made the solution worse: a step the policy rarely gets
@@ -35,10 +35,10 @@ Partial solutions are compared by their last step's score (the PRM's value of th
 finished solutions by `aggregation`. Candidate steps whose scores tie (to 6 decimals) are told
 apart by `tie_break`: `first` (default) keeps the first sampled, `mode` the one the policy sampled
 most often among the `n` (a PRM whose score is the prefix's minimum, like the demo's, ties every
-candidate no worse than an earlier step; on the demo's PRM `mode` measured no better, see
-docs/BENCHMARKS.md). Every result reports what it cost (`Usage`: generated
-tokens, generator calls and samples, PRM calls and the solutions and steps they scored), so
-strategies can be compared at equal compute.
+candidate no worse than an earlier step; `mode` breaks those ties by the policy's preference,
+which is no better than `first` on the demo's PRM, see docs/BENCHMARKS.md). Every result reports
+what it cost (`Usage`: generated tokens, generator calls and samples, PRM calls and the
+solutions and steps they scored), so strategies can be compared at equal compute.
 
 Design. A strategy is a Python generator that *yields requests* (`NextSteps`, `Rollouts`,
 `Score`, and `Chosen` when it has decided a step) and receives their results; it never calls a

@@ -1,0 +1,213 @@
+"""The HTTP ingress (`SolveAPI`: FastAPI, the API-key gate, the SSE stream) and the app builder
+`build_app` that `serve run` imports."""
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray.serve.handle import DeploymentHandle
+
+from mathprm.search import RUNNABLE, STRATEGIES, ScoredStep
+from mathprm.steps import StepFormat
+
+from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
+from mathprm.serve.solver import ErrorBody, RequestError, SolveRequest, SolveResponse, Solver, settings
+from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
+
+logger = logging.getLogger("ray.serve")
+
+# ----------------------------------------------------------------------------- the HTTP ingress
+
+api = FastAPI(
+    title="mathprm: PRM-guided math reasoning",
+    description="Solve a math problem step by step with a policy, choosing steps with a process reward model.",
+)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 in the app's short form, naming the first field at fault."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if "json" not in request.headers.get("content-type", ""):
+        name, message = "body", "body: send a JSON object with the header Content-Type: application/json"
+    elif first.get("type") == "json_invalid" or not loc:
+        name = "body"
+        message = ("body: not valid JSON" if first.get("type") == "json_invalid"
+                   else f"body: must be a JSON object with at least a question ({first.get('msg', 'invalid')})")
+    else:
+        name = ".".join(loc)
+        message = f"{name}: {first.get('msg', 'invalid')}"
+        if first.get("type") == "extra_forbidden":
+            message = f"{name}: unknown field; fields: {', '.join(SolveRequest.model_fields)}"
+    return JSONResponse(status_code=422, content={"error": message, "field": name})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's errors (404, 405, and the 400 FastAPI raises for a body it cannot decode) in
+    the same short form."""
+    if exc.status_code == 400:
+        return JSONResponse(status_code=400, content={"error": f"body: {exc.detail}", "field": "body"})
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None},
+                        headers=getattr(exc, "headers", None))
+
+
+@api.exception_handler(RequestError)
+async def _refused(request: Request, exc: RequestError) -> JSONResponse:
+    return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+# Paths open without the API key: liveness for load balancers and probes, and the API docs.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+
+
+def _presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
+    """The keys a request carries: `Authorization: Bearer <key>` and `X-API-Key: <key>`."""
+    keys = []
+    for name, value in headers:
+        text = value.decode("latin-1").strip()
+        if name == b"x-api-key":
+            keys.append(text)
+        elif name == b"authorization":
+            scheme, _, token = text.partition(" ")
+            if scheme.lower() == "bearer":
+                keys.append(token.strip())
+    return keys
+
+
+class APIKeyGate:
+    """ASGI middleware: when the ingress replica holds an API key digest, a request outside
+    `OPEN_PATHS` without the right key gets 401 before routing, so before its body is read or
+    validated. Keys are compared as SHA-256 digests with `hmac.compare_digest`: equal lengths,
+    constant time, whatever the client sends."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            # The replica's SolveAPI instance (how Serve's own class-based routes find it).
+            digest = serve.get_replica_context().servable_object.api_key_sha256
+            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+            if digest is not None and path not in OPEN_PATHS and not any(
+                    hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
+                    for key in _presented_keys(scope["headers"])):
+                refusal = JSONResponse(
+                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                    content={"error": "unauthorized: send the API key as 'Authorization: Bearer <key>' or "
+                                      "'X-API-Key: <key>'", "field": None})
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(APIKeyGate)
+
+
+_ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+           422: {"model": ErrorBody, "description": "bad input; `field` names it"},
+           504: {"model": ErrorBody, "description": "the search ran past limits.timeout_s"}}
+
+
+def _sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+# `serve.ingress` pickles the app, and with it the routes below and the module globals they
+# use as they are at that moment: everything a route calls must be defined above this line.
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress(api)
+class SolveAPI:
+    def __init__(self, generator: DeploymentHandle, prm: DeploymentHandle | None, cfg: ServeConfig,
+                 api_key_sha256: bytes | None = None) -> None:
+        self.cfg = cfg
+        self.api_key_sha256 = api_key_sha256  # read by APIKeyGate; None: no key needed
+        from mathprm.metrics import create
+
+        scorer = HandleScorer(prm) if prm is not None else None
+        metrics = {n: create(n) for n in ("mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens")}
+        self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer, metrics)
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        """Liveness, and what this server runs: models, strategies, defaults and limits."""
+        cfg = self.cfg
+        return {"status": "ok", "policy": Path(cfg.policy).name, "prm": cfg.prm and Path(cfg.prm).name,
+                "backend": cfg.backend, "dataset": cfg.dataset,
+                "strategies": [s for s in RUNNABLE if cfg.prm is not None or not STRATEGIES[s].needs_prm],
+                "defaults": {"strategy": cfg.strategy_name} | settings(cfg.search),
+                "limits": dataclasses.asdict(cfg.limits), "api_key_required": self.api_key_sha256 is not None}
+
+    @api.post("/v1/solve", response_model=SolveResponse, responses=_ERRORS)
+    async def solve(self, body: SolveRequest) -> dict[str, Any]:
+        """Solve one problem; the answer, the chosen steps with their PRM scores, and the cost."""
+        return await self.solver.solve(body)
+
+    @api.post("/v1/solve/stream", responses=_ERRORS | {200: {"content": {"text/event-stream": {}}}})
+    async def solve_stream(self, body: SolveRequest) -> StreamingResponse:
+        """The same search as server-sent events: `step` ({text, score}) for each step as soon as
+        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, status})."""
+        plan = self.solver.plan(body)  # bad input is a plain 422 before the stream starts
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def on_step(step: ScoredStep) -> None:
+            await queue.put(_sse("step", {"text": step.text, "score": step.score}))
+
+        async def events():
+            task = asyncio.create_task(self.solver.run(*plan, on_step=on_step))
+            task.add_done_callback(lambda _: queue.put_nowait(None))
+            try:
+                while (item := await queue.get()) is not None:
+                    yield item
+                try:
+                    yield _sse("done", task.result())
+                except RequestError as e:
+                    yield _sse("error", e.body() | {"status": e.status})
+                except Exception as e:  # the headers (200) are sent: the stream must say it failed
+                    logger.exception("search failed mid-stream")
+                    yield _sse("error", {"error": f"internal error: {type(e).__name__}: {e}", "field": None,
+                                         "status": 500})
+            finally:
+                task.cancel()  # the client went away: stop searching
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+# ----------------------------------------------------------------------------- the app builder
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run` (YAML `args`) or `serve.run(build_app({...}))`.
+
+    ConfigError (a ValueError) naming the arg for bad args, e.g. a missing model directory.
+    Resources, replicas and autoscaling are per deployment in the YAML (`deployments:`). The API
+    key is read here, from `cfg.api_key_env` in this process's environment (under `serve run` or
+    `serve deploy`, a Ray task on the cluster: the environment Ray was started with)."""
+    cfg = load_serve_config(args)
+    options = dict(cfg.generator_options)
+    if cfg.backend == "hf" and cfg.device is not None:
+        options.setdefault("device", cfg.device)
+    # Twice a batch in flight per replica: one batch fills while the previous one runs. (Serve's
+    # default, 5, would cap every batch at 5.) A YAML `deployments:` entry overrides it.
+    generator = GeneratorDeployment.options(max_ongoing_requests=2 * cfg.generator_batch.max_batch_size).bind(
+        cfg.policy, cfg.backend, cfg.separator, options, cfg.generator_batch)
+    prm = None
+    if cfg.prm is not None:
+        prm = PRMDeployment.options(max_ongoing_requests=2 * cfg.prm_batch.max_batch_size).bind(
+            cfg.prm, cfg.prm_batch, cfg.device)
+    return SolveAPI.bind(generator, prm, cfg, api_key_digest(cfg.api_key_env))

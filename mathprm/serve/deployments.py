@@ -1,0 +1,137 @@
+"""The model deployments (the generator and the PRM, each batching calls with `@serve.batch`)
+and the adapters that make their handles a Generator and a Scorer."""
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from mathprm.generation import Prefix, Rollout, Sampling, StepSample, load_generator
+from mathprm.scorer import build_scorer, parse_prm
+from mathprm.steps import StepFormat
+from mathprm.serve.config import Batching
+
+
+# ----------------------------------------------------------------------------- handle adapters
+
+
+class HandleGenerator:
+    """The `Generator` contract, async, over a `GeneratorDeployment` handle."""
+
+    def __init__(self, handle: DeploymentHandle, step_format: StepFormat) -> None:
+        self.handle, self.step_format = handle, step_format
+
+    async def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
+        return await self.handle.next_steps.remote(prefixes, n, sampling)
+
+    async def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        return await self.handle.rollouts.remote(prefixes, n, sampling)
+
+
+class HandleScorer:
+    """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
+    go in one call, and the deployment's `@serve.batch` merges the rounds of concurrent
+    requests into forward batches."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
+        return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
+
+
+# ----------------------------------------------------------------------------- model deployments
+
+
+class _BatchLog:
+    """Batch sizes a deployment ran, for `stats()` (the benchmark and the tests read it) and for
+    the Ray histogram `metric` (a name in mathprm.metrics)."""
+
+    def __init__(self, metric: str) -> None:
+        from mathprm.metrics import create
+
+        self.sizes: Counter[int] = Counter()
+        self.histogram = create(metric)
+
+    def add(self, size: int) -> None:
+        self.sizes[size] += 1
+        self.histogram.observe(size)
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": sum(self.sizes.values()), "items": sum(k * v for k, v in self.sizes.items()),
+                "largest_batch": max(self.sizes, default=0), "batch_sizes": dict(sorted(self.sizes.items()))}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class GeneratorDeployment:
+    def __init__(self, model_dir: str, backend: str, separator: str, options: dict[str, Any],
+                 batching: Batching) -> None:
+        self.generator = load_generator(backend, model_dir, StepFormat(separator), **options)
+        self._call.set_max_batch_size(batching.max_batch_size)
+        self._call.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.log = _BatchLog("mathprm_serve_generator_batch")
+
+    async def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
+        return await self._call("next_steps", prefixes, n, sampling)
+
+    async def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        return await self._call("rollouts", prefixes, n, sampling)
+
+    @serve.batch
+    async def _call(self, kinds: list[str], prefix_lists: list[list[Prefix]], ns: list[int],
+                    samplings: list[Sampling]) -> list[list]:
+        # Calls of one kind, n and sampling (seed aside) become one backend call. Each prefix
+        # is pinned to the seed it had in its own call, so merging changes no sample.
+        groups: dict[tuple, list[int]] = {}
+        for i, (kind, n, s) in enumerate(zip(kinds, ns, samplings)):
+            groups.setdefault((kind, n, dataclasses.replace(s, seed=0)), []).append(i)
+        self.log.add(len(kinds))
+        out: list[list] = [[] for _ in kinds]
+        for (kind, n, _), members in groups.items():
+            merged = [dataclasses.replace(p, seed=p.sample_seed(samplings[i], j))
+                      for i in members for j, p in enumerate(prefix_lists[i])]
+            got = await asyncio.to_thread(getattr(self.generator, kind), merged, n, samplings[members[0]])
+            lo = 0
+            for i in members:
+                out[i] = got[lo: lo + len(prefix_lists[i])]
+                lo += len(prefix_lists[i])
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes in generator calls merged per backend batch."""
+        return self.log.stats()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5})
+class PRMDeployment:
+    def __init__(self, prm: str, batching: Batching, device: str | None = None) -> None:
+        # One Serve batch is one forward batch: the scorer's own batch is as large.
+        self.scorer = build_scorer(parse_prm(prm), device=device, batch_size=batching.max_batch_size)
+        # A Serve batch holds up to max_batch_size calls (rounds); the scorer cuts their
+        # solutions into forward batches of max_batch_size.
+        self.score_solutions.set_max_batch_size(batching.max_batch_size)
+        self.score_solutions.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.log = _BatchLog("mathprm_serve_prm_batch")
+
+    @serve.batch
+    async def score_solutions(self, questions: list[list[str]], steps: list[list[list[str]]]) -> list[list[list[float]]]:
+        """Call with one round's solutions, `(questions, steps) -> per solution, one score per
+        step`; Serve hands the method every waiting call's arguments as lists, scored here in
+        one go."""
+        flat_q = [q for qs in questions for q in qs]
+        flat_s = [s for ss in steps for s in ss]
+        self.log.add(len(flat_q))
+        scores = await asyncio.to_thread(self.scorer.score, flat_q, flat_s)
+        out, lo = [], 0
+        for qs in questions:
+            out.append(scores[lo: lo + len(qs)])
+            lo += len(qs)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Batch sizes in solutions per forward batch."""
+        return self.log.stats()

@@ -1,0 +1,154 @@
+"""Requests, responses and the `Solver`: one question through a search strategy over awaitable
+backends, with no HTTP and no Ray in it."""
+
+import asyncio
+import dataclasses
+import hashlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mathprm.problems import Problem
+from mathprm.search import (RUNNABLE, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
+                            run_search_async)
+from mathprm.steps import StepFormat
+
+from mathprm.serve.config import ServeConfig
+
+# ----------------------------------------------------------------------------- requests and responses
+
+
+class SolveRequest(BaseModel):
+    """One problem to solve. Only `question` is required; every other field defaults to the
+    app's `args` and may not exceed its `limits` (see GET /healthz)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    question: str = Field(min_length=1, description="the problem text")
+    strategy: str | None = Field(None, description=f"one of {', '.join(RUNNABLE)}, optionally name@N")
+    n: int | None = Field(None, ge=1, description="candidates per step or sampled solutions")
+    beam_width: int | None = Field(None, ge=1, description="beam: partial solutions kept; dvts: width per subtree")
+    max_steps: int | None = Field(None, ge=1, description="a solution unfinished after this many steps ends there")
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
+    seed: int | None = Field(None, ge=0, lt=1 << 63, description="sampling seed: same request, same answer")
+
+
+class StepOut(BaseModel):
+    text: str
+    score: float | None = Field(description="the PRM's score of the solution up to this step; null without a PRM")
+
+
+class SolveResponse(BaseModel):
+    answer: str | None = Field(description="the final answer read from the chosen solution; null if none")
+    steps: list[StepOut]
+    strategy: str
+    finished: bool = Field(description="the policy ended the solution (false: max_steps or a token limit)")
+    usage: dict[str, int] = Field(description="generated tokens, generator calls, samples, PRM calls, scored "
+                                              "solutions and steps")
+    latency_ms: float
+    config: dict[str, Any] = Field(description="the settings the search ran with, defaults filled in")
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None = Field(description="the request field at fault; null when no one field is")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP `status`, the `field` at fault (or None), a message."""
+
+    def __init__(self, field_name: str | None, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.field, self.message, self.status = field_name, message, status
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "field": self.field}
+
+
+# ----------------------------------------------------------------------------- the solver (no HTTP, no Ray)
+
+
+class Solver:
+    """A `SolveRequest` in, a response dict out, over any async Generator and Scorer."""
+
+    def __init__(self, cfg: ServeConfig, generator: Any, scorer: Any | None, metrics: dict[str, Any] | None = None) -> None:
+        self.cfg, self.generator, self.scorer = cfg, generator, scorer
+        self.step_format = StepFormat(cfg.separator)
+        self.metrics = metrics  # mathprm_serve_requests / _latency_ms / _tokens (mathprm.metrics), or None
+
+    def plan(self, req: SolveRequest) -> tuple[str, SearchConfig, Problem]:
+        """(strategy, search config, problem) for `req`, defaults filled in; `RequestError`
+        naming the field for anything the server will not run."""
+        limits = self.cfg.limits
+        if not req.question.strip():
+            raise RequestError("question", "question: must not be blank")
+        if len(req.question) > limits.question_chars:
+            raise RequestError("question", f"question: {len(req.question)} characters is over this server's limit "
+                                           f"of {limits.question_chars}")
+        try:
+            name, at_n = parse_strategy(req.strategy if req.strategy is not None else self.cfg.strategy_name)
+        except ValueError as e:
+            raise RequestError("strategy", str(e)) from None
+        if STRATEGIES[name].needs_prm and self.scorer is None:
+            raise RequestError("strategy", f"strategy: {name} needs a PRM and this server has none; "
+                                           "use greedy or majority", status=400)
+        if req.n is not None and at_n is not None and req.n != at_n:
+            raise RequestError("n", f"n: {req.n} contradicts strategy {req.strategy!r}; give one of them")
+        n = req.n if req.n is not None else at_n
+        chosen = {"n": n, "beam_width": req.beam_width, "max_steps": req.max_steps}
+        for key, value in chosen.items():
+            if value is not None and value > getattr(limits, key):
+                raise RequestError(key, f"{key}: {value} is over this server's limit of {getattr(limits, key)}")
+        chosen |= {"temperature": req.temperature, "seed": req.seed}
+        given = {k: v for k, v in chosen.items() if v is not None}
+        try:
+            search = dataclasses.replace(self.cfg.search, **given)
+        except ValueError as e:  # SearchConfig's own checks name the field
+            raise RequestError(str(e).split(":", 1)[0], str(e)) from None
+        digest = hashlib.sha256(req.question.encode()).hexdigest()[:16]
+        return name, search, Problem(f"q-{digest}", req.question, None, self.cfg.source)
+
+    async def solve(self, req: SolveRequest,
+                    on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """Plan and run `req`; a search past `limits.timeout_s` is cancelled (RequestError 504)."""
+        return await self.run(*self.plan(req), on_step=on_step)
+
+    async def run(self, name: str, search: SearchConfig, problem: Problem,
+                  on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        timeout = self.cfg.limits.timeout_s
+        status, tokens = 500, 0
+        try:
+            result = await asyncio.wait_for(
+                run_search_async(name, self.generator, self.scorer, problem, search, self.step_format, on_step),
+                timeout)
+            status, tokens = 200, result.usage.generated_tokens
+        except RequestError as e:
+            status = e.status
+            raise
+        except TimeoutError:
+            status = 504
+            raise RequestError(None, f"the search did not finish within {timeout:g} s (limits.timeout_s); "
+                                     "ask for a smaller n or max_steps", status=504) from None
+        finally:
+            latency_ms = (time.perf_counter() - t0) * 1000
+            if self.metrics is not None:
+                self.metrics["mathprm_serve_requests"].inc(1, {"strategy": name, "status": str(status)})
+                self.metrics["mathprm_serve_latency_ms"].observe(latency_ms, {"strategy": name})
+                if tokens:
+                    self.metrics["mathprm_serve_tokens"].inc(tokens, {"strategy": name})
+        return response(result, name, search, latency_ms)
+
+
+def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: float) -> dict[str, Any]:
+    return {"answer": result.answer, "steps": [{"text": s.text, "score": s.score} for s in result.steps],
+            "strategy": name, "finished": result.finished, "usage": dataclasses.asdict(result.usage),
+            "latency_ms": round(latency_ms, 1), "config": settings(search)}
+
+
+def settings(search: SearchConfig) -> dict[str, Any]:
+    """The search settings a request may set or sees in its response."""
+    return {k: getattr(search, k) for k in ("n", "beam_width", "max_steps", "temperature", "aggregation", "tie_break",
+                                          "retry_below", "max_retries", "seed")}
