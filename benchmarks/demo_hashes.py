@@ -45,8 +45,9 @@ def weights(folder: Path) -> str:
     return h.hexdigest()
 
 
-def labels(folder: Path) -> str:
-    """The label table's rows, sorted, as canonical JSON (part files and row order may vary)."""
+def labels(folder: Path, root: Path) -> str:
+    """The label table's rows, sorted, as canonical JSON (part files and row order may vary), the
+    run folder's own path (in the `generator` column) written as `<root>`."""
     import pyarrow.parquet as pq
 
     rows = []
@@ -54,7 +55,8 @@ def labels(folder: Path) -> str:
         rows += pq.read_table(part).to_pylist()
     if not rows:
         raise SystemExit(f"demo_hashes: no label rows under {folder}")
-    return _sha("\n".join(sorted(json.dumps(r, sort_keys=True, default=str) for r in rows)).encode())
+    text = "\n".join(sorted(json.dumps(r, sort_keys=True, default=str) for r in rows))
+    return _sha(text.replace(str(root.resolve()), "<root>").encode())
 
 
 def _strip(value: Any) -> Any:
@@ -78,7 +80,7 @@ def report(path: Path) -> str:
 
 def fingerprints(root: Path) -> dict[str, str]:
     out = {f"weights:{name}": weights(root / name) for name in WEIGHTS}
-    out["labels:mcts"] = labels(root / "mcts")
+    out["labels:mcts"] = labels(root / "mcts", root)
     out |= {f"report:{name}": report(root / name) for name in REPORTS}
     return out
 
