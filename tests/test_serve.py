@@ -137,6 +137,32 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, tim
     pytest.fail(f"{url} did not answer within {timeout} s" + (f":\n{log.read_text()[-4000:]}" if log else ""))
 
 
+def test_an_internal_error_reaches_the_client_as_a_request_id_and_the_log_as_a_traceback():
+    """What the stream's `error` event carries when a search fails on our side: an id, never the
+    exception's text (a Ray actor error's holds the remote traceback, paths and pids)."""
+    import logging
+
+    from mathprm.serve.app import internal_error, logger
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # the serve logger does not propagate to the root (caplog)
+    logger.addHandler(handler)
+    secret = 'Traceback (most recent call last):\n  File "/srv/mathprm/x.py", line 1, pid=4242, actor_id=abc'
+    try:
+        try:
+            raise RuntimeError(secret)
+        except RuntimeError:
+            body = internal_error("search failed mid-stream")
+    finally:
+        logger.removeHandler(handler)
+    assert set(body) == {"error", "field", "status", "request_id"} and body["status"] == 500
+    assert "Traceback" not in json.dumps(body) and "4242" not in json.dumps(body)
+    assert body["request_id"] in body["error"]
+    (record,) = records
+    assert body["request_id"] in record.getMessage() and "pid=4242" in str(record.exc_info[1])
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_serve_run_cli_on_the_guided_yaml(ray_cluster, tiny_policy_dir, prm_dir, tmp_path):

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @api.exception_handler(RequestError)
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse(status_code=exc.status, content=exc.body())
+
+
+def internal_error(what: str) -> dict[str, Any]:
+    """The body a client gets for a failure on our side: a request id and no internals (an
+    exception's text can hold a remote traceback with paths, pids and actor ids). Call it from
+    an `except` block: the traceback goes to the server log under the same id."""
+    request_id = uuid.uuid4().hex[:16]
+    logger.exception("%s (request_id %s)", what, request_id)
+    return {"error": f"internal error; the server log has the details under request_id {request_id}",
+            "field": None, "status": 500, "request_id": request_id}
 
 
 # Paths open without the API key: liveness for load balancers and probes, and the API docs.
@@ -160,7 +171,8 @@ class SolveAPI:
     @api.post("/v1/solve/stream", responses=_ERRORS | {200: {"content": {"text/event-stream": {}}}})
     async def solve_stream(self, body: SolveRequest) -> StreamingResponse:
         """The same search as server-sent events: `step` ({text, score}) for each step as soon as
-        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, status})."""
+        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, status}; a failure on
+        our side also carries `request_id`, the id of its traceback in the server log)."""
         plan = self.solver.plan(body)  # bad input is a plain 422 before the stream starts
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -177,10 +189,8 @@ class SolveAPI:
                     yield _sse("done", task.result())
                 except RequestError as e:
                     yield _sse("error", e.body() | {"status": e.status})
-                except Exception as e:  # the headers (200) are sent: the stream must say it failed
-                    logger.exception("search failed mid-stream")
-                    yield _sse("error", {"error": f"internal error: {type(e).__name__}: {e}", "field": None,
-                                         "status": 500})
+                except Exception:  # the headers (200) are sent: the stream must say it failed
+                    yield _sse("error", internal_error("search failed mid-stream"))
             finally:
                 task.cancel()  # the client went away: stop searching
 
