@@ -37,7 +37,7 @@ from mathprm.generation import Prefix, load_generator  # noqa: E402
 from mathprm.mcts import label_quality  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
 from mathprm.answers import judge_grader  # noqa: E402
-from mathprm.treesearch import TreeSearchConfig, run_searches  # noqa: E402
+from mathprm.treesearch import TreeSearchConfig, label_problems  # noqa: E402
 
 SECTION = "Tree-search labels"
 PLOT = REPO / "docs" / "img" / "mcts_auroc.png"
@@ -51,7 +51,7 @@ def raw_speed(gen, problems, cfg: TreeSearchConfig, repeats: int = 3) -> dict:
 
 def search(gen, problems, cfg: TreeSearchConfig) -> dict:
     t0 = time.perf_counter()
-    results = run_searches(problems, gen, judge_grader, cfg)
+    results = label_problems(problems, gen, judge_grader, cfg)
     dt = time.perf_counter() - t0
     labels = [lab for labs, _ in results for lab in labs]
     rollouts = sum(s.n_rollouts for _, s in results)

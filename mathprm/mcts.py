@@ -6,7 +6,7 @@
 The shape is plain Ray Data: the problems become a Dataset, `map_batches` runs `Expander`, a
 stateful class (one `Generator` engine per actor, an actor pool of `num_actors`, with
 `cpus_per_actor` / `gpus_per_actor` each), and `write_datasink` commits the result. Inside an
-actor, `treesearch.run_searches` runs the batch's problems in lockstep, so each generator
+actor, `treesearch.label_problems` runs the batch's problems in lockstep, so each generator
 call carries the rollout requests of every problem in the batch. Ray Data restarts an actor
 that dies and retries its batch; since a batch's output only exists once the batch is done,
 every problem appears exactly once.
@@ -205,7 +205,7 @@ class Expander:
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         from mathprm.ray_data import rows_to_problems
-        from mathprm.treesearch import run_searches
+        from mathprm.treesearch import label_problems
 
         problems = rows_to_problems(batch)
         tags = {"method": self.cfg.method}
@@ -219,7 +219,7 @@ class Expander:
                 if value > 0:  # Ray's Counter refuses 0
                     self.metrics[name].inc(value, tags)
 
-        results = run_searches(problems, self.generator, judge_grader, self.cfg, on_done=done)
+        results = label_problems(problems, self.generator, judge_grader, self.cfg, on_done=done)
         return problems_block(
             ((p, labels, stats, seconds[i]) for i, (p, (labels, stats)) in enumerate(zip(problems, results))),
             self.cfg.generator_name, self.cfg.seed,

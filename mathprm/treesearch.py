@@ -37,8 +37,8 @@ the answer is right, and the search moves past it.
 
 Choices and departures from the papers:
 
-- Searches are coroutines (`Search`): they yield `Request`s for completions instead of calling
-  a generator, so `run_searches` can merge the requests of many problems into one batched
+- Searches are coroutines (`LabelSearch`): they yield `RolloutRequest`s for completions instead of calling
+  a generator, so `label_problems` can merge the requests of many problems into one batched
   generator call (a Ray actor holds one engine and keeps it busy this way).
 - Seeds: request `i` of a problem seeds its prefix `j` with
   `prefix_seed(call_seed(cfg.seed, problem.id, i), j)`, carried on the `Prefix`, so every
@@ -159,7 +159,7 @@ def call_seed(seed: int, problem_id: str, iteration: int) -> int:
 
 
 @dataclass(frozen=True)
-class Request:
+class RolloutRequest:
     """What a running search needs next: `n` completions of each prefix (each carries its seed),
     sampled as root solutions (`root`, at `temperature`) or as scoring completions."""
 
@@ -170,7 +170,7 @@ class Request:
 
 # A running search: yields Requests, is sent each one's completions (per prefix, in order),
 # and returns (labels, stats).
-Search = Generator[Request, list[list[Rollout]], tuple[list["StepLabel"], SearchStats]]
+LabelSearch = Generator[RolloutRequest, list[list[Rollout]], tuple[list["StepLabel"], SearchStats]]
 
 
 class _Search:
@@ -185,11 +185,11 @@ class _Search:
         t = cfg.rollout_temperature
         self.reuse_root = t is None or t == cfg.temperature
 
-    def rollouts(self, states: list[State], n: int) -> Generator[Request, list[list[Rollout]], list[list[tuple[Rollout, bool]]]]:
+    def rollouts(self, states: list[State], n: int) -> Generator[RolloutRequest, list[list[Rollout]], list[list[tuple[Rollout, bool]]]]:
         """`n` graded completions per state, as one request (`yield from` it)."""
         seed = call_seed(self.cfg.seed, self.problem.id, self.stats.n_calls)
         prefixes = [Prefix(self.problem.question, s, seed=prefix_seed(seed, i)) for i, s in enumerate(states)]
-        outs = yield Request(prefixes, n, root=states == [()])
+        outs = yield RolloutRequest(prefixes, n, root=states == [()])
         self.stats.n_calls += 1
         if len(outs) != len(states):
             raise ValueError(f"generator returned completions for {len(outs)} prefixes, asked for {len(states)}")
@@ -250,7 +250,7 @@ def _writable(state: State) -> bool:
     return state != ("",)
 
 
-def math_shepherd_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> Search:
+def math_shepherd_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> LabelSearch:
     """Math-Shepherd labels: every step of every distinct sampled solution, scored by
     `cfg.rollouts_per_step` completions from the prefix ending in it. Two requests."""
     search = _Search(problem, grader, cfg, fmt)
@@ -342,7 +342,7 @@ def selection_value(cfg: TreeSearchConfig, mc: float, n_tokens: int, visits: int
     return q + u
 
 
-def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> Search:
+def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt: StepFormat) -> LabelSearch:
     """OmegaPRM labels: one per tree node but the root (the node's state, score MC(s)).
 
     Binary search over a wrong rollout r from state s, invariant: s + r[:lo] reaches the gold
@@ -383,14 +383,14 @@ def _omegaprm_labels(search: _Search, tree: _Tree) -> list[StepLabel]:
             for s, node in tree.nodes.items() if s]
 
 
-SEARCHES: dict[str, Callable[[Problem, Grader, TreeSearchConfig, StepFormat], Search]] = {
+SEARCHES: dict[str, Callable[[Problem, Grader, TreeSearchConfig, StepFormat], LabelSearch]] = {
     "math_shepherd": math_shepherd_search,
     "omegaprm": omegaprm_search,
 }
 METHODS = tuple(SEARCHES)
 
 
-def run_searches(
+def label_problems(
     problems: Sequence[Problem],
     generator: GeneratorProtocol,
     grader: Grader,
@@ -409,8 +409,8 @@ def run_searches(
     search_fn = SEARCHES[cfg.method]
     fmt = generator.step_format
     results: list[tuple[list[StepLabel], SearchStats] | None] = [None] * len(problems)
-    running: dict[int, Search] = {}
-    pending: dict[int, Request] = {}
+    running: dict[int, LabelSearch] = {}
+    pending: dict[int, RolloutRequest] = {}
 
     def advance(i: int, reply: list[list[Rollout]] | None) -> None:
         try:
@@ -447,14 +447,14 @@ def math_shepherd(
     problem: Problem, generator: GeneratorProtocol, grader: Grader, cfg: TreeSearchConfig
 ) -> tuple[list[StepLabel], SearchStats]:
     """`math_shepherd_search` on one problem with `generator` (whatever `cfg.method` says)."""
-    return run_searches([problem], generator, grader, dataclasses.replace(cfg, method="math_shepherd"))[0]
+    return label_problems([problem], generator, grader, dataclasses.replace(cfg, method="math_shepherd"))[0]
 
 
 def omegaprm(
     problem: Problem, generator: GeneratorProtocol, grader: Grader, cfg: TreeSearchConfig
 ) -> tuple[list[StepLabel], SearchStats]:
     """`omegaprm_search` on one problem with `generator` (whatever `cfg.method` says)."""
-    return run_searches([problem], generator, grader, dataclasses.replace(cfg, method="omegaprm"))[0]
+    return label_problems([problem], generator, grader, dataclasses.replace(cfg, method="omegaprm"))[0]
 
 
 # ----------------------------------------------------------------------------- using labels

@@ -19,7 +19,7 @@ from mathprm.treesearch import (
     call_seed,
     math_shepherd,
     omegaprm,
-    run_searches,
+    label_problems,
     selection_value,
     to_trl,
 )
@@ -391,7 +391,7 @@ def test_lockstep_searches_batch_many_problems_per_call_and_label_exactly_as_one
     one_gen, alone = run(math_shepherd if method == "math_shepherd" else omegaprm, HARD, 0.1, cfg)
     gen = NoisyArithGenerator(HARD, 0.1)
     done = []
-    together = run_searches(HARD, gen, judge_grader, cfg, on_done=lambda i, labels, stats: done.append(i))
+    together = label_problems(HARD, gen, judge_grader, cfg, on_done=lambda i, labels, stats: done.append(i))
     assert together == alone  # seeds travel with the prefixes, not with the batch
     assert sorted(done) == list(range(len(HARD)))
     # Many problems share each call: far fewer calls, each with prefixes of several problems.
@@ -405,7 +405,7 @@ def test_lockstep_searches_refuse_a_generator_that_drops_prefixes():
             return super().rollouts(prefixes, n, sampling)[:-1]
 
     with pytest.raises(ValueError, match="completions for 1 prefixes, asked for 2"):
-        run_searches(HARD[:2], Short(HARD, 0.1), judge_grader, CFG)
+        label_problems(HARD[:2], Short(HARD, 0.1), judge_grader, CFG)
 
 
 @pytest.mark.parametrize("method", ["math_shepherd", "omegaprm"])
@@ -416,10 +416,10 @@ def test_root_solutions_and_scoring_completions_use_their_own_temperatures(metho
             return super().rollouts(prefixes, n, sampling)
 
     gen = Recording(MEDIUM, 0.2)
-    run_searches(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9, rollout_temperature=0.3))
+    label_problems(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9, rollout_temperature=0.3))
     assert gen.temps[0] == (False, 0.9) and {t for deep, t in gen.temps if deep} == {0.3}
     gen = Recording(MEDIUM, 0.2)
-    run_searches(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9))
+    label_problems(MEDIUM[:4], gen, judge_grader, replace(CFG, method=method, temperature=0.9))
     assert {t for _, t in gen.temps} == {0.9}
     with pytest.raises(ValueError, match="rollout_temperature"):
         replace(CFG, rollout_temperature=3.0)
@@ -437,7 +437,7 @@ def test_the_labeller_takes_empty_blank_and_cut_rollouts_without_raising(method,
     policy = OddPolicy(fmt)
     problems = [Problem(f"odd-{i}", f"What is {i} + 1?", str(i + 1), "table") for i in range(8)]
     cfg = replace(CFG, method=method, num_solutions=6, rollouts_per_step=3, rollout_budget=40)
-    results = run_searches(problems, policy, lambda p, text: "2" in text, cfg)
+    results = label_problems(problems, policy, lambda p, text: "2" in text, cfg)
     assert len(results) == len(problems) and policy.prompts
     labels = [lab for labs, _ in results for lab in labs]
     assert labels, "no problem was labelled"
