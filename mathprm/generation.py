@@ -28,17 +28,20 @@ from typing import Any, Protocol
 from mathprm.steps import StepFormat
 
 
+MIN_TEMPERATURE = 1e-5  # the lowest sampling temperature (vLLM's greedy threshold): logits / T must stay finite
+
+
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.7  # in [0, 2] (vLLM's range); 0 means greedy, then top_p and seed do not matter
+    temperature: float = 0.7  # 0 (greedy, then top_p and seed do not matter) or in [MIN_TEMPERATURE, 2] (vLLM's range)
     top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much mass
     max_step_tokens: int = 64  # `next_steps`: a step longer than this is cut (`truncated`)
     max_solution_tokens: int = 512  # `rollouts`: a completion longer than this is cut
     seed: int = 0  # prefix i of a call samples with prefix_seed(seed, i)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.temperature <= 2:
-            raise ValueError(f"temperature: must be in [0, 2], got {self.temperature!r}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
+            raise ValueError(f"temperature: must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 2], got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         for name in ("max_step_tokens", "max_solution_tokens"):

@@ -58,7 +58,7 @@ import torch
 from mathprm import atomic, ppo
 from mathprm.answers import judge_grader
 from mathprm.config import ConfigError, to_dict
-from mathprm.generation import Prefix, Sampling
+from mathprm.generation import MIN_TEMPERATURE, Prefix, Sampling
 from mathprm.problems import Problem
 from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, parse_prm, trained_separator
 from mathprm.steps import StepFormat, content, step_format_for
@@ -155,8 +155,8 @@ class PPOConfig:
             raise ValueError(f"kl_target: must be > 0 or null, got {self.kl_target}")
         if self.time_budget_min is not None and not self.time_budget_min > 0:
             raise ValueError(f"time_budget_min: must be > 0 or null, got {self.time_budget_min}")
-        if not 0 < self.temperature <= 2:
-            raise ValueError(f"temperature: PPO samples, so it must be in (0, 2], got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature <= 2:
+            raise ValueError(f"temperature: PPO samples, so it must be in [{MIN_TEMPERATURE:g}, 2], got {self.temperature}")
         if parse_prm(self.prm).kind == "oracle" and not self.dataset.startswith("arith:"):
             raise ValueError(f"prm: the oracle knows only the arithmetic world, not dataset {self.dataset!r}")
         if parse_prm(self.prm).kind == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):

@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mathprm.generation import Generator as GeneratorProtocol
-from mathprm.generation import Prefix, Rollout, Sampling, prefix_seed
+from mathprm.generation import MIN_TEMPERATURE, Prefix, Rollout, Sampling, prefix_seed
 from mathprm.problems import Problem
 from mathprm.steps import StepFormat
 from mathprm.steptable import StepLabel
@@ -140,8 +140,12 @@ class TreeSearchConfig:
         if not self.length_scale > 0:
             raise ValueError(f"length_scale: must be > 0, got {self.length_scale!r}")
         self.sampling(0)  # Sampling's own checks, named by field (temperature, top_p, ...)
-        if self.rollout_temperature is not None and not 0 <= self.rollout_temperature <= 2:
-            raise ValueError(f"rollout_temperature: must be in [0, 2] or null, got {self.rollout_temperature!r}")
+        if self.rollout_temperature is not None:
+            try:
+                self.sampling(0, root=False)
+            except ValueError:  # Sampling's rule, under this field's name
+                raise ValueError(f"rollout_temperature: must be null, 0 (greedy) or in [{MIN_TEMPERATURE:g}, 2], got "
+                                 f"{self.rollout_temperature!r}") from None
         if not isinstance(self.reuse_rollouts, bool):
             raise ValueError(f"reuse_rollouts: must be true or false, got {self.reuse_rollouts!r}")
 

@@ -29,6 +29,7 @@ def test_sampling_validation_names_the_field():
     for kwargs, field in [
         ({"temperature": -1}, "temperature"),
         ({"temperature": 2.5}, "temperature"),
+        ({"temperature": 1e-38}, "temperature"),  # logits / T would overflow to inf, then NaN probabilities
         ({"top_p": 0}, "top_p"),
         ({"max_step_tokens": 0}, "max_step_tokens"),
         ({"max_solution_tokens": 1.5}, "max_solution_tokens"),
@@ -37,6 +38,7 @@ def test_sampling_validation_names_the_field():
         with pytest.raises(ValueError, match=field):
             Sampling(**kwargs)
     assert Sampling(temperature=0).greedy and not Sampling().greedy
+    assert not Sampling(temperature=1e-5).greedy  # the lowest temperature that still samples
 
 
 def test_unknown_backend_lists_the_names():
