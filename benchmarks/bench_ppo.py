@@ -31,7 +31,7 @@ from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm.config import load_config  # noqa: E402
 from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
-from mathprm.scorer import NO_PRM  # noqa: E402
+from mathprm.scorer import parse_prm  # noqa: E402
 from mathprm.train_ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     policy = (REPO / args.policy).resolve()
-    named = args.prm in NO_PRM  # no directory: the exact checker, or no step reward at all
+    named = parse_prm(args.prm).path is None  # no directory: the exact checker, or no step reward at all
     prm = args.prm if named else str((REPO / args.prm).resolve())
     prm_name = args.prm if named else "prm"
     base = {d: greedy(policy, d, args.limit, "base") for d in ("arith:hard", "arith:easy")}

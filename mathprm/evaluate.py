@@ -410,7 +410,8 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
 
         check_job_paths(policy=cfg.policy, prm=cfg.prm_ref.path, out=str(cfg.out_path), plot=str(cfg.plot_path))
         # Actors run in another working directory: ship absolute model paths.
-        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()), prm=str(cfg.prm_ref.resolved()) if cfg.prm_ref.path else cfg.prm)
+        cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()),
+                                  prm=str(cfg.prm_ref.resolved()) if cfg.prm_ref.path else cfg.prm)
         init_ray(cfg.ray_address)
         records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate")
     else:

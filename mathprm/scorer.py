@@ -97,9 +97,6 @@ class ZeroScorer:
 SCORERS: dict[str, str] = {
     "prm": "mathprm.prm:PRMScorer",  # mathprm's own format (`mathprm train-prm`, `mathprm prm-prior`)
 }
-NO_PRM = ("none", "oracle")  # the `prm` values that name no directory
-
-
 @dataclass(frozen=True)
 class PRMRef:
     """Which PRM a stage uses, as every config and the Serve app spell it (`parse_prm`)."""

@@ -157,9 +157,10 @@ class PPOConfig:
             raise ValueError(f"time_budget_min: must be > 0 or null, got {self.time_budget_min}")
         if not MIN_TEMPERATURE <= self.temperature <= 2:
             raise ValueError(f"temperature: PPO samples, so it must be in [{MIN_TEMPERATURE:g}, 2], got {self.temperature}")
-        if parse_prm(self.prm).kind == "oracle" and not self.dataset.startswith("arith:"):
+        prm_kind = parse_prm(self.prm).kind  # ValueError naming prm for a malformed value
+        if prm_kind == "oracle" and not self.dataset.startswith("arith:"):
             raise ValueError(f"prm: the oracle knows only the arithmetic world, not dataset {self.dataset!r}")
-        if parse_prm(self.prm).kind == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
+        if prm_kind == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
             raise ValueError("prm: none leaves only the outcome reward, so it needs mode=full_solution and "
                              f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
         if self.separator is not None:
