@@ -323,3 +323,26 @@ def test_prm_none_needs_no_directory_and_scores_zero():
     assert ppo_step_format(cfg).separator == arith.STEP_SEPARATOR
     scorer = _load_scorer(cfg, [], torch.device("cpu"))
     assert scorer.score(["q", "r"], [["a", "b"], ["c"]]) == [[0.0, 0.0], [0.0]]
+
+
+@pytest.mark.parametrize("mode", ["one_step", "full_solution"])
+def test_blank_separator_only_and_cut_samples_make_episodes_that_encode(mode):
+    """PPO's side of the sampled-step rule (`mathprm.steps`): a prefix built from the policy's
+    own rollout holds no blank step (the generator's `prompt()` raises on one), and a blank or
+    cut action still encodes, with one reward per written step."""
+    from mathprm.scorer import ZeroScorer
+
+    from tests.conftest import OddPolicy
+
+    problems = arith.generate("easy", 8, seed=4, split="train")
+    # prm only validates here (the scorer is given): none needs full_solution, one_step takes the oracle's name.
+    cfg = PPOConfig(prm="none" if mode == "full_solution" else "oracle", mode=mode, outcome_reward=1.0, group_size=3,
+                    reference_prefix_fraction=0.0)
+    for only_odd in (False, True):
+        policy = OddPolicy(FMT, only_odd=only_odd)
+        episodes = collect_episodes(policy, ZeroScorer(), problems, cfg, FMT, seed=7)
+        assert len(episodes) == 3 * len(problems) and policy.prompts
+        assert all(not any(not s.strip() for s in ep.prefix) for ep in episodes)
+        assert all(len(ep.rewards) == len(ep.steps) for ep in episodes if ep.steps)
+        batch = make_batch(TOK, FMT, [ep for ep in episodes if ep.steps], 512)
+        assert batch.step_mask.sum() == sum(len(ep.steps) for ep in episodes if ep.steps)
