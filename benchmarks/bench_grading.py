@@ -1,4 +1,4 @@
-"""Answer grading on the real data: does `mathprm.grading` read and compare real answers?
+"""Answer grading on the real data: does `mathprm.data.grading` read and compare real answers?
 
     .venv/bin/python benchmarks/bench_grading.py [--write]
 
@@ -29,8 +29,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import update_figures  # noqa: E402
 
-from mathprm import atomic, grading  # noqa: E402
-from mathprm.grading import extract_answer, grade, is_equivalent, normalize_answer  # noqa: E402
+from mathprm import atomic
+from mathprm.data import grading  # noqa: E402
+from mathprm.data.grading import extract_answer, grade, is_equivalent, normalize_answer  # noqa: E402
 
 DOC = REPO / "docs" / "BENCHMARKS.md"
 SECTION = "## Answer grading on real data"
@@ -161,7 +162,7 @@ def write_section(table: str, notes: str, figures: list[tuple[str, str]]) -> Non
             "",
             notes,
             "",
-            "Conventions behind these figures (see `mathprm/grading.py`): the percent sign is a unit "
+            "Conventions behind these figures (see `mathprm/data/grading.py`): the percent sign is a unit "
             "(`50\\%` == `50` != `0.5`), a comma list without brackets is an unordered set of solutions, "
             "tuples and intervals are ordered, decimals match fractions to 6 decimal places. ProcessBench's "
             "label is stricter in places: it marks some mathematically equal answers wrong "

@@ -32,12 +32,13 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import repo_relative, rollout_speed, write_section  # noqa: E402
 
-from mathprm import arith, atomic  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
+from mathprm.data.answers import judge_grader  # noqa: E402
 from mathprm.generation import Prefix, load_generator  # noqa: E402
-from mathprm.mcts import label_quality  # noqa: E402
+from mathprm.labels.stage import label_quality  # noqa: E402
+from mathprm.labels.treesearch import TreeSearchConfig, label_problems  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
-from mathprm.answers import judge_grader  # noqa: E402
-from mathprm.treesearch import TreeSearchConfig, label_problems  # noqa: E402
 
 SECTION = "Tree-search labels"
 PLOT = REPO / "docs" / "img" / "mcts_auroc.png"

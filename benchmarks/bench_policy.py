@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import repo_relative, write_section  # noqa: E402
 
-from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
+from mathprm.eval.evaluate import EvalConfig, run_evaluation  # noqa: E402
 
 KS = (1, 2, 4, 8, 16)
 FIGURES = {"tiny": "Base policy (`tiny` preset)", "small": "5x larger policy (`small` preset)"}  # by preset

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm.config import load_config  # noqa: E402
-from mathprm.evaluate import EvalConfig, run_evaluation  # noqa: E402
+from mathprm.eval.evaluate import EvalConfig, run_evaluation  # noqa: E402
 from mathprm.scorer import parse_prm  # noqa: E402
-from mathprm.train_ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
+from mathprm.train.ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
 
 
 def greedy(policy: Path, dataset: str, limit: int, tag: str) -> float:

@@ -37,10 +37,17 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import repo_relative, write_section  # noqa: E402
 
-from mathprm import arith, atomic  # noqa: E402
-from mathprm.prm import PRM_CONFIG_FILE, PRMScorer, build_prm, encode_solution, save_prm  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
+from mathprm.models.prm import (  # noqa: E402
+    PRM_CONFIG_FILE,
+    PRMScorer,
+    build_prm,
+    encode_solution,
+    save_prm,
+)
 from mathprm.steps import StepFormat  # noqa: E402
-from mathprm.train_prm import SUMMARY_FILE  # noqa: E402
+from mathprm.train.prm import SUMMARY_FILE  # noqa: E402
 
 SECTION = "PRM scoring speed"
 STEPS = 8

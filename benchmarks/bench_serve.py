@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _doc import repo_relative, write_section  # noqa: E402
 
-from mathprm import arith, atomic  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
 from mathprm.serve import ServeConfig  # noqa: E402
 
 SECTION = "Serve: guided search under load"
@@ -52,10 +53,10 @@ def models(policy: Path, prm: Path, tmp: str) -> tuple[Path, Path, str]:
     """(policy, prm, how to describe them): the demo's, else untrained ones built in `tmp`."""
     if (policy / "config.json").is_file() and (prm / "prm_config.json").is_file():
         return policy, prm, f"`{repo_relative(policy)}` and `{repo_relative(prm)}`"
-    from mathprm.policy import build_policy
-    from mathprm.prm import build_prm, save_prm
+    from mathprm.models.policy import build_policy
+    from mathprm.models.prm import build_prm, save_prm
+    from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.steps import StepFormat
-    from mathprm.tokenizer import build_char_tokenizer
 
     print(f"no policy/PRM at {policy} / {prm}: building untrained tiny ones in {tmp} (speed only)", flush=True)
     tok = build_char_tokenizer()

@@ -8,7 +8,7 @@ trained on one GPU without Ray (a bare GPU machine has torch and transformers on
 
 On 2 CPU cores the `small` preset (4.3M parameters, 4.9x the demo's policy) gets ~2,500 updates
 in 55 minutes, too few to learn exact + and - (docs/BENCHMARKS.md, "The 5x larger policy").
-This runs the same recipe (`mathprm.sft`: its data, batch order, learning-rate schedule and
+This runs the same recipe (`mathprm.train.sft`: its data, batch order, learning-rate schedule and
 `train_step`) in one process on all the workers' data, with the per-worker batch times
 `num_workers`, so the global batch is the Ray run's; the cosine runs to `max_steps` or `--minutes`, whichever is first. Held-out
 greedy accuracy (the recipe's `held_out_problems`) is checked every `eval_every` steps, and the
@@ -30,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mathprm import atomic, sft  # noqa: E402
+from mathprm import atomic
 from mathprm.config import load_config  # noqa: E402
-from mathprm.tokenizer import build_char_tokenizer  # noqa: E402
+from mathprm.models.tokenizer import build_char_tokenizer  # noqa: E402
+from mathprm.train import sft  # noqa: E402
 
 
 def save(model: torch.nn.Module, tokenizer, out: Path, name: str, info: dict) -> None:

@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mathprm import arith, atomic  # noqa: E402
-from mathprm.answers import Judge  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
+from mathprm.data.answers import Judge  # noqa: E402
+from mathprm.data.problems import load_problems  # noqa: E402
 from mathprm.generation import load_generator  # noqa: E402
-from mathprm.problems import load_problems  # noqa: E402
 from mathprm.scorer import load_scorer  # noqa: E402
 from mathprm.search import SearchConfig, run_searches  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402

@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from mathprm import arith, atomic  # noqa: E402
+from mathprm import atomic
+from mathprm.data import arith  # noqa: E402
 from mathprm.generation import Prefix, Sampling  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
 
@@ -76,7 +77,7 @@ def variant_dir(out: Path, name: str) -> Path:
 
 def sample_labelled(gen, problems, n: int, temperature: float, seed: int, chunk: int) -> list[dict]:
     """One row per sampled solution with its steps, exact step labels and correctness."""
-    from mathprm.answers import Judge
+    from mathprm.data.answers import Judge
 
     rows, started = [], time.monotonic()
     for lo in range(0, len(problems), chunk):
@@ -110,9 +111,15 @@ def read_jsonl(path: Path) -> list[dict]:
 def train_variant(args, name: str) -> dict:
     from transformers import AutoTokenizer
 
-    from mathprm.prm import PRM_CONFIG_FILE, build_prm, collate, save_prm
-    from mathprm.schedule import warmup_cosine
-    from mathprm.train_prm import _train_step, choose_threshold, is_validation, usable_examples, validate
+    from mathprm.models.prm import PRM_CONFIG_FILE, build_prm, collate, save_prm
+    from mathprm.train.prm import (
+        _train_step,
+        choose_threshold,
+        is_validation,
+        usable_examples,
+        validate,
+    )
+    from mathprm.train.schedule import warmup_cosine
 
     out = Path(args.out)
     features, lr, batch_size = parse_variant(name, args.lr, args.batch)
@@ -186,7 +193,7 @@ def train_variant(args, name: str) -> dict:
 
 
 def score_records(records: list[dict], scorer, threshold: float, n: int) -> dict:
-    from mathprm.evaluate_prm import summarise
+    from mathprm.eval.prm import summarise
 
     flat = [(r, s) for r in records for s in r["solutions"] if s["steps"]]
     for lo in range(0, len(flat), 512):
@@ -203,7 +210,7 @@ def score_records(records: list[dict], scorer, threshold: float, n: int) -> dict
 def prior_dir(args) -> Path:
     """The demo's recipe untrained (`mathprm prm-prior`): weight 1 on prefix_min_logp, bias 0; main()
     picks its threshold on the held-out training samples' exact labels (as its training would)."""
-    from mathprm.train_prm import PriorPRMConfig, save_prior_prm
+    from mathprm.train.prm import PriorPRMConfig, save_prior_prm
 
     return save_prior_prm(PriorPRMConfig(base=args.policy, separator=FMT.separator,
                                          out_dir=str(Path(args.out) / "prm_prior")))
@@ -211,9 +218,9 @@ def prior_dir(args) -> Path:
 
 def held_out_threshold(args, prm: Path) -> float:
     """ProcessBench's best threshold for `prm` on the held-out training samples."""
-    from mathprm.prm import PRMScorer
-    from mathprm.processbench import best_threshold
-    from mathprm.train_prm import first_zero, is_validation
+    from mathprm.eval.processbench import best_threshold
+    from mathprm.models.prm import PRMScorer
+    from mathprm.train.prm import first_zero, is_validation
 
     rows = [r for r in read_jsonl(Path(args.out) / "data.jsonl") if is_validation(r["problem_id"], 0.1)][: args.max_val]
     scores = PRMScorer(prm, device=args.device, batch_size=256).score([r["question"] for r in rows],
@@ -250,8 +257,8 @@ def main() -> None:
         train_variant(args, args.only)
         return
 
-    from mathprm.gen_hf import HFGenerator
-    from mathprm.problems import load_problems
+    from mathprm.data.problems import load_problems
+    from mathprm.models.gen_hf import HFGenerator
 
     started = time.monotonic()
     if not (out / "data.jsonl").is_file() or not (out / "test.jsonl").is_file():
@@ -284,7 +291,7 @@ def main() -> None:
             trained.append(json.loads((d / "train_result.json").read_text()))
 
     # Test: the same samples for every PRM.
-    from mathprm.prm import PRMScorer
+    from mathprm.models.prm import PRMScorer
 
     test = read_jsonl(out / "test.jsonl")
     by_problem: dict[str, dict] = {}

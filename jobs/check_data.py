@@ -5,7 +5,7 @@
     python jobs/check_data.py datasets='[math500, gsm8k]' limit=100     # local Ray, overrides
 
 Writes runs/data_check/<dataset>/{rows/*.parquet, summary.json}; datasets already checked
-are reused unless overwrite=true. Fields: see `mathprm.datacheck.DataCheckConfig`.
+are reused unless overwrite=true. Fields: see `mathprm.data.check.DataCheckConfig`.
 """
 
 import sys

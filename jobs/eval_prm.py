@@ -7,7 +7,7 @@
     python jobs/eval_prm.py --config mathprm/configs/eval_prm_arith.yaml prm=oracle   # the upper bound
 
 Problems flow through a Ray Data actor pool (`num_actors`, one generator + one scorer each).
-Fields: see `mathprm.evaluate_prm.PRMEvalConfig` (`python jobs/eval_prm.py --help`).
+Fields: see `mathprm.eval.prm.PRMEvalConfig` (`python jobs/eval_prm.py --help`).
 """
 
 import sys

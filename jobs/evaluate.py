@@ -13,7 +13,7 @@ Problems flow through a Ray Data actor pool (`num_actors`, one generator and one
 actor; each actor searches `batch_problems` problems in lockstep). Writes the JSON report (per
 strategy: accuracy, samples_per_problem, generated_tokens, prm_scored_solutions; plus
 diagnostics), one JSON line per problem beside it, and the accuracy-vs-N PNG (`plot`).
-`mathprm evaluate` runs the same in one process. Fields: `mathprm.evaluate.EvalConfig`
+`mathprm evaluate` runs the same in one process. Fields: `mathprm.eval.evaluate.EvalConfig`
 (`python jobs/evaluate.py --help`).
 """
 

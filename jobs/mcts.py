@@ -7,9 +7,9 @@
     python jobs/mcts.py dataset=gsm8k:train policy=/models/Qwen2.5-Math-1.5B backend=vllm \
         gpus_per_actor=1 num_actors=4 out_dir=runs/gsm8k/mcts
 
-Writes the step-score table to <out_dir>/labels/*.parquet (schema: mathprm.steptable),
+Writes the step-score table to <out_dir>/labels/*.parquet (schema: mathprm.labels.steptable),
 TRL stepwise-supervision rows to <out_dir>/trl/{soft,hard}.parquet and <out_dir>/summary.json;
-rerunning with the same out_dir resumes. Fields: see `mathprm.mcts.MCTSConfig`
+rerunning with the same out_dir resumes. Fields: see `mathprm.labels.stage.MCTSConfig`
 (`python jobs/mcts.py --help`).
 """
 

@@ -6,7 +6,7 @@
 
 Writes a Hugging Face checkpoint (model + tokenizer + sft_summary.json) to runs/arith/policy,
 reused unless overwrite=true; Ray Train checkpoints go to runs/arith/ray_train/sft-policy and
-an interrupted run resumes from them. Fields: see `mathprm.sft.SFTConfig`.
+an interrupted run resumes from them. Fields: see `mathprm.train.sft.SFTConfig`.
 """
 
 import sys

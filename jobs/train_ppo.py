@@ -12,7 +12,7 @@
 Writes the PPO policy (a plain HF directory, plus ppo_summary.json, ppo_metrics.jsonl and
 ppo_curves.png) to runs/arith/policy-ppo, reused unless overwrite=true; Ray Train checkpoints
 go to runs/arith/ray_train/ppo-policy-ppo and an interrupted run resumes from them.
-Fields: see `mathprm.train_ppo.PPOConfig` (`python jobs/train_ppo.py --help`).
+Fields: see `mathprm.train.ppo.PPOConfig` (`python jobs/train_ppo.py --help`).
 """
 
 import sys

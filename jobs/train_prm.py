@@ -12,7 +12,7 @@ Writes the PRM (the backbone as an HF causal LM, reference/ (the frozen base the
 features come from), prm_head.safetensors, tokenizer, prm_config.json, prm_summary.json) to
 runs/arith/prm, reused unless overwrite=true; Ray Train checkpoints go to
 runs/arith/ray_train/prm-prm and an interrupted run resumes from them.
-Fields: see `mathprm.train_prm.TrainPRMConfig` (`python jobs/train_prm.py --help`).
+Fields: see `mathprm.train.prm.TrainPRMConfig` (`python jobs/train_prm.py --help`).
 """
 
 import sys

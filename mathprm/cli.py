@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         print(f"mathprm: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from mathprm.problems import BadRecordError
+    from mathprm.data.problems import BadRecordError
 
     try:
         return handler(rest)
@@ -61,7 +61,7 @@ def _config(cls: type, argv: list[str]):
 
 
 def _check_data(argv: list[str]) -> int:
-    from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
+    from mathprm.data.check import DataCheckConfig, format_table, run_data_check
 
     if (cfg := _config(DataCheckConfig, argv)) is not None:
         print(format_table(run_data_check(cfg)))
@@ -69,7 +69,7 @@ def _check_data(argv: list[str]) -> int:
 
 
 def _sft(argv: list[str]) -> int:
-    from mathprm.sft import SFTConfig, train_sft
+    from mathprm.train.sft import SFTConfig, train_sft
 
     if (cfg := _config(SFTConfig, argv)) is not None:
         print(f"[sft] policy: {train_sft(cfg)}")
@@ -77,7 +77,7 @@ def _sft(argv: list[str]) -> int:
 
 
 def _mcts(argv: list[str]) -> int:
-    from mathprm.mcts import MCTSConfig, run_mcts
+    from mathprm.labels.stage import MCTSConfig, run_mcts
 
     if (cfg := _config(MCTSConfig, argv)) is not None:
         run_mcts(cfg)
@@ -85,7 +85,7 @@ def _mcts(argv: list[str]) -> int:
 
 
 def _evaluate(argv: list[str]) -> int:
-    from mathprm.evaluate import EvalConfig, format_table, run_evaluation
+    from mathprm.eval.evaluate import EvalConfig, format_table, run_evaluation
 
     if (cfg := _config(EvalConfig, argv)) is not None:
         report = run_evaluation(cfg)
@@ -95,7 +95,7 @@ def _evaluate(argv: list[str]) -> int:
 
 
 def _train_prm(argv: list[str]) -> int:
-    from mathprm.train_prm import TrainPRMConfig, train_prm
+    from mathprm.train.prm import TrainPRMConfig, train_prm
 
     if (cfg := _config(TrainPRMConfig, argv)) is not None:
         print(f"[train-prm] PRM: {train_prm(cfg)}")
@@ -103,7 +103,7 @@ def _train_prm(argv: list[str]) -> int:
 
 
 def _prm_prior(argv: list[str]) -> int:
-    from mathprm.train_prm import PriorPRMConfig, save_prior_prm
+    from mathprm.train.prm import PriorPRMConfig, save_prior_prm
 
     if (cfg := _config(PriorPRMConfig, argv)) is not None:
         print(f"[prm-prior] PRM: {save_prior_prm(cfg)}")
@@ -111,7 +111,7 @@ def _prm_prior(argv: list[str]) -> int:
 
 
 def _train_ppo(argv: list[str]) -> int:
-    from mathprm.train_ppo import PPOConfig, train_ppo
+    from mathprm.train.ppo import PPOConfig, train_ppo
 
     if (cfg := _config(PPOConfig, argv)) is not None:
         print(f"[ppo] policy: {train_ppo(cfg)}")
@@ -119,7 +119,7 @@ def _train_ppo(argv: list[str]) -> int:
 
 
 def _evaluate_prm(argv: list[str]) -> int:
-    from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
+    from mathprm.eval.prm import PRMEvalConfig, format_report, run_prm_evaluation
 
     if (cfg := _config(PRMEvalConfig, argv)) is not None:
         print(format_report(run_prm_evaluation(cfg)))
@@ -128,7 +128,11 @@ def _evaluate_prm(argv: list[str]) -> int:
 
 
 def _processbench(argv: list[str]) -> int:
-    from mathprm.processbench import ProcessBenchConfig, format_table, run_processbench
+    from mathprm.eval.processbench import (
+        ProcessBenchConfig,
+        format_table,
+        run_processbench,
+    )
 
     if (cfg := _config(ProcessBenchConfig, argv)) is not None:
         print(format_table(run_processbench(cfg)))
@@ -143,7 +147,7 @@ def _demo(argv: list[str]) -> int:
 
 
 def _grade(argv: list[str]) -> int:
-    from mathprm.grading import is_equivalent
+    from mathprm.data.grading import is_equivalent
 
     if len(argv) != 2:
         raise ConfigError("usage: mathprm grade PRED GOLD")

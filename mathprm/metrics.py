@@ -28,18 +28,18 @@ _LATENCY_MS = (50, 100, 250, 500, 1000, 2500, 5000, 10000, 20000, 40000, 80000)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128)
 
 METRICS: dict[str, MetricSpec] = {
-    # Tree search (mathprm.mcts, on the expander actors)
+    # Tree search (mathprm.labels.stage, on the expander actors)
     "mathprm_mcts_problems": MetricSpec("counter", "problems searched", "mcts", ("method",)),
     "mathprm_mcts_rollouts": MetricSpec("counter", "completions generated", "mcts", ("method",)),
     "mathprm_mcts_steps_labelled": MetricSpec("counter", "steps labelled", "mcts", ("method",)),
     "mathprm_mcts_tokens": MetricSpec("counter", "tokens generated in rollouts", "mcts", ("method",)),
-    # PRM training (mathprm.train_prm, rank 0)
+    # PRM training (mathprm.train.prm, rank 0)
     "mathprm_prm_steps": MetricSpec("counter", "PRM optimiser steps", "prm"),
     "mathprm_prm_loss": MetricSpec("gauge", "training BCE over the last logging window", "prm"),
     "mathprm_prm_solutions_per_s": MetricSpec("gauge", "solutions trained per second (all workers)", "prm"),
     "mathprm_prm_val_bce": MetricSpec("gauge", "validation BCE at the last evaluation", "prm"),
     "mathprm_prm_val_auroc": MetricSpec("gauge", "validation step AUROC at the last evaluation", "prm"),
-    # PPO (mathprm.train_ppo, rank 0)
+    # PPO (mathprm.train.ppo, rank 0)
     "mathprm_ppo_updates": MetricSpec("counter", "PPO updates done", "ppo"),
     "mathprm_ppo_tokens": MetricSpec("counter", "tokens generated in PPO rollouts (all workers)", "ppo"),
     "mathprm_ppo_reward": MetricSpec("gauge", "mean episode reward of the last update", "ppo"),

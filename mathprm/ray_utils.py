@@ -193,7 +193,13 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Any, run_name: str
     import os
     import shutil
 
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import (
+        CheckpointConfig,
+        FailureConfig,
+        LoggingConfig,
+        RunConfig,
+        ScalingConfig,
+    )
     from ray.train.torch import TorchTrainer
 
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # the driver's value reaches the workers

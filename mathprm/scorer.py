@@ -4,7 +4,7 @@ A score in [0, 1] is the estimated probability that the solution is still on its
 right answer after that step (the quantity tree search labels and the PRM learns). Anything
 that can judge steps implements it, batched over solutions:
 
-- `mathprm.prm.PRMScorer`: a trained process reward model, every step of a solution in one
+- `mathprm.models.prm.PRMScorer`: a trained process reward model, every step of a solution in one
   forward pass;
 - `ArithOracle`: the arithmetic world's exact checker (1.0 while every step so far is right,
   then 0.0), for tests and upper bounds;
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from mathprm import arith
-from mathprm.problems import Problem
+from mathprm.data import arith
+from mathprm.data.problems import Problem
 
 
 class Scorer(Protocol):
@@ -95,7 +95,7 @@ class ZeroScorer:
 
 
 SCORERS: dict[str, str] = {
-    "prm": "mathprm.prm:PRMScorer",  # mathprm's own format (`mathprm train-prm`, `mathprm prm-prior`)
+    "prm": "mathprm.models.prm:PRMScorer",  # mathprm's own format (`mathprm train-prm`, `mathprm prm-prior`)
 }
 @dataclass(frozen=True)
 class PRMRef:
@@ -135,7 +135,7 @@ def trained_separator(ref: PRMRef) -> str | None:
     config names the directory in the error when it is not a PRM."""
     if ref.path is None:
         return None
-    from mathprm.prm import read_prm_config
+    from mathprm.models.prm import read_prm_config
 
     return read_prm_config(ref.path)["separator"]
 

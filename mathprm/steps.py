@@ -102,7 +102,7 @@ def step_format_for(dataset: str, separator: str | None = None, trained: str | N
     trained with (its scores mean something only on steps cut its way); else the dataset's own
     (`problems.default_separator`). A set `separator` that differs from `trained` is a
     ValueError naming `separator`."""
-    from mathprm.problems import default_separator
+    from mathprm.data.problems import default_separator
 
     if separator is not None and trained is not None and separator != trained:
         raise ValueError(f"separator: {separator!r} differs from {trained!r}, the one the PRM was trained with; "

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real math data (GSM8K, MATH, ProcessBench); tests that need it skip without it."""
-    from mathprm.problems import data_dir as find
+    from mathprm.data.problems import data_dir as find
 
     try:
         return find()
@@ -62,9 +62,9 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     """
     import torch
 
-    from mathprm.policy import build_policy
+    from mathprm.models.policy import build_policy
+    from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.steps import StepFormat
-    from mathprm.tokenizer import build_char_tokenizer
 
     tok = build_char_tokenizer()
     fmt = StepFormat("\n")
@@ -106,7 +106,7 @@ def model_dirs(tmp_path) -> tuple[Path, Path]:
     """A policy and a PRM directory as configs see them (their checks read marker files only)."""
     import json
 
-    from mathprm.prm import PRM_CONFIG_FILE, PRM_KIND
+    from mathprm.models.prm import PRM_CONFIG_FILE, PRM_KIND
 
     policy, prm = tmp_path / "policy", tmp_path / "prm"
     for d in (policy, prm):

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from mathprm import arith
-from mathprm.problems import Problem
+from mathprm.data import arith
+from mathprm.data.problems import Problem
 
 
 def make(start: int, ops: list[tuple[str, int]]) -> Problem:
@@ -263,8 +263,8 @@ def test_bad_arguments_are_refused():
 
 
 def test_grading_reads_the_answer_line():
-    # The contract with mathprm.grading: the last step is the line its extract_answer reads.
-    from mathprm.grading import extract_answer
+    # The contract with mathprm.data.grading: the last step is the line its extract_answer reads.
+    from mathprm.data.grading import extract_answer
 
     for p in arith.generate("hard", 50, seed=0, word_problems=0.5):
         assert extract_answer(p.solution) == p.answer

@@ -40,10 +40,10 @@ def _ids(paths: list[Path]) -> list[str]:
 
 
 def _dataclass_named_in(path: Path) -> type:
-    """The config dataclass a job config names on its first line (`# mathprm.sft.SFTConfig: ...`)."""
+    """The config dataclass a job config names on its first line (`# mathprm.train.sft.SFTConfig: ...`)."""
     first = path.read_text().splitlines()[0]
     match = re.match(r"# (mathprm\.[\w.]+)\.(\w+)", first)
-    assert match, f"{path.name}: the first line must name its dataclass, e.g. '# mathprm.sft.SFTConfig: ...'"
+    assert match, f"{path.name}: the first line must name its dataclass, e.g. '# mathprm.train.sft.SFTConfig: ...'"
     return getattr(importlib.import_module(match.group(1)), match.group(2))
 
 
@@ -56,7 +56,7 @@ def _job_dataclasses() -> dict[str, type]:
         command = re.search(r'main\(\["([a-z-]+)"', script.read_text()).group(1)
         source = inspect.getsource(cli.COMMANDS[command])
         name = re.search(r"_config\((\w+),", source).group(1)
-        module = re.search(rf"from (mathprm\.\w+) import [^\n]*\b{name}\b", source).group(1)
+        module = re.search(rf"from (mathprm[\w.]*) import [^\n]*\b{name}\b", source).group(1)
         jobs[f"jobs/{script.name}"] = getattr(importlib.import_module(module), name)
     return jobs
 
@@ -343,7 +343,11 @@ def test_gpu_demands_fit_one_worker_node():
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=_ids(SERVE_CONFIGS))
 def test_serve_config_fits_serves_schema_and_listens_on_loopback(path, model_dirs):
-    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema
+    from ray.serve.schema import (
+        DeploymentSchema,
+        RayActorOptionsSchema,
+        ServeDeploySchema,
+    )
 
     from mathprm.serve import load_serve_config
 

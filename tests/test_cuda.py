@@ -28,7 +28,7 @@ FMT = StepFormat("\n")
 
 
 def test_the_hf_generator_runs_in_bf16_on_the_gpu_and_writes_the_memorised_solutions(tiny_policy_dir):
-    from mathprm.gen_hf import HFGenerator
+    from mathprm.models.gen_hf import HFGenerator
 
     gen = HFGenerator(str(tiny_policy_dir), FMT, batch_prefixes=2)
     assert gen.device.type == "cuda" and next(gen.model.parameters()).dtype == torch.bfloat16
@@ -41,7 +41,7 @@ def test_the_hf_generator_runs_in_bf16_on_the_gpu_and_writes_the_memorised_solut
 
 
 def test_hot_gpu_samples_are_seeded_and_the_preallocated_cache_matches_the_growing_one(tiny_policy_dir, monkeypatch):
-    import mathprm.gen_hf as gen_hf
+    import mathprm.models.gen_hf as gen_hf
 
     gen = gen_hf.HFGenerator(str(tiny_policy_dir), FMT)
     prefixes = [Prefix("What is 7+9?"), Prefix("What is 1+1?"), Prefix("What is 2+3?", ("2 + 3 = 5",))]
@@ -60,7 +60,7 @@ def test_hot_gpu_samples_are_seeded_and_the_preallocated_cache_matches_the_growi
 def test_the_prm_scores_on_the_gpu_in_bf16_as_on_the_cpu_in_fp32(tiny_policy_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from mathprm.prm import PRMScorer, build_prm, save_prm
+    from mathprm.models.prm import PRMScorer, build_prm, save_prm
 
     model = build_prm(tiny_policy_dir)
     with torch.no_grad():
@@ -79,8 +79,8 @@ def test_the_prm_scores_on_the_gpu_in_bf16_as_on_the_cpu_in_fp32(tiny_policy_dir
 
 
 def test_a_bf16_prm_training_step_on_the_gpu_learns_its_labels(tiny_policy_dir):
-    from mathprm.prm import PRMExample, build_prm, collate, step_logits
-    from mathprm.train_prm import _train_step
+    from mathprm.models.prm import PRMExample, build_prm, collate, step_logits
+    from mathprm.train.prm import _train_step
 
     model = build_prm(tiny_policy_dir).cuda()
     batch = collate([PRMExample(list(range(3, 15)), [8, 11], [1.0, 0.0], step_ends=[8, 11], steps_from=4),
@@ -97,9 +97,9 @@ def test_a_bf16_prm_training_step_on_the_gpu_learns_its_labels(tiny_policy_dir):
 
 
 def test_a_bf16_sft_step_on_the_gpu_lowers_the_loss():
-    from mathprm import sft
-    from mathprm.policy import build_policy
-    from mathprm.tokenizer import build_char_tokenizer
+    from mathprm.models.policy import build_policy
+    from mathprm.models.tokenizer import build_char_tokenizer
+    from mathprm.train import sft
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
@@ -114,10 +114,16 @@ def test_a_bf16_sft_step_on_the_gpu_lowers_the_loss():
 
 @pytest.mark.parametrize("advantage, critic", [("gae", "shared"), ("grpo", "shared"), ("gae", "separate")])
 def test_a_bf16_ppo_update_on_the_gpu_makes_the_rewarded_step_more_likely(advantage, critic):
-    from mathprm.policy import build_policy
-    from mathprm.ppo import token_logprobs
-    from mathprm.tokenizer import build_char_tokenizer
-    from mathprm.train_ppo import Episode, PolicyWithValue, PPOConfig, make_batch, ppo_update
+    from mathprm.models.policy import build_policy
+    from mathprm.models.tokenizer import build_char_tokenizer
+    from mathprm.train.ppo import (
+        Episode,
+        PolicyWithValue,
+        PPOConfig,
+        make_batch,
+        ppo_update,
+    )
+    from mathprm.train.ppo_loss import token_logprobs
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)

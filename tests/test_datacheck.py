@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathprm.config import ConfigError, load_config
-from mathprm.datacheck import DataCheckConfig, run_data_check
+from mathprm.data.check import DataCheckConfig, run_data_check
 
 pytestmark = pytest.mark.ray
 

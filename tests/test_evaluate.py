@@ -7,18 +7,18 @@ import math
 
 import pytest
 
-from mathprm import arith
 from mathprm.cli import main
 from mathprm.config import ConfigError, parse_args
-from mathprm.evaluate import (
+from mathprm.data import arith
+from mathprm.data.answers import majority_vote
+from mathprm.data.problems import Problem
+from mathprm.eval.evaluate import (
     EvalConfig,
     eval_strategy,
     run_evaluation,
 )
-from mathprm.answers import majority_vote
-from mathprm.stats import pass_at_k
 from mathprm.generation import Rollout
-from mathprm.problems import Problem
+from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat
 from tests.conftest import MEMORISED
 
@@ -208,8 +208,8 @@ def test_prm_strategies_need_a_prm_and_a_matching_separator(tmp_path, tiny_polic
 def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_policy_dir, tmp_path):
     """jobs/evaluate.py's path: problems on a Ray Data actor pool (2 actors, each with the real
     hf generator and a real PRM) give exactly the in-process report."""
-    from mathprm.prm import build_prm, save_prm
-    from mathprm.tokenizer import build_char_tokenizer
+    from mathprm.models.prm import build_prm, save_prm
+    from mathprm.models.tokenizer import build_char_tokenizer
 
     prm = tmp_path / "prm"
     save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), prm, {"base": "tiny"})

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mathprm import arith
-from mathprm.evaluate_prm import PRMEvalConfig, sample_and_score, summarise
+from mathprm.data import arith
+from mathprm.eval.prm import PRMEvalConfig, sample_and_score, summarise
 from mathprm.generation import Rollout
 from mathprm.scorer import ArithOracle
 from mathprm.steps import StepFormat
@@ -90,7 +90,7 @@ def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_pol
     actors run elsewhere): the Ray Data actor pool gives exactly the in-process records."""
     import json
 
-    from mathprm.evaluate_prm import run_prm_evaluation
+    from mathprm.eval.prm import run_prm_evaluation
 
     monkeypatch.chdir(tiny_policy_dir.parent)
     common = dict(prm="oracle", policy=tiny_policy_dir.name, dataset="arith:easy", limit=3, n=2,
@@ -103,10 +103,10 @@ def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_pol
 
 
 def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_dir, tmp_path):
-    from mathprm.evaluate_prm import run_prm_evaluation
-    from mathprm.prm import build_prm, default_threshold, save_prm
+    from mathprm.eval.prm import run_prm_evaluation
+    from mathprm.models.prm import build_prm, default_threshold, save_prm
+    from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.steps import StepFormat
-    from mathprm.tokenizer import build_char_tokenizer
 
     prm = tmp_path / "prm"
     save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), prm,

@@ -180,10 +180,10 @@ def test_vllm_seeded_batch_over_the_step_token_budget(vllm_generator):
 
 
 def test_hf_preallocated_cache_samples_exactly_what_the_growing_cache_samples(hf, monkeypatch):
-    """The cache gets room for the tokens still to come (mathprm/gen_hf.py, `_preallocate`):
+    """The cache gets room for the tokens still to come (mathprm/models/gen_hf.py, `_preallocate`):
     every full-attention layer is replaced, and hot samples, with rows stopping at different
     times and dropped from the batch, are the ones transformers' own cache gives."""
-    import mathprm.gen_hf as gen_hf
+    import mathprm.models.gen_hf as gen_hf
 
     replaced = []
     real = gen_hf._preallocate

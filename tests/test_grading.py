@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mathprm import grading
-from mathprm.grading import extract_answer, grade, is_equivalent, normalize_answer
+from mathprm.data import grading
+from mathprm.data.grading import extract_answer, grade, is_equivalent, normalize_answer
 
 
 @pytest.fixture(autouse=True)

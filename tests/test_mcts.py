@@ -14,9 +14,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mathprm import arith, steptable
 from mathprm.config import ConfigError, load_config
-from mathprm.mcts import (
+from mathprm.data import arith
+from mathprm.data.problems import Problem
+from mathprm.labels import steptable
+from mathprm.labels.stage import (
     PROBLEMS_KEY,
     MCTSConfig,
     committed_problems,
@@ -26,10 +28,9 @@ from mathprm.mcts import (
     run_mcts,
     write_labels_file,
 )
-from mathprm.problems import Problem
+from mathprm.labels.steptable import StepLabel
+from mathprm.labels.treesearch import SearchStats
 from tests.conftest import metrics_text
-from mathprm.steptable import StepLabel
-from mathprm.treesearch import SearchStats
 
 from .conftest import MEMORISED, REPO
 

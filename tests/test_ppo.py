@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mathprm import ppo
+from mathprm.train import ppo_loss as ppo
 
 
 def close(a, b, tol=1e-5):

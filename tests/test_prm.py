@@ -7,12 +7,24 @@ import math
 import pytest
 import torch
 
-from mathprm.prm import (
-    FEATURES, LOGP_FLOOR, PRMExample, PRMScorer, bce_step_loss, build_prm, collate, encode_solution,
-    likelihood_features, load_prm, read_prm_config, save_prm, step_logits, windows,
+from mathprm.models.prm import (
+    FEATURES,
+    LOGP_FLOOR,
+    PRMExample,
+    PRMScorer,
+    bce_step_loss,
+    build_prm,
+    collate,
+    encode_solution,
+    likelihood_features,
+    load_prm,
+    read_prm_config,
+    save_prm,
+    step_logits,
+    windows,
 )
+from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.steps import StepFormat
-from mathprm.tokenizer import build_char_tokenizer
 
 FMT = StepFormat("\n")
 

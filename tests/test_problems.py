@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mathprm import problems as P
-from mathprm.problems import BadRecordError, ProcessBenchItem, Problem
+from mathprm.data import problems as P
+from mathprm.data.problems import BadRecordError, Problem, ProcessBenchItem
 
 COUNTS = {
     "gsm8k": 1319,
@@ -253,7 +253,7 @@ def test_processbench_file_that_is_not_an_array(tmp_path):
 def test_skip_bad_skips_collects_and_warns_once(tmp_path, caplog):
     path = _write_jsonl(tmp_path / "bad.jsonl", [GSM, "{", {"question": "q"}, GSM | {"question": "Again?"}])
     errors: list[BadRecordError] = []
-    with caplog.at_level(logging.WARNING, logger="mathprm.problems"):
+    with caplog.at_level(logging.WARNING, logger="mathprm.data.problems"):
         got = P.load_gsm8k(path, skip_bad=True, errors=errors)
     assert [p.id for p in got] == ["bad-0", "bad-3"]
     assert [(e.where.rsplit(":", 1)[1], e.field) for e in errors] == [("2", None), ("3", "answer")]

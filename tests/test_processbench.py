@@ -5,8 +5,8 @@ import json
 import pytest
 
 from mathprm.config import ConfigError, load_config
-from mathprm.problems import ProcessBenchItem, load_problems
-from mathprm.processbench import (
+from mathprm.data.problems import ProcessBenchItem, load_problems
+from mathprm.eval.processbench import (
     SUBSETS,
     ProcessBenchConfig,
     ProcessBenchOracle,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mathprm.problems import BadRecordError, Problem, load_problems
-from mathprm.ray_data import problems_dataset, rows_to_problems
+from mathprm.data.problems import BadRecordError, Problem, load_problems
+from mathprm.data.ray_data import problems_dataset, rows_to_problems
 
 pytestmark = pytest.mark.ray
 

@@ -6,8 +6,14 @@ import math
 
 import pytest
 
-from mathprm import arith
-from mathprm.scorer import AGGREGATIONS, ArithOracle, aggregate, check_shapes, load_scorer
+from mathprm.data import arith
+from mathprm.scorer import (
+    AGGREGATIONS,
+    ArithOracle,
+    aggregate,
+    check_shapes,
+    load_scorer,
+)
 
 
 def test_aggregations_by_hand():

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from mathprm import arith
+from mathprm.data import arith
 from mathprm.generation import Rollout, StepSample
 from mathprm.scorer import ArithOracle
 from mathprm.search import (
@@ -360,10 +360,10 @@ def test_search_runs_on_the_real_hf_backend_and_a_real_prm(tiny_policy_dir, tmp_
     are arbitrary, the plumbing is not): the memorised solution comes out of greedy and of
     guided search with every candidate identical, scores are probabilities, and merged
     batches equal single runs."""
+    from mathprm.data.problems import Problem
     from mathprm.generation import load_generator
-    from mathprm.prm import PRMScorer, build_prm, save_prm
-    from mathprm.problems import Problem
-    from mathprm.tokenizer import build_char_tokenizer
+    from mathprm.models.prm import PRMScorer, build_prm, save_prm
+    from mathprm.models.tokenizer import build_char_tokenizer
 
     prm_dir = tmp_path / "prm"
     save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), FMT, prm_dir, {"base": str(tiny_policy_dir)})

@@ -38,9 +38,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def prm_dir(tiny_policy_dir, tmp_path_factory) -> Path:
     """An untrained PRM on the tiny policy: scores are probabilities, just not good ones."""
-    from mathprm.prm import build_prm, save_prm
+    from mathprm.models.prm import build_prm, save_prm
+    from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.steps import StepFormat
-    from mathprm.tokenizer import build_char_tokenizer
 
     path = tmp_path_factory.mktemp("serve_prm")
     save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), path, {"base": "tiny"})
@@ -92,7 +92,7 @@ class _SlowGenerator:
 
 
 def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dirs):
-    from mathprm.serve import RequestError, SolveRequest, Solver, load_serve_config
+    from mathprm.serve import RequestError, Solver, SolveRequest, load_serve_config
 
     cfg = load_serve_config(_args(model_dirs[0], None, strategy="greedy", limits=LIMITS | {"timeout_s": 0.2}))
     solver = Solver(cfg, _SlowGenerator(), None)

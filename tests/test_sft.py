@@ -9,11 +9,19 @@ import random
 import pytest
 import torch
 
-from mathprm import arith, sft
 from mathprm.config import ConfigError, parse_args, to_dict
-from mathprm.policy import build_policy
-from mathprm.sft import IGNORE_INDEX, BatchOrder, SFTConfig, build_example, collate, mixture_counts
-from mathprm.tokenizer import build_char_tokenizer
+from mathprm.data import arith
+from mathprm.models.policy import build_policy
+from mathprm.models.tokenizer import build_char_tokenizer
+from mathprm.train import sft
+from mathprm.train.sft import (
+    IGNORE_INDEX,
+    BatchOrder,
+    SFTConfig,
+    build_example,
+    collate,
+    mixture_counts,
+)
 from tests.conftest import kill_after_first_checkpoint
 
 

@@ -8,8 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mathprm.steptable import COLUMNS, SCHEMA, from_table, to_table
-from mathprm.steptable import StepLabel
+from mathprm.labels.steptable import COLUMNS, SCHEMA, StepLabel, from_table, to_table
 
 LABELS = [
     StepLabel("arith:hard:1", "Start with 5. Add 3.", (), "5 + 3 = 8", 0.75, 8, 6, 0, "math_shepherd"),

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
-from mathprm.arith import generate
-from mathprm.tokenizer import BOS, EOS, build_char_tokenizer
+from mathprm.data.arith import generate
+from mathprm.models.tokenizer import BOS, EOS, build_char_tokenizer
 
 
 def test_one_token_per_character_and_exact_decode():

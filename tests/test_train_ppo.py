@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from mathprm import arith
 from mathprm.config import ConfigError, load_config, to_dict
+from mathprm.data import arith
 from mathprm.generation import Rollout, StepSample
-from mathprm.policy import build_policy
+from mathprm.models.policy import build_policy
+from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.scorer import ArithOracle
 from mathprm.steps import StepFormat
-from mathprm.tokenizer import build_char_tokenizer
-from mathprm.train_ppo import (
+from mathprm.train.ppo import (
     METRICS_FILE,
     PLOT_FILE,
     SUMMARY_FILE,
@@ -166,7 +166,7 @@ def test_one_update_makes_the_rewarded_step_more_likely(advantage, critic):
     def action_logp():
         with torch.no_grad():
             logits, _ = model(batch.ids, batch.attention_mask)
-        from mathprm.ppo import token_logprobs
+        from mathprm.train.ppo_loss import token_logprobs
 
         return (token_logprobs(logits, batch.ids) * batch.mask).sum(-1)
 
@@ -209,9 +209,9 @@ def _learn(seed: int, updates: int = 2) -> dict[str, torch.Tensor]:
     """`updates` PPO updates of a fresh `test` policy, on-policy, as the training loop runs them."""
     import copy
 
-    from mathprm.gen_hf import HFGenerator
-    from mathprm.ppo import token_logprobs
-    from mathprm.train_ppo import sampling_seed
+    from mathprm.models.gen_hf import HFGenerator
+    from mathprm.train.ppo import sampling_seed
+    from mathprm.train.ppo_loss import token_logprobs
 
     torch.manual_seed(0)
     lm = build_policy("test", TOK, seed=0)
@@ -317,7 +317,7 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
 
 
 def test_prm_none_needs_no_directory_and_scores_zero():
-    from mathprm.train_ppo import _load_scorer, ppo_step_format
+    from mathprm.train.ppo import _load_scorer, ppo_step_format
 
     cfg = PPOConfig(prm="none", mode="full_solution", outcome_reward=1.0, advantage="grpo")
     assert ppo_step_format(cfg).separator == arith.STEP_SEPARATOR
@@ -331,7 +331,6 @@ def test_blank_separator_only_and_cut_samples_make_episodes_that_encode(mode):
     own rollout holds no blank step (the generator's `prompt()` raises on one), and a blank or
     cut action still encodes, with one reward per written step."""
     from mathprm.scorer import ZeroScorer
-
     from tests.conftest import OddPolicy
 
     problems = arith.generate("easy", 8, seed=4, split="train")

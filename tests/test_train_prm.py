@@ -10,16 +10,22 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from mathprm import arith
 from mathprm.config import to_dict
+from mathprm.data import arith
+from mathprm.labels.steptable import StepLabel
+from mathprm.labels.treesearch import to_trl
 from mathprm.steps import StepFormat
-from mathprm.train_prm import (
+from mathprm.train.prm import (
+    SUMMARY_FILE,
     EpochBatches,
+    TrainPRMConfig,
     choose_threshold,
-    SUMMARY_FILE, TrainPRMConfig, is_validation, learning_rate, solution_of_trl_row, solutions_of_problem, train_prm,
+    is_validation,
+    learning_rate,
+    solution_of_trl_row,
+    solutions_of_problem,
+    train_prm,
 )
-from mathprm.steptable import StepLabel
-from mathprm.treesearch import to_trl
 from tests.conftest import kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
@@ -61,7 +67,7 @@ def test_the_validation_split_is_by_problem_and_stable():
 def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
     from mathprm.config import ConfigError
     from mathprm.ray_utils import check_resume
-    from mathprm.train_prm import _MAY_CHANGE_ON_RESUME as may_change
+    from mathprm.train.prm import _MAY_CHANGE_ON_RESUME as may_change
 
     settings = to_dict(TrainPRMConfig())
     check_resume(tmp_path / "run", may_change, settings)
@@ -79,7 +85,7 @@ def test_learning_rate_warms_up_then_decays_to_a_tenth():
 
 
 def test_the_separator_comes_from_the_tree_search_run(tmp_path):
-    from mathprm.train_prm import data_step_format
+    from mathprm.train.prm import data_step_format
 
     (tmp_path / "run.json").write_text(json.dumps({"dataset": "arith:hard", "separator": None}))
     assert data_step_format(TrainPRMConfig(data=str(tmp_path))).separator == "\n"
@@ -132,8 +138,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
-    from mathprm.prm import PRMScorer, default_threshold, load_prm
-
+    from mathprm.models.prm import PRMScorer, default_threshold, load_prm
     from tests.conftest import MetricsWatcher
 
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
@@ -207,8 +212,8 @@ def test_epochs_read_a_small_shard_once_and_shuffle_it_in_memory(max_bytes, pass
 
 
 def test_the_threshold_comes_from_validation_paths_when_there_are_enough_clean_ones(monkeypatch):
-    import mathprm.train_prm as tp
-    from mathprm.prm import PRMExample
+    import mathprm.train.prm as tp
+    from mathprm.models.prm import PRMExample
 
     def example(targets):
         return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
@@ -232,8 +237,13 @@ def test_a_likelihood_only_prm_gets_the_score_of_a_doubtful_token_as_its_thresho
 
     import torch
 
-    import mathprm.train_prm as tp
-    from mathprm.prm import DOUBT_LOGP, PRMExample, build_prm, likelihood_threshold
+    import mathprm.train.prm as tp
+    from mathprm.models.prm import (
+        DOUBT_LOGP,
+        PRMExample,
+        build_prm,
+        likelihood_threshold,
+    )
 
     def example(targets):
         return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
@@ -258,8 +268,8 @@ def test_a_likelihood_only_prm_gets_the_score_of_a_doubtful_token_as_its_thresho
 
 
 def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
-    import mathprm.train_prm as tp
-    from mathprm.prm import PRMExample
+    import mathprm.train.prm as tp
+    from mathprm.models.prm import PRMExample
 
     def example(targets):
         return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
@@ -278,7 +288,7 @@ def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
 def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_does_not_compute(
         tiny_policy_dir, tmp_path, capsys):
     from mathprm import cli
-    from mathprm.prm import PRMScorer, default_threshold
+    from mathprm.models.prm import PRMScorer, default_threshold
 
     out = tmp_path / "prior"
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0

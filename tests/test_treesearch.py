@@ -7,22 +7,22 @@ from dataclasses import replace
 
 import pytest
 
-from mathprm import arith
+from mathprm.data import arith
+from mathprm.data.answers import judge_grader
+from mathprm.data.problems import Problem
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
-from mathprm.problems import Problem
-from mathprm.steps import StepFormat
-from mathprm.answers import judge_grader
-from mathprm.stats import auroc
-from mathprm.steptable import StepLabel
-from mathprm.treesearch import (
+from mathprm.labels.steptable import StepLabel
+from mathprm.labels.treesearch import (
     TreeSearchConfig,
     call_seed,
+    label_problems,
     math_shepherd,
     omegaprm,
-    label_problems,
     selection_value,
     to_trl,
 )
+from mathprm.stats import auroc
+from mathprm.steps import StepFormat
 
 FMT = StepFormat(arith.STEP_SEPARATOR)
 

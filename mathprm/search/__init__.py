@@ -51,8 +51,17 @@ samples the same whether it runs alone or merged with others. This module import
 torch, Ray nor vLLM.
 """
 
-from mathprm.search.core import (Chosen, NextSteps, Request, Rollouts, Score, ScoredStep, SearchConfig, SearchResult,
-                                 Usage)
+from mathprm.search.core import (
+                                 Chosen,
+                                 NextSteps,
+                                 Request,
+                                 Rollouts,
+                                 Score,
+                                 ScoredStep,
+                                 SearchConfig,
+                                 SearchResult,
+                                 Usage,
+)
 from mathprm.search.drivers import run_search, run_search_async, run_searches
 from mathprm.search.strategies import RUNNABLE, STRATEGIES, Strategy, parse_strategy
 

@@ -8,13 +8,14 @@ import dataclasses
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable, Generator as PyGenerator, Sequence
+from collections.abc import Callable, Sequence
+from collections.abc import Generator as PyGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mathprm.answers import Judge
+from mathprm.data.answers import Judge
+from mathprm.data.problems import Problem
 from mathprm.generation import Prefix, Sampling, StepSample, prefix_seed
-from mathprm.problems import Problem
 from mathprm.scorer import AGGREGATIONS, aggregate
 from mathprm.steps import StepFormat, blank
 

@@ -7,9 +7,20 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mathprm.problems import Problem
-from mathprm.search.core import (Chosen, Context, NextSteps, Request, Rollouts, Score, ScoredStep, Search, SearchConfig,
-                                 SearchResult, Usage)
+from mathprm.data.problems import Problem
+from mathprm.search.core import (
+    Chosen,
+    Context,
+    NextSteps,
+    Request,
+    Rollouts,
+    Score,
+    ScoredStep,
+    Search,
+    SearchConfig,
+    SearchResult,
+    Usage,
+)
 from mathprm.search.strategies import RUNNABLE, STRATEGIES
 from mathprm.steps import StepFormat
 

@@ -9,10 +9,23 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mathprm.answers import majority_vote, weighted_vote
+from mathprm.data.answers import majority_vote, weighted_vote
 from mathprm.generation import Rollout
-from mathprm.search.core import (Chosen, Context, NextSteps, Path, Rollouts, Score, ScoredStep, Search, _best,
-                                 _candidate_key, _children, _open, _score_new)
+from mathprm.search.core import (
+    Chosen,
+    Context,
+    NextSteps,
+    Path,
+    Rollouts,
+    Score,
+    ScoredStep,
+    Search,
+    _best,
+    _candidate_key,
+    _children,
+    _open,
+    _score_new,
+)
 from mathprm.steps import content
 
 # ----------------------------------------------------------------------------- strategies

@@ -35,7 +35,7 @@ before its body is read. The key itself stays in that process; the ingress holds
 
 from mathprm.serve.app import SolveAPI, build_app
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
-from mathprm.serve.solver import RequestError, SolveRequest, Solver
+from mathprm.serve.solver import RequestError, Solver, SolveRequest
 
 __all__ = ["RequestError", "ServeConfig", "SolveAPI", "SolveRequest", "Solver", "api_key_digest", "build_app",
            "load_serve_config"]

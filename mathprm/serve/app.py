@@ -16,15 +16,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mathprm.search import RUNNABLE, STRATEGIES, ScoredStep
-from mathprm.steps import StepFormat
-
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
-from mathprm.serve.solver import ErrorBody, RequestError, SolveRequest, SolveResponse, Solver, settings
-from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
+from mathprm.serve.deployments import (
+    GeneratorDeployment,
+    HandleGenerator,
+    HandleScorer,
+    PRMDeployment,
+)
+from mathprm.serve.solver import (
+    ErrorBody,
+    RequestError,
+    Solver,
+    SolveRequest,
+    SolveResponse,
+    settings,
+)
+from mathprm.steps import StepFormat
 
 logger = logging.getLogger("ray.serve")
 

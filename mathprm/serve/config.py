@@ -9,13 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from mathprm.config import from_dict
 from mathprm.generation import GENERATORS
 from mathprm.scorer import PRMRef, parse_prm, trained_separator
 from mathprm.search import STRATEGIES, SearchConfig, parse_strategy
 from mathprm.steps import step_format_for
-
 
 # ----------------------------------------------------------------------------- configuration
 

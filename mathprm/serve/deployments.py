@@ -12,9 +12,8 @@ from ray.serve.handle import DeploymentHandle
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, load_generator
 from mathprm.scorer import build_scorer, parse_prm
-from mathprm.steps import StepFormat
 from mathprm.serve.config import Batching
-
+from mathprm.steps import StepFormat
 
 # ----------------------------------------------------------------------------- handle adapters
 

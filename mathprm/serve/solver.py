@@ -10,12 +10,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathprm.problems import Problem
-from mathprm.search import (RUNNABLE, STRATEGIES, ScoredStep, SearchConfig, SearchResult, parse_strategy,
-                            run_search_async)
-from mathprm.steps import StepFormat
-
+from mathprm.data.problems import Problem
+from mathprm.search import (
+    RUNNABLE,
+    STRATEGIES,
+    ScoredStep,
+    SearchConfig,
+    SearchResult,
+    parse_strategy,
+    run_search_async,
+)
 from mathprm.serve.config import ServeConfig
+from mathprm.steps import StepFormat
 
 # ----------------------------------------------------------------------------- requests and responses
 

@@ -3,7 +3,7 @@
     mathprm train-prm --config mathprm/configs/prm_arith.yaml            # runs/arith/mcts -> runs/arith/prm
 
 Data. `data` is a tree-search output directory (its `labels/`), step-score Parquet files
-(`mathprm.steptable.SCHEMA`), or a TRL stepwise-supervision dataset (Parquet or JSONL with
+(`mathprm.labels.steptable.SCHEMA`), or a TRL stepwise-supervision dataset (Parquet or JSONL with
 `prompt`, `completions`, `labels`, bool or float labels). It is read as a Ray Dataset and
 turned into labelled solutions, one row per root-to-leaf path of each problem's labelled
 states (`solutions_of_problem`, run by `groupby("problem_id").map_groups`). A state shared
@@ -41,13 +41,20 @@ import torch
 
 from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
-from mathprm.prm import (
-    FEATURES, PRMExample, bce_step_loss, build_prm, collate, encode_solution_spans, likelihood_threshold, save_prm,
+from mathprm.models.prm import (
+    FEATURES,
+    PRMExample,
+    bce_step_loss,
+    build_prm,
+    collate,
+    encode_solution_spans,
+    likelihood_threshold,
+    save_prm,
     step_logits,
 )
-from mathprm.schedule import warmup_cosine
-from mathprm.steps import StepFormat, step_format_for
 from mathprm.stats import auroc
+from mathprm.steps import StepFormat, step_format_for
+from mathprm.train.schedule import warmup_cosine
 
 SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
 _GRAD_CLIP = 1.0
@@ -64,7 +71,7 @@ class TrainPRMConfig:
     data: str = "runs/arith/mcts"  # tree-search output dir, step-score Parquet, or TRL stepwise Parquet/JSONL
     base: str = "runs/arith/policy"  # HF causal-LM (or PRM) directory whose backbone the PRM starts from
     separator: str | None = None  # step separator; None: the tree-search run's (run.json), else "\n\n"
-    # the backbone's own log-probabilities of each step fed to the head (mathprm.prm.FEATURES); [] = a head
+    # the backbone's own log-probabilities of each step fed to the head (mathprm.models.prm.FEATURES); [] = a head
     # on the hidden state alone
     features: list[str] = dataclasses.field(default_factory=lambda: list(FEATURES))
     # false: no head on the hidden state; only the feature weights and a bias train and the backbone stays
@@ -235,7 +242,7 @@ def validate(model: torch.nn.Module, examples: Sequence[PRMExample], pad_id: int
     `val_threshold`, the ProcessBench threshold that best finds each path's first step labelled
     0 (`processbench.best_threshold`, over its labelled steps), None without such paths and
     clean ones both; the scores themselves, as `score_examples` gives them)."""
-    from mathprm.processbench import best_threshold
+    from mathprm.eval.processbench import best_threshold
 
     scores, loss_sum, n = score_examples(model, examples, pad_id, device, batch_size)
     model.train()
@@ -265,7 +272,7 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
     labels: tree-search labels are wrong both ways often enough to pull a fitted threshold into
     the wrong steps' group). `val_scores`: the final model's scores of `val` when the last
     validation already computed them (scored here otherwise)."""
-    from mathprm.processbench import best_threshold, two_group_threshold
+    from mathprm.eval.processbench import best_threshold, two_group_threshold
 
     if val_scores is None:
         val_scores, _, _ = score_examples(model, val, pad_id, device, batch_size)
@@ -323,7 +330,7 @@ def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
     import pyarrow.parquet as pq
     import ray.data
 
-    from mathprm import steptable
+    from mathprm.labels import steptable
 
     path = Path(cfg.data).resolve()  # Ray Data reads in workers, whose working directory is not ours
     if path.is_dir() and (path / "labels").is_dir():
@@ -364,7 +371,12 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def train_prm(cfg: TrainPRMConfig) -> Path:
     """Train (or reuse, or resume) the PRM; returns its directory."""
-    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
+    from mathprm.ray_utils import (
+        check_job_paths,
+        fit_torch_trainer,
+        init_ray,
+        reuse_finished,
+    )
 
     check_job_paths(data=cfg.data, base=cfg.base, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()

@@ -76,11 +76,11 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mathprm.generation import Generator as GeneratorProtocol
+from mathprm.data.problems import Problem
 from mathprm.generation import MIN_TEMPERATURE, Prefix, Rollout, Sampling, prefix_seed
-from mathprm.problems import Problem
+from mathprm.generation import Generator as GeneratorProtocol
+from mathprm.labels.steptable import StepLabel
 from mathprm.steps import StepFormat
-from mathprm.steptable import StepLabel
 
 State = tuple[str, ...]  # a prefix: the steps written so far
 Grader = Callable[[Problem, str], bool]  # (problem, solution text) -> reaches the gold answer

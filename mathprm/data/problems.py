@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "MATHPRM_DATA_DIR"
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer"}  # a file loaded by path alone
-_SAMPLES = Path(__file__).resolve().parent / "data" / "samples"
+_SAMPLES = Path(__file__).resolve().parent / "samples"
 
 R = TypeVar("R", "Problem", "ProcessBenchItem")
 
@@ -224,7 +224,7 @@ def _parse_gsm8k(rec: dict, where: str, default_id: str) -> Problem:
 def _last_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` / `\\fbox{...}`, braces nested; None if none or unclosed.
 
-    Kept here rather than borrowed from `mathprm.grading` so the data check compares two
+    Kept here rather than borrowed from `mathprm.data.grading` so the data check compares two
     independent readings of the same solution.
     """
     boxes = list(_BOX.finditer(text))
@@ -462,7 +462,7 @@ def data_dir() -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"{DATA_DIR_ENV}={env} is not a directory")
         return path
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    default = Path(__file__).resolve().parents[3] / "shared" / "data"
     if default.is_dir():
         return default
     raise FileNotFoundError(
@@ -484,7 +484,7 @@ def _bundled(loader: Loader, name: str) -> Loader:
 
 def _arith(spec: str) -> Loader:
     def load(root: Path | None, **kw: Any) -> list[Problem]:
-        from mathprm.arith import load_arith  # lazy: arith imports this module
+        from mathprm.data.arith import load_arith  # lazy: arith imports this module
 
         return load_arith(spec, **kw)
 
@@ -492,7 +492,7 @@ def _arith(spec: str) -> Loader:
 
 
 # Dataset name -> loader(data_dir or None, **kw). Generated worlds register here too
-# (arith:easy|medium|hard, from mathprm.arith, imported lazily: arith imports this module).
+# (arith:easy|medium|hard, from mathprm.data.arith, imported lazily: arith imports this module).
 _DATASETS: dict[str, Loader] = {
     "gsm8k": _in_data_dir(load_gsm8k, "gsm8k_test.jsonl"),
     "gsm8k:test": _in_data_dir(load_gsm8k, "gsm8k_test.jsonl"),

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mathprm import atomic
-from mathprm.problems import ProcessBenchItem, load_problems
+from mathprm.data.problems import ProcessBenchItem, load_problems
 from mathprm.scorer import Scorer, build_scorer, check_shapes, parse_prm
 
 SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
@@ -83,7 +83,7 @@ def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> 
     range), so the choice does not sit on a score it was fitted on; among equal F1s the
     lowest threshold wins (fewest steps called wrong). A PRM trained on Monte-Carlo values
     scores right steps of a weak policy well below 0.5, so 0.5 is no threshold for it; this
-    picks one on held-out labels (mathprm.train_prm stores it in the PRM's config).
+    picks one on held-out labels (mathprm.train.prm stores it in the PRM's config).
 
     Each solution is right for the t in one interval: a correct one for t <= min(scores), an
     erroneous one with label y for scores[y] < t <= min(scores[:y]); counting intervals by
@@ -176,7 +176,7 @@ class ProcessBenchConfig:
     prm: str = "runs/arith/prm"  # DIR | KIND:DIR | oracle (the human labels), see mathprm.scorer.parse_prm
     subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the
-    #                                   PRM's own (mathprm.prm.default_threshold), 0.5 for other scorers
+    #                                   PRM's own (mathprm.models.prm.default_threshold), 0.5 for other scorers
     limit: int | None = None  # first N items of each subset
     batch_size: int = 8  # solutions per scorer call
     out: str = "runs/eval/processbench.json"
@@ -253,7 +253,7 @@ def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> d
         scorer = build_scorer(ref, lambda: ProcessBenchOracle(every))
     threshold = cfg.threshold
     if threshold is None:
-        from mathprm.prm import default_threshold
+        from mathprm.models.prm import default_threshold
 
         threshold = default_threshold(ref.path if ref.kind == "prm" else None)
     started = time.monotonic()

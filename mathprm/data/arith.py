@@ -5,7 +5,7 @@ builds itself. A problem is a start value and a chain of operations applied left
 (`+ - *` and `/` only where it divides evenly), asked in plain words ("Start with 17. Add
 25, then multiply by 3. What is the result?") or as a short word problem. The reference
 solution writes one operation per line and ends with the line that
-`mathprm.grading.extract_answer` reads:
+`mathprm.data.grading.extract_answer` reads:
 
     17 + 25 = 42
     42 * 3 = 126
@@ -31,7 +31,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from mathprm.problems import Problem, default_separator
+from mathprm.data.problems import Problem, default_separator
 
 STEP_SEPARATOR = default_separator("arith:")
 TEST_PERCENT = 20  # share of all possible chains that belong to the test split
@@ -61,7 +61,7 @@ class Preset:
             raise ValueError(f"Preset.max_value {self.max_value} is below the largest start value {self.start[1]}")
 
 
-# Sized so that the tiny character-level policy (`mathprm.policy`), trained from scratch on a
+# Sized so that the tiny character-level policy (`mathprm.models.policy`), trained from scratch on a
 # CPU within the SFT time budget, gets most steps right but not all: a PRM then has errors to
 # find. Values stay non-negative (the tiny policy handles negatives poorly, and they make word
 # problems absurd). easy and medium stay below 100, where the tiny policy learns + and -

@@ -21,7 +21,7 @@ Advantages (`advantage`):
   normalised rewards still to come (DeepSeekMath's process supervision), and the KL to the
   reference enters the loss as `kl_coef` x k3.
 `kl_target` makes the coefficient adaptive (Ziegler et al. 2019). The maths is in
-`mathprm.ppo`; this module collects episodes and runs the learner.
+`mathprm.train.ppo_loss`; this module collects episodes and runs the learner.
 
 Distributed shape. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU), DDP through
 `prepare_model`. Each worker samples its own prompts (a pure function of seed, rank and
@@ -55,13 +55,20 @@ from typing import Any, Literal
 
 import torch
 
-from mathprm import atomic, ppo
-from mathprm.answers import judge_grader
+from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
+from mathprm.data.answers import judge_grader
+from mathprm.data.problems import Problem
 from mathprm.generation import MIN_TEMPERATURE, Prefix, Sampling
-from mathprm.problems import Problem
-from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import (
+    ArithOracle,
+    ZeroScorer,
+    build_scorer,
+    parse_prm,
+    trained_separator,
+)
 from mathprm.steps import StepFormat, content, step_format_for
+from mathprm.train import ppo_loss as ppo
 
 SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
 METRICS_FILE = "ppo_metrics.jsonl"
@@ -440,7 +447,7 @@ def ppo_step_format(cfg: PPOConfig) -> StepFormat:
 def load_pools(cfg: PPOConfig) -> tuple[list[Problem], list[Problem]]:
     """(training pool, held-out problems); for arith:* the train and test splits, so no
     held-out problem is ever trained on."""
-    from mathprm.problems import load_problems
+    from mathprm.data.problems import load_problems
 
     def load(spec: str, n: int, seed: int, split: str) -> list[Problem]:
         kw = {"seed": seed, "split": split} if spec.startswith("arith:") else {}
@@ -463,7 +470,12 @@ _MAY_CHANGE_ON_RESUME = ("updates", "time_budget_min", "eval_every", "checkpoint
 
 def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
-    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
+    from mathprm.ray_utils import (
+        check_job_paths,
+        fit_torch_trainer,
+        init_ray,
+        reuse_finished,
+    )
 
     check_job_paths(policy=cfg.policy, prm=parse_prm(cfg.prm).path, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
@@ -507,7 +519,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mathprm.gen_hf import HFGenerator
+    from mathprm.models.gen_hf import HFGenerator
     from mathprm.ray_utils import report_train_step, restore_train_state
 
     fmt = StepFormat(config["separator"])

@@ -46,17 +46,19 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mathprm import arith, atomic, steptable
+from mathprm import atomic
 from mathprm.config import ConfigError
+from mathprm.data import arith
+from mathprm.data.answers import judge_grader
+from mathprm.data.problems import BadRecordError, Problem, load_problems
 from mathprm.generation import GENERATORS
-from mathprm.problems import BadRecordError, Problem, load_problems
-from mathprm.steps import StepFormat, step_format_for
-from mathprm.answers import judge_grader
+from mathprm.labels import steptable
+from mathprm.labels.steptable import StepLabel
+from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
 from mathprm.stats import auroc
-from mathprm.steptable import StepLabel
-from mathprm.treesearch import SearchStats, TreeSearchConfig, to_trl
+from mathprm.steps import StepFormat, step_format_for
 
-PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds
+PROBLEMS_KEY = b"mathprm.data.problems"  # Parquet metadata key: the problems a labels file holds
 # Per-problem costs kept in a file's metadata and summed into summary.json.
 PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches")
 TRL_FORMATS = ("soft", "hard")
@@ -204,8 +206,8 @@ class Expander:
                          ("tokens", "tokens"))}
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        from mathprm.ray_data import rows_to_problems
-        from mathprm.treesearch import label_problems
+        from mathprm.data.ray_data import rows_to_problems
+        from mathprm.labels.treesearch import label_problems
 
         problems = rows_to_problems(batch)
         tags = {"method": self.cfg.method}
@@ -345,7 +347,7 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     """Label every problem of `cfg` (resuming what `out_dir` already holds); returns the summary."""
     import ray.data
 
-    from mathprm.ray_data import problems_dataset
+    from mathprm.data.ray_data import problems_dataset
     from mathprm.ray_utils import check_job_paths, init_ray
 
     local_data = cfg.dataset if Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet") else None

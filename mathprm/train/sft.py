@@ -28,12 +28,13 @@ from typing import Any, Literal
 
 import torch
 
-from mathprm import arith, atomic
+from mathprm import atomic
 from mathprm.config import to_dict
-from mathprm.policy import MODEL_PRESETS, build_policy
-from mathprm.schedule import warmup_cosine
+from mathprm.data import arith
+from mathprm.models.policy import MODEL_PRESETS, build_policy
+from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.steps import StepFormat
-from mathprm.tokenizer import build_char_tokenizer
+from mathprm.train.schedule import warmup_cosine
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding)
 SUMMARY_FILE = "sft_summary.json"  # written into the policy dir; its presence marks a finished policy
@@ -46,7 +47,7 @@ class SFTConfig:
     mixture: dict[str, float] = dataclasses.field(default_factory=lambda: {"easy": 1.0, "medium": 1.0, "hard": 2.0})
     num_problems: int = 20000  # training problems over all workers (train split only)
     word_fraction: float = 0.3  # share of problems phrased as word problems
-    preset: str = "tiny"  # model size, a key of mathprm.policy.MODEL_PRESETS (ignored with init_from)
+    preset: str = "tiny"  # model size, a key of mathprm.models.policy.MODEL_PRESETS (ignored with init_from)
     # Start from this HF causal-LM directory's weights (a policy saved by this command) instead of a
     # fresh `preset` model: e.g. the PRM's checker, the base policy annealed further (checker_arith.yaml).
     init_from: str | None = None
@@ -286,7 +287,7 @@ def held_out_problems(cfg: SFTConfig) -> list:
 
 def held_out_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence, rank: int, world: int) -> float:
     """Greedy accuracy of `model` (unwrapped) on `problems`, the same number on every rank."""
-    from mathprm.gen_hf import HFGenerator
+    from mathprm.models.gen_hf import HFGenerator
     from mathprm.ray_utils import greedy_accuracy
 
     was_training = model.training
@@ -313,7 +314,12 @@ def is_finished(out_dir: str | Path) -> bool:
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
-    from mathprm.ray_utils import check_job_paths, fit_torch_trainer, init_ray, reuse_finished
+    from mathprm.ray_utils import (
+        check_job_paths,
+        fit_torch_trainer,
+        init_ray,
+        reuse_finished,
+    )
 
     check_job_paths(out_dir=cfg.out_dir, init_from=cfg.init_from)
     out = Path(cfg.out_dir).resolve()

@@ -9,7 +9,7 @@ For each problem the policy samples `n` solutions; the scorer scores every step.
   right" (`arith.step_labels`, ProcessBench's first-error label), over all sampled steps;
 - `first_error_f1`: the ProcessBench metric on the same solutions: the predicted earliest
   error is the first step scored below `threshold` (or -1; by default the threshold the PRM's
-  training picked on its labels, `mathprm.prm.default_threshold`), compared with `arith.first_error`;
+  training picked on its labels, `mathprm.models.prm.default_threshold`), compared with `arith.first_error`;
   F1 of the accuracies on erroneous and on correct solutions (in percent);
 - `best_of_n@n`: accuracy when the solution with the highest aggregated score is kept
   (`aggregation`: last / min / prod / mean; all four are in `best_of_n_by_aggregation`),
@@ -34,11 +34,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mathprm import arith, atomic
-from mathprm.answers import Judge
+from mathprm import atomic
+from mathprm.data import arith
+from mathprm.data.answers import Judge
+from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
-from mathprm.problems import Problem, load_problems
-from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import (
+    AGGREGATIONS,
+    ArithOracle,
+    PRMRef,
+    aggregate,
+    build_scorer,
+    parse_prm,
+    trained_separator,
+)
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
@@ -57,7 +66,7 @@ class PRMEvalConfig:
     max_solution_tokens: int = 384
     aggregation: str = "min"  # step scores -> solution score for best_of_n
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the PRM's
-    #                                   own (picked on its validation labels, mathprm.prm.default_threshold)
+    #                                   own (picked on its validation labels, mathprm.models.prm.default_threshold)
     separator: str | None = None  # None: the dataset's ("\n" for arith:*)
     backend: str = "hf"  # generator backend, a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator / scorer call
@@ -125,7 +134,7 @@ def sample_and_score(problems: Sequence[Problem], generator: Any, scorer: Any, c
 
 def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, threshold: float) -> dict[str, Any]:
     """The metrics of the module docstring from `sample_and_score` records."""
-    from mathprm.processbench import predicted_first_error, processbench_f1
+    from mathprm.eval.processbench import predicted_first_error, processbench_f1
 
     step_scores, step_truth, labels, predicted = [], [], [], []
     hits = {"majority": 0.0, "pass": 0.0, **{f"best_of_n:{a}": 0.0 for a in AGGREGATIONS}}
@@ -216,7 +225,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     chunks = [problems[lo : lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
     records: list[dict[str, Any]] = []
     if cfg.use_ray:
-        from mathprm.ray_data import records_on_actor_pool
+        from mathprm.data.ray_data import records_on_actor_pool
         from mathprm.ray_utils import init_ray
 
         # Actors run in another working directory: ship absolute model paths.
@@ -235,7 +244,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     if cfg.threshold is not None:
         threshold = cfg.threshold
     else:
-        from mathprm.prm import default_threshold
+        from mathprm.models.prm import default_threshold
 
         threshold = default_threshold(cfg.prm_ref.path if cfg.prm_ref.kind == "prm" else None)
     report = {"prm": cfg.prm, "policy": cfg.policy, "dataset": cfg.dataset,

@@ -1,4 +1,4 @@
-"""Problems as Ray Datasets: the loaders of `mathprm.problems`, one row per problem.
+"""Problems as Ray Datasets: the loaders of `mathprm.data.problems`, one row per problem.
 
 The loaders run on the driver (files of a few thousand records; they need whole-file
 context for line numbers in errors and for stable ids) and the rows then flow through
@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mathprm.problems import BadRecordError, ProcessBenchItem, Problem, load_problems
+from mathprm.data.problems import (
+    BadRecordError,
+    Problem,
+    ProcessBenchItem,
+    load_problems,
+)
 
 if TYPE_CHECKING:
     import ray.data

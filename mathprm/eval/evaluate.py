@@ -51,15 +51,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mathprm import arith, atomic
-from mathprm.answers import Judge
+from mathprm import atomic
+from mathprm.data import arith
+from mathprm.data.answers import Judge
+from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
-from mathprm.problems import Problem, load_problems
-from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import (
+    AGGREGATIONS,
+    ArithOracle,
+    PRMRef,
+    aggregate,
+    build_scorer,
+    parse_prm,
+    trained_separator,
+)
 from mathprm.search import STRATEGIES, parse_strategy, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
-
 
 
 @dataclasses.dataclass
@@ -405,7 +413,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
     started = time.monotonic()
     records: list[dict[str, Any]] = []
     if cfg.use_ray and generator is None:
-        from mathprm.ray_data import records_on_actor_pool
+        from mathprm.data.ray_data import records_on_actor_pool
         from mathprm.ray_utils import check_job_paths, init_ray
 
         check_job_paths(policy=cfg.policy, prm=cfg.prm_ref.path, out=str(cfg.out_path), plot=str(cfg.plot_path))

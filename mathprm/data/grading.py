@@ -247,10 +247,10 @@ class _Helper:
         self._buffer = b""
 
     def _start(self) -> None:
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from mathprm.grading import _serve; _serve()"],
+            [sys.executable, "-c", "from mathprm.data.grading import _serve; _serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

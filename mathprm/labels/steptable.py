@@ -1,6 +1,6 @@
 """The step-score table: one row per labelled step, declared once as a pyarrow schema.
 
-This is the contract between step labelling (`mathprm.treesearch`, run over many problems by
+This is the contract between step labelling (`mathprm.labels.treesearch`, run over many problems by
 the tree-search job) and PRM training: a Parquet dataset with exactly `SCHEMA`. Every column
 is documented in `COLUMNS`; `to_table` builds a table from `StepLabel`s and refuses a score
 outside [0, 1] or counts that do not add up, naming the row and the column, so a bad label

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from mathprm import arith
-from mathprm.problems import Problem
+from mathprm.data import arith
+from mathprm.data.problems import Problem
 
 
 class Judge:
@@ -27,7 +27,7 @@ class Judge:
         if self.arith:
             found = arith._ANSWER_ANYWHERE.findall(text)
             return str(int(found[-1])) if found else None
-        from mathprm.grading import extract_answer, normalize_answer
+        from mathprm.data.grading import extract_answer, normalize_answer
 
         answer = extract_answer(text)
         return None if answer is None else normalize_answer(answer)
@@ -37,7 +37,7 @@ class Judge:
             return False
         if self.arith:
             return int(key) == int(self.problem.answer)
-        from mathprm.grading import is_equivalent
+        from mathprm.data.grading import is_equivalent
 
         return is_equivalent(key, self.problem.answer)
 

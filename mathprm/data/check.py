@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from mathprm import atomic
-from mathprm.grading import extract_answer, is_equivalent
+from mathprm.data.grading import extract_answer, is_equivalent
 
 _PROCESSBENCH_PREFIX = "processbench"
 
@@ -68,7 +68,7 @@ def grade_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def run_data_check(cfg: DataCheckConfig) -> dict[str, Any]:
     """Check every dataset of `cfg`; returns {dataset: summary}. Finished datasets are reused."""
-    from mathprm.ray_data import problems_dataset
+    from mathprm.data.ray_data import problems_dataset
     from mathprm.ray_utils import check_job_paths, init_ray
 
     check_job_paths(out_dir=cfg.out_dir)

@@ -64,7 +64,7 @@ from mathprm.steps import StepFormat
 PRM_CONFIG_FILE = "prm_config.json"
 PRM_HEAD_FILE = "prm_head.safetensors"
 REFERENCE_DIR = "reference"  # the frozen base LM the likelihood features come from
-PRM_KIND = "mathprm.prm/v2"
+PRM_KIND = "mathprm.models.prm/v2"
 # The likelihood features, each a log-probability of the backbone's own LM head (floored at
 # LOGP_FLOOR so one absurd token cannot dominate): the lowest and the mean over step i's
 # tokens (its separator token left out), and the lowest over the tokens of steps 0..i.
@@ -346,7 +346,7 @@ def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path,
     config = {"kind": PRM_KIND, "separator": fmt.separator, "features": list(model.features),
               "hidden_head": model.hidden_head,
               "score": "sigmoid(score(h) + w . features) at the last token of step + separator; h the backbone's "
-                       "last hidden state there, features its own log-probabilities of the step (mathprm.prm)",
+                       "last hidden state there, features its own log-probabilities of the step (mathprm.models.prm)",
               **meta}
     (path / PRM_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -387,7 +387,7 @@ def likelihood_threshold(model: Any) -> float | None:
 def default_threshold(path: str | Path | None) -> float:
     """The ProcessBench threshold to use with the PRM in `path`: the one its training picked
     (`prm_config.json`'s "threshold", on validation paths or labelled steps:
-    `mathprm.train_prm.choose_threshold`; "threshold_from" says which), else 0.5 (the usual
+    `mathprm.train.prm.choose_threshold`; "threshold_from" says which), else 0.5 (the usual
     one for PRMs trained on hard labels; also for the oracles and for `path` None)."""
     if path is None or not (Path(path) / PRM_CONFIG_FILE).is_file():
         return 0.5
