@@ -32,7 +32,9 @@ from _doc import repo_relative, write_section  # noqa: E402
 from mathprm.config import load_config  # noqa: E402
 from mathprm.eval.evaluate import EvalConfig, run_evaluation  # noqa: E402
 from mathprm.scorer import parse_prm  # noqa: E402
-from mathprm.train.ppo import SUMMARY_FILE, PPOConfig, train_ppo  # noqa: E402
+from mathprm.train.ppo import PPO_STAGE, PPOConfig, train_ppo  # noqa: E402
+
+SUMMARY_FILE = PPO_STAGE.summary_file
 
 
 def greedy(policy: Path, dataset: str, limit: int, tag: str) -> float:

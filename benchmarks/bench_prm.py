@@ -39,15 +39,11 @@ from _doc import repo_relative, write_section  # noqa: E402
 
 from mathprm import atomic
 from mathprm.data import arith  # noqa: E402
-from mathprm.models.prm import (  # noqa: E402
-    PRM_CONFIG_FILE,
-    PRMScorer,
-    build_prm,
-    encode_solution,
-    save_prm,
-)
+from mathprm.models.prm import PRM_CONFIG_FILE, PRMScorer, build_prm, encode_solution, save_prm  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
-from mathprm.train.prm import SUMMARY_FILE  # noqa: E402
+from mathprm.train.prm import PRM_STAGE  # noqa: E402
+
+SUMMARY_FILE = PRM_STAGE.summary_file
 
 SECTION = "PRM scoring speed"
 STEPS = 8

@@ -34,6 +34,7 @@ from mathprm import atomic
 from mathprm.config import load_config  # noqa: E402
 from mathprm.models.tokenizer import build_char_tokenizer  # noqa: E402
 from mathprm.train import sft  # noqa: E402
+from mathprm.train.run import optimizer_step  # noqa: E402
 
 
 def save(model: torch.nn.Module, tokenizer, out: Path, name: str, info: dict) -> None:
@@ -43,7 +44,7 @@ def save(model: torch.nn.Module, tokenizer, out: Path, name: str, info: dict) ->
     with atomic.directory(out / name, overwrite=True) as tmp:
         copy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic.write_json(tmp / sft.SUMMARY_FILE, info)
+        atomic.write_json(tmp / sft.SFT_STAGE.summary_file, info)
     print(f"[gpu_sft] saved {out / name} ({info['step']} steps, held-out {info.get('held_out_accuracy')})", flush=True)
 
 
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     started, train_s, step, losses = time.monotonic(), 0.0, 0, []
     while step < cfg.max_steps:
         t0 = time.monotonic()
-        batch = sft.collate([examples[i] for i in order(step)], tokenizer.pad_token_id).to(device)
-        lr = sft.learning_rate(cfg, step, max(step / cfg.max_steps, train_s / budget))
-        losses.append(sft.train_step(model, batch, optimizer, lr, bf16=bf16))
+        batch = sft.SFTBatch.collate([examples[i] for i in order(step)], tokenizer.pad_token_id).to(device)
+        lr = cfg.learning_rate(step, max(step / cfg.max_steps, train_s / budget))
+        losses.append(optimizer_step(model, optimizer, lr, lambda: sft.sft_loss(model, batch), bf16=bf16))
         step += 1
         train_s += time.monotonic() - t0  # the budget counts training, not the held-out checks
         done = train_s >= budget or step == cfg.max_steps

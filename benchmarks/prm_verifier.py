@@ -112,13 +112,9 @@ def train_variant(args, name: str) -> dict:
     from transformers import AutoTokenizer
 
     from mathprm.models.prm import PRM_CONFIG_FILE, build_prm, collate, save_prm
-    from mathprm.train.prm import (
-        _train_step,
-        choose_threshold,
-        is_validation,
-        usable_examples,
-        validate,
-    )
+    from mathprm.train.prm import choose_threshold, prm_loss, validate
+    from mathprm.train.prm_data import is_validation, usable_examples
+    from mathprm.train.run import optimizer_step
     from mathprm.train.schedule import warmup_cosine
 
     out = Path(args.out)
@@ -159,7 +155,7 @@ def train_variant(args, name: str) -> dict:
         progress = min(1.0, el / budget)
         rate = warmup_cosine(lr, warmup, step, progress)
         batch = collate([train[j] for j in members], pad).to(device)
-        loss = _train_step(model, batch, opt, rate, bf16)
+        loss = optimizer_step(model, opt, rate, lambda: prm_loss(model, batch), bf16)
         step += 1
         seen += len(members)
         if step % args.eval_every == 0:
@@ -220,7 +216,8 @@ def held_out_threshold(args, prm: Path) -> float:
     """ProcessBench's best threshold for `prm` on the held-out training samples."""
     from mathprm.eval.processbench import best_threshold
     from mathprm.models.prm import PRMScorer
-    from mathprm.train.prm import first_zero, is_validation
+    from mathprm.train.prm import first_zero
+    from mathprm.train.prm_data import is_validation
 
     rows = [r for r in read_jsonl(Path(args.out) / "data.jsonl") if is_validation(r["problem_id"], 0.1)][: args.max_val]
     scores = PRMScorer(prm, device=args.device, batch_size=256).score([r["question"] for r in rows],

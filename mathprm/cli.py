@@ -26,7 +26,11 @@ naming what is wrong and exit with status 2, never a traceback.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from mathprm.config import ConfigError, describe, parse_args
 
@@ -60,84 +64,31 @@ def _config(cls: type, argv: list[str]):
     return parse_args(cls, argv)
 
 
-def _check_data(argv: list[str]) -> int:
-    from mathprm.data.check import DataCheckConfig, format_table, run_data_check
-
-    if (cfg := _config(DataCheckConfig, argv)) is not None:
-        print(format_table(run_data_check(cfg)))
-    return 0
+def _load(ref: str) -> Any:
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _sft(argv: list[str]) -> int:
-    from mathprm.train.sft import SFTConfig, train_sft
+@dataclasses.dataclass(frozen=True)
+class StageCommand:
+    """A stage run from the command line: its config dataclass and run function ("module:name",
+    imported only when the command runs), and what to print with the run's result."""
 
-    if (cfg := _config(SFTConfig, argv)) is not None:
-        print(f"[sft] policy: {train_sft(cfg)}")
-    return 0
+    config: str
+    run: str
+    show: Callable[[Any, Any], str]  # (config, result) -> the lines printed after the run
 
-
-def _mcts(argv: list[str]) -> int:
-    from mathprm.labels.stage import MCTSConfig, run_mcts
-
-    if (cfg := _config(MCTSConfig, argv)) is not None:
-        run_mcts(cfg)
-    return 0
-
-
-def _evaluate(argv: list[str]) -> int:
-    from mathprm.eval.evaluate import EvalConfig, format_table, run_evaluation
-
-    if (cfg := _config(EvalConfig, argv)) is not None:
-        report = run_evaluation(cfg)
-        print(format_table(report))
-        print(f"[evaluate] wrote {cfg.out_path}")
-    return 0
+    def __call__(self, argv: list[str]) -> int:
+        if (cfg := _config(_load(self.config), argv)) is not None:
+            result = _load(self.run)(cfg)
+            if text := self.show(cfg, result):
+                print(text)
+        return 0
 
 
-def _train_prm(argv: list[str]) -> int:
-    from mathprm.train.prm import TrainPRMConfig, train_prm
-
-    if (cfg := _config(TrainPRMConfig, argv)) is not None:
-        print(f"[train-prm] PRM: {train_prm(cfg)}")
-    return 0
-
-
-def _prm_prior(argv: list[str]) -> int:
-    from mathprm.train.prm import PriorPRMConfig, save_prior_prm
-
-    if (cfg := _config(PriorPRMConfig, argv)) is not None:
-        print(f"[prm-prior] PRM: {save_prior_prm(cfg)}")
-    return 0
-
-
-def _train_ppo(argv: list[str]) -> int:
-    from mathprm.train.ppo import PPOConfig, train_ppo
-
-    if (cfg := _config(PPOConfig, argv)) is not None:
-        print(f"[ppo] policy: {train_ppo(cfg)}")
-    return 0
-
-
-def _evaluate_prm(argv: list[str]) -> int:
-    from mathprm.eval.prm import PRMEvalConfig, format_report, run_prm_evaluation
-
-    if (cfg := _config(PRMEvalConfig, argv)) is not None:
-        print(format_report(run_prm_evaluation(cfg)))
-        print(f"[evaluate-prm] wrote {cfg.out}")
-    return 0
-
-
-def _processbench(argv: list[str]) -> int:
-    from mathprm.eval.processbench import (
-        ProcessBenchConfig,
-        format_table,
-        run_processbench,
-    )
-
-    if (cfg := _config(ProcessBenchConfig, argv)) is not None:
-        print(format_table(run_processbench(cfg)))
-        print(f"[processbench] wrote {cfg.out}")
-    return 0
+def _table(formatter: str, out_field: str, tag: str) -> Callable[[Any, Any], str]:
+    """Show a report as `formatter`'s table, then where the run wrote it."""
+    return lambda cfg, report: f"{_load(formatter)(report)}\n[{tag}] wrote {getattr(cfg, out_field)}"
 
 
 def _demo(argv: list[str]) -> int:
@@ -156,9 +107,28 @@ def _grade(argv: list[str]) -> int:
     return 0 if equal else 1
 
 
-COMMANDS = {"demo": _demo, "check-data": _check_data, "sft": _sft, "mcts": _mcts, "evaluate": _evaluate,
-            "train-prm": _train_prm, "prm-prior": _prm_prior, "train-ppo": _train_ppo, "evaluate-prm": _evaluate_prm,
-            "processbench": _processbench, "grade": _grade}
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "demo": _demo,
+    "check-data": StageCommand("mathprm.data.check:DataCheckConfig", "mathprm.data.check:run_data_check",
+                               lambda cfg, results: _load("mathprm.data.check:format_check")(results)),
+    "sft": StageCommand("mathprm.train.sft:SFTConfig", "mathprm.train.sft:train_sft",
+                        lambda cfg, out: f"[sft] policy: {out}"),
+    "mcts": StageCommand("mathprm.labels.stage:MCTSConfig", "mathprm.labels.stage:run_mcts", lambda cfg, _: ""),
+    "evaluate": StageCommand("mathprm.eval.evaluate:EvalConfig", "mathprm.eval.evaluate:run_evaluation",
+                             _table("mathprm.eval.evaluate:format_evaluation", "out_path", "evaluate")),
+    "train-prm": StageCommand("mathprm.train.prm:TrainPRMConfig", "mathprm.train.prm:train_prm",
+                              lambda cfg, out: f"[train-prm] PRM: {out}"),
+    "prm-prior": StageCommand("mathprm.train.prm:PriorPRMConfig", "mathprm.train.prm:save_prior_prm",
+                              lambda cfg, out: f"[prm-prior] PRM: {out}"),
+    "train-ppo": StageCommand("mathprm.train.ppo:PPOConfig", "mathprm.train.ppo:train_ppo",
+                              lambda cfg, out: f"[ppo] policy: {out}"),
+    "evaluate-prm": StageCommand("mathprm.eval.prm:PRMEvalConfig", "mathprm.eval.prm:run_prm_evaluation",
+                                 _table("mathprm.eval.prm:format_report", "out", "evaluate-prm")),
+    "processbench": StageCommand("mathprm.eval.processbench:ProcessBenchConfig",
+                                 "mathprm.eval.processbench:run_processbench",
+                                 _table("mathprm.eval.processbench:format_processbench", "out", "processbench")),
+    "grade": _grade,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

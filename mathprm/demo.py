@@ -66,10 +66,10 @@ QUICK: dict[str, list[str]] = {
 }
 
 
-T = TypeVar("T")
+_C = TypeVar("_C")
 
 
-def stage_config(cls: type[T], name: str, overrides: list[str]) -> T:
+def stage_config(cls: type[_C], name: str, overrides: list[str]) -> _C:
     """`cls` from the bundled config `name` (mathprm/configs/name), then `key=value` overrides."""
     with resources.as_file(STAGE_CONFIGS / name) as path:  # a real file even from a zipped install
         return load_config(cls, path, overrides)
@@ -122,18 +122,18 @@ def _reused_report(out: Path, cfg: Any, models: list[str], run: Callable[[], dic
 
 
 def run_demo(argv: list[str]) -> int:
-    from mathprm.data.check import DataCheckConfig, format_table, run_data_check
+    from mathprm.data.check import DataCheckConfig, format_check, run_data_check
     from mathprm.data.problems import data_dir
     from mathprm.eval.evaluate import EvalConfig, run_evaluation
-    from mathprm.eval.evaluate import format_table as eval_table
+    from mathprm.eval.evaluate import format_evaluation as eval_table
     from mathprm.eval.prm import PRMEvalConfig, format_report, run_prm_evaluation
     from mathprm.labels.stage import MCTSConfig, run_mcts
+    from mathprm.train import ppo, prm, sft
     from mathprm.train.ppo import PPOConfig, train_ppo
-    from mathprm.train.ppo import is_finished as ppo_finished
     from mathprm.train.prm import TrainPRMConfig, train_prm
-    from mathprm.train.prm import is_finished as prm_finished
     from mathprm.train.sft import SFTConfig, train_sft
-    from mathprm.train.sft import is_finished as sft_finished
+
+    sft_finished, prm_finished, ppo_finished = sft.SFT_STAGE.is_finished, prm.PRM_STAGE.is_finished, ppo.PPO_STAGE.is_finished
 
     quick, user = stage_args(argv)
     root = Path("runs/quick" if quick else "runs/arith")
@@ -175,7 +175,7 @@ def run_demo(argv: list[str]) -> int:
     state: dict[str, Any] = {}
 
     def data() -> bool:
-        table = format_table(run_data_check(data_cfg))
+        table = format_check(run_data_check(data_cfg))
         print(table)
         sections.append(f"## 1. Data check\n\n{table}")
         return False

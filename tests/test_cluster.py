@@ -11,7 +11,6 @@ credentials and is left out, so that part of each launcher file is only checked 
 import copy
 import dataclasses
 import importlib
-import inspect
 import json
 import re
 import shlex
@@ -48,15 +47,13 @@ def _dataclass_named_in(path: Path) -> type:
 
 
 def _job_dataclasses() -> dict[str, type]:
-    """jobs/<script>.py -> the dataclass its `mathprm` command parses, read from mathprm/cli.py."""
+    """jobs/<script>.py -> the dataclass its `mathprm` command parses (`cli.COMMANDS`)."""
     from mathprm import cli
 
     jobs = {}
     for script in sorted((REPO / "jobs").glob("*.py")):
         command = re.search(r'main\(\["([a-z-]+)"', script.read_text()).group(1)
-        source = inspect.getsource(cli.COMMANDS[command])
-        name = re.search(r"_config\((\w+),", source).group(1)
-        module = re.search(rf"from (mathprm[\w.]*) import [^\n]*\b{name}\b", source).group(1)
+        module, _, name = cli.COMMANDS[command].config.partition(":")
         jobs[f"jobs/{script.name}"] = getattr(importlib.import_module(module), name)
     return jobs
 
@@ -343,11 +340,7 @@ def test_gpu_demands_fit_one_worker_node():
 
 @pytest.mark.parametrize("path", SERVE_CONFIGS, ids=_ids(SERVE_CONFIGS))
 def test_serve_config_fits_serves_schema_and_listens_on_loopback(path, model_dirs):
-    from ray.serve.schema import (
-        DeploymentSchema,
-        RayActorOptionsSchema,
-        ServeDeploySchema,
-    )
+    from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema, ServeDeploySchema
 
     from mathprm.serve import load_serve_config
 

@@ -80,14 +80,15 @@ def test_the_prm_scores_on_the_gpu_in_bf16_as_on_the_cpu_in_fp32(tiny_policy_dir
 
 def test_a_bf16_prm_training_step_on_the_gpu_learns_its_labels(tiny_policy_dir):
     from mathprm.models.prm import PRMExample, build_prm, collate, step_logits
-    from mathprm.train.prm import _train_step
+    from mathprm.train.prm import prm_loss
+    from mathprm.train.run import optimizer_step
 
     model = build_prm(tiny_policy_dir).cuda()
     batch = collate([PRMExample(list(range(3, 15)), [8, 11], [1.0, 0.0], step_ends=[8, 11], steps_from=4),
                      PRMExample(list(range(5, 18)), [9, 12], [0.0, 1.0], step_ends=[9, 12], steps_from=6)],
                     pad_id=0).to("cuda")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    losses = [_train_step(model, batch, opt, 3e-3, bf16=True) for _ in range(30)]
+    losses = [optimizer_step(model, opt, 3e-3, lambda: prm_loss(model, batch), bf16=True) for _ in range(30)]
     assert model.lm.dtype == torch.float32  # autocast leaves the weights alone
     assert losses[-1] < 0.5 * losses[0], losses
     with torch.no_grad():
@@ -100,14 +101,15 @@ def test_a_bf16_sft_step_on_the_gpu_lowers_the_loss():
     from mathprm.models.policy import build_policy
     from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.train import sft
+    from mathprm.train.run import optimizer_step
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)
     model = build_policy("tiny", tok, seed=0).cuda()
-    batch = sft.collate([sft.build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")],
+    batch = sft.SFTBatch.collate([sft.build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")],
                         tok.pad_token_id).to("cuda")
     opt = torch.optim.AdamW(model.parameters())
-    losses = [sft.train_step(model, batch, opt, lr=1e-2, bf16=True) for _ in range(15)]
+    losses = [optimizer_step(model, opt, 1e-2, lambda: sft.sft_loss(model, batch), bf16=True) for _ in range(15)]
     assert next(model.parameters()).dtype == torch.float32
     assert losses[-1] < losses[0] * 0.7, losses
 
@@ -116,14 +118,9 @@ def test_a_bf16_sft_step_on_the_gpu_lowers_the_loss():
 def test_a_bf16_ppo_update_on_the_gpu_makes_the_rewarded_step_more_likely(advantage, critic):
     from mathprm.models.policy import build_policy
     from mathprm.models.tokenizer import build_char_tokenizer
-    from mathprm.train.ppo import (
-        Episode,
-        PolicyWithValue,
-        PPOConfig,
-        make_batch,
-        ppo_update,
-    )
-    from mathprm.train.ppo_loss import token_logprobs
+    from mathprm.train.ppo import PPOConfig
+    from mathprm.train.ppo_episodes import Episode, make_batch
+    from mathprm.train.ppo_loss import PolicyWithValue, ppo_update, token_logprobs
 
     tok = build_char_tokenizer()
     torch.manual_seed(0)

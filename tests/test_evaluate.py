@@ -12,11 +12,7 @@ from mathprm.config import ConfigError, parse_args
 from mathprm.data import arith
 from mathprm.data.answers import majority_vote
 from mathprm.data.problems import Problem
-from mathprm.eval.evaluate import (
-    EvalConfig,
-    eval_strategy,
-    run_evaluation,
-)
+from mathprm.eval.evaluate import EvalConfig, eval_strategy, run_evaluation
 from mathprm.generation import Rollout
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat

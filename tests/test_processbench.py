@@ -12,7 +12,7 @@ from mathprm.eval.processbench import (
     ProcessBenchOracle,
     best_threshold,
     evaluate_scorer,
-    format_table,
+    format_processbench,
     predicted_first_error,
     processbench_f1,
     run_processbench,
@@ -277,6 +277,6 @@ def test_run_processbench_oracle_writes_the_report(data_dir, tmp_path):
         assert written["subsets"][name]["n_items"] == 5
         assert len(written["predictions"][name]) == 5
     assert (written["backend"], written["prm"], written["threshold"], written["limit"]) == ("oracle", None, 0.5, 5)
-    table = format_table(written)
+    table = format_processbench(written)
     assert table.splitlines()[0].split() == ["subset", "error", "acc", "correct", "acc", "F1", "n"]
     assert "gsm8k" in table and "average" in table

@@ -7,13 +7,7 @@ import math
 import pytest
 
 from mathprm.data import arith
-from mathprm.scorer import (
-    AGGREGATIONS,
-    ArithOracle,
-    aggregate,
-    check_shapes,
-    load_scorer,
-)
+from mathprm.scorer import AGGREGATIONS, ArithOracle, aggregate, check_shapes, load_scorer
 
 
 def test_aggregations_by_hand():

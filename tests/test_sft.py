@@ -14,14 +14,8 @@ from mathprm.data import arith
 from mathprm.models.policy import build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.train import sft
-from mathprm.train.sft import (
-    IGNORE_INDEX,
-    BatchOrder,
-    SFTConfig,
-    build_example,
-    collate,
-    mixture_counts,
-)
+from mathprm.train.run import optimizer_step
+from mathprm.train.sft import IGNORE_INDEX, BatchOrder, SFTBatch, SFTConfig, build_example, mixture_counts
 from tests.conftest import kill_after_first_checkpoint
 
 
@@ -38,7 +32,7 @@ def test_labels_mask_the_prompt(tok):
 
 
 def test_collate_pads_right_and_ignores_padding(tok):
-    batch = collate([build_example(tok, "ab", "ba"), build_example(tok, "a", "b")], tok.pad_token_id)
+    batch = SFTBatch.collate([build_example(tok, "ab", "ba"), build_example(tok, "a", "b")], tok.pad_token_id)
     assert batch.input_ids.tolist() == [[1, 70, 71, 4, 71, 70, 2], [1, 70, 4, 71, 2, 0, 0]]
     assert batch.attention_mask.tolist() == [[1] * 7, [1] * 5 + [0, 0]]
     assert batch.labels[1].tolist() == [IGNORE_INDEX] * 3 + [71, 2] + [IGNORE_INDEX] * 2
@@ -47,7 +41,7 @@ def test_collate_pads_right_and_ignores_padding(tok):
 def test_loss_is_on_the_solution_only(tok):
     """Changing the prompt's labels cannot matter; the HF loss equals CE over solution + eos."""
     model = build_policy("test", tok, seed=0)
-    batch = collate([build_example(tok, "12+3", "12 + 3 = 15\nThe answer is 15")], tok.pad_token_id)
+    batch = SFTBatch.collate([build_example(tok, "12+3", "12 + 3 = 15\nThe answer is 15")], tok.pad_token_id)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
     logits, labels = out.logits[0, :-1], batch.labels[0, 1:]
     keep = labels != IGNORE_INDEX
@@ -92,19 +86,19 @@ def test_bucketing_cuts_padding():
 
 def test_learning_rate_warms_up_then_decays():
     cfg = SFTConfig(lr=1e-3, warmup_steps=10, max_steps=100)
-    assert sft.learning_rate(cfg, 0, 0.0) == pytest.approx(1e-4)
-    assert sft.learning_rate(cfg, 9, 0.09) == pytest.approx(1e-3)
-    assert sft.learning_rate(cfg, 10, 0.0) == pytest.approx(1e-3)
-    assert sft.learning_rate(cfg, 99, 1.0) == pytest.approx(1e-4)  # ends at _MIN_LR_RATIO * lr
+    assert cfg.learning_rate(0, 0.0) == pytest.approx(1e-4)
+    assert cfg.learning_rate(9, 0.09) == pytest.approx(1e-3)
+    assert cfg.learning_rate(10, 0.0) == pytest.approx(1e-3)
+    assert cfg.learning_rate(99, 1.0) == pytest.approx(1e-4)  # ends at MIN_LR_RATIO * lr
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_train_step_lowers_the_loss(tok, bf16):
+def test_an_optimizer_step_on_the_sft_loss_lowers_it(tok, bf16):
     torch.manual_seed(0)
     model = build_policy("test", tok, seed=0)
-    batch = collate([build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")], tok.pad_token_id)
+    batch = SFTBatch.collate([build_example(tok, "Start with 3. Add 4.", "3 + 4 = 7\nThe answer is 7")], tok.pad_token_id)
     opt = torch.optim.AdamW(model.parameters())
-    losses = [sft.train_step(model, batch, opt, lr=1e-2, bf16=bf16) for _ in range(15)]
+    losses = [optimizer_step(model, opt, 1e-2, lambda: sft.sft_loss(model, batch), bf16=bf16) for _ in range(15)]
     assert next(model.parameters()).dtype == torch.float32  # autocast leaves the weights alone
     assert losses[-1] < losses[0] * 0.7
 
@@ -216,7 +210,7 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
     # The budget counts the killed run's training time too; a resumed run trains at least one step.
     cfg = dataclasses.replace(cfg, time_budget_min=0.3)
     assert sft.train_sft(cfg) == out.resolve()
-    summary = json.loads((out / sft.SUMMARY_FILE).read_text())
+    summary = json.loads((out / sft.SFT_STAGE.summary_file).read_text())
     assert summary["resumed_from_step"] >= 5
     assert summary["stopped_by"] == "time_budget" and summary["resumed_from_step"] < summary["steps"] < 100_000
     history = summary["held_out_accuracy"]
@@ -242,13 +236,13 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
 
 
 def test_an_interrupted_run_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
-    from mathprm.ray_utils import check_resume
+    from mathprm.train.run import check_resume
 
     monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: None)
     out = tmp_path / "policy"
     cfg = _tiny_run(out)
     # What the interrupted run recorded when it started.
-    check_resume(tmp_path / "ray_train" / "sft-policy", sft._MAY_CHANGE_ON_RESUME,
+    check_resume(tmp_path / "ray_train" / "sft-policy", sft.SFT_STAGE.may_change,
                  {**to_dict(cfg), "out_dir": str(out.resolve())})
     with pytest.raises(ConfigError, match="lr: .* started with lr=0.003"):
         sft.train_sft(dataclasses.replace(cfg, lr=1e-3))

@@ -13,21 +13,9 @@ from mathprm.models.policy import build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.scorer import ArithOracle
 from mathprm.steps import StepFormat
-from mathprm.train.ppo import (
-    METRICS_FILE,
-    PLOT_FILE,
-    SUMMARY_FILE,
-    Episode,
-    PolicyWithValue,
-    PPOConfig,
-    collect_episodes,
-    encode_episode,
-    make_batch,
-    param_groups,
-    pick_prompts,
-    ppo_update,
-    train_ppo,
-)
+from mathprm.train.ppo import METRICS_FILE, PLOT_FILE, PPO_STAGE, PPOConfig, train_ppo
+from mathprm.train.ppo_episodes import Episode, collect_episodes, encode_episode, make_batch, pick_prompts
+from mathprm.train.ppo_loss import PolicyWithValue, param_groups, ppo_update
 from tests.conftest import MetricsWatcher, kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
@@ -210,7 +198,7 @@ def _learn(seed: int, updates: int = 2) -> dict[str, torch.Tensor]:
     import copy
 
     from mathprm.models.gen_hf import HFGenerator
-    from mathprm.train.ppo import sampling_seed
+    from mathprm.train.ppo_episodes import sampling_seed
     from mathprm.train.ppo_loss import token_logprobs
 
     torch.manual_seed(0)
@@ -299,7 +287,7 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
         assert train_ppo(dataclasses.replace(cfg, updates=4)) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = json.loads((out / PPO_STAGE.summary_file).read_text())
     assert summary["resumed_from_update"] >= 1 and summary["updates"] == 4
     assert summary["config"]["num_workers"] == 2
     history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]

@@ -15,17 +15,8 @@ from mathprm.data import arith
 from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import to_trl
 from mathprm.steps import StepFormat
-from mathprm.train.prm import (
-    SUMMARY_FILE,
-    EpochBatches,
-    TrainPRMConfig,
-    choose_threshold,
-    is_validation,
-    learning_rate,
-    solution_of_trl_row,
-    solutions_of_problem,
-    train_prm,
-)
+from mathprm.train.prm import PRM_STAGE, TrainPRMConfig, choose_threshold, train_prm
+from mathprm.train.prm_data import EpochBatches, is_validation, solution_of_trl_row, solutions_of_problem
 from tests.conftest import kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
@@ -66,8 +57,9 @@ def test_the_validation_split_is_by_problem_and_stable():
 
 def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
     from mathprm.config import ConfigError
-    from mathprm.ray_utils import check_resume
-    from mathprm.train.prm import _MAY_CHANGE_ON_RESUME as may_change
+    from mathprm.train.run import check_resume
+
+    may_change = PRM_STAGE.may_change
 
     settings = to_dict(TrainPRMConfig())
     check_resume(tmp_path / "run", may_change, settings)
@@ -78,20 +70,20 @@ def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     cfg = TrainPRMConfig(lr=1e-3, warmup_steps=10)
-    assert learning_rate(cfg, 0, 100) == pytest.approx(1e-4)
-    assert learning_rate(cfg, 9, 100) == pytest.approx(1e-3)
-    assert learning_rate(cfg, 100, 100) == pytest.approx(1e-4)
-    assert learning_rate(cfg, 40, 100) < learning_rate(cfg, 20, 100)
+    assert cfg.learning_rate(0, 100) == pytest.approx(1e-4)
+    assert cfg.learning_rate(9, 100) == pytest.approx(1e-3)
+    assert cfg.learning_rate(100, 100) == pytest.approx(1e-4)
+    assert cfg.learning_rate(40, 100) < cfg.learning_rate(20, 100)
 
 
 def test_the_separator_comes_from_the_tree_search_run(tmp_path):
-    from mathprm.train.prm import data_step_format
+    from mathprm.train.prm_data import data_step_format
 
     (tmp_path / "run.json").write_text(json.dumps({"dataset": "arith:hard", "separator": None}))
-    assert data_step_format(TrainPRMConfig(data=str(tmp_path))).separator == "\n"
+    assert data_step_format(str(tmp_path), None).separator == "\n"
     (tmp_path / "run.json").write_text(json.dumps({"dataset": "gsm8k", "separator": None}))
-    assert data_step_format(TrainPRMConfig(data=str(tmp_path))).separator == "\n\n"
-    assert data_step_format(TrainPRMConfig(data=str(tmp_path), separator="; ")).separator == "; "
+    assert data_step_format(str(tmp_path), None).separator == "\n\n"
+    assert data_step_format(str(tmp_path), "; ").separator == "; "
 
 
 @pytest.mark.parametrize("override, field", [("epochs=0", "epochs"), ("val_fraction=1", "val_fraction"),
@@ -153,7 +145,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
         assert train_prm(dataclasses.replace(cfg, epochs=3, eval_every=2)) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = json.loads((out / PRM_STAGE.summary_file).read_text())
     assert summary["resumed_from_step"] >= 2
     assert summary["steps"] > summary["resumed_from_step"]
     assert summary["config"]["lora_r"] == 4 and summary["config"]["num_workers"] == 2
@@ -238,12 +230,7 @@ def test_a_likelihood_only_prm_gets_the_score_of_a_doubtful_token_as_its_thresho
     import torch
 
     import mathprm.train.prm as tp
-    from mathprm.models.prm import (
-        DOUBT_LOGP,
-        PRMExample,
-        build_prm,
-        likelihood_threshold,
-    )
+    from mathprm.models.prm import DOUBT_LOGP, PRMExample, build_prm, likelihood_threshold
 
     def example(targets):
         return PRMExample([1] * (len(targets) + 2), list(range(1, len(targets) + 1)), targets)
@@ -292,7 +279,7 @@ def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_d
 
     out = tmp_path / "prior"
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0
-    assert (out / SUMMARY_FILE).is_file() and not list(tmp_path.glob(".prior.tmp-*"))
+    assert (out / PRM_STAGE.summary_file).is_file() and not list(tmp_path.glob(".prior.tmp-*"))
     assert default_threshold(out) == pytest.approx(1 / (1 + math.e))  # sigmoid(-1): a token at p = 1/e
     scorer = PRMScorer(out, device="cpu")
     right, wrong = scorer.score(["What is 2+3?"] * 2, [["2 + 3 = 5", "5 + 0 = 5"], ["2 + 3 = 6", "6 + 0 = 6"]])

@@ -116,7 +116,7 @@ def run_data_check(cfg: DataCheckConfig) -> dict[str, Any]:
     return results
 
 
-def format_table(results: dict[str, Any]) -> str:
+def format_check(results: dict[str, Any]) -> str:
     lines = ["| dataset | problems | gold == extracted | skipped | seconds |", "|---|---:|---:|---:|---:|"]
     for name, s in results.items():
         lines.append(

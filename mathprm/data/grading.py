@@ -61,6 +61,24 @@ _ANSWER_IS = re.compile(r"answer is\s*:?\s*", re.IGNORECASE)
 _HOPE = re.compile(r"\s*I hope it is correct\.?\s*$", re.IGNORECASE)
 
 
+def matching_brace(text: str, start: int) -> int | None:
+    """The index of the `}` that closes the `{` at `text[start]`, braces nested; None when
+    the text ends first. A backslash escapes the next character (`\\{`, `\\}`, `\\\\`)."""
+    depth, i = 0, start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
 def _last_box(text: str) -> tuple[bool, str | None]:
     """(a box was found, its content); the content is None when the box is empty or unclosed."""
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
@@ -69,19 +87,10 @@ def _last_box(text: str) -> tuple[bool, str | None]:
     rest = text[start + (6 if text.startswith("\\boxed", start) else 5) :]
     body = rest.lstrip()
     if body.startswith("{"):
-        depth, i = 0, 0
-        while i < len(body):
-            if body[i] == "\\":  # \{ \} and \\ never open or close the box
-                i += 2
-                continue
-            if body[i] == "{":
-                depth += 1
-            elif body[i] == "}":
-                depth -= 1
-                if depth == 0:
-                    return True, body[1:i].strip() or None
-            i += 1
-        return True, None  # cut off mid-box: the final answer is unknown
+        end = matching_brace(body, 0)
+        if end is None:
+            return True, None  # cut off mid-box: the final answer is unknown
+        return True, body[1:end].strip() or None
     if rest[:1].isspace():  # MATH's brace-less "$\boxed 5$"
         return True, re.split(r"[$\n]", body, maxsplit=1)[0].strip().rstrip(".") or None
     return True, None

@@ -30,170 +30,34 @@ many. `limit` keeps the first `limit` good records and stops reading there.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import datasets
 
-logger = logging.getLogger(__name__)
+from mathprm.data.grading import matching_brace
+from mathprm.data.records import (
+    BadRecordError,
+    Problem,
+    ProcessBenchItem,
+    collect_records,
+    existing_file,
+    jsonl_rows,
+    text_field,
+    text_or_number_field,
+)
 
 DATA_DIR_ENV = "MATHPRM_DATA_DIR"
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer"}  # a file loaded by path alone
 _SAMPLES = Path(__file__).resolve().parent / "samples"
 
-R = TypeVar("R", "Problem", "ProcessBenchItem")
-
-
-class BadRecordError(ValueError):
-    """A malformed record; the message reads `WHERE: field 'NAME': what is wrong`."""
-
-    def __init__(self, where: str, field: str | None, reason: str) -> None:
-        self.where, self.field, self.reason = where, field, reason
-        super().__init__(f"{where}: field {field!r}: {reason}" if field else f"{where}: {reason}")
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One problem with its gold answer; the unit every stage (search, labelling, scoring) works on."""
-
-    id: str  # stable and unique within a load (module docstring)
-    question: str
-    answer: str | None  # gold final answer text; None only where the source has none
-    source: str  # "gsm8k", "math500", "math", "math_hard", "table", "hf", ...
-    solution: str | None = None  # reference solution, when the source has one
-    metadata: dict = field(default_factory=dict)  # level (int), subject, unique_id, ...
-
-    def to_dict(self) -> dict[str, Any]:
-        """A flat row for Arrow / Ray Data: metadata becomes a JSON string, so no column
-        holds dicts whose keys differ from row to row."""
-        return asdict(self) | {"metadata": json.dumps(self.metadata, ensure_ascii=False)}
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> Problem:
-        """The inverse of `to_dict`."""
-        return cls(**(row | {"metadata": json.loads(row["metadata"])}))
-
-
-@dataclass(frozen=True)
-class ProcessBenchItem:
-    """One ProcessBench solution with its human step label (Zheng et al. 2024)."""
-
-    id: str  # "gsm8k-0"
-    subset: str  # gsm8k, math, olympiadbench, omnimath
-    problem: str
-    steps: tuple[str, ...]
-    label: int  # 0-based index of the earliest wrong step; -1 if every step is right
-    final_answer_correct: bool
-    generator: str  # the model that wrote the solution
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"steps": list(self.steps)}
-
-    @classmethod
-    def from_dict(cls, row: dict[str, Any]) -> ProcessBenchItem:
-        """The inverse of `to_dict`."""
-        return cls(**(row | {"steps": tuple(row["steps"])}))
-
 
 # ------------------------------------------------------------------ reading records
-
-
-def _jsonl_rows(path: Path) -> Iterator[tuple[str, int, Any]]:
-    """(where, 0-based line, line text) for each non-blank line, read lazily (so `limit`
-    stops reading early); a missing file raises now, not at the first row."""
-    _existing(path)
-
-    def rows() -> Iterator[tuple[str, int, Any]]:
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    yield f"{path}:{i + 1}", i, line
-
-    return rows()
-
-
-def _existing(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    return path
-
-
-def _collect(
-    rows: Iterable[tuple[str, int, Any]],
-    parse: Callable[[dict, str, str], R | None],
-    id_prefix: str,
-    what: str,
-    skip_bad: bool,
-    errors: list[BadRecordError] | None,
-    limit: int | None,
-) -> list[R]:
-    """Parse `rows` (where, index, raw) into records; `parse(record, where, default_id)` returns
-    None to drop one; the default id is f"{id_prefix}-{index}"; `what` names the file in logs."""
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit: must be >= 0 or None, got {limit}")
-    out: list[R] = []
-    bad: list[BadRecordError] = []
-    seen: dict[str, str] = {}  # id -> where it was first seen
-    for where, index, raw in rows:
-        if limit is not None and len(out) >= limit:
-            break
-        try:
-            rec = _as_object(raw, where)
-            item = parse(rec, where, f"{id_prefix}-{index}")
-            if item is None:
-                continue
-            if item.id in seen:
-                raise BadRecordError(where, "id", f"{item.id!r} repeats the id of {seen[item.id]}")
-        except BadRecordError as e:
-            if not skip_bad:
-                raise
-            bad.append(e)
-            continue
-        seen[item.id] = where
-        out.append(item)
-    if bad:
-        logger.warning("skipped %d bad record(s) in %s; the first: %s", len(bad), what, bad[0])
-        if errors is not None:
-            errors.extend(bad)
-    return out
-
-
-def _as_object(raw: Any, where: str) -> dict:
-    if isinstance(raw, str):  # a JSON line
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BadRecordError(where, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
-    if not isinstance(raw, dict):
-        raise BadRecordError(where, None, f"expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def _text(rec: dict, where: str, name: str) -> str:
-    """A required, non-empty string field."""
-    if name not in rec or rec[name] is None:
-        raise BadRecordError(where, name, "missing")
-    value = rec[name]
-    if not isinstance(value, str):
-        raise BadRecordError(where, name, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise BadRecordError(where, name, "empty")
-    return value
-
-
-def _text_or_number(rec: dict, where: str, name: str) -> str:
-    """A table's answer or id: a string, or a number written as one (gold answers often are)."""
-    value = rec.get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    return _text(rec, where, name)
 
 
 # ------------------------------------------------------------------ GSM8K and MATH
@@ -206,8 +70,8 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
 def _parse_gsm8k(rec: dict, where: str, default_id: str) -> Problem:
-    question = _text(rec, where, "question")
-    worked = _text(rec, where, "answer")
+    question = text_field(rec, where, "question")
+    worked = text_field(rec, where, "answer")
     finals = _GSM8K_FINAL.findall(worked)
     if not finals:
         raise BadRecordError(where, "answer", "no '#### <answer>' line")
@@ -224,26 +88,16 @@ def _parse_gsm8k(rec: dict, where: str, default_id: str) -> Problem:
 def _last_boxed(text: str) -> str | None:
     """The content of the last `\\boxed{...}` / `\\fbox{...}`, braces nested; None if none or unclosed.
 
-    Kept here rather than borrowed from `mathprm.data.grading` so the data check compares two
-    independent readings of the same solution.
+    Which box, and what counts as one, is read here rather than borrowed from
+    `mathprm.data.grading.extract_answer`, so the data check compares two independent readings
+    of the same solution; only the brace matching is shared.
     """
     boxes = list(_BOX.finditer(text))
     if not boxes:
         return None
-    start = boxes[-1].end()
-    depth, i = 1, start
-    while i < len(text):
-        if text[i] == "\\":  # \{ and \} are literal braces
-            i += 2
-            continue
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:i].strip() or None
-        i += 1
-    return None
+    start = boxes[-1].end()  # just after the box's "{"
+    end = matching_brace(text, start - 1)
+    return None if end is None else text[start:end].strip() or None
 
 
 def _level(rec: dict, where: str) -> int:
@@ -256,18 +110,18 @@ def _level(rec: dict, where: str) -> int:
 
 
 def _parse_math(rec: dict, where: str, default_id: str, source: str) -> Problem:
-    question = _text(rec, where, "problem")
-    solution = _text(rec, where, "solution")
+    question = text_field(rec, where, "problem")
+    solution = text_field(rec, where, "solution")
     if "answer" in rec:  # MATH-500 states it; the full set leaves it in the solution
-        answer = _text(rec, where, "answer")
+        answer = text_field(rec, where, "answer")
     elif (answer := _last_boxed(solution)) is None:
         raise BadRecordError(where, "solution", "no \\boxed{...} answer (and no 'answer' field)")
     metadata: dict[str, Any] = {
         "level": _level(rec, where),
-        "subject": _text(rec, where, "subject" if "subject" in rec else "type"),
+        "subject": text_field(rec, where, "subject" if "subject" in rec else "type"),
     }
     if "unique_id" in rec:
-        metadata["unique_id"] = _text(rec, where, "unique_id")
+        metadata["unique_id"] = text_field(rec, where, "unique_id")
     return Problem(
         id=metadata.get("unique_id", default_id),
         question=question,
@@ -283,7 +137,7 @@ def load_gsm8k(
 ) -> list[Problem]:
     """GSM8K JSON Lines ({"question", "answer"}); source "gsm8k"."""
     path = Path(path)
-    return _collect(_jsonl_rows(path), _parse_gsm8k, path.stem, str(path), skip_bad, errors, limit)
+    return collect_records(jsonl_rows(path), _parse_gsm8k, path.stem, str(path), skip_bad, errors, limit)
 
 
 def load_math(
@@ -298,7 +152,7 @@ def load_math(
     test set (`level` "Level N", `type`, answer boxed in the solution)."""
     path = Path(path)
     parse = partial(_parse_math, source=source)
-    return _collect(_jsonl_rows(path), parse, path.stem, str(path), skip_bad, errors, limit)
+    return collect_records(jsonl_rows(path), parse, path.stem, str(path), skip_bad, errors, limit)
 
 
 def load_math_hard(
@@ -311,7 +165,7 @@ def load_math_hard(
         return problem if problem.metadata["level"] == 5 else None
 
     path = Path(path)
-    return _collect(_jsonl_rows(path), parse, path.stem, str(path), skip_bad, errors, limit)
+    return collect_records(jsonl_rows(path), parse, path.stem, str(path), skip_bad, errors, limit)
 
 
 # ------------------------------------------------------------------ ProcessBench
@@ -331,13 +185,13 @@ def _parse_processbench(rec: dict, where: str, default_id: str, subset: str) -> 
     if not isinstance(correct, bool):
         raise BadRecordError(where, "final_answer_correct", f"expected true or false, got {correct!r}")
     return ProcessBenchItem(
-        id=_text(rec, where, "id"),
+        id=text_field(rec, where, "id"),
         subset=subset,
-        problem=_text(rec, where, "problem"),
+        problem=text_field(rec, where, "problem"),
         steps=tuple(steps),
         label=label,
         final_answer_correct=correct,
-        generator=_text(rec, where, "generator"),
+        generator=text_field(rec, where, "generator"),
     )
 
 
@@ -350,14 +204,14 @@ def load_processbench(
     """
     path = Path(path)
     try:
-        records = json.loads(_existing(path).read_text(encoding="utf-8"))
+        records = json.loads(existing_file(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BadRecordError(str(path), None, f"invalid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(records, list):
         raise BadRecordError(str(path), None, f"expected a JSON array, got {type(records).__name__}")
     rows = ((f"{path}: record {i}", i, rec) for i, rec in enumerate(records))
     parse = partial(_parse_processbench, subset=path.stem)
-    return _collect(rows, parse, path.stem, str(path), skip_bad, errors, limit)
+    return collect_records(rows, parse, path.stem, str(path), skip_bad, errors, limit)
 
 
 # ------------------------------------------------------------------ any table
@@ -376,11 +230,11 @@ def _parse_row(rec: dict, where: str, default_id: str, columns: dict[str, str], 
     except (TypeError, ValueError) as e:
         raise BadRecordError(where, None, f"metadata columns are not JSON-serialisable: {e}") from None
     return Problem(
-        id=_text_or_number(rec, where, columns["id"]) if "id" in columns else default_id,
-        question=_text(rec, where, columns["question"]),
-        answer=_text_or_number(rec, where, columns["answer"]) if "answer" in columns else None,
+        id=text_or_number_field(rec, where, columns["id"]) if "id" in columns else default_id,
+        question=text_field(rec, where, columns["question"]),
+        answer=text_or_number_field(rec, where, columns["answer"]) if "answer" in columns else None,
         source=source,
-        solution=_text(rec, where, columns["solution"]) if "solution" in columns else None,
+        solution=text_field(rec, where, columns["solution"]) if "solution" in columns else None,
         metadata=metadata,
     )
 
@@ -417,18 +271,18 @@ def load_table(
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(_existing(path))
+        table = pq.read_table(existing_file(path))
         _check_mapping(columns, table.column_names, str(path))
         rows: Iterable[tuple[str, int, Any]] = (
             (f"{path}: row {i}", i, rec) for i, rec in enumerate(table.to_pylist())
         )
     elif path.suffix in (".jsonl", ".json"):
         _check_mapping(columns, None, str(path))
-        rows = _jsonl_rows(path)
+        rows = jsonl_rows(path)
     else:
         raise ValueError(f"{path}: expected a .parquet, .jsonl or .json (JSON Lines) file")
     parse = partial(_parse_row, columns=columns, source=source)
-    return _collect(rows, parse, path.stem, str(path), skip_bad, errors, limit)
+    return collect_records(rows, parse, path.stem, str(path), skip_bad, errors, limit)
 
 
 def load_hf_dataset(
@@ -448,7 +302,7 @@ def load_hf_dataset(
     _check_mapping(columns, ds.column_names, f"{source} dataset")
     rows = ((f"{source} dataset: row {i}", i, rec) for i, rec in enumerate(ds))
     parse = partial(_parse_row, columns=columns, source=source)
-    return _collect(rows, parse, source, f"{source} dataset", skip_bad, errors, limit)
+    return collect_records(rows, parse, source, f"{source} dataset", skip_bad, errors, limit)
 
 
 # ------------------------------------------------------------------ names

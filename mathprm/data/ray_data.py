@@ -10,12 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mathprm.data.problems import (
-    BadRecordError,
-    Problem,
-    ProcessBenchItem,
-    load_problems,
-)
+from mathprm.data.problems import BadRecordError, Problem, ProcessBenchItem, load_problems
 
 if TYPE_CHECKING:
     import ray.data

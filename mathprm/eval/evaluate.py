@@ -56,15 +56,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
-from mathprm.scorer import (
-    AGGREGATIONS,
-    ArithOracle,
-    PRMRef,
-    aggregate,
-    build_scorer,
-    parse_prm,
-    trained_separator,
-)
+from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
 from mathprm.search import STRATEGIES, parse_strategy, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
@@ -264,7 +256,7 @@ def diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def format_table(report: dict[str, Any]) -> str:
+def format_evaluation(report: dict[str, Any]) -> str:
     prm = f"  prm={report['prm']}" if report.get("prm") else ""
     lines = [f"{report['dataset']}  policy={report['policy']}{prm}  ({report['n_problems']} problems, "
              f"T={report['sampling']['temperature']}, {report['backend']})",

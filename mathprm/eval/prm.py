@@ -39,15 +39,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
-from mathprm.scorer import (
-    AGGREGATIONS,
-    ArithOracle,
-    PRMRef,
-    aggregate,
-    build_scorer,
-    parse_prm,
-    trained_separator,
-)
+from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for

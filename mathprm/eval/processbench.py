@@ -269,7 +269,7 @@ def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> d
     return report
 
 
-def format_table(report: dict[str, Any]) -> str:
+def format_processbench(report: dict[str, Any]) -> str:
     """The report's per-subset numbers as an aligned text table, average F1 last."""
     def pct(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"

@@ -21,20 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mathprm.search import RUNNABLE, STRATEGIES, ScoredStep
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
-from mathprm.serve.deployments import (
-    GeneratorDeployment,
-    HandleGenerator,
-    HandleScorer,
-    PRMDeployment,
-)
-from mathprm.serve.solver import (
-    ErrorBody,
-    RequestError,
-    Solver,
-    SolveRequest,
-    SolveResponse,
-    settings,
-)
+from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
+from mathprm.serve.solver import ErrorBody, RequestError, Solver, SolveRequest, SolveResponse, settings
 from mathprm.steps import StepFormat
 
 logger = logging.getLogger("ray.serve")

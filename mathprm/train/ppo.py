@@ -20,8 +20,9 @@ Advantages (`advantage`):
 - `grpo`: no critic; step rewards normalised within each prompt's group, advantage = the
   normalised rewards still to come (DeepSeekMath's process supervision), and the KL to the
   reference enters the loss as `kl_coef` x k3.
-`kl_target` makes the coefficient adaptive (Ziegler et al. 2019). The maths is in
-`mathprm.train.ppo_loss`; this module collects episodes and runs the learner.
+`kl_target` makes the coefficient adaptive (Ziegler et al. 2019). The maths and the update are in
+`mathprm.train.ppo_loss`, the episodes in `mathprm.train.ppo_episodes`; this module is the config
+and the Ray Train loop on the trainer skeleton (`mathprm.train.run`).
 
 Distributed shape. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU), DDP through
 `prepare_model`. Each worker samples its own prompts (a pure function of seed, rank and
@@ -45,9 +46,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,22 +54,19 @@ from typing import Any, Literal
 
 import torch
 
-from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem
-from mathprm.generation import MIN_TEMPERATURE, Prefix, Sampling
-from mathprm.scorer import (
-    ArithOracle,
-    ZeroScorer,
-    build_scorer,
-    parse_prm,
-    trained_separator,
-)
-from mathprm.steps import StepFormat, content, step_format_for
+from mathprm.generation import MIN_TEMPERATURE
+from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, parse_prm, trained_separator
+from mathprm.steps import StepFormat, step_format_for
 from mathprm.train import ppo_loss as ppo
+from mathprm.train.ppo_episodes import collect_episodes, make_batch, pick_prompts, sampling_seed
+from mathprm.train.ppo_loss import PolicyWithValue, PPOBatch, param_groups, ppo_update
+from mathprm.train.run import Stage, Worker, add_lora, greedy_accuracy, launch
 
-SUMMARY_FILE = "ppo_summary.json"  # inside the output policy; its presence marks a finished run
+PPO_STAGE = Stage("ppo", "ppo", "policy", "ppo_summary.json", may_change=(
+    "updates", "time_budget_min", "eval_every", "checkpoint_every", "out_dir", "overwrite", "ray_address", "num_cpus"))
 METRICS_FILE = "ppo_metrics.jsonl"
 PLOT_FILE = "ppo_curves.png"
 
@@ -177,262 +173,10 @@ class PPOConfig:
 # ----------------------------------------------------------------------------- episodes (pure)
 
 
-@dataclasses.dataclass
-class Episode:
-    group: int  # index of its prompt in the update; the group_size samples of a prompt share it
-    question: str
-    prefix: list[str]  # the steps given in the prompt
-    steps: list[str]  # the steps the policy wrote
-    finished: bool  # the policy ended the solution (EOS) after the last step
-    truncated: bool  # the last step hit its token limit
-    rewards: list[float] = dataclasses.field(default_factory=list)  # one per step in `steps`
-    correct: bool | None = None  # full_solution: is the final answer right
-    n_generated: int = 0  # tokens the sampler produced
-
-
-@dataclasses.dataclass
-class PPOBatch:
-    ids: torch.Tensor  # (B, T+1) prompt + action tokens, right-padded
-    attention_mask: torch.Tensor  # (B, T+1) 1 on real tokens
-    mask: torch.Tensor  # (B, T) float, 1 where ids[:, 1:] is an action token
-    step_rewards: torch.Tensor  # (B, T) a step's reward at its last token, 0 elsewhere
-    step_mask: torch.Tensor  # (B, T) float, 1 at each step's last token
-
-    def to(self, device: torch.device | str) -> PPOBatch:
-        return PPOBatch(*(t.to(device) for t in dataclasses.astuple(self)))
-
-    def rows(self, index: torch.Tensor) -> PPOBatch:
-        return PPOBatch(*(t[index] for t in dataclasses.astuple(self)))
-
-
-def encode_episode(tokenizer: Any, fmt: StepFormat, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
-    """(token ids, number of prompt tokens, the index of each step's last token).
-
-    The action is each written step followed by the separator, except the last one, which is
-    followed by EOS when the policy finished and by nothing when it was cut; pieces are
-    tokenised one by one, as the PRM encodes them. A sequence longer than `max_length` is cut
-    and its cut steps' ends move to the last kept token (their rewards land there)."""
-    ids = list(tokenizer(fmt.prompt(ep.question, ep.prefix))["input_ids"])
-    n_prompt = len(ids)
-    ends = []
-    for i, step in enumerate(ep.steps):
-        last = i == len(ep.steps) - 1
-        text = step if last and (ep.finished or ep.truncated) else step + fmt.separator
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if last and ep.finished:
-            piece = piece + [tokenizer.eos_token_id]
-        if not piece:  # an empty cut step still needs a token to carry its reward
-            piece = [tokenizer.eos_token_id]
-        ids += piece
-        ends.append(len(ids) - 1)
-    if n_prompt >= max_length:
-        raise ValueError(f"a prompt of {n_prompt} tokens leaves no room for an action within {max_length} tokens")
-    if len(ids) > max_length:
-        ids = ids[:max_length]
-        ends = [min(e, max_length - 1) for e in ends]
-    return ids, n_prompt, ends
-
-
-def make_batch(tokenizer: Any, fmt: StepFormat, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_episode(tokenizer, fmt, ep, max_length) for ep in episodes]
-    width = max(len(ids) for ids, _, _ in encoded)
-    B = len(episodes)
-    ids_t = torch.full((B, width), pad, dtype=torch.long)
-    attn = torch.zeros((B, width), dtype=torch.long)
-    mask = torch.zeros((B, width - 1))
-    rewards = torch.zeros((B, width - 1))
-    step_mask = torch.zeros((B, width - 1))
-    for row, ((ids, n_prompt, ends), ep) in enumerate(zip(encoded, episodes)):
-        ids_t[row, : len(ids)] = torch.tensor(ids)
-        attn[row, : len(ids)] = 1
-        mask[row, n_prompt - 1 : len(ids) - 1] = 1.0  # position t is about token t + 1
-        for end, r in zip(ends, ep.rewards):
-            rewards[row, end - 1] += r
-            step_mask[row, end - 1] = 1.0
-    return PPOBatch(ids_t, attn, mask, rewards, step_mask)
-
-
-def pick_prompts(pool: Sequence[Problem], n: int, seed: int, rank: int, update: int) -> list[Problem]:
-    """This worker's prompts for an update: a pure function of (seed, rank, update)."""
-    rng = random.Random(f"ppo:{seed}:{rank}:{update}")
-    return [pool[rng.randrange(len(pool))] for _ in range(n)]
-
-
-def sampling_seed(seed: int, rank: int, update: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"ppo-sample:{seed}:{rank}:{update}".encode()).digest()[:7], "big")
-
-
-def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], cfg: PPOConfig, fmt: StepFormat,
-                     seed: int) -> list[Episode]:
-    """`group_size` episodes per problem (grouped, in order), with their rewards."""
-    sampling = Sampling(temperature=cfg.temperature, max_step_tokens=cfg.max_step_tokens,
-                        max_solution_tokens=cfg.max_solution_tokens, seed=seed)
-    rng = random.Random(seed)
-    G = cfg.group_size
-    episodes: list[Episode] = []
-    if cfg.mode == "full_solution":
-        rollouts = generator.rollouts([Prefix(p.question) for p in problems], G, sampling)
-        for g, (p, rolls) in enumerate(zip(problems, rollouts)):
-            for r in rolls:
-                ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens)
-                ep.correct = r.finished and judge_grader(p, r.text)
-                episodes.append(ep)
-    else:
-        prefixes = _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng)
-        samples = generator.next_steps([Prefix(p.question, tuple(pre)) for p, pre in zip(problems, prefixes)], G,
-                                       dataclasses.replace(sampling, seed=sampling.seed + 1))
-        for g, (p, pre, group) in enumerate(zip(problems, prefixes, samples)):
-            for s in group:
-                episodes.append(Episode(g, p.question, list(pre), [s.text], s.finished, s.truncated,
-                                        n_generated=s.n_tokens))
-    _reward(scorer, episodes, cfg)
-    return episodes
-
-
-def _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng) -> list[list[str]]:
-    """A prefix per problem, cut at a uniform step boundary of the reference solution or of
-    one of the policy's own rollouts (its complete steps only; the last step is never in it)."""
-    use_ref = [p.solution is not None and rng.random() < cfg.reference_prefix_fraction for p in problems]
-    own = [i for i, ref in enumerate(use_ref) if not ref]
-    rolled = generator.rollouts([Prefix(problems[i].question) for i in own], 1, sampling) if own else []
-    steps_of = {i: content(r[0].steps[: len(r[0].steps) - (0 if r[0].finished else 1)]) for i, r in zip(own, rolled)}
-    out = []
-    for i, p in enumerate(problems):
-        steps = content(fmt.split(p.solution)) if use_ref[i] else steps_of[i]
-        k = rng.randrange(len(steps)) if steps else 0  # keep at least one step to write
-        out.append(list(steps[:k]))
-    return out
-
-
-def _reward(scorer: Any, episodes: list[Episode], cfg: PPOConfig) -> None:
-    scored = [ep for ep in episodes if ep.steps]
-    scores = scorer.score([ep.question for ep in scored], [ep.prefix + ep.steps for ep in scored]) if scored else []
-    for ep, s in zip(scored, scores):
-        ep.rewards = [float(x) for x in s[len(ep.prefix):]]
-        if ep.truncated:
-            ep.rewards[-1] = cfg.truncated_reward
-        if cfg.mode == "full_solution" and ep.correct:
-            ep.rewards[-1] += cfg.outcome_reward
-
-
 # ----------------------------------------------------------------------------- the policy with a value head
 
 
-class PolicyWithValue(torch.nn.Module):
-    """The causal LM plus, for `gae`, a scalar value head (zero-initialised, so the first values
-    are 0). DDP wraps this module: one backward updates policy and critic.
-
-    `critic="shared"`: the head reads the policy's own last hidden state, so the value loss's
-    gradient also moves the policy's weights (cheap; the usual small-scale PPO). `"separate"`:
-    the head reads a trainable copy of the initial LM's decoder (no LM head; OpenRLHF /
-    InstructGPT style), so value regression never changes what the policy writes, at the cost
-    of a second model in the update."""
-
-    def __init__(self, lm: torch.nn.Module, value_head: bool, critic: str = "shared") -> None:
-        super().__init__()
-        if critic not in ("shared", "separate"):
-            raise ValueError(f"critic: must be shared or separate, got {critic!r}")
-        self.lm = lm
-        self.v_head = None
-        self.critic_lm = None
-        if value_head:
-            self.v_head = torch.nn.Linear(lm.config.hidden_size, 1)
-            torch.nn.init.zeros_(self.v_head.weight)
-            torch.nn.init.zeros_(self.v_head.bias)
-            if critic == "separate":
-                self.critic_lm = copy.deepcopy(lm.get_decoder()).train().requires_grad_(True)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shared = self.v_head is not None and self.critic_lm is None
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=shared)
-        if self.v_head is None:
-            return out.logits, None
-        hidden = (out.hidden_states[-1] if shared
-                  else self.critic_lm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
-        return out.logits, self.v_head(hidden.float()).squeeze(-1)  # (B, T+1, V), (B, T+1)
-
-
-def param_groups(model: PolicyWithValue, lr: float, critic_lr: float | None) -> list[dict]:
-    """AdamW parameter groups: the policy's trainable weights at `lr`, the value head and a
-    separate critic at `critic_lr` (default `lr`). A group with no parameters is left out."""
-    critic_ids = {id(p) for m in (model.v_head, model.critic_lm) if m is not None for p in m.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": lr},
-              {"params": [p for p in trainable if id(p) in critic_ids], "lr": critic_lr or lr}]
-    return [g for g in groups if g["params"]]
-
-
-def _forward(model, batch: PPOBatch, temperature: float, bf16: bool, entropy_grad: bool = False):
-    """(log-probs (B, T), entropies (B, T), values (B, T) or None) of `batch` under `model`.
-    The entropies carry gradients only with `entropy_grad` (an entropy bonus in the loss);
-    otherwise they are a metric and cost no backward memory over the vocabulary."""
-    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits, values = model(batch.ids, batch.attention_mask)
-    logp = ppo.token_logprobs(logits, batch.ids, temperature)
-    ent = ppo.entropy(logits if entropy_grad else logits.detach(), temperature)
-    return logp, ent, None if values is None else values[:, :-1].float()
-
-
 # ----------------------------------------------------------------------------- one update (pure torch)
-
-
-def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, kl_coef: float, seed: int) -> dict:
-    """Advantages for `batch`, then `ppo_epochs` passes of minibatch steps. Returns the
-    update's metrics (means over action tokens or episodes). `ref_logp_fn(batch)` gives the
-    frozen reference's log-probs (B, T)."""
-    bf16 = cfg.precision == "bf16"
-    mask = batch.mask
-    unwrapped = model.module if hasattr(model, "module") else model
-    with torch.no_grad():
-        unwrapped.eval()
-        old_logp, _, old_values = _forward(unwrapped, batch, cfg.temperature, bf16)
-        ref_logp = ref_logp_fn(batch)
-        kl = ppo.kl_per_token(old_logp, ref_logp, "k1")
-        step_rewards = batch.step_rewards
-        if cfg.whiten_rewards:
-            step_rewards = ppo.masked_whiten(step_rewards, batch.step_mask, shift_mean=False)
-        if cfg.advantage == "gae":
-            rewards = ppo.token_rewards(step_rewards, kl, kl_coef, mask)
-            advantages, returns = ppo.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = ppo.masked_whiten(advantages, mask)
-        else:
-            advantages = ppo.group_advantages(step_rewards, batch.step_mask, mask, cfg.group_size)
-            returns = None
-    B = batch.ids.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    sums: dict[str, float] = {"pg_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
-    n_steps = 0
-    model.train()
-    for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=gen)
-        for lo in range(0, B, cfg.minibatch_size):
-            idx = order[lo : lo + cfg.minibatch_size]
-            mb = batch.rows(idx)
-            logp, ent, values = _forward(model, mb, cfg.temperature, bf16, entropy_grad=cfg.entropy_coef != 0)
-            m = mb.mask
-            pg, clip_frac, approx_kl = ppo.ppo_clip_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
-            loss = pg
-            vl = torch.zeros(())
-            if cfg.advantage == "gae":
-                vl = ppo.value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
-                loss = loss + cfg.vf_coef * vl
-            else:
-                loss = loss + kl_coef * ppo.masked_mean(ppo.kl_per_token(logp, ref_logp[idx], "k3"), m)
-            entropy = ppo.masked_mean(ent, m)
-            loss = loss - cfg.entropy_coef * entropy
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
-            optimizer.step()
-            for k, v in (("pg_loss", pg), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
-                         ("entropy", entropy)):
-                sums[k] += float(v.detach())
-            n_steps += 1
-    out = {k: v / n_steps for k, v in sums.items()}
-    episode_kl = (kl * mask).sum(-1)  # (B,) sum of per-token k1 over each action
-    out.update({"kl": float(episode_kl.mean()), "optimizer_steps": n_steps})
-    return out
 
 
 # ----------------------------------------------------------------------------- Ray shell
@@ -460,44 +204,23 @@ def load_pools(cfg: PPOConfig) -> tuple[list[Problem], list[Problem]]:
     return train, held_out
 
 
-def is_finished(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / SUMMARY_FILE).is_file()
-
-
-_MAY_CHANGE_ON_RESUME = ("updates", "time_budget_min", "eval_every", "checkpoint_every", "out_dir", "overwrite",
-                         "ray_address", "num_cpus")
-
-
 def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
-    from mathprm.ray_utils import (
-        check_job_paths,
-        fit_torch_trainer,
-        init_ray,
-        reuse_finished,
-    )
 
-    check_job_paths(policy=cfg.policy, prm=parse_prm(cfg.prm).path, out_dir=cfg.out_dir)
-    out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, is_finished(out), "ppo", "policy"):
-        return out
-    if not (Path(cfg.policy) / "config.json").is_file():
-        raise ConfigError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
-    try:
-        fmt = ppo_step_format(cfg)
-    except FileNotFoundError as e:
-        raise ConfigError(f"prm: {e}") from None
-    load_pools(cfg)  # fail here, not inside a worker, on a bad dataset name
+    def prepare(out: Path) -> tuple[dict, dict]:
+        if not (Path(cfg.policy) / "config.json").is_file():
+            raise ConfigError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
+        try:
+            fmt = ppo_step_format(cfg)
+        except FileNotFoundError as e:
+            raise ConfigError(f"prm: {e}") from None
+        load_pools(cfg)  # fail here, not inside a worker, on a bad dataset name
+        settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
+                    "prm": str(parse_prm(cfg.prm).resolved()), "out_dir": str(out)}
+        return settings, {"resources_per_worker": {"CPU": cfg.cpus_per_worker}}
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
-                "prm": str(parse_prm(cfg.prm).resolved()), "out_dir": str(out)}
-    fit_torch_trainer(_train_loop, settings, out, f"ppo-{out.name}", num_workers=cfg.num_workers,
-                      use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
-                      resources_per_worker={"CPU": cfg.cpus_per_worker})
-    if not is_finished(out):
-        raise RuntimeError(f"PPO finished without writing a policy to {out}")
-    return out
+    return launch(PPO_STAGE, cfg, _train_loop, prepare,
+                  {"policy": cfg.policy, "prm": parse_prm(cfg.prm).path, "out_dir": cfg.out_dir})
 
 
 def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
@@ -506,26 +229,14 @@ def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
     return scorer if scorer is not None else ZeroScorer()
 
 
-def _held_out_accuracy(generator, problems: Sequence[Problem], rank: int, world: int, cfg: PPOConfig) -> float:
-    """Greedy accuracy on the held-out problems, the same number on every rank."""
-    from mathprm.ray_utils import greedy_accuracy
-
-    return greedy_accuracy(generator, problems, rank, world, judge_grader, cfg.max_solution_tokens)
-
-
 def _train_loop(config: dict[str, Any]) -> None:
-    import ray.train
     import ray.train.torch
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mathprm.models.gen_hf import HFGenerator
-    from mathprm.ray_utils import report_train_step, restore_train_state
 
     fmt = StepFormat(config["separator"])
     cfg = PPOConfig(**config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
     pool, held_out = load_pools(cfg)
@@ -533,23 +244,16 @@ def _train_loop(config: dict[str, Any]) -> None:
     lm = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
     max_length = int(getattr(lm.config, "max_position_embeddings", 0) or 1 << 30)
     if cfg.lora_r:
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        lm = get_peft_model(lm, LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                           lora_dropout=cfg.lora_dropout, target_modules="all-linear"))
+        lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         reference = None  # the base with the adapters switched off
     else:
         reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    model = PolicyWithValue(lm, value_head=cfg.advantage == "gae", critic=cfg.critic)
-    # "step" counts updates (the key restore_train_state reads).
-    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []}
-    state = restore_train_state(model, state, "ppo", rank)
-    model = ray.train.torch.prepare_model(model)
-    unwrapped = model.module if hasattr(model, "module") else model
-    optimizer = torch.optim.AdamW(param_groups(unwrapped, cfg.lr, cfg.critic_lr))
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+    # "step" counts updates.
+    worker = Worker(PPO_STAGE, PolicyWithValue(lm, value_head=cfg.advantage == "gae", critic=cfg.critic),
+                    {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []},
+                    lambda m: torch.optim.AdamW(param_groups(m, cfg.lr, cfg.critic_lr)))
+    state, rank, world, model, unwrapped = worker.state, worker.rank, worker.world, worker.model, worker.unwrapped
     generator = HFGenerator.from_model(unwrapped.lm, tokenizer, fmt)
     scorer = _load_scorer(cfg, pool, device)
     kl_ctl = ppo.AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
@@ -563,16 +267,17 @@ def _train_loop(config: dict[str, Any]) -> None:
                 logits = unwrapped.lm(input_ids=batch.ids, attention_mask=batch.attention_mask).logits
         return ppo.token_logprobs(logits, batch.ids, cfg.temperature)
 
+    def held_out_accuracy() -> float:
+        return greedy_accuracy(generator, held_out, rank, world, judge_grader, cfg.max_solution_tokens)
+
     metrics_out = _RayMetrics() if rank == 0 else None
     update, history = state["step"], state["history"]
     started = time.monotonic() - state["elapsed"]
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     if update == 0:
-        acc = _held_out_accuracy(generator, held_out, rank, world, cfg)
+        acc = held_out_accuracy()
         history.append({"update": 0, "held_out_accuracy": acc})
-        if rank == 0:
-            print(f"[ppo] update 0/{cfg.updates}: held-out greedy accuracy {acc:.3f} on {len(held_out)} problems",
-                  flush=True)
+        worker.log(f"update 0/{cfg.updates}: held-out greedy accuracy {acc:.3f} on {len(held_out)} problems")
     stopped_by = "updates"
     while update < cfg.updates:
         t0 = time.monotonic()
@@ -580,28 +285,24 @@ def _train_loop(config: dict[str, Any]) -> None:
         episodes = collect_episodes(generator, scorer, problems, cfg, fmt, sampling_seed(cfg.seed, rank, update))
         t_rollout = time.monotonic() - t0
         batch = make_batch(tokenizer, fmt, episodes, max_length).to(device)
-        stats = ppo_update(model, ref_logp, batch, optimizer, cfg, kl_ctl.value, sampling_seed(cfg.seed, rank, -update))
+        stats = ppo_update(model, ref_logp, batch, worker.optimizer, cfg, kl_ctl.value,
+                           sampling_seed(cfg.seed, rank, -update))
         update += 1
         elapsed = time.monotonic() - started
         # Episode statistics, summed over workers: every rank then reports the same numbers.
-        totals = torch.tensor([
+        totals = worker.reduce(torch.tensor([
             sum(sum(ep.rewards) for ep in episodes), sum(len(ep.rewards) for ep in episodes), len(episodes),
             sum(ep.n_generated for ep in episodes), sum(bool(ep.correct) for ep in episodes),
             sum(ep.truncated for ep in episodes), stats["kl"] * len(episodes), time.monotonic() - t0,
             elapsed / budget_s if budget_s else 0.0,
-        ], dtype=torch.float64)
-        local = {k: torch.tensor(stats[k], dtype=torch.float64) for k in ("pg_loss", "value_loss", "clip_frac",
-                                                                           "approx_kl", "entropy")}
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-            for v in local.values():
-                dist.all_reduce(v)
-                v /= world
+        ], dtype=torch.float64))
+        local = {k: float(worker.reduce(torch.tensor(stats[k], dtype=torch.float64), "mean"))
+                 for k in ("pg_loss", "value_loss", "clip_frac", "approx_kl", "entropy")}
         n_eps = float(totals[2])
         kl_mean = float(totals[6]) / n_eps
         metrics = {
             "update": update, "reward": float(totals[0]) / n_eps, "step_reward": float(totals[0]) / max(float(totals[1]), 1),
-            "kl": kl_mean, "kl_coef": kl_ctl.value, **{k: float(v) for k, v in local.items()},
+            "kl": kl_mean, "kl_coef": kl_ctl.value, **local,
             "tokens_per_s": float(totals[3]) / max(float(totals[7]) / world, 1e-9),
             "rollout_s": t_rollout, "truncated": float(totals[5]) / n_eps, "elapsed_s": elapsed,
         }
@@ -610,30 +311,30 @@ def _train_loop(config: dict[str, Any]) -> None:
         kl_ctl.update(kl_mean, int(n_eps))
         stop = budget_s is not None and float(totals[8]) / world >= 1.0
         if (cfg.eval_every and update % cfg.eval_every == 0) or update == cfg.updates or stop:
-            metrics["held_out_accuracy"] = _held_out_accuracy(generator, held_out, rank, world, cfg)
+            metrics["held_out_accuracy"] = held_out_accuracy()
         history.append(metrics)
         if metrics_out is not None:
             metrics_out.record(metrics, tokens=int(totals[3]))
-        if rank == 0:
-            shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "clip_frac", "entropy", "value_loss",
-                                                                "tokens_per_s", "held_out_accuracy") if k in metrics)
-            print(f"[ppo] update {update}/{cfg.updates} {shown} elapsed {elapsed:.0f}s", flush=True)
+        shown = " ".join(f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "clip_frac", "entropy", "value_loss",
+                                                            "tokens_per_s", "held_out_accuracy") if k in metrics)
+        worker.log(f"update {update}/{cfg.updates} {shown} elapsed {elapsed:.0f}s")
         state = {"step": update, "elapsed": elapsed, "kl_coef": kl_ctl.value, "history": history,
                  "resumed_from": state.get("resumed_from", 0)}
-        report_train_step(unwrapped, optimizer, state, metrics, rank,
-                          with_checkpoint=stop or update == cfg.updates or update % cfg.checkpoint_every == 0)
+        worker.report(state, metrics, checkpoint=stop or update == cfg.updates or update % cfg.checkpoint_every == 0)
         if stop:
             stopped_by = "time_budget"
             break
 
-    if rank == 0:
-        _save(unwrapped, tokenizer, cfg, history, {
-            "updates": update, "stopped_by": stopped_by, "elapsed_s": time.monotonic() - started,
-            "resumed_from_update": state.get("resumed_from", 0), "config": {**config},
-            "held_out_accuracy_start": history[0]["held_out_accuracy"],
-            "held_out_accuracy_end": next((h["held_out_accuracy"] for h in reversed(history)
-                                           if "held_out_accuracy" in h), None),
-        })
+    summary = {
+        "updates": update, "stopped_by": stopped_by, "elapsed_s": time.monotonic() - started,
+        "resumed_from_update": state.get("resumed_from", 0), "config": {**config},
+        "held_out_accuracy_start": history[0]["held_out_accuracy"],
+        "held_out_accuracy_end": next((h["held_out_accuracy"] for h in reversed(history)
+                                       if "held_out_accuracy" in h), None),
+    }
+    worker.save(cfg.out_dir, cfg.overwrite, lambda tmp: _write_policy(unwrapped, tokenizer, cfg, history, tmp), summary)
+    worker.log(f"saved the policy to {cfg.out_dir} after {update} updates ({stopped_by}); held-out accuracy "
+               f"{summary['held_out_accuracy_start']:.3f} -> {summary['held_out_accuracy_end']:.3f}")
 
 
 class _RayMetrics:
@@ -656,17 +357,13 @@ class _RayMetrics:
                 gauge.set(float(metrics[k]))
 
 
-def _save(model: PolicyWithValue, tokenizer: Any, cfg: PPOConfig, history: list[dict], summary: dict) -> None:
+def _write_policy(model: PolicyWithValue, tokenizer: Any, cfg: PPOConfig, history: list[dict], tmp: Path) -> None:
+    """The policy (LoRA merged), its metric history and its curves, into the output's temporary directory."""
     lm = model.lm.merge_and_unload() if cfg.lora_r else model.lm
-    with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
-        plot_curves(history, tmp / PLOT_FILE, title=f"PPO ({cfg.mode}, {cfg.advantage}, prm={Path(cfg.prm).name})")
-        atomic.write_json(tmp / SUMMARY_FILE, summary)
-    print(f"[ppo] saved the policy to {cfg.out_dir} after {summary['updates']} updates ({summary['stopped_by']}); "
-          f"held-out accuracy {summary['held_out_accuracy_start']:.3f} -> {summary['held_out_accuracy_end']:.3f}",
-          flush=True)
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
+    plot_curves(history, tmp / PLOT_FILE, title=f"PPO ({cfg.mode}, {cfg.advantage}, prm={Path(cfg.prm).name})")
 
 
 def plot_curves(history: Sequence[dict], path: str | Path, title: str = "PPO") -> None:

@@ -1,4 +1,4 @@
-"""PPO and GRPO maths for step-level rewards: small pure torch functions, no Ray, no vLLM.
+"""PPO and GRPO for step-level rewards, the learner's side: pure torch, no Ray, no vLLM.
 
 Every tensor is token-aligned: position t of a (B, T) tensor is about token t+1 of the
 sequence (the token the model picks after reading tokens 0..t), so `token_logprobs` of
@@ -17,12 +17,21 @@ own writing), 0 on the prompt and padding. A step reward sits on the last token 
 - `kl_per_token`: k1 = log p - log p_ref (in the reward, for PPO) and k3 = exp(-k1) + k1 - 1
   (Schulman's unbiased, non-negative estimator; in the loss, for GRPO).
 - `AdaptiveKL`: the adaptive KL coefficient of Ziegler et al. 2019, sec. 2.2.
+- `PolicyWithValue` (the policy and its value head), `PPOBatch` (encoded episodes) and
+  `ppo_update` (advantages, then `ppo_epochs` passes of clipped minibatch steps).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from mathprm.train.ppo import PPOConfig
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -169,3 +178,131 @@ class AdaptiveKL:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n / self.horizon
         return self.value
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The causal LM plus, for `gae`, a scalar value head (zero-initialised, so the first values
+    are 0). DDP wraps this module: one backward updates policy and critic.
+
+    `critic="shared"`: the head reads the policy's own last hidden state, so the value loss's
+    gradient also moves the policy's weights (cheap; the usual small-scale PPO). `"separate"`:
+    the head reads a trainable copy of the initial LM's decoder (no LM head; OpenRLHF /
+    InstructGPT style), so value regression never changes what the policy writes, at the cost
+    of a second model in the update."""
+
+    def __init__(self, lm: torch.nn.Module, value_head: bool, critic: str = "shared") -> None:
+        super().__init__()
+        if critic not in ("shared", "separate"):
+            raise ValueError(f"critic: must be shared or separate, got {critic!r}")
+        self.lm = lm
+        self.v_head = None
+        self.critic_lm = None
+        if value_head:
+            self.v_head = torch.nn.Linear(lm.config.hidden_size, 1)
+            torch.nn.init.zeros_(self.v_head.weight)
+            torch.nn.init.zeros_(self.v_head.bias)
+            if critic == "separate":
+                self.critic_lm = copy.deepcopy(lm.get_decoder()).train().requires_grad_(True)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        shared = self.v_head is not None and self.critic_lm is None
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=shared)
+        if self.v_head is None:
+            return out.logits, None
+        hidden = (out.hidden_states[-1] if shared
+                  else self.critic_lm(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state)
+        return out.logits, self.v_head(hidden.float()).squeeze(-1)  # (B, T+1, V), (B, T+1)
+
+
+def param_groups(model: PolicyWithValue, lr: float, critic_lr: float | None) -> list[dict]:
+    """AdamW parameter groups: the policy's trainable weights at `lr`, the value head and a
+    separate critic at `critic_lr` (default `lr`). A group with no parameters is left out."""
+    critic_ids = {id(p) for m in (model.v_head, model.critic_lm) if m is not None for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) not in critic_ids], "lr": lr},
+              {"params": [p for p in trainable if id(p) in critic_ids], "lr": critic_lr or lr}]
+    return [g for g in groups if g["params"]]
+
+
+def _forward(model, batch: PPOBatch, temperature: float, bf16: bool, entropy_grad: bool = False):
+    """(log-probs (B, T), entropies (B, T), values (B, T) or None) of `batch` under `model`.
+    The entropies carry gradients only with `entropy_grad` (an entropy bonus in the loss);
+    otherwise they are a metric and cost no backward memory over the vocabulary."""
+    with torch.autocast(batch.ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits, values = model(batch.ids, batch.attention_mask)
+    logp = token_logprobs(logits, batch.ids, temperature)
+    ent = entropy(logits if entropy_grad else logits.detach(), temperature)
+    return logp, ent, None if values is None else values[:, :-1].float()
+
+
+def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, kl_coef: float, seed: int) -> dict:
+    """Advantages for `batch`, then `ppo_epochs` passes of minibatch steps. Returns the
+    update's metrics (means over action tokens or episodes). `ref_logp_fn(batch)` gives the
+    frozen reference's log-probs (B, T)."""
+    bf16 = cfg.precision == "bf16"
+    mask = batch.mask
+    unwrapped = model.module if hasattr(model, "module") else model
+    with torch.no_grad():
+        unwrapped.eval()
+        old_logp, _, old_values = _forward(unwrapped, batch, cfg.temperature, bf16)
+        ref_logp = ref_logp_fn(batch)
+        kl = kl_per_token(old_logp, ref_logp, "k1")
+        step_rewards = batch.step_rewards
+        if cfg.whiten_rewards:
+            step_rewards = masked_whiten(step_rewards, batch.step_mask, shift_mean=False)
+        if cfg.advantage == "gae":
+            rewards = token_rewards(step_rewards, kl, kl_coef, mask)
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask)
+        else:
+            advantages = group_advantages(step_rewards, batch.step_mask, mask, cfg.group_size)
+            returns = None
+    B = batch.ids.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {"pg_loss": 0.0, "value_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
+    n_steps = 0
+    model.train()
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(B, generator=gen)
+        for lo in range(0, B, cfg.minibatch_size):
+            idx = order[lo : lo + cfg.minibatch_size]
+            mb = batch.rows(idx)
+            logp, ent, values = _forward(model, mb, cfg.temperature, bf16, entropy_grad=cfg.entropy_coef != 0)
+            m = mb.mask
+            pg, clip_frac, approx_kl = ppo_clip_loss(logp, old_logp[idx], advantages[idx], m, cfg.clip)
+            loss = pg
+            vl = torch.zeros(())
+            if cfg.advantage == "gae":
+                vl = value_loss(values, old_values[idx], returns[idx], m, cfg.value_clip)
+                loss = loss + cfg.vf_coef * vl
+            else:
+                loss = loss + kl_coef * masked_mean(kl_per_token(logp, ref_logp[idx], "k3"), m)
+            entropy = masked_mean(ent, m)
+            loss = loss - cfg.entropy_coef * entropy
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in (("pg_loss", pg), ("value_loss", vl), ("clip_frac", clip_frac), ("approx_kl", approx_kl),
+                         ("entropy", entropy)):
+                sums[k] += float(v.detach())
+            n_steps += 1
+    out = {k: v / n_steps for k, v in sums.items()}
+    episode_kl = (kl * mask).sum(-1)  # (B,) sum of per-token k1 over each action
+    out.update({"kl": float(episode_kl.mean()), "optimizer_steps": n_steps})
+    return out
+
+
+@dataclasses.dataclass
+class PPOBatch:
+    ids: torch.Tensor  # (B, T+1) prompt + action tokens, right-padded
+    attention_mask: torch.Tensor  # (B, T+1) 1 on real tokens
+    mask: torch.Tensor  # (B, T) float, 1 where ids[:, 1:] is an action token
+    step_rewards: torch.Tensor  # (B, T) a step's reward at its last token, 0 elsewhere
+    step_mask: torch.Tensor  # (B, T) float, 1 at each step's last token
+
+    def to(self, device: torch.device | str) -> PPOBatch:
+        return PPOBatch(*(t.to(device) for t in dataclasses.astuple(self)))
+
+    def rows(self, index: torch.Tensor) -> PPOBatch:
+        return PPOBatch(*(t[index] for t in dataclasses.astuple(self)))

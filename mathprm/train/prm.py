@@ -2,16 +2,10 @@
 
     mathprm train-prm --config mathprm/configs/prm_arith.yaml            # runs/arith/mcts -> runs/arith/prm
 
-Data. `data` is a tree-search output directory (its `labels/`), step-score Parquet files
-(`mathprm.labels.steptable.SCHEMA`), or a TRL stepwise-supervision dataset (Parquet or JSONL with
-`prompt`, `completions`, `labels`, bool or float labels). It is read as a Ray Dataset and
-turned into labelled solutions, one row per root-to-leaf path of each problem's labelled
-states (`solutions_of_problem`, run by `groupby("problem_id").map_groups`). A state shared
-by several paths (the root solutions of a tree share their first steps) carries its label
-in one path only, so every label weighs the same in the loss. Problems go to validation by a
-hash of their id (`val_fraction`), never by row, so no problem is on both sides.
+Data (`prm_data`): a tree-search output directory, step-score Parquet, or TRL stepwise rows,
+read as a Ray Dataset of labelled solution paths; problems go to validation by a hash of their id.
 
-Training. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU) shards the training
+Training, on the trainer skeleton (`mathprm.train.run`). A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU) shards the training
 rows with `get_dataset_shard`; each worker encodes its batches (`prm.encode_solution`) and
 runs DDP through `prepare_model`. The loss is `prm.bce_step_loss`, at step ends only.
 Optional LoRA through PEFT (the head is always trained in full; the adapters are merged
@@ -27,43 +21,42 @@ epoch already trained are skipped by count). The finished PRM is written once, a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import pyarrow as pa
 import torch
 
 from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
 from mathprm.models.prm import (
     FEATURES,
+    PRMBatch,
     PRMExample,
     bce_step_loss,
     build_prm,
     collate,
-    encode_solution_spans,
     likelihood_threshold,
     save_prm,
     step_logits,
 )
 from mathprm.stats import auroc
-from mathprm.steps import StepFormat, step_format_for
+from mathprm.steps import StepFormat
+from mathprm.train.prm_data import (
+    EpochBatches,
+    data_step_format,
+    is_validation,
+    rows_of,
+    solutions_dataset,
+    to_example,
+    usable_examples,
+)
+from mathprm.train.run import Stage, Window, Worker, add_lora, launch, optimizer_step, reuse_finished
 from mathprm.train.schedule import warmup_cosine
 
-SUMMARY_FILE = "prm_summary.json"  # inside the PRM directory; its presence marks a finished PRM
-_GRAD_CLIP = 1.0
-SOLUTIONS = pa.schema([
-    pa.field("problem_id", pa.string()),
-    pa.field("question", pa.string()),
-    pa.field("steps", pa.list_(pa.string())),  # the path's steps, without separators
-    pa.field("targets", pa.list_(pa.float64())),  # per step: its soft label, NaN where unlabelled
-])
+PRM_STAGE = Stage("train-prm", "prm", "PRM", "prm_summary.json", may_change=(
+    "epochs", "log_every", "eval_every", "checkpoint_every", "out_dir", "overwrite", "ray_address", "num_cpus"))
 
 
 @dataclasses.dataclass
@@ -126,91 +119,18 @@ class TrainPRMConfig:
         if unknown or len(set(self.features)) != len(self.features):
             raise ValueError(f"features: {self.features} must be distinct names from {', '.join(FEATURES)} (or [])")
 
+    def learning_rate(self, step: int, total: int) -> float:
+        """Linear warmup, then cosine from `lr` to 10 % of it at `total` steps."""
+        return warmup_cosine(self.lr, self.warmup_steps, step,
+                             (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+
 
 # ----------------------------------------------------------------------------- pure core
-
-
-def solutions_of_problem(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One problem's labelled states -> its labelled paths (rows of `SOLUTIONS`).
-
-    A state is `prefix + (step,)`; the same state labelled twice (two sampled solutions that
-    share a first step) is merged by pooling its rollouts. Each leaf (a state no other state
-    extends) becomes one path; each state's label goes to the first path, in sorted order,
-    that passes through it, and is NaN in the others."""
-    pooled: dict[tuple[str, ...], list[int]] = {}
-    first = rows[0]
-    for r in rows:
-        state = (*r["prefix"], r["step"])
-        n, c = pooled.setdefault(state, [0, 0])
-        pooled[state] = [n + int(r["n_rollouts"]), c + int(r["n_correct"])]
-    inner = {s[:i] for s in pooled for i in range(len(s))}
-    out, given = [], set()
-    for leaf in sorted(s for s in pooled if s not in inner):
-        targets = []
-        for end in range(1, len(leaf) + 1):
-            state = leaf[:end]
-            if state in pooled and state not in given:
-                n, c = pooled[state]
-                targets.append(c / n)
-                given.add(state)
-            else:
-                targets.append(math.nan)
-        out.append({"problem_id": first["problem_id"], "question": first["question"], "steps": list(leaf),
-                    "targets": targets})
-    return out
-
-
-def solution_of_trl_row(row: dict[str, Any], fmt: StepFormat) -> dict[str, Any]:
-    """A TRL stepwise row -> a labelled path. The question is `prompt` without its trailing
-    separator; a completion holding the separator is several steps, the label going to the last."""
-    prompt, completions, labels = row["prompt"], row["completions"], row["labels"]
-    if not isinstance(prompt, str) or len(completions) != len(labels):
-        raise ValueError(f"TRL row {str(prompt)[:60]!r}: needs a string prompt and one label per completion "
-                         f"({len(completions)} completions, {len(labels)} labels)")
-    question = prompt[: -len(fmt.separator)] if prompt.endswith(fmt.separator) else prompt
-    steps, targets = [], []
-    for completion, label in zip(completions, labels):
-        pieces = completion.split(fmt.separator)
-        steps += pieces
-        targets += [math.nan] * (len(pieces) - 1) + [float(label)]
-    for t in targets:
-        if not (math.isnan(t) or 0.0 <= t <= 1.0):
-            raise ValueError(f"TRL row {question[:60]!r}: label {t} is outside [0, 1]")
-    pid = "trl:" + hashlib.sha256(question.encode()).hexdigest()[:12]
-    return {"problem_id": pid, "question": question, "steps": steps, "targets": targets}
-
-
-def is_validation(problem_id: str, fraction: float) -> bool:
-    """A stable, seed-free split by problem: the same problems are held out on every run."""
-    h = int.from_bytes(hashlib.sha256(problem_id.encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
-
-
-def to_example(row: dict[str, Any], tokenizer: Any, fmt: StepFormat) -> PRMExample | None:
-    """The training example of a labelled path (only labelled steps carry a target); None if
-    no step is labelled."""
-    ids, positions, prompt_length = encode_solution_spans(tokenizer, fmt, row["question"], row["steps"])
-    keep = [(p, t) for p, t in zip(positions, row["targets"]) if t is not None and not math.isnan(t)]
-    if not keep:
-        return None
-    return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep], step_ends=positions, steps_from=prompt_length)
-
-
-def usable_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: StepFormat,
-                    max_length: int) -> list[PRMExample]:
-    """The training examples of `rows` that have a labelled step and fit in `max_length` tokens."""
-    return [ex for row in rows
-            if (ex := to_example(row, tokenizer, fmt)) is not None and len(ex.input_ids) <= max_length]
 
 
 def first_zero(targets: Sequence[float]) -> int:
     """The index of a path's first step labelled 0 (its first error, for ProcessBench), -1 if none."""
     return next((i for i, t in enumerate(targets) if t == 0), -1)
-
-
-def learning_rate(cfg: TrainPRMConfig, step: int, total: int) -> float:
-    """Linear warmup, then cosine from `lr` to 10 % of it at `total` steps."""
-    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
 
 
 @torch.no_grad()
@@ -295,128 +215,42 @@ def choose_threshold(model: torch.nn.Module, val: Sequence[PRMExample], train: S
 # ----------------------------------------------------------------------------- data on Ray
 
 
-def data_step_format(cfg: TrainPRMConfig) -> StepFormat:
-    """`separator`, else the labelling run's (its `run.json`: its separator, or its dataset's),
-    else the default of real math (`step_format_for`)."""
-    run = Path(cfg.data) / "run.json"
-    identity = json.loads(run.read_text()) if run.is_file() else {}
-    chosen = cfg.separator if cfg.separator is not None else identity.get("separator")
-    return step_format_for(identity.get("dataset", ""), chosen)
-
-
-def _materialize_with_sort_shuffle(ds):
-    """`ds.materialize()` with Ray Data's sort-based shuffle for its groupby. Ray 2.60's default
-    (SHUFFLE_V2) starts aggregator actors that hold the CPUs for a while after the shuffle and
-    leaves many blocks; on a machine with few CPUs both slow the grouping and the split after
-    it far more than the sort-based shuffle does."""
-    import ray.data
-    from ray.data.context import ShuffleStrategy
-
-    ctx = ray.data.DataContext.get_current()
-    previous = ctx.shuffle_strategy
-    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
-        return ds.materialize()
-    finally:
-        ctx.shuffle_strategy = previous
-
-
-def _table_to_solutions(table: pa.Table) -> pa.Table:
-    return pa.Table.from_pylist(solutions_of_problem(table.to_pylist()), schema=SOLUTIONS)
-
-
-def solutions_dataset(cfg: TrainPRMConfig, fmt: StepFormat):
-    """The labelled paths of `cfg.data` as a materialised Ray Dataset (rows of `SOLUTIONS`)."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    from mathprm.labels import steptable
-
-    path = Path(cfg.data).resolve()  # Ray Data reads in workers, whose working directory is not ours
-    if path.is_dir() and (path / "labels").is_dir():
-        path = path / "labels"
-    if path.is_dir():
-        files = sorted(str(f) for f in path.rglob("*.parquet") if not f.name.startswith("."))
-    elif path.is_file():
-        files = [str(path)]
-    else:
-        raise FileNotFoundError(f"data: {cfg.data} does not exist")
-    if not files:
-        raise ConfigError(f"data: {cfg.data} holds no Parquet files")
-    if files[0].endswith((".jsonl", ".json")):
-        names = {"prompt", "completions", "labels"}
-        ds = ray.data.read_json(files)
-    else:
-        names = set(pq.read_schema(files[0]).names)
-        ds = ray.data.read_parquet(files)
-    if set(steptable.SCHEMA.names) <= names:
-        ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")
-        return _materialize_with_sort_shuffle(ds)
-    elif {"prompt", "completions", "labels"} <= names:
-        sep = fmt.separator
-        ds = ds.map_batches(lambda t: pa.Table.from_pylist(
-            [solution_of_trl_row(r, StepFormat(sep)) for r in t.to_pylist()], schema=SOLUTIONS), batch_format="pyarrow")
-    else:
-        raise ConfigError(f"data: {files[0]} is neither a step-score table (columns {', '.join(steptable.SCHEMA.names)}) "
-                          "nor TRL stepwise rows (prompt, completions, labels)")
-    return ds.materialize()
-
-
 # ----------------------------------------------------------------------------- Ray shell
-
-
-def is_finished(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / SUMMARY_FILE).is_file()
 
 
 def train_prm(cfg: TrainPRMConfig) -> Path:
     """Train (or reuse, or resume) the PRM; returns its directory."""
-    from mathprm.ray_utils import (
-        check_job_paths,
-        fit_torch_trainer,
-        init_ray,
-        reuse_finished,
-    )
 
-    check_job_paths(data=cfg.data, base=cfg.base, out_dir=cfg.out_dir)
-    out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, is_finished(out), "train-prm", "PRM"):
-        return out
-    if not (Path(cfg.base) / "config.json").is_file():
-        raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
-    fmt = data_step_format(cfg)
+    def prepare(out: Path) -> tuple[dict, dict]:
+        from ray.train import DataConfig
 
-    from ray.train import DataConfig
+        from mathprm.ray_utils import init_ray
 
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    data = solutions_dataset(cfg, fmt)
-    frac = cfg.val_fraction
-    train_ds = data.filter(lambda r: not is_validation(r["problem_id"], frac)).materialize()
-    val_ds = data.filter(lambda r: is_validation(r["problem_id"], frac)).materialize()
-    n_train, n_val = train_ds.count(), val_ds.count()
-    per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
-    if n_train == 0:
-        raise ConfigError(f"data: {cfg.data} holds no labelled solution for training ({n_val} went to validation)")
-    if per_epoch < 1:
-        raise ConfigError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} workers is more than the "
-                          f"{n_train} training solutions in {cfg.data}")
-    total = per_epoch * cfg.epochs
-    print(f"[train-prm] {n_train} training / {n_val} validation solutions from {cfg.data}; "
-          f"{cfg.epochs} epochs x {per_epoch} steps = {total} steps", flush=True)
-    config = {**to_dict(cfg), "data": str(Path(cfg.data).resolve()), "base": str(Path(cfg.base).resolve()),
-              "separator": fmt.separator, "out_dir": str(out), "_total_steps": total, "_per_epoch": per_epoch,
-              "_n_train": n_train, "_n_val": n_val}
-    fit_torch_trainer(_train_loop, config, out, f"prm-{out.name}", num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                      overwrite=cfg.overwrite, may_change=_MAY_CHANGE_ON_RESUME,
-                      datasets={"train": train_ds, **({"val": val_ds} if n_val else {})},
-                      dataset_config=DataConfig(datasets_to_split=["train"]))  # rank 0 validates on all of val
-    if not is_finished(out):
-        raise RuntimeError(f"PRM training finished without writing a PRM to {out}")
-    return out
+        if not (Path(cfg.base) / "config.json").is_file():
+            raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
+        fmt = data_step_format(cfg.data, cfg.separator)
+        init_ray(cfg.ray_address, cfg.num_cpus)
+        data = solutions_dataset(cfg.data, fmt)
+        frac = cfg.val_fraction
+        train_ds = data.filter(lambda r: not is_validation(r["problem_id"], frac)).materialize()
+        val_ds = data.filter(lambda r: is_validation(r["problem_id"], frac)).materialize()
+        n_train, n_val = train_ds.count(), val_ds.count()
+        per_epoch = n_train // (cfg.batch_size * cfg.num_workers)
+        if n_train == 0:
+            raise ConfigError(f"data: {cfg.data} holds no labelled solution for training ({n_val} went to validation)")
+        if per_epoch < 1:
+            raise ConfigError(f"batch_size: {cfg.batch_size} x {cfg.num_workers} workers is more than the "
+                              f"{n_train} training solutions in {cfg.data}")
+        total = per_epoch * cfg.epochs
+        print(f"[train-prm] {n_train} training / {n_val} validation solutions from {cfg.data}; "
+              f"{cfg.epochs} epochs x {per_epoch} steps = {total} steps", flush=True)
+        config = {**to_dict(cfg), "data": str(Path(cfg.data).resolve()), "base": str(Path(cfg.base).resolve()),
+                  "separator": fmt.separator, "out_dir": str(out), "_total_steps": total, "_per_epoch": per_epoch,
+                  "_n_train": n_train, "_n_val": n_val}
+        return config, {"datasets": {"train": train_ds, **({"val": val_ds} if n_val else {})},
+                        "dataset_config": DataConfig(datasets_to_split=["train"])}  # rank 0 validates on all of val
 
-
-_MAY_CHANGE_ON_RESUME = ("epochs", "log_every", "eval_every", "checkpoint_every", "out_dir", "overwrite",
-                         "ray_address", "num_cpus")
+    return launch(PRM_STAGE, cfg, _train_loop, prepare, {"data": cfg.data, "base": cfg.base, "out_dir": cfg.out_dir})
 
 
 @dataclasses.dataclass
@@ -443,11 +277,11 @@ def save_prior_prm(cfg: PriorPRMConfig) -> Path:
     token the LM gives probability 1/e."""
     from transformers import AutoTokenizer
 
-    from mathprm.ray_utils import check_job_paths, reuse_finished
+    from mathprm.ray_utils import check_job_paths
 
     check_job_paths(base=cfg.base, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, is_finished(out), "prm-prior", "PRM"):
+    if reuse_finished(out, cfg.overwrite, PRM_STAGE.is_finished(out), "prm-prior", "PRM"):
         return out
     model = build_prm(cfg.base, features=["prefix_min_logp"], hidden_head=False)  # FileNotFoundError names base
     threshold = likelihood_threshold(model)
@@ -455,96 +289,35 @@ def save_prior_prm(cfg: PriorPRMConfig) -> Path:
     with atomic.directory(out, overwrite=cfg.overwrite) as tmp:
         save_prm(model, AutoTokenizer.from_pretrained(cfg.base), StepFormat(cfg.separator), tmp,
                  {"base": cfg.base, "data": None, "lora_r": 0, "threshold": threshold, "threshold_from": threshold_from})
-        atomic.write_json(tmp / SUMMARY_FILE, {"steps": 0, "prior": True, "threshold": threshold,
+        atomic.write_json(tmp / PRM_STAGE.summary_file, {"steps": 0, "prior": True, "threshold": threshold,
                                                "config": to_dict(cfg)})
     print(f"[prm-prior] saved the untrained prior over {cfg.base} to {out} (threshold {threshold:.4f})", flush=True)
     return out
 
 
-def _rows(batch: pa.Table) -> list[dict[str, Any]]:
-    return batch.to_pylist() if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch).to_pylist()
-
-
-class EpochBatches:
-    """This worker's training batches (full batches only), one epoch at a time.
-
-    Every pass over a Ray Data shard starts a new streaming execution, and the workers wait for
-    each other at its start (a fixed cost per epoch that dominates a small run). So
-    the first epoch reads the shard into memory, and if it fits in `max_bytes` that epoch and
-    every later one shuffle those rows in memory, seeded by (seed, epoch, rank), without going
-    back to Ray Data. A larger shard streams every epoch (Ray Data's local shuffle)."""
-
-    def __init__(self, shard: Any, batch_size: int, seed: int, rank: int, max_bytes: int = 256 << 20) -> None:
-        self.shard, self.batch_size, self.seed, self.rank, self.max_bytes = shard, batch_size, seed, rank, max_bytes
-        self.rows: pa.Table | None = None  # the whole shard, once read and within max_bytes
-        self.streaming = False  # the shard is larger than max_bytes
-
-    def batches(self, epoch: int):
-        if self.rows is None:
-            stream = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
-                                                  local_shuffle_buffer_size=self.batch_size * 8,
-                                                  local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.rank))
-            if self.streaming:
-                yield from self._full(stream)
-                return
-            kept, size = [], 0
-            for batch in stream:
-                kept.append(batch)
-                size += batch.nbytes
-                if size > self.max_bytes:
-                    self.streaming = True
-                    yield from self._full(iter(kept))
-                    yield from self._full(stream)
-                    return
-            if not kept:
-                return
-            self.rows = pa.concat_tables(kept)
-        order = np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.rows.num_rows)
-        for lo in range(0, len(order) - self.batch_size + 1, self.batch_size):
-            yield self.rows.take(order[lo : lo + self.batch_size])
-
-    def _full(self, batches):
-        return (b for b in batches if b.num_rows == self.batch_size)
-
-
 def _train_loop(config: dict[str, Any]) -> None:
     import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
     from transformers import AutoTokenizer
-
-    from mathprm.ray_utils import report_train_step, restore_train_state
 
     total, per_epoch = config.pop("_total_steps"), config.pop("_per_epoch")
     n_train, n_val = config.pop("_n_train"), config.pop("_n_val")
     cfg = TrainPRMConfig(**config)
     fmt = StepFormat(cfg.separator)
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.seed)
     model = build_prm(cfg.base, cfg.features, hidden_head=cfg.hidden_head)
     if cfg.lora_r:  # adapters on the backbone's linear layers (not its LM head); the PRM head trains in full
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        model.lm = get_peft_model(model.lm, LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r,
-                                                       lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                       target_modules="all-linear"))
-    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "first_loss": None, "last_loss": None, "dropped": 0}
-    state = restore_train_state(model, state, "train-prm", rank)
-    model = ray.train.torch.prepare_model(model)
-    device = ray.train.torch.get_device()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
-    unwrapped = model.module if hasattr(model, "module") else model
+        model.lm = add_lora(model.lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    worker = Worker(PRM_STAGE, model, {"step": 0, "elapsed": 0.0, "first_loss": None, "last_loss": None, "dropped": 0},
+                    lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=cfg.lr,
+                                                weight_decay=cfg.weight_decay))
+    state, rank, device, unwrapped = worker.state, worker.rank, worker.device, worker.unwrapped
 
     val_examples: list[PRMExample] = []
     if rank == 0 and n_val:
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="pyarrow"):
-            val_examples += usable_examples(_rows(batch), tokenizer, fmt, cfg.max_length)
+            val_examples += usable_examples(rows_of(batch), tokenizer, fmt, cfg.max_length)
 
     if rank == 0 and val_examples and state.get("initial_val_bce") is None:
         # The untrained PRM's validation loss: what "it learned" is measured against (a batch
@@ -555,8 +328,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     first_loss, last_loss, val = state["first_loss"], state["last_loss"], state.get("val", {})
     last_val_scores: list[list[float]] | None = None  # the final validation's, for the threshold
     started = time.monotonic() - state["elapsed"]
-    window = torch.zeros(4, dtype=torch.float64)  # loss sum, batches, solutions, labelled steps
-    window_start = time.monotonic()
+    window = Window(worker, 4)  # loss sum, batches, solutions, labelled steps
     epochs = EpochBatches(ray.train.get_dataset_shard("train"), cfg.batch_size, cfg.seed, rank)
     while step < total:
         epoch, skip = divmod(step, per_epoch)
@@ -565,14 +337,12 @@ def _train_loop(config: dict[str, Any]) -> None:
             next(batches, None)
         while step < min(total, (epoch + 1) * per_epoch):
             batch = next(batches, None)
-            have = torch.tensor([batch is not None], dtype=torch.int64)
-            if dist.is_initialized():  # every rank stops an epoch together, or DDP would hang
-                dist.all_reduce(have, op=dist.ReduceOp.MIN)
-            if not have.item():  # a shard ran short (equal splits should prevent it): next epoch
-                step = (epoch + 1) * per_epoch
+            # every rank stops an epoch together, or DDP would hang
+            if not worker.reduce(torch.tensor([batch is not None], dtype=torch.int64), "min").item():
+                step = (epoch + 1) * per_epoch  # a shard ran short (equal splits should prevent it): next epoch
                 break
             examples = []
-            for row in _rows(batch):
+            for row in rows_of(batch):
                 ex = to_example(row, tokenizer, fmt)
                 if ex is None:
                     continue
@@ -582,20 +352,17 @@ def _train_loop(config: dict[str, Any]) -> None:
                 examples.append(ex)
             weight = 1.0 if examples else 0.0  # a batch of only too-long solutions: a zero-weight
             examples = examples or [PRMExample([pad_id], [0], [0.5])]  # step keeps DDP's ranks in step
-            loss = _train_step(model, collate(examples, pad_id).to(device), optimizer,
-                               learning_rate(cfg, step, total), cfg.precision == "bf16", weight)
+            on_device = collate(examples, pad_id).to(device)
+            loss = optimizer_step(worker.model, worker.optimizer, cfg.learning_rate(step, total),
+                                  lambda: prm_loss(worker.model, on_device) * weight, cfg.precision == "bf16")
             step += 1
-            window += torch.tensor([loss, 1, len(examples), sum(len(e.positions) for e in examples)],
-                                   dtype=torch.float64)
+            window.add(loss, 1, len(examples), sum(len(e.positions) for e in examples))
             if step % cfg.log_every and step != total:
                 continue
-            stats = window.clone()
-            if dist.is_initialized():
-                dist.all_reduce(stats)
-            seconds = max(time.monotonic() - window_start, 1e-9)
+            stats, seconds = window.read()
             last_loss = float(stats[0] / stats[1])
             first_loss = last_loss if first_loss is None else first_loss
-            metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": learning_rate(cfg, step - 1, total),
+            metrics = {"step": step, "epoch": epoch, "loss": last_loss, "lr": cfg.learning_rate(step - 1, total),
                        "solutions_per_s": float(stats[2]) / seconds, "labelled_steps_per_s": float(stats[3]) / seconds,
                        "elapsed_s": time.monotonic() - started}
             if rank == 0 and val_examples and (step % cfg.eval_every == 0 or step == total):
@@ -603,41 +370,36 @@ def _train_loop(config: dict[str, Any]) -> None:
                 last_val_scores = scored if step == total else None
             metrics.update({k: v for k, v in val.items() if v is not None})
             if gauges is not None:
-                gauges["steps"].inc(int(stats[1]) // max(1, ctx.get_world_size()))
+                gauges["steps"].inc(int(stats[1]) // max(1, worker.world))
                 for key in ("loss", "solutions_per_s", "val_bce", "val_auroc"):
                     if metrics.get(key) is not None:
                         gauges[key].set(float(metrics[key]))
-            if rank == 0:
-                shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
-                print(f"[train-prm] step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
-                      f"{metrics['solutions_per_s']:.1f} solutions/s {shown}", flush=True)
+            shown = " ".join(f"{k} {v:.4f}" for k, v in val.items() if isinstance(v, float))
+            worker.log(f"step {step}/{total} epoch {epoch} loss {last_loss:.4f} "
+                       f"{metrics['solutions_per_s']:.1f} solutions/s {shown}")
             state = {"step": step, "elapsed": metrics["elapsed_s"], "first_loss": first_loss, "last_loss": last_loss,
                      "dropped": dropped, "val": val, "resumed_from": state.get("resumed_from", 0),
                      "initial_val_bce": state.get("initial_val_bce")}
-            report_train_step(unwrapped, optimizer, state, metrics, rank,
-                    with_checkpoint=step % cfg.checkpoint_every == 0 or step == total)
-            window.zero_()
-            window_start = time.monotonic()
+            worker.report(state, metrics, checkpoint=step % cfg.checkpoint_every == 0 or step == total)
 
-    if rank == 0:
-        kept = epochs.rows.slice(0, MAX_THRESHOLD_TRAIN) if epochs.rows is not None else None  # rank 0's shard
-        train_examples = usable_examples(_rows(kept), tokenizer, fmt, cfg.max_length) if kept is not None else []
-        threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
-                                                     cfg.batch_size * 2, last_val_scores)
-        print(f"[train-prm] ProcessBench threshold {threshold}: {threshold_from}", flush=True)
-        final = unwrapped
-        if cfg.lora_r:
-            final.lm = final.lm.merge_and_unload()
-        summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss,
-                   "initial_val_bce": state.get("initial_val_bce"), **val, "threshold": threshold,
-                   "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
-                   "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
-                   "config": {**config}}
-        with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
-            save_prm(final, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r,
-                                                  "threshold": threshold, "threshold_from": threshold_from})
-            atomic.write_json(tmp / SUMMARY_FILE, summary)
-        print(f"[train-prm] saved the PRM to {cfg.out_dir} after {step} steps", flush=True)
+    if rank != 0:
+        return
+    kept = epochs.rows.slice(0, MAX_THRESHOLD_TRAIN) if epochs.rows is not None else None  # rank 0's shard
+    train_examples = usable_examples(rows_of(kept), tokenizer, fmt, cfg.max_length) if kept is not None else []
+    threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
+                                                 cfg.batch_size * 2, last_val_scores)
+    worker.log(f"ProcessBench threshold {threshold}: {threshold_from}")
+    if cfg.lora_r:
+        unwrapped.lm = unwrapped.lm.merge_and_unload()
+    summary = {"steps": step, "first_loss": first_loss, "final_loss": last_loss,
+               "initial_val_bce": state.get("initial_val_bce"), **val, "threshold": threshold,
+               "train_solutions": n_train, "val_solutions": n_val, "dropped_too_long_rank0": dropped,
+               "elapsed_s": time.monotonic() - started, "resumed_from_step": state.get("resumed_from", 0),
+               "config": {**config}}
+    worker.save(cfg.out_dir, cfg.overwrite, lambda tmp: save_prm(
+        unwrapped, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r,
+                                         "threshold": threshold, "threshold_from": threshold_from}), summary)
+    worker.log(f"saved the PRM to {cfg.out_dir} after {step} steps")
 
 
 def _ray_metrics() -> dict[str, Any]:
@@ -647,18 +409,6 @@ def _ray_metrics() -> dict[str, Any]:
     return {key: create(f"mathprm_prm_{key}") for key in ("steps", "loss", "solutions_per_s", "val_bce", "val_auroc")}
 
 
-def _train_step(model: torch.nn.Module, batch, optimizer: torch.optim.Optimizer, lr: float, bf16: bool,
-                weight: float = 1.0) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = step_logits(model, batch)
-    loss = bce_step_loss(logits, batch.targets, batch.step_mask) * weight
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], _GRAD_CLIP)
-    optimizer.step()
-    return float(loss.detach())
-
-
+def prm_loss(model: torch.nn.Module, batch: PRMBatch) -> torch.Tensor:
+    """BCE of the step logits against the soft labels at the labelled steps (`optimizer_step`'s loss)."""
+    return bce_step_loss(step_logits(model, batch), batch.targets, batch.step_mask)

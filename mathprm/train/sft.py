@@ -6,12 +6,13 @@ cross-entropy over the solution and eos only: prompt positions carry label -100,
 model learns to write solutions, not to reproduce questions. Writing `</s>` after
 "The answer is N" is what lets generation stop on its own.
 
-The pure core (examples, collate, batch order, learning rate, one optimiser step) has no
-Ray in it. `train_sft` is the Ray shell: a `TorchTrainer` with N workers (gloo on CPU, NCCL
-on GPU), each generating its own train-split problems with a rank-dependent seed, DDP via
-`prepare_model`, metrics and rank-0 checkpoints through `ray.train.report`. A run resumes
-from its latest Ray Train checkpoint; the finished policy is written once, atomically, with
-`save_pretrained`, so `AutoModelForCausalLM.from_pretrained` and vLLM load it directly.
+The pure core (examples, collation, batch order, the loss) has no Ray in it. `train_sft` is
+the Ray shell on the trainer skeleton (`mathprm.train.run`): a `TorchTrainer` with N workers
+(gloo on CPU, NCCL on GPU), each generating its own train-split problems with a rank-dependent
+seed, DDP via `prepare_model`, metrics and rank-0 checkpoints through `ray.train.report`. A
+run resumes from its latest Ray Train checkpoint; the finished policy is written once,
+atomically, with `save_pretrained`, so `AutoModelForCausalLM.from_pretrained` and vLLM load it
+directly.
 Training ends at `max_steps`, at `time_budget_min`, or (`stop_at_accuracy`) once greedy
 accuracy on held-out train-split problems reaches a target, checked on all ranks alike.
 """
@@ -34,11 +35,14 @@ from mathprm.data import arith
 from mathprm.models.policy import MODEL_PRESETS, build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.steps import StepFormat
+from mathprm.train.run import Stage, Window, Worker, greedy_accuracy, launch, optimizer_step
 from mathprm.train.schedule import warmup_cosine
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding)
-SUMMARY_FILE = "sft_summary.json"  # written into the policy dir; its presence marks a finished policy
-_GRAD_CLIP = 1.0
+# A resumed run may train longer or log differently (`Stage.may_change`).
+SFT_STAGE = Stage("sft", "sft", "policy", "sft_summary.json", may_change=(
+    "max_steps", "time_budget_min", "log_every", "checkpoint_every", "snapshot_every", "out_dir", "overwrite",
+    "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every"))
 
 
 @dataclasses.dataclass
@@ -131,6 +135,13 @@ class SFTConfig:
             if self.eval_every < 1 or self.eval_every % self.log_every:
                 raise ValueError(f"eval_every: must be a multiple of log_every ({self.log_every}), got {self.eval_every}")
 
+    def learning_rate(self, step: int, progress: float) -> float:
+        """Linear warmup over `warmup_steps`, then cosine from `lr` to a tenth of it
+        (`schedule.warmup_cosine`). `progress` in [0, 1] is how far the run is; the loop passes
+        the larger of the step fraction and the time-budget fraction, so a time-bounded run
+        still anneals."""
+        return warmup_cosine(self.lr, self.warmup_steps, step, progress)
+
 
 # ----------------------------------------------------------------------------- pure core
 
@@ -150,26 +161,26 @@ class SFTBatch:
     def to(self, device: torch.device | str) -> SFTBatch:
         return SFTBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
 
+    @staticmethod
+    def collate(examples: Sequence[Example], pad_id: int) -> SFTBatch:
+        """Right-pad to the longest example (training needs no left padding: no generation here)."""
+        width = max(len(e.input_ids) for e in examples)
+        ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, e in enumerate(examples):
+            n = len(e.input_ids)
+            ids[row, :n] = torch.tensor(e.input_ids)
+            mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(e.labels)
+        return SFTBatch(ids, mask, labels)
+
 
 def build_example(tokenizer: Any, question: str, solution: str, fmt: StepFormat = StepFormat("\n")) -> Example:
     """Token ids of `prompt(question) + solution + eos`, with the loss on solution + eos only."""
     prompt_ids = tokenizer(fmt.prompt(question))["input_ids"]  # with <s> in front
     target_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> SFTBatch:
-    """Right-pad to the longest example (training needs no left padding: no generation here)."""
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels)
-    return SFTBatch(ids, mask, labels)
 
 
 def mixture_counts(mixture: dict[str, float], n: int) -> dict[str, int]:
@@ -223,36 +234,9 @@ class BatchOrder:
         return self._batches(epoch)[k]
 
 
-def learning_rate(cfg: SFTConfig, step: int, progress: float) -> float:
-    """Linear warmup over `warmup_steps`, then cosine from `lr` to a tenth of it
-    (`schedule.warmup_cosine`).
-
-    `progress` in [0, 1] is how far the run is; the loop passes the larger of the step
-    fraction and the time-budget fraction, so a time-bounded run still anneals.
-    """
-    return warmup_cosine(cfg.lr, cfg.warmup_steps, step, progress)
-
-
-def train_step(
-    model: torch.nn.Module, batch: SFTBatch, optimizer: torch.optim.Optimizer, lr: float, bf16: bool = False
-) -> float:
-    """One AdamW step on the mean token loss of `batch`; returns that loss.
-
-    `bf16` runs the forward pass under bfloat16 autocast (weights, optimiser state and the
-    loss's softmax stay float32): the usual choice on GPUs, and faster on CPUs with AVX-512
-    BF16.
-    """
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    model.train()
-    device_type = batch.input_ids.device.type
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-    optimizer.zero_grad(set_to_none=True)
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), _GRAD_CLIP)
-    optimizer.step()
-    return float(out.loss.detach())
+def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> torch.Tensor:
+    """The mean next-token loss of `batch` over its solution and eos tokens (`optimizer_step`'s loss)."""
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
 def training_examples(cfg: SFTConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[list[Example], int]:
@@ -288,7 +272,6 @@ def held_out_problems(cfg: SFTConfig) -> list:
 def held_out_accuracy(model: torch.nn.Module, tokenizer: Any, problems: Sequence, rank: int, world: int) -> float:
     """Greedy accuracy of `model` (unwrapped) on `problems`, the same number on every rank."""
     from mathprm.models.gen_hf import HFGenerator
-    from mathprm.ray_utils import greedy_accuracy
 
     was_training = model.training
     model.eval()
@@ -304,39 +287,20 @@ def snapshot_dir(out_dir: str | Path, step: int) -> Path:
     return out.with_name(f"{out.name}-snapshots") / f"step-{step:06d}"
 
 
-def is_finished(out_dir: str | Path) -> bool:
-    """A policy directory written to the end by `train_sft` (atomic, so complete if present)."""
-    return (Path(out_dir) / SUMMARY_FILE).is_file()
-
-
 # ----------------------------------------------------------------------------- Ray shell
 
 
 def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
-    from mathprm.ray_utils import (
-        check_job_paths,
-        fit_torch_trainer,
-        init_ray,
-        reuse_finished,
-    )
 
-    check_job_paths(out_dir=cfg.out_dir, init_from=cfg.init_from)
-    out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, is_finished(out), "sft", "policy"):
-        return out
-    init_from = None
-    if cfg.init_from is not None:
-        init_from = str(Path(cfg.init_from).resolve())
-        check_init_from(init_from, build_char_tokenizer())
-    init_ray(cfg.ray_address, cfg.num_cpus)
-    fit_torch_trainer(_train_loop, {**to_dict(cfg), "out_dir": str(out), "init_from": init_from}, out,
-                      f"sft-{out.name}",
-                      num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, overwrite=cfg.overwrite,
-                      may_change=_MAY_CHANGE_ON_RESUME)
-    if not is_finished(out):
-        raise RuntimeError(f"SFT finished without writing a policy to {out}")
-    return out
+    def prepare(out: Path) -> tuple[dict, dict]:
+        init_from = None
+        if cfg.init_from is not None:
+            init_from = str(Path(cfg.init_from).resolve())
+            check_init_from(init_from, build_char_tokenizer())
+        return {**to_dict(cfg), "out_dir": str(out), "init_from": init_from}, {}
+
+    return launch(SFT_STAGE, cfg, _train_loop, prepare, {"out_dir": cfg.out_dir, "init_from": cfg.init_from})
 
 
 def check_init_from(path: str | Path, tokenizer: Any) -> None:
@@ -361,111 +325,77 @@ def _initial_model(cfg: SFTConfig, tokenizer: Any) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
 
 
-# A resumed run may train longer or log differently; any other change would silently continue
-# the old run with the new settings, so `check_resume` refuses it.
-_MAY_CHANGE_ON_RESUME = ("max_steps", "time_budget_min", "log_every", "checkpoint_every", "snapshot_every", "out_dir",
-                         "overwrite", "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every")
-
-
 def _train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: DDP over `prepare_model`; rank 0 checkpoints and saves the policy."""
     import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
-
-    from mathprm.ray_utils import report_train_step, restore_train_state
 
     cfg = SFTConfig(**config)
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tokenizer = build_char_tokenizer()
-    examples, dropped = training_examples(cfg, tokenizer, rank, world)
-
-    model = _initial_model(cfg, tokenizer)
-    state: dict[str, Any] = {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None}
-    state = restore_train_state(model, state, "sft", rank)
-    model = ray.train.torch.prepare_model(model)
-    unwrapped = model.module if hasattr(model, "module") else model  # DDP's inner model: generation, saving
-    device = ray.train.torch.get_device()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+    examples, dropped = training_examples(cfg, tokenizer, ctx.get_world_rank(), ctx.get_world_size())
+    worker = Worker(SFT_STAGE, _initial_model(cfg, tokenizer),
+                    {"step": 0, "elapsed": 0.0, "time_frac": 0.0, "first_loss": None, "last_loss": None},
+                    lambda m: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
+    state, rank = worker.state, worker.rank
 
     order = BatchOrder([len(e.input_ids) for e in examples], cfg.batch_size, f"{cfg.seed}:{rank}", cfg.bucket)
     step, time_frac, first_loss, last_loss = (state[k] for k in ("step", "time_frac", "first_loss", "last_loss"))
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     started = time.monotonic() - state["elapsed"]
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, batches, tokens since the last report
-    window_start, stopped_by = time.monotonic(), "max_steps"
+    window = Window(worker, 3)  # loss sum, batches, tokens since the last report
+    stopped_by = "max_steps"
     held_out = held_out_problems(cfg) if cfg.stop_at_accuracy is not None else []
     accuracy_history: list[dict[str, float]] = list(state.get("accuracy_history", []))
     while step < cfg.max_steps:
-        batch = collate([examples[i] for i in order(step)], tokenizer.pad_token_id)
-        lr = learning_rate(cfg, step, max(step / cfg.max_steps, time_frac))
-        loss = train_step(model, batch.to(device), optimizer, lr, bf16=cfg.precision == "bf16")
+        batch = SFTBatch.collate([examples[i] for i in order(step)], tokenizer.pad_token_id).to(worker.device)
+        lr = cfg.learning_rate(step, max(step / cfg.max_steps, time_frac))
+        loss = optimizer_step(worker.model, worker.optimizer, lr, lambda: sft_loss(worker.model, batch),
+                              bf16=cfg.precision == "bf16")
         step += 1
-        window += torch.tensor([loss, 1.0, float(batch.attention_mask.sum())], dtype=torch.float64)
+        window.add(loss, 1.0, float(batch.attention_mask.sum()))
         if step % cfg.log_every and step != 1 and step != cfg.max_steps:
             continue
         # Every worker reaches this point at the same steps: stats and the stop decision are
         # all-reduced so all ranks agree (a rank that stopped alone would hang DDP).
         elapsed = time.monotonic() - started
-        stats = window.clone()
-        frac = torch.tensor([elapsed / budget_s if budget_s else 0.0], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(stats)
-            dist.all_reduce(frac, op=dist.ReduceOp.MAX)
+        stats, seconds = window.read()
+        frac = worker.reduce(torch.tensor([elapsed / budget_s if budget_s else 0.0], dtype=torch.float64), "max")
         last_loss = float(stats[0] / stats[1])
         first_loss = last_loss if first_loss is None else first_loss
         time_frac = float(frac[0])
-        tokens_per_s = float(stats[2]) / max(time.monotonic() - window_start, 1e-9)
-        if rank == 0:
-            print(f"[sft] step {step}/{cfg.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
-                  f"{tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s", flush=True)
+        tokens_per_s = float(stats[2]) / seconds
+        worker.log(f"step {step}/{cfg.max_steps} loss {last_loss:.4f} lr {lr:.2e} "
+                   f"{tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s")
         stop = budget_s is not None and time_frac >= 1.0
         stopped_by = "time_budget" if stop else stopped_by
         metrics = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed}
         if held_out and step % cfg.eval_every == 0:
             # Every rank computes the same all-reduced accuracy, so all agree on stopping.
-            acc = held_out_accuracy(unwrapped, tokenizer, held_out, rank, world)
+            acc = held_out_accuracy(worker.unwrapped, tokenizer, held_out, rank, worker.world)
             accuracy_history.append({"step": step, "held_out_accuracy": acc})
             metrics["held_out_accuracy"] = acc
-            if rank == 0:
-                print(f"[sft] step {step}: greedy accuracy {acc:.3f} on {len(held_out)} held-out "
-                      f"arith:{cfg.eval_difficulty} problems (stop at {cfg.stop_at_accuracy})", flush=True)
+            worker.log(f"step {step}: greedy accuracy {acc:.3f} on {len(held_out)} held-out "
+                       f"arith:{cfg.eval_difficulty} problems (stop at {cfg.stop_at_accuracy})")
             if acc >= cfg.stop_at_accuracy:
                 stop, stopped_by = True, "accuracy"
         state = {"step": step, "elapsed": elapsed, "time_frac": time_frac, "first_loss": first_loss,
                  "last_loss": last_loss, "resumed_from": state.get("resumed_from", 0),
                  "accuracy_history": accuracy_history}
-        report_train_step(model, optimizer, state, metrics, rank,
-                with_checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
+        worker.report(state, metrics, checkpoint=stop or step == cfg.max_steps or step % cfg.checkpoint_every == 0)
         if rank == 0 and cfg.snapshot_every and step % cfg.snapshot_every == 0:
             with atomic.directory(snapshot_dir(cfg.out_dir, step), overwrite=True) as tmp:
-                unwrapped.save_pretrained(tmp)
+                worker.unwrapped.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
-        window.zero_()
-        window_start = time.monotonic()
         if stop:
             break
 
-    if rank == 0:
-        summary = {
-            "steps": step,
-            "first_loss": first_loss,
-            "final_loss": last_loss,
-            "elapsed_s": time.monotonic() - started,
-            "stopped_by": stopped_by,
-            "held_out_accuracy": accuracy_history,
-            "resumed_from_step": state.get("resumed_from", 0),
-            "examples_per_worker": len(examples),
-            "dropped_too_long_rank0": dropped,
-            "config": {**config},
-        }
-        with atomic.directory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
-            unwrapped.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            atomic.write_json(tmp / SUMMARY_FILE, summary)
-        print(f"[sft] saved the policy to {cfg.out_dir} after {step} steps ({stopped_by})", flush=True)
+    def write(tmp: Path) -> None:
+        worker.unwrapped.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
-
+    worker.save(cfg.out_dir, cfg.overwrite, write, {
+        "steps": step, "first_loss": first_loss, "final_loss": last_loss, "elapsed_s": time.monotonic() - started,
+        "stopped_by": stopped_by, "held_out_accuracy": accuracy_history,
+        "resumed_from_step": state.get("resumed_from", 0), "examples_per_worker": len(examples),
+        "dropped_too_long_rank0": dropped, "config": {**config}})
+    worker.log(f"saved the policy to {cfg.out_dir} after {step} steps ({stopped_by})")

@@ -1,0 +1,148 @@
+"""PPO episodes: prompts picked per update, rollouts written and rewarded step by step, and
+encoded for the learner (`make_batch`). Pure: a `Generator`, a `Scorer` and a tokenizer in,
+no Ray. Episodes are `one_step` (a prefix, then the policy's next step) or `full_solution`
+(`mathprm.train.ppo`'s docstring has the reward shaping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mathprm.data.answers import judge_grader
+from mathprm.data.problems import Problem
+from mathprm.generation import Prefix, Sampling
+from mathprm.steps import StepFormat, content
+from mathprm.train.ppo_loss import PPOBatch
+
+if TYPE_CHECKING:
+    from mathprm.train.ppo import PPOConfig
+
+
+@dataclasses.dataclass
+class Episode:
+    group: int  # index of its prompt in the update; the group_size samples of a prompt share it
+    question: str
+    prefix: list[str]  # the steps given in the prompt
+    steps: list[str]  # the steps the policy wrote
+    finished: bool  # the policy ended the solution (EOS) after the last step
+    truncated: bool  # the last step hit its token limit
+    rewards: list[float] = dataclasses.field(default_factory=list)  # one per step in `steps`
+    correct: bool | None = None  # full_solution: is the final answer right
+    n_generated: int = 0  # tokens the sampler produced
+
+
+def encode_episode(tokenizer: Any, fmt: StepFormat, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
+    """(token ids, number of prompt tokens, the index of each step's last token).
+
+    The action is each written step followed by the separator, except the last one, which is
+    followed by EOS when the policy finished and by nothing when it was cut; pieces are
+    tokenised one by one, as the PRM encodes them. A sequence longer than `max_length` is cut
+    and its cut steps' ends move to the last kept token (their rewards land there)."""
+    ids = list(tokenizer(fmt.prompt(ep.question, ep.prefix))["input_ids"])
+    n_prompt = len(ids)
+    ends = []
+    for i, step in enumerate(ep.steps):
+        last = i == len(ep.steps) - 1
+        text = step if last and (ep.finished or ep.truncated) else step + fmt.separator
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if last and ep.finished:
+            piece = piece + [tokenizer.eos_token_id]
+        if not piece:  # an empty cut step still needs a token to carry its reward
+            piece = [tokenizer.eos_token_id]
+        ids += piece
+        ends.append(len(ids) - 1)
+    if n_prompt >= max_length:
+        raise ValueError(f"a prompt of {n_prompt} tokens leaves no room for an action within {max_length} tokens")
+    if len(ids) > max_length:
+        ids = ids[:max_length]
+        ends = [min(e, max_length - 1) for e in ends]
+    return ids, n_prompt, ends
+
+
+def make_batch(tokenizer: Any, fmt: StepFormat, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [encode_episode(tokenizer, fmt, ep, max_length) for ep in episodes]
+    width = max(len(ids) for ids, _, _ in encoded)
+    B = len(episodes)
+    ids_t = torch.full((B, width), pad, dtype=torch.long)
+    attn = torch.zeros((B, width), dtype=torch.long)
+    mask = torch.zeros((B, width - 1))
+    rewards = torch.zeros((B, width - 1))
+    step_mask = torch.zeros((B, width - 1))
+    for row, ((ids, n_prompt, ends), ep) in enumerate(zip(encoded, episodes)):
+        ids_t[row, : len(ids)] = torch.tensor(ids)
+        attn[row, : len(ids)] = 1
+        mask[row, n_prompt - 1 : len(ids) - 1] = 1.0  # position t is about token t + 1
+        for end, r in zip(ends, ep.rewards):
+            rewards[row, end - 1] += r
+            step_mask[row, end - 1] = 1.0
+    return PPOBatch(ids_t, attn, mask, rewards, step_mask)
+
+
+def pick_prompts(pool: Sequence[Problem], n: int, seed: int, rank: int, update: int) -> list[Problem]:
+    """This worker's prompts for an update: a pure function of (seed, rank, update)."""
+    rng = random.Random(f"ppo:{seed}:{rank}:{update}")
+    return [pool[rng.randrange(len(pool))] for _ in range(n)]
+
+
+def sampling_seed(seed: int, rank: int, update: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"ppo-sample:{seed}:{rank}:{update}".encode()).digest()[:7], "big")
+
+
+def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], cfg: PPOConfig, fmt: StepFormat,
+                     seed: int) -> list[Episode]:
+    """`group_size` episodes per problem (grouped, in order), with their rewards."""
+    sampling = Sampling(temperature=cfg.temperature, max_step_tokens=cfg.max_step_tokens,
+                        max_solution_tokens=cfg.max_solution_tokens, seed=seed)
+    rng = random.Random(seed)
+    G = cfg.group_size
+    episodes: list[Episode] = []
+    if cfg.mode == "full_solution":
+        rollouts = generator.rollouts([Prefix(p.question) for p in problems], G, sampling)
+        for g, (p, rolls) in enumerate(zip(problems, rollouts)):
+            for r in rolls:
+                ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens)
+                ep.correct = r.finished and judge_grader(p, r.text)
+                episodes.append(ep)
+    else:
+        prefixes = _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng)
+        samples = generator.next_steps([Prefix(p.question, tuple(pre)) for p, pre in zip(problems, prefixes)], G,
+                                       dataclasses.replace(sampling, seed=sampling.seed + 1))
+        for g, (p, pre, group) in enumerate(zip(problems, prefixes, samples)):
+            for s in group:
+                episodes.append(Episode(g, p.question, list(pre), [s.text], s.finished, s.truncated,
+                                        n_generated=s.n_tokens))
+    _reward(scorer, episodes, cfg)
+    return episodes
+
+
+def _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng) -> list[list[str]]:
+    """A prefix per problem, cut at a uniform step boundary of the reference solution or of
+    one of the policy's own rollouts (its complete steps only; the last step is never in it)."""
+    use_ref = [p.solution is not None and rng.random() < cfg.reference_prefix_fraction for p in problems]
+    own = [i for i, ref in enumerate(use_ref) if not ref]
+    rolled = generator.rollouts([Prefix(problems[i].question) for i in own], 1, sampling) if own else []
+    steps_of = {i: content(r[0].steps[: len(r[0].steps) - (0 if r[0].finished else 1)]) for i, r in zip(own, rolled)}
+    out = []
+    for i, p in enumerate(problems):
+        steps = content(fmt.split(p.solution)) if use_ref[i] else steps_of[i]
+        k = rng.randrange(len(steps)) if steps else 0  # keep at least one step to write
+        out.append(list(steps[:k]))
+    return out
+
+
+def _reward(scorer: Any, episodes: list[Episode], cfg: PPOConfig) -> None:
+    scored = [ep for ep in episodes if ep.steps]
+    scores = scorer.score([ep.question for ep in scored], [ep.prefix + ep.steps for ep in scored]) if scored else []
+    for ep, s in zip(scored, scores):
+        ep.rewards = [float(x) for x in s[len(ep.prefix):]]
+        if ep.truncated:
+            ep.rewards[-1] = cfg.truncated_reward
+        if cfg.mode == "full_solution" and ep.correct:
+            ep.rewards[-1] += cfg.outcome_reward
