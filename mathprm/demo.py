@@ -133,7 +133,8 @@ def run_demo(argv: list[str]) -> int:
     from mathprm.train.prm import TrainPRMConfig, train_prm
     from mathprm.train.sft import SFTConfig, train_sft
 
-    sft_finished, prm_finished, ppo_finished = sft.SFT_STAGE.is_finished, prm.PRM_STAGE.is_finished, ppo.PPO_STAGE.is_finished
+    sft_finished, prm_finished = sft.SFT_STAGE.is_finished, prm.PRM_STAGE.is_finished
+    ppo_finished = ppo.PPO_STAGE.is_finished
 
     quick, user = stage_args(argv)
     root = Path("runs/quick" if quick else "runs/arith")

@@ -140,6 +140,24 @@ def trained_separator(ref: PRMRef) -> str | None:
     return read_prm_config(ref.path)["separator"]
 
 
+def check_oracle(ref: PRMRef, dataset: str) -> None:
+    """ValueError naming `prm` when `ref` is the oracle and `dataset` has no exact step truth
+    (the oracle knows only the arithmetic world's problems)."""
+    if ref.kind == "oracle" and not dataset.startswith("arith:"):
+        raise ValueError(f"prm: the oracle knows only the arithmetic world's problems (arith:*), not {dataset!r}")
+
+
+def default_threshold(ref: PRMRef) -> float:
+    """The score below which a step counts as wrong (ProcessBench's first error) for the PRM in
+    `ref`: a mathprm PRM's own, picked when it was trained (`mathprm.models.prm.saved_threshold`);
+    0.5 for every other scorer."""
+    if ref.kind != "prm":
+        return 0.5
+    from mathprm.models.prm import saved_threshold
+
+    return saved_threshold(ref.path)
+
+
 def load_scorer(backend: str, path: str, **options: Any) -> Scorer:
     """The `backend` scorer for the directory `path` (e.g. a PRM saved by `mathprm train-prm`)."""
     if backend not in SCORERS:

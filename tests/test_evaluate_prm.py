@@ -104,14 +104,14 @@ def test_on_ray_the_actor_pool_gives_the_in_process_result(ray_cluster, tiny_pol
 
 def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_dir, tmp_path):
     from mathprm.eval.prm import run_prm_evaluation
-    from mathprm.models.prm import build_prm, default_threshold, save_prm
+    from mathprm.models.prm import build_prm, save_prm, saved_threshold
     from mathprm.models.tokenizer import build_char_tokenizer
     from mathprm.steps import StepFormat
 
     prm = tmp_path / "prm"
     save_prm(build_prm(str(tiny_policy_dir)), build_char_tokenizer(), StepFormat("\n"), prm,
              {"base": "tiny", "threshold": 0.125})
-    assert default_threshold(prm) == 0.125 and default_threshold(None) == 0.5
+    assert saved_threshold(prm) == 0.125 and saved_threshold(None) == 0.5
     common = dict(prm=str(prm), policy=str(tiny_policy_dir), dataset="arith:easy", limit=1, n=1,
                   max_solution_tokens=24, device="cpu")
     assert run_prm_evaluation(PRMEvalConfig(**common, out=str(tmp_path / "a.json")))["threshold"] == 0.125

@@ -130,7 +130,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
-    from mathprm.models.prm import PRMScorer, default_threshold, load_prm
+    from mathprm.models.prm import PRMScorer, load_prm, saved_threshold
     from tests.conftest import MetricsWatcher
 
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
@@ -159,7 +159,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
     # The ProcessBench threshold picked at the end (on validation paths when there are enough
     # clean ones, else on labelled steps) is what the PRM's config hands evaluations.
-    assert 0.0 <= summary["threshold"] <= 1.0 and default_threshold(out) == summary["threshold"]
+    assert 0.0 <= summary["threshold"] <= 1.0 and saved_threshold(out) == summary["threshold"]
     assert "paths" in json.loads((out / "prm_config.json").read_text())["threshold_from"]
     assert not list(out.glob("adapter_*"))  # merged: a plain HF causal-LM directory plus the head
     assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(out).named_parameters())
@@ -275,15 +275,15 @@ def test_the_threshold_reuses_the_final_validation_scores(monkeypatch):
 def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_does_not_compute(
         tiny_policy_dir, tmp_path, capsys):
     from mathprm import cli
-    from mathprm.models.prm import PRMScorer, default_threshold
+    from mathprm.models.prm import PRMScorer, saved_threshold
 
     out = tmp_path / "prior"
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0
     assert (out / PRM_STAGE.summary_file).is_file() and not list(tmp_path.glob(".prior.tmp-*"))
-    assert default_threshold(out) == pytest.approx(1 / (1 + math.e))  # sigmoid(-1): a token at p = 1/e
+    assert saved_threshold(out) == pytest.approx(1 / (1 + math.e))  # sigmoid(-1): a token at p = 1/e
     scorer = PRMScorer(out, device="cpu")
     right, wrong = scorer.score(["What is 2+3?"] * 2, [["2 + 3 = 5", "5 + 0 = 5"], ["2 + 3 = 6", "6 + 0 = 6"]])
-    assert right[0] > default_threshold(out) > wrong[0]  # the memorised step is sure; a digit it never saw is not
+    assert right[0] > saved_threshold(out) > wrong[0]  # the memorised step is sure; a digit it never saw is not
     assert right[1] > wrong[1] and wrong[1] <= wrong[0]  # the lowest log-prob so far: a doubt never goes away
     capsys.readouterr()
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 0

@@ -56,7 +56,16 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
-from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import (
+    AGGREGATIONS,
+    ArithOracle,
+    PRMRef,
+    aggregate,
+    build_scorer,
+    check_oracle,
+    parse_prm,
+    trained_separator,
+)
 from mathprm.search import STRATEGIES, parse_strategy, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
@@ -99,8 +108,7 @@ class EvalConfig:
         needing = [s.name for s in parsed if s.needs_prm]
         if needing and self.prm_ref.kind == "none":
             raise ValueError(f"prm: {', '.join(needing)} need a PRM; give one, e.g. --prm runs/arith/prm")
-        if self.prm_ref.kind == "oracle" and not self.dataset.startswith("arith:"):
-            raise ValueError(f"prm: the oracle knows only the arithmetic world's problems, not {self.dataset!r}")
+        check_oracle(self.prm_ref, self.dataset)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit: must be >= 1 or null, got {self.limit}")
         if self.backend not in GENERATORS:

@@ -9,7 +9,7 @@ For each problem the policy samples `n` solutions; the scorer scores every step.
   right" (`arith.step_labels`, ProcessBench's first-error label), over all sampled steps;
 - `first_error_f1`: the ProcessBench metric on the same solutions: the predicted earliest
   error is the first step scored below `threshold` (or -1; by default the threshold the PRM's
-  training picked on its labels, `mathprm.models.prm.default_threshold`), compared with `arith.first_error`;
+  training picked on its labels, `mathprm.scorer.default_threshold`), compared with `arith.first_error`;
   F1 of the accuracies on erroneous and on correct solutions (in percent);
 - `best_of_n@n`: accuracy when the solution with the highest aggregated score is kept
   (`aggregation`: last / min / prod / mean; all four are in `best_of_n_by_aggregation`),
@@ -39,7 +39,17 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
-from mathprm.scorer import AGGREGATIONS, ArithOracle, PRMRef, aggregate, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import (
+    AGGREGATIONS,
+    ArithOracle,
+    PRMRef,
+    aggregate,
+    build_scorer,
+    check_oracle,
+    default_threshold,
+    parse_prm,
+    trained_separator,
+)
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
@@ -58,7 +68,7 @@ class PRMEvalConfig:
     max_solution_tokens: int = 384
     aggregation: str = "min"  # step scores -> solution score for best_of_n
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the PRM's
-    #                                   own (picked on its validation labels, mathprm.models.prm.default_threshold)
+    #                                   own (picked on its validation labels, mathprm.scorer.default_threshold)
     separator: str | None = None  # None: the dataset's ("\n" for arith:*)
     backend: str = "hf"  # generator backend, a key of mathprm.generation.GENERATORS
     batch_problems: int = 16  # problems per generator / scorer call
@@ -75,8 +85,7 @@ class PRMEvalConfig:
     def __post_init__(self) -> None:
         if self.prm_ref.kind == "none":
             raise ValueError("prm: evaluate-prm needs a PRM: a directory, KIND:DIR or oracle")
-        if self.prm_ref.kind == "oracle" and not self.dataset.startswith("arith:"):
-            raise ValueError(f"prm: the oracle knows only arith:* problems, not {self.dataset!r}")
+        check_oracle(self.prm_ref, self.dataset)
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
@@ -236,9 +245,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     if cfg.threshold is not None:
         threshold = cfg.threshold
     else:
-        from mathprm.models.prm import default_threshold
-
-        threshold = default_threshold(cfg.prm_ref.path if cfg.prm_ref.kind == "prm" else None)
+        threshold = default_threshold(cfg.prm_ref)
     report = {"prm": cfg.prm, "policy": cfg.policy, "dataset": cfg.dataset,
               "seed": cfg.seed, "n": cfg.n, "temperature": cfg.temperature, "aggregation": cfg.aggregation,
               "threshold": threshold, **summarise(records, cfg.n, cfg.aggregation, threshold),

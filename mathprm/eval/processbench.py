@@ -32,7 +32,7 @@ from typing import Any
 
 from mathprm import atomic
 from mathprm.data.problems import ProcessBenchItem, load_problems
-from mathprm.scorer import Scorer, build_scorer, check_shapes, parse_prm
+from mathprm.scorer import Scorer, build_scorer, check_shapes, default_threshold, parse_prm
 
 SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 
@@ -176,7 +176,7 @@ class ProcessBenchConfig:
     prm: str = "runs/arith/prm"  # DIR | KIND:DIR | oracle (the human labels), see mathprm.scorer.parse_prm
     subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the
-    #                                   PRM's own (mathprm.models.prm.default_threshold), 0.5 for other scorers
+    #                                   PRM's own (mathprm.scorer.default_threshold), 0.5 for other scorers
     limit: int | None = None  # first N items of each subset
     batch_size: int = 8  # solutions per scorer call
     out: str = "runs/eval/processbench.json"
@@ -253,9 +253,7 @@ def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> d
         scorer = build_scorer(ref, lambda: ProcessBenchOracle(every))
     threshold = cfg.threshold
     if threshold is None:
-        from mathprm.models.prm import default_threshold
-
-        threshold = default_threshold(ref.path if ref.kind == "prm" else None)
+        threshold = default_threshold(ref)
     started = time.monotonic()
     result = evaluate_scorer(scorer, items_by_subset, threshold, cfg.batch_size)
     report = {

@@ -384,7 +384,7 @@ def likelihood_threshold(model: Any) -> float | None:
     return 1.0 / (1.0 + math.exp(-(weight * DOUBT_LOGP + bias)))
 
 
-def default_threshold(path: str | Path | None) -> float:
+def saved_threshold(path: str | Path | None) -> float:
     """The ProcessBench threshold to use with the PRM in `path`: the one its training picked
     (`prm_config.json`'s "threshold", on validation paths or labelled steps:
     `mathprm.train.prm.choose_threshold`; "threshold_from" says which), else 0.5 (the usual

@@ -58,7 +58,7 @@ from mathprm.config import ConfigError, to_dict
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem
 from mathprm.generation import MIN_TEMPERATURE
-from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, parse_prm, trained_separator
+from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, check_oracle, parse_prm, trained_separator
 from mathprm.steps import StepFormat, step_format_for
 from mathprm.train import ppo_loss as ppo
 from mathprm.train.ppo_episodes import collect_episodes, make_batch, pick_prompts, sampling_seed
@@ -161,8 +161,7 @@ class PPOConfig:
         if not MIN_TEMPERATURE <= self.temperature <= 2:
             raise ValueError(f"temperature: PPO samples, so it must be in [{MIN_TEMPERATURE:g}, 2], got {self.temperature}")
         prm_kind = parse_prm(self.prm).kind  # ValueError naming prm for a malformed value
-        if prm_kind == "oracle" and not self.dataset.startswith("arith:"):
-            raise ValueError(f"prm: the oracle knows only the arithmetic world, not dataset {self.dataset!r}")
+        check_oracle(parse_prm(self.prm), self.dataset)
         if prm_kind == "none" and not (self.mode == "full_solution" and self.outcome_reward != 0):
             raise ValueError("prm: none leaves only the outcome reward, so it needs mode=full_solution and "
                              f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
