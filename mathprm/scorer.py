@@ -12,7 +12,8 @@ that can judge steps implements it, batched over solutions:
 
 Which PRM a stage uses is spelled one way in every config and the Serve app (`parse_prm`):
 `prm: none | oracle | DIR | KIND:DIR`, DIR a PRM directory in mathprm's format and KIND a key
-of `SCORERS` (published PRM formats join there); `build_scorer` turns it into a Scorer.
+of `SCORERS` (mathprm's own `prm`, and the published PRMs of `mathprm.models.published`: `qwen`,
+`math_shepherd`, `rlhflow`, `skywork`); `build_scorer` turns it into a Scorer.
 
 Backends are picked by name from `SCORERS` and imported only when chosen. Aggregations of a
 solution's step scores into one solution score (`last`, `min`, `prod`, `mean`) live beside
@@ -96,6 +97,11 @@ class ZeroScorer:
 
 SCORERS: dict[str, str] = {
     "prm": "mathprm.models.prm:PRMScorer",  # mathprm's own format (`mathprm train-prm`, `mathprm prm-prior`)
+    # Published PRMs in their published layouts (mathprm.models.published cites each format's source).
+    "qwen": "mathprm.models.published:QwenPRMScorer",  # Qwen/Qwen2.5-Math-PRM-7B, -72B
+    "math_shepherd": "mathprm.models.published:MathShepherdScorer",  # peiyi9979/math-shepherd-mistral-7b-prm
+    "rlhflow": "mathprm.models.published:RLHFlowScorer",  # RLHFlow/Llama3.1-8B-PRM-Deepseek-Data
+    "skywork": "mathprm.models.published:SkyworkPRMScorer",  # Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B, -7B
 }
 @dataclass(frozen=True)
 class PRMRef:
@@ -132,9 +138,12 @@ def parse_prm(value: str | None, field: str = "prm") -> PRMRef:
 
 def trained_separator(ref: PRMRef) -> str | None:
     """The step separator the PRM in `ref` was trained with (None: none, oracle); reading its
-    config names the directory in the error when it is not a PRM."""
+    config names the directory in the error when it is not a PRM. A published kind's is the
+    one its scorer class declares (`separator`, from its authors' usage)."""
     if ref.path is None:
         return None
+    if ref.kind != "prm":  # a published format: the separator its authors split steps at
+        return _scorer_class(ref.kind).separator
     from mathprm.models.prm import read_prm_config
 
     return read_prm_config(ref.path)["separator"]
@@ -160,10 +169,14 @@ def default_threshold(ref: PRMRef) -> float:
 
 def load_scorer(backend: str, path: str, **options: Any) -> Scorer:
     """The `backend` scorer for the directory `path` (e.g. a PRM saved by `mathprm train-prm`)."""
+    return _scorer_class(backend)(path, **options)
+
+
+def _scorer_class(backend: str) -> Any:
     if backend not in SCORERS:
         raise ValueError(f"unknown scorer backend {backend!r}; backends: {', '.join(SCORERS)}")
     module_name, cls_name = SCORERS[backend].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)(path, **options)
+    return getattr(importlib.import_module(module_name), cls_name)
 
 
 def build_scorer(ref: PRMRef, oracle: Callable[[], Scorer] | None = None, **options: Any) -> Scorer | None:
