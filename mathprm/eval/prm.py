@@ -35,21 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from mathprm import atomic
+from mathprm import scorer as scoring
 from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
-from mathprm.scorer import (
-    AGGREGATIONS,
-    ArithOracle,
-    PRMRef,
-    aggregate,
-    build_scorer,
-    check_oracle,
-    default_threshold,
-    parse_prm,
-    trained_separator,
-)
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
@@ -79,15 +69,15 @@ class PRMEvalConfig:
     out: str = "runs/arith/prm_eval.json"
 
     @property
-    def prm_ref(self) -> PRMRef:
-        return parse_prm(self.prm)
+    def prm_ref(self) -> scoring.PRMRef:
+        return scoring.parse_prm(self.prm)
 
     def __post_init__(self) -> None:
         if self.prm_ref.kind == "none":
             raise ValueError("prm: evaluate-prm needs a PRM: a directory, KIND:DIR or oracle")
-        check_oracle(self.prm_ref, self.dataset)
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}")
+        scoring.check_oracle(self.prm_ref, self.dataset)
+        if self.aggregation not in scoring.AGGREGATIONS:
+            raise ValueError(f"aggregation: unknown {self.aggregation!r}; choose one of {', '.join(scoring.AGGREGATIONS)}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
         for name in ("n", "batch_problems", "num_actors"):
@@ -138,7 +128,7 @@ def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, thres
     from mathprm.eval.processbench import predicted_first_error, processbench_f1
 
     step_scores, step_truth, labels, predicted = [], [], [], []
-    hits = {"majority": 0.0, "pass": 0.0, **{f"best_of_n:{a}": 0.0 for a in AGGREGATIONS}}
+    hits = {"majority": 0.0, "pass": 0.0, **{f"best_of_n:{a}": 0.0 for a in scoring.AGGREGATIONS}}
     for rec in records:
         sols = rec["solutions"]
         for s in sols:
@@ -153,8 +143,8 @@ def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, thres
         i, voted = STRATEGIES["majority"].pick(keys, [])
         hits["majority"] += voted is not None and sols[i]["correct"]
         hits["pass"] += pass_at_k(len(sols), sum(s["correct"] for s in sols), len(sols))
-        for a in AGGREGATIONS:
-            totals = [aggregate(s["scores"], a) if s["steps"] else -math.inf for s in sols]
+        for a in scoring.AGGREGATIONS:
+            totals = [scoring.aggregate(s["scores"], a) if s["steps"] else -math.inf for s in sols]
             if any(s["steps"] for s in sols):
                 hits[f"best_of_n:{a}"] += sols[STRATEGIES["best_of_n"].pick(keys, totals)[0]]["correct"]
     m = max(len(records), 1)
@@ -166,7 +156,7 @@ def summarise(records: Sequence[dict[str, Any]], n: int, aggregation: str, thres
         f"best_of_n@{n}": round(hits[f"best_of_n:{aggregation}"] / m, 4),
         f"majority@{n}": round(hits["majority"] / m, 4),
         f"pass@{n}": round(hits["pass"] / m, 4),
-        "best_of_n_by_aggregation": {a: round(hits[f"best_of_n:{a}"] / m, 4) for a in AGGREGATIONS},
+        "best_of_n_by_aggregation": {a: round(hits[f"best_of_n:{a}"] / m, 4) for a in scoring.AGGREGATIONS},
         "processbench": f1,
         "n_problems": len(records),
         "n_solutions": sum(len(r["solutions"]) for r in records),
@@ -185,14 +175,15 @@ def _problems(cfg: PRMEvalConfig) -> list[Problem]:
 
 
 def _scorer(cfg: PRMEvalConfig, problems: Sequence[Problem]) -> Any:
-    return build_scorer(cfg.prm_ref, lambda: ArithOracle(problems), **({"device": cfg.device} if cfg.device else {}))
+    options = {"device": cfg.device} if cfg.device else {}
+    return scoring.build_scorer(cfg.prm_ref, lambda: scoring.ArithOracle(problems), **options)
 
 
 def _generator(cfg: PRMEvalConfig) -> Any:
     if not (Path(cfg.policy) / "config.json").is_file():
         raise FileNotFoundError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
-    fmt = step_format_for(cfg.dataset, cfg.separator, trained_separator(cfg.prm_ref))
+    fmt = step_format_for(cfg.dataset, cfg.separator, scoring.trained_separator(cfg.prm_ref))
     return load_generator(cfg.backend, cfg.policy, fmt, **options)
 
 
@@ -218,7 +209,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     import json
 
     if scorer is None:
-        trained_separator(cfg.prm_ref)  # reads the PRM's config: fails now, not inside an actor
+        scoring.trained_separator(cfg.prm_ref)  # reads the PRM's config: fails now, not inside an actor
     problems = _problems(cfg)
     if not problems:
         raise ValueError(f"dataset: {cfg.dataset!r} gave no problems")
@@ -245,7 +236,7 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
     if cfg.threshold is not None:
         threshold = cfg.threshold
     else:
-        threshold = default_threshold(cfg.prm_ref)
+        threshold = scoring.default_threshold(cfg.prm_ref)
     report = {"prm": cfg.prm, "policy": cfg.policy, "dataset": cfg.dataset,
               "seed": cfg.seed, "n": cfg.n, "temperature": cfg.temperature, "aggregation": cfg.aggregation,
               "threshold": threshold, **summarise(records, cfg.n, cfg.aggregation, threshold),
