@@ -40,6 +40,7 @@ from _doc import repo_relative, write_section  # noqa: E402
 from mathprm import atomic
 from mathprm.data import arith  # noqa: E402
 from mathprm.models.prm import PRM_CONFIG_FILE, PRMScorer, build_prm, encode_solution, save_prm  # noqa: E402
+from mathprm.prompts import Prompter  # noqa: E402
 from mathprm.steps import StepFormat  # noqa: E402
 from mathprm.train.prm import PRM_STAGE  # noqa: E402
 
@@ -84,8 +85,8 @@ def scoring(prm_dir: Path, n: int, repeats: int) -> dict:
     scorer = PRMScorer(prm_dir)
     questions, steps = solutions(n)
     fmt, tok = scorer.step_format, scorer.tokenizer
-    tokens_one = sum(len(encode_solution(tok, fmt, q, s)[0]) for q, s in zip(questions, steps))
-    tokens_prefix = sum(len(encode_solution(tok, fmt, q, s[: i + 1])[0])
+    tokens_one = sum(len(encode_solution(Prompter(tok, fmt), q, s)[0]) for q, s in zip(questions, steps))
+    tokens_prefix = sum(len(encode_solution(Prompter(tok, fmt), q, s[: i + 1])[0])
                         for q, s in zip(questions, steps) for i in range(len(s)))
     one_s, one = timed(lambda: scorer.score(questions, steps), repeats)
     prefix_s, prefix = timed(lambda: score_prefixes(scorer, questions, steps), repeats)

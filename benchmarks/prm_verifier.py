@@ -112,6 +112,7 @@ def train_variant(args, name: str) -> dict:
     from transformers import AutoTokenizer
 
     from mathprm.models.prm import PRM_CONFIG_FILE, build_prm, collate, save_prm
+    from mathprm.prompts import Prompter
     from mathprm.train.prm import choose_threshold, prm_loss, validate
     from mathprm.train.prm_data import is_validation, usable_examples
     from mathprm.train.run import optimizer_step
@@ -127,8 +128,8 @@ def train_variant(args, name: str) -> dict:
     rows = read_jsonl(out / "data.jsonl")
     train_rows = [r for r in rows if not is_validation(r["problem_id"], 0.1)]
     val_rows = [r for r in rows if is_validation(r["problem_id"], 0.1)][: args.max_val]
-    train = usable_examples(train_rows, tok, FMT, 512)
-    val = usable_examples(val_rows, tok, FMT, 512)
+    train = usable_examples(train_rows, Prompter(tok, FMT), 512)
+    val = usable_examples(val_rows, Prompter(tok, FMT), 512)
     model = build_prm(args.policy, features=features, hidden_head=True).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
     budget = args.minutes * 60

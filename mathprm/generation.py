@@ -65,10 +65,6 @@ class Prefix:
         if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 1 << 63):
             raise ValueError(f"seed: must be None or an int in [0, 2^63), got {self.seed!r}")
 
-    def prompt(self, fmt: StepFormat) -> str:
-        """The text the policy continues: `fmt.prompt(question, steps)`."""
-        return fmt.prompt(self.question, self.steps)
-
     def sample_seed(self, sampling: Sampling, index: int) -> int:
         """The seed this prefix samples with as prefix `index` of a call with `sampling`."""
         return prefix_seed(sampling.seed, index) if self.seed is None else self.seed

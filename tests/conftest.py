@@ -226,7 +226,7 @@ class OddPolicy:
 
         out = []
         for i, pre in enumerate(prefixes):
-            self.prompts.append(pre.prompt(self.step_format))  # raises on a prefix that cannot be written
+            self.prompts.append(self.step_format.prompt(pre.question, pre.steps))  # raises on a prefix that cannot be written
             rng = random.Random(pre.sample_seed(sampling, i))
             out.append([StepSample(t, 3, f, c) for t, f, c in (self._sample(rng) for _ in range(n))])
         return out
@@ -238,7 +238,7 @@ class OddPolicy:
 
         fmt, out = self.step_format, []
         for i, pre in enumerate(prefixes):
-            self.prompts.append(pre.prompt(fmt))
+            self.prompts.append(fmt.prompt(pre.question, pre.steps))
             rng = random.Random(pre.sample_seed(sampling, i))
             rolls = []
             for _ in range(n):

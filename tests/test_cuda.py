@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mathprm.generation import Prefix, Sampling
+from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat
 from tests.conftest import MEMORISED
 
@@ -127,7 +128,7 @@ def test_a_bf16_ppo_update_on_the_gpu_makes_the_rewarded_step_more_likely(advant
     model = PolicyWithValue(build_policy("test", tok, seed=0), value_head=advantage == "gae", critic=critic).cuda()
     good = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
     bad = dataclasses.replace(good, steps=["3 + 4 = 8"], rewards=[0.0])
-    batch = make_batch(tok, FMT, [good, bad, good, bad], 512).to("cuda")
+    batch = make_batch(Prompter(tok, FMT), [good, bad, good, bad], 512).to("cuda")
     cfg = PPOConfig(prm="oracle", advantage=advantage, critic=critic, group_size=4, ppo_epochs=4, minibatch_size=4,
                     lr=3e-3, kl_coef=0.0, precision="bf16")
 

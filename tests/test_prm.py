@@ -24,6 +24,7 @@ from mathprm.models.prm import (
     windows,
 )
 from mathprm.models.tokenizer import build_char_tokenizer
+from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat
 
 FMT = StepFormat("\n")
@@ -31,13 +32,13 @@ FMT = StepFormat("\n")
 
 def test_each_step_is_read_at_its_separator_token():
     tok = build_char_tokenizer()
-    ids, positions = encode_solution(tok, FMT, "1+2?", ["1 + 2 = 3", "The answer is 3"])
+    ids, positions = encode_solution(Prompter(tok, FMT), "1+2?", ["1 + 2 = 3", "The answer is 3"])
     text = tok.decode(ids)
     assert text == "<s>1+2?\n1 + 2 = 3\nThe answer is 3\n"
     assert [tok.convert_ids_to_tokens(ids[p]) for p in positions] == ["\n", "\n"]
     assert positions == [len(ids) - 1 - len("The answer is 3\n"), len(ids) - 1]
     with pytest.raises(ValueError, match="step 1: contains the separator"):
-        encode_solution(tok, FMT, "q", ["a", "b\nc"])
+        encode_solution(Prompter(tok, FMT), "q", ["a", "b\nc"])
 
 
 def test_windows_cover_every_step_once_and_end_at_step_ends():

@@ -11,6 +11,7 @@ from mathprm.data import arith
 from mathprm.generation import Rollout, StepSample
 from mathprm.models.policy import build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
+from mathprm.prompts import Prompter
 from mathprm.scorer import ArithOracle
 from mathprm.steps import StepFormat
 from mathprm.train.ppo import METRICS_FILE, PLOT_FILE, PPO_STAGE, PPOConfig, train_ppo
@@ -26,13 +27,13 @@ def test_an_episode_is_prompt_then_steps_with_rewards_on_their_last_tokens():
     ep = Episode(0, "What is 3+4?", ["3 + 4 = 7"], ["7 * 2 = 14", "The answer is 14"], finished=True,
                  truncated=False, rewards=[0.25, 1.0])
     prompt = TOK(FMT.prompt(ep.question, ep.prefix))["input_ids"]
-    ids, n_prompt, ends = encode_episode(TOK, FMT, ep, 512)
+    ids, n_prompt, ends = encode_episode(Prompter(TOK, FMT), ep, 512)
     first = TOK("7 * 2 = 14\n", add_special_tokens=False)["input_ids"]
     last = TOK("The answer is 14", add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
     assert ids == prompt + first + last and n_prompt == len(prompt)
     assert ends == [len(prompt) + len(first) - 1, len(ids) - 1]
 
-    batch = make_batch(TOK, FMT, [ep, dataclasses.replace(ep, steps=["7 * 2"], finished=False, truncated=True,
+    batch = make_batch(Prompter(TOK, FMT), [ep, dataclasses.replace(ep, steps=["7 * 2"], finished=False, truncated=True,
                                                           rewards=[0.0])], 512)
     # Position t is about token t + 1: the action tokens are positions n_prompt - 1 .. len - 2.
     assert batch.mask[0].nonzero().flatten().tolist() == list(range(n_prompt - 1, len(ids) - 1))
@@ -45,13 +46,13 @@ def test_an_episode_is_prompt_then_steps_with_rewards_on_their_last_tokens():
 
 def test_a_too_long_episode_is_cut_and_its_rewards_move_to_the_last_kept_token():
     ep = Episode(0, "What is 3+4?", [], ["3 + 4 = 7", "The answer is 7"], True, False, rewards=[1.0, 0.5])
-    full, n_prompt, _ = encode_episode(TOK, FMT, ep, 512)
-    ids, _, ends = encode_episode(TOK, FMT, ep, n_prompt + 3)
+    full, n_prompt, _ = encode_episode(Prompter(TOK, FMT), ep, 512)
+    ids, _, ends = encode_episode(Prompter(TOK, FMT), ep, n_prompt + 3)
     assert ids == full[: n_prompt + 3] and ends == [n_prompt + 2, n_prompt + 2]
-    batch = make_batch(TOK, FMT, [ep], n_prompt + 3)
+    batch = make_batch(Prompter(TOK, FMT), [ep], n_prompt + 3)
     assert batch.step_rewards[0, n_prompt + 1] == 1.5
     with pytest.raises(ValueError, match="no room for an action"):
-        encode_episode(TOK, FMT, ep, n_prompt)
+        encode_episode(Prompter(TOK, FMT), ep, n_prompt)
 
 
 class ScriptedGenerator:
@@ -147,7 +148,7 @@ def test_one_update_makes_the_rewarded_step_more_likely(advantage, critic):
     model = PolicyWithValue(lm, value_head=advantage == "gae", critic=critic)
     good = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
     bad = dataclasses.replace(good, steps=["3 + 4 = 8"], rewards=[0.0])
-    batch = make_batch(TOK, FMT, [good, bad, good, bad], 512)
+    batch = make_batch(Prompter(TOK, FMT), [good, bad, good, bad], 512)
     cfg = PPOConfig(prm="oracle", advantage=advantage, critic=critic, group_size=4, ppo_epochs=4, minibatch_size=4,
                     lr=3e-3, kl_coef=0.0)
 
@@ -175,7 +176,7 @@ def test_the_value_loss_moves_the_policy_only_with_a_shared_critic(critic):
     model = PolicyWithValue(lm, value_head=True, critic=critic)
     torch.nn.init.normal_(model.v_head.weight)  # a zero head passes no gradient back at all
     ep = Episode(0, "What is 3+4?", [], ["3 + 4 = 7"], False, False, rewards=[1.0])
-    batch = make_batch(TOK, FMT, [ep, ep], 512)
+    batch = make_batch(Prompter(TOK, FMT), [ep, ep], 512)
     _, values = model(batch.ids, batch.attention_mask)
     (values**2).mean().backward()
     policy_grad = sum(float(p.grad.abs().sum()) for p in model.lm.parameters() if p.grad is not None)
@@ -217,7 +218,7 @@ def _learn(seed: int, updates: int = 2) -> dict[str, torch.Tensor]:
 
     for update in range(updates):
         episodes = collect_episodes(generator, _TextScorer(), problems, cfg, FMT, sampling_seed(seed, 0, update))
-        ppo_update(model, ref_logp, make_batch(TOK, FMT, episodes, 512), optimizer, cfg, cfg.kl_coef,
+        ppo_update(model, ref_logp, make_batch(Prompter(TOK, FMT), episodes, 512), optimizer, cfg, cfg.kl_coef,
                    sampling_seed(seed, 0, -update))
     return {k: v.detach().clone() for k, v in lm.state_dict().items()}
 
@@ -331,5 +332,5 @@ def test_blank_separator_only_and_cut_samples_make_episodes_that_encode(mode):
         assert len(episodes) == 3 * len(problems) and policy.prompts
         assert all(not any(not s.strip() for s in ep.prefix) for ep in episodes)
         assert all(len(ep.rewards) == len(ep.steps) for ep in episodes if ep.steps)
-        batch = make_batch(TOK, FMT, [ep for ep in episodes if ep.steps], 512)
+        batch = make_batch(Prompter(TOK, FMT), [ep for ep in episodes if ep.steps], 512)
         assert batch.step_mask.sum() == sum(len(ep.steps) for ep in episodes if ep.steps)

@@ -56,6 +56,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
+from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.scorer import (
     AGGREGATIONS,
     ArithOracle,
@@ -93,6 +94,8 @@ class EvalConfig:
     max_retries: int = 2  # guided_retry: resamplings of one step at most
     separator: str | None = None  # step separator; None: "\n" for arith:*, "\n\n" otherwise
     backend: str = "hf"  # a key of mathprm.generation.GENERATORS
+    # the system message of a chat prompt when the policy's tokenizer has a chat template (mathprm.prompts)
+    system_prompt: str | None = DEFAULT_SYSTEM
     batch_problems: int = 16  # problems per generator call (each brings its samples)
     device: str | None = None  # hf backend and PRM; None: cuda if available
     out: str | None = None  # JSON path; None: runs/eval/<policy dir name>__<dataset>__seed<seed>.json
@@ -374,6 +377,7 @@ def _generator(cfg: EvalConfig) -> Any:
     if not (Path(cfg.policy) / "config.json").is_file():
         raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
+    options["system_prompt"] = cfg.system_prompt
     return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
 
 

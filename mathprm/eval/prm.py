@@ -40,6 +40,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
+from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
 from mathprm.steps import step_format_for
@@ -61,6 +62,8 @@ class PRMEvalConfig:
     #                                   own (picked on its validation labels, mathprm.scorer.default_threshold)
     separator: str | None = None  # None: the dataset's ("\n" for arith:*)
     backend: str = "hf"  # generator backend, a key of mathprm.generation.GENERATORS
+    # the system message of a chat prompt when the policy's tokenizer has a chat template (mathprm.prompts)
+    system_prompt: str | None = DEFAULT_SYSTEM
     batch_problems: int = 16  # problems per generator / scorer call
     device: str | None = None  # hf generator and PRM; None: cuda if available
     use_ray: bool = False  # run batches as a Ray Data actor pool (jobs/eval_prm.py sets it)
@@ -183,6 +186,7 @@ def _generator(cfg: PRMEvalConfig) -> Any:
     if not (Path(cfg.policy) / "config.json").is_file():
         raise FileNotFoundError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
+    options["system_prompt"] = cfg.system_prompt
     fmt = step_format_for(cfg.dataset, cfg.separator, scoring.trained_separator(cfg.prm_ref))
     return load_generator(cfg.backend, cfg.policy, fmt, **options)
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import functools
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
 
 
 class HFGenerator:
     def __init__(
-        self, model_dir: str, step_format: StepFormat, device: str | None = None, batch_prefixes: int = 16
+        self, model_dir: str, step_format: StepFormat, device: str | None = None, batch_prefixes: int = 16,
+        system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,10 +42,11 @@ class HFGenerator:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
-        self._attach(model, batch_prefixes)
+        self._attach(model, batch_prefixes, system_prompt, chat)
 
     @classmethod
-    def from_model(cls, model, tokenizer, step_format: StepFormat, batch_prefixes: int = 16) -> HFGenerator:
+    def from_model(cls, model, tokenizer, step_format: StepFormat, batch_prefixes: int = 16,
+                   system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto") -> HFGenerator:
         """A generator over a model already in memory (PPO samples with the weights it is
         training, no copy); the model stays on its device. `tokenizer` is copied, not changed."""
         import copy
@@ -55,11 +58,12 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._attach(model, batch_prefixes)
+        self._attach(model, batch_prefixes, system_prompt, chat)
         return self
 
-    def _attach(self, model, batch_prefixes: int) -> None:
+    def _attach(self, model, batch_prefixes: int, system_prompt: str | None, chat: str) -> None:
         self.model = model
+        self.prompter = Prompter(self.tokenizer, self.step_format, system_prompt, chat)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} - {None})
@@ -98,7 +102,7 @@ class HFGenerator:
         its seed from its position in the call."""
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
-        prompts = [p.prompt(self.step_format) for p in prefixes]
+        prompts = [self.prompter.text(p.question, p.steps) for p in prefixes]
         order = sorted(range(len(prefixes)), key=lambda i: len(prompts[i]))
         results: list = [None] * len(prefixes)
         for start in range(0, len(order), self.batch_prefixes):
@@ -113,11 +117,14 @@ class HFGenerator:
         import torch
 
         self.model.eval()  # a model shared with a trainer may have been left in train mode
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
-        mask = enc["attention_mask"]
+        encoded = [self.prompter.encode(text) for text in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0
         with torch.inference_mode():
-            out = self.model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
             cache = out.past_key_values
             cache.batch_repeat_interleave(n)  # the prompt's work, shared by its n samples
             _preallocate(cache, max_tokens)

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
 
 
@@ -31,6 +32,8 @@ class VLLMGenerator:
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
         cpu_kvcache_gib: int = 1,
+        system_prompt: str | None = DEFAULT_SYSTEM,
+        chat: str = "auto",
     ) -> None:
         import torch
 
@@ -70,6 +73,7 @@ class VLLMGenerator:
                 del os.environ["TMPDIR"]
             else:
                 os.environ["TMPDIR"] = old_tmp
+        self.prompter = Prompter(self.llm.get_tokenizer(), step_format, system_prompt, chat)
         self.last_cached_tokens: list[int] = []  # prompt tokens served from the prefix cache, per prompt of the last call
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
@@ -109,7 +113,8 @@ class VLLMGenerator:
             )
             for i, p in enumerate(prefixes)
         ]
-        prompts = [p.prompt(self.step_format) for p in prefixes]
+        # Token ids, not text: a chat prompt holds its special tokens as text (`Prompter.ids`).
+        prompts = [{"prompt_token_ids": self.prompter.ids(p.question, p.steps)} for p in prefixes]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         self.last_cached_tokens = [out.num_cached_tokens or 0 for out in outputs]
         # Greedy samples are all the same: one completion stands for the n.

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import check_shapes
 from mathprm.steps import StepFormat
 
@@ -75,18 +76,19 @@ LOGP_FLOOR = -20.0
 # ----------------------------------------------------------------------------- encoding
 
 
-def encode_solution(tokenizer: Any, fmt: StepFormat, question: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+def encode_solution(prompter: Prompter, question: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
     """(token ids, the index of each step's last token); ValueError naming a step that
     contains the separator (it would be two steps)."""
-    ids, positions, _ = encode_solution_spans(tokenizer, fmt, question, steps)
+    ids, positions, _ = encode_solution_spans(prompter, question, steps)
     return ids, positions
 
 
-def encode_solution_spans(tokenizer: Any, fmt: StepFormat, question: str,
-                          steps: Sequence[str]) -> tuple[list[int], list[int], int]:
+def encode_solution_spans(prompter: Prompter, question: str, steps: Sequence[str]) -> tuple[list[int], list[int], int]:
     """`encode_solution` and the prompt's length: step i's tokens are ids[a:b + 1] with b its
-    last token and a the prompt's length (i = 0) or step i-1's last token + 1."""
-    ids = list(tokenizer(fmt.prompt(question))["input_ids"])
+    last token and a the prompt's length (i = 0) or step i-1's last token + 1. The prompt is
+    the policy's (`mathprm.prompts`: the chat template's turns when the PRM's tokenizer has one)."""
+    fmt, tokenizer = prompter.step_format, prompter.tokenizer
+    ids = prompter.ids(question)
     prompt_length = len(ids)
     positions = []
     for i, step in enumerate(steps):
@@ -343,11 +345,12 @@ def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path,
     if model.reference is not None and model.hidden_head:  # without the hidden head the backbone is it
         model.reference.save_pretrained(path / REFERENCE_DIR)
     save_file(model.head_state_dict(), str(path / PRM_HEAD_FILE))
+    prompter = Prompter(tokenizer, fmt, meta.get("system_prompt", DEFAULT_SYSTEM), meta.get("chat", "auto"))
     config = {"kind": PRM_KIND, "separator": fmt.separator, "features": list(model.features),
               "hidden_head": model.hidden_head,
               "score": "sigmoid(score(h) + w . features) at the last token of step + separator; h the backbone's "
                        "last hidden state there, features its own log-probabilities of the step (mathprm.models.prm)",
-              **meta}
+              **meta, **prompter.describe()}
     (path / PRM_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -437,6 +440,9 @@ class PRMScorer:
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # The prompts it was trained on (a config without "chat" predates chat prompts: plain).
+        self.prompter = Prompter(self.tokenizer, self.step_format, self.config.get("system_prompt"),
+                                 "on" if self.config.get("chat") else "off")
         self.model = load_prm(path, dtype=dtype).to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -451,7 +457,7 @@ class PRMScorer:
             if not steps:
                 continue
             try:
-                ids, positions, prompt_length = encode_solution_spans(self.tokenizer, self.step_format, q, steps)
+                ids, positions, prompt_length = encode_solution_spans(self.prompter, q, steps)
             except ValueError as e:
                 raise ValueError(f"score: solution {i}: {e}") from None
             for start, end, which in windows(positions, self.max_length):

@@ -58,6 +58,7 @@ from mathprm.config import ConfigError, to_dict
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem
 from mathprm.generation import MIN_TEMPERATURE
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, check_oracle, parse_prm, trained_separator
 from mathprm.steps import StepFormat, step_format_for
 from mathprm.train import ppo_loss as ppo
@@ -80,6 +81,8 @@ class PPOConfig:
     num_problems: int = 4000  # size of the training pool
     eval_dataset: str = "arith:hard"  # held-out problems (test split for arith:*)
     eval_problems: int = 100
+    # the system message of a chat prompt when the policy's tokenizer has a chat template (mathprm.prompts)
+    system_prompt: str | None = DEFAULT_SYSTEM
     mode: Literal["one_step", "full_solution"] = "one_step"
     advantage: Literal["gae", "grpo"] = "gae"
     critic: Literal["shared", "separate"] = "shared"  # gae: value head on the policy's hidden state, or on its own copy
@@ -253,7 +256,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                     {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []},
                     lambda m: torch.optim.AdamW(param_groups(m, cfg.lr, cfg.critic_lr)))
     state, rank, world, model, unwrapped = worker.state, worker.rank, worker.world, worker.model, worker.unwrapped
-    generator = HFGenerator.from_model(unwrapped.lm, tokenizer, fmt)
+    prompter = Prompter(tokenizer, fmt, cfg.system_prompt)  # the learner's prompts are the sampler's
+    generator = HFGenerator.from_model(unwrapped.lm, tokenizer, fmt, system_prompt=cfg.system_prompt)
     scorer = _load_scorer(cfg, pool, device)
     kl_ctl = ppo.AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
 
@@ -283,7 +287,7 @@ def _train_loop(config: dict[str, Any]) -> None:
         problems = pick_prompts(pool, cfg.prompts_per_update, cfg.seed, rank, update)
         episodes = collect_episodes(generator, scorer, problems, cfg, fmt, sampling_seed(cfg.seed, rank, update))
         t_rollout = time.monotonic() - t0
-        batch = make_batch(tokenizer, fmt, episodes, max_length).to(device)
+        batch = make_batch(prompter, episodes, max_length).to(device)
         stats = ppo_update(model, ref_logp, batch, worker.optimizer, cfg, kl_ctl.value,
                            sampling_seed(cfg.seed, rank, -update))
         update += 1

@@ -17,6 +17,7 @@ import torch
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem
 from mathprm.generation import Prefix, Sampling
+from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat, content
 from mathprm.train.ppo_loss import PPOBatch
 
@@ -37,14 +38,15 @@ class Episode:
     n_generated: int = 0  # tokens the sampler produced
 
 
-def encode_episode(tokenizer: Any, fmt: StepFormat, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
+def encode_episode(prompter: Prompter, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
     """(token ids, number of prompt tokens, the index of each step's last token).
 
     The action is each written step followed by the separator, except the last one, which is
     followed by EOS when the policy finished and by nothing when it was cut; pieces are
     tokenised one by one, as the PRM encodes them. A sequence longer than `max_length` is cut
     and its cut steps' ends move to the last kept token (their rewards land there)."""
-    ids = list(tokenizer(fmt.prompt(ep.question, ep.prefix))["input_ids"])
+    tokenizer, fmt = prompter.tokenizer, prompter.step_format
+    ids = prompter.ids(ep.question, ep.prefix)
     n_prompt = len(ids)
     ends = []
     for i, step in enumerate(ep.steps):
@@ -65,9 +67,10 @@ def encode_episode(tokenizer: Any, fmt: StepFormat, ep: Episode, max_length: int
     return ids, n_prompt, ends
 
 
-def make_batch(tokenizer: Any, fmt: StepFormat, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    encoded = [encode_episode(tokenizer, fmt, ep, max_length) for ep in episodes]
+def make_batch(prompter: Prompter, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
+    """The episodes encoded (`encode_episode`) and right-padded into one learner batch."""
+    pad = prompter.tokenizer.pad_token_id if prompter.tokenizer.pad_token_id is not None else 0
+    encoded = [encode_episode(prompter, ep, max_length) for ep in episodes]
     width = max(len(ids) for ids, _, _ in encoded)
     B = len(episodes)
     ids_t = torch.full((B, width), pad, dtype=torch.long)

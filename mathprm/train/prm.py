@@ -41,6 +41,7 @@ from mathprm.models.prm import (
     save_prm,
     step_logits,
 )
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.stats import auroc
 from mathprm.steps import StepFormat
 from mathprm.train.prm_data import (
@@ -64,6 +65,9 @@ class TrainPRMConfig:
     data: str = "runs/arith/mcts"  # tree-search output dir, step-score Parquet, or TRL stepwise Parquet/JSONL
     base: str = "runs/arith/policy"  # HF causal-LM (or PRM) directory whose backbone the PRM starts from
     separator: str | None = None  # step separator; None: the tree-search run's (run.json), else "\n\n"
+    # the system message of a chat prompt when `base`'s tokenizer has a chat template (mathprm.prompts);
+    # the PRM keeps it and scores with it
+    system_prompt: str | None = DEFAULT_SYSTEM
     # the backbone's own log-probabilities of each step fed to the head (mathprm.models.prm.FEATURES); [] = a head
     # on the hidden state alone
     features: list[str] = dataclasses.field(default_factory=lambda: list(FEATURES))
@@ -304,6 +308,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     cfg = TrainPRMConfig(**config)
     fmt = StepFormat(cfg.separator)
     tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    prompter = Prompter(tokenizer, fmt, cfg.system_prompt)  # the policy's prompts, chat template and all
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.seed)
     model = build_prm(cfg.base, cfg.features, hidden_head=cfg.hidden_head)
@@ -317,7 +322,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     val_examples: list[PRMExample] = []
     if rank == 0 and n_val:
         for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=256, batch_format="pyarrow"):
-            val_examples += usable_examples(rows_of(batch), tokenizer, fmt, cfg.max_length)
+            val_examples += usable_examples(rows_of(batch), prompter, cfg.max_length)
 
     if rank == 0 and val_examples and state.get("initial_val_bce") is None:
         # The untrained PRM's validation loss: what "it learned" is measured against (a batch
@@ -343,7 +348,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                 break
             examples = []
             for row in rows_of(batch):
-                ex = to_example(row, tokenizer, fmt)
+                ex = to_example(row, prompter)
                 if ex is None:
                     continue
                 if len(ex.input_ids) > cfg.max_length:
@@ -385,7 +390,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     if rank != 0:
         return
     kept = epochs.rows.slice(0, MAX_THRESHOLD_TRAIN) if epochs.rows is not None else None  # rank 0's shard
-    train_examples = usable_examples(rows_of(kept), tokenizer, fmt, cfg.max_length) if kept is not None else []
+    train_examples = usable_examples(rows_of(kept), prompter, cfg.max_length) if kept is not None else []
     threshold, threshold_from = choose_threshold(unwrapped, val_examples, train_examples, pad_id, device,
                                                  cfg.batch_size * 2, last_val_scores)
     worker.log(f"ProcessBench threshold {threshold}: {threshold_from}")
@@ -398,7 +403,8 @@ def _train_loop(config: dict[str, Any]) -> None:
                "config": {**config}}
     worker.save(cfg.out_dir, cfg.overwrite, lambda tmp: save_prm(
         unwrapped, tokenizer, fmt, tmp, {"base": cfg.base, "data": cfg.data, "lora_r": cfg.lora_r,
-                                         "threshold": threshold, "threshold_from": threshold_from}), summary)
+                                         "threshold": threshold, "threshold_from": threshold_from,
+                                         **prompter.describe()}), summary)
     worker.log(f"saved the PRM to {cfg.out_dir} after {step} steps")
 
 

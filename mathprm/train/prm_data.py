@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from mathprm.config import ConfigError
 from mathprm.models.prm import PRMExample, encode_solution_spans
+from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat, step_format_for
 
 SOLUTIONS = pa.schema([
@@ -91,21 +92,19 @@ def is_validation(problem_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def to_example(row: dict[str, Any], tokenizer: Any, fmt: StepFormat) -> PRMExample | None:
+def to_example(row: dict[str, Any], prompter: Prompter) -> PRMExample | None:
     """The training example of a labelled path (only labelled steps carry a target); None if
     no step is labelled."""
-    ids, positions, prompt_length = encode_solution_spans(tokenizer, fmt, row["question"], row["steps"])
+    ids, positions, prompt_length = encode_solution_spans(prompter, row["question"], row["steps"])
     keep = [(p, t) for p, t in zip(positions, row["targets"]) if t is not None and not math.isnan(t)]
     if not keep:
         return None
     return PRMExample(ids, [p for p, _ in keep], [t for _, t in keep], step_ends=positions, steps_from=prompt_length)
 
 
-def usable_examples(rows: Sequence[dict[str, Any]], tokenizer: Any, fmt: StepFormat,
-                    max_length: int) -> list[PRMExample]:
+def usable_examples(rows: Sequence[dict[str, Any]], prompter: Prompter, max_length: int) -> list[PRMExample]:
     """The training examples of `rows` that have a labelled step and fit in `max_length` tokens."""
-    return [ex for row in rows
-            if (ex := to_example(row, tokenizer, fmt)) is not None and len(ex.input_ids) <= max_length]
+    return [ex for row in rows if (ex := to_example(row, prompter)) is not None and len(ex.input_ids) <= max_length]
 
 
 def data_step_format(data: str, separator: str | None) -> StepFormat:

@@ -34,6 +34,7 @@ from mathprm.config import to_dict
 from mathprm.data import arith
 from mathprm.models.policy import MODEL_PRESETS, build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
+from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat
 from mathprm.train.run import Stage, Window, Worker, greedy_accuracy, launch, optimizer_step
 from mathprm.train.schedule import warmup_cosine
@@ -178,7 +179,7 @@ class SFTBatch:
 
 def build_example(tokenizer: Any, question: str, solution: str, fmt: StepFormat = StepFormat("\n")) -> Example:
     """Token ids of `prompt(question) + solution + eos`, with the loss on solution + eos only."""
-    prompt_ids = tokenizer(fmt.prompt(question))["input_ids"]  # with <s> in front
+    prompt_ids = Prompter(tokenizer, fmt).ids(question)  # plain (no chat template): with <s> in front
     target_ids = tokenizer(solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return Example(prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + target_ids)
 
