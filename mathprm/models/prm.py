@@ -345,7 +345,9 @@ def save_prm(model: PRMModel, tokenizer: Any, fmt: StepFormat, path: str | Path,
     if model.reference is not None and model.hidden_head:  # without the hidden head the backbone is it
         model.reference.save_pretrained(path / REFERENCE_DIR)
     save_file(model.head_state_dict(), str(path / PRM_HEAD_FILE))
-    prompter = Prompter(tokenizer, fmt, meta.get("system_prompt", DEFAULT_SYSTEM), meta.get("chat", "auto"))
+    chat = meta.get("chat")  # what the training prompts were (Prompter.describe); unknown: the tokenizer decides
+    prompter = Prompter(tokenizer, fmt, meta.get("system_prompt", DEFAULT_SYSTEM),
+                        "auto" if chat is None else "on" if chat else "off")
     config = {"kind": PRM_KIND, "separator": fmt.separator, "features": list(model.features),
               "hidden_head": model.hidden_head,
               "score": "sigmoid(score(h) + w . features) at the last token of step + separator; h the backbone's "
