@@ -1,4 +1,5 @@
-"""Tiny random published PRMs, built offline in their published layouts (tests/test_published_prms.py).
+"""Tiny random real-architecture models, built offline: published PRMs in their published layouts
+(tests/test_published_prms.py) and the chat / base policies of the real-path tests (tests/test_real_models.py).
 
 Each builder takes a target directory and writes what the published checkpoint holds: config.json
 (`architectures`, `model_type`, `auto_map` where the original has one), weights under the published
@@ -194,6 +195,43 @@ def build_rlhflow_prm(path: str | Path, seed: int = 3) -> Path:
     tokenizer.save_pretrained(path)
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **SIZES)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def build_qwen_policy(path: str | Path, seed: int = 4) -> Path:
+    """A Qwen2.5-Math-Instruct-like policy: `Qwen2ForCausalLM`, the Qwen chat template,
+    `<|im_end|>` the tokenizer's EOS and `<|endoftext|>` (id 0) a second EOS id in
+    generation_config.json, as the published instruct models have them."""
+    from transformers import GenerationConfig, Qwen2ForCausalLM
+
+    path = Path(path)
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(special, QWEN2_SPLIT), eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = QWEN_TEMPLATE
+    tokenizer.save_pretrained(path)
+    eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    config = _qwen2_config(len(tokenizer), "Qwen2ForCausalLM", {}, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    del config.auto_map
+    torch.manual_seed(seed)
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id).save_pretrained(path)
+    return path
+
+
+def build_llama_policy(path: str | Path, seed: int = 5, positions: int = 256) -> Path:
+    """A base (not instruct) Llama: BOS `<s>` prepended by encode, EOS `</s>`, no pad token,
+    no chat template, `positions` positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(["<s>", "</s>"], LLAMA3_SPLIT, "<s>"),
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(path)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **{**SIZES, "max_position_embeddings": positions})
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path

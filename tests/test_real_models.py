@@ -1,0 +1,107 @@
+"""The real-model path on tiny random real architectures built offline (tests/tiny_models.py): a
+Qwen2 instruct policy (BPE, chat template, two EOS ids) and a base Llama (BOS, no pad, no
+template, 256 positions). Random weights prove paths, not quality: these tests check that the
+template is applied, steps hold no template text, prompts are encoded once, and generation
+stops on every EOS id.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mathprm.generation import Prefix, Sampling
+from mathprm.models.gen_hf import HFGenerator
+from mathprm.prompts import DEFAULT_SYSTEM, Prompter
+from mathprm.steps import StepFormat
+from tests.tiny_models import build_llama_policy, build_qwen_policy, build_rlhflow_prm
+
+FMT = StepFormat("\n\n")
+QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
+TEMPLATE_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n", "system\n")
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_qwen_policy(tmp_path_factory.mktemp("qwen-policy"))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_llama_policy(tmp_path_factory.mktemp("llama-policy"))
+
+
+def test_a_chat_model_is_prompted_through_its_template_and_its_steps_follow_the_assistant_turn(qwen_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    prompter = Prompter(tok, FMT)
+    assert prompter.chat
+    head = prompter.head(QUESTION)
+    assert head == (f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\n{QUESTION}<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    assert prompter.text(QUESTION, ["She sold 48.", "So 48."]) == head + "She sold 48.\n\nSo 48.\n\n"
+    assert prompter.ids(QUESTION) == tok(head, add_special_tokens=False)["input_ids"]
+    # Another system prompt, or none (the template's own default), and plain prompts on request.
+    assert "Be brief." in Prompter(tok, FMT, system="Be brief.").head(QUESTION)
+    assert Prompter(tok, FMT, system=None).head(QUESTION).count("<|im_start|>system") == 1
+    assert Prompter(tok, FMT, chat="off").text(QUESTION, ["a"]) == QUESTION + "\n\na\n\n"
+
+
+def test_a_base_model_gets_plain_prompts_with_one_bos_and_a_chat_template_brings_its_own(llama_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    prompter = Prompter(tok, FMT)
+    assert not prompter.chat and prompter.text(QUESTION) == QUESTION + "\n\n"
+    ids = prompter.ids(QUESTION)
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    with pytest.raises(ValueError, match="^chat: on, but the model's tokenizer has no chat template"):
+        Prompter(tok, FMT, chat="on")
+    # Llama 3's template writes <|begin_of_text|> itself: encoding must not add a second one.
+    llama3 = AutoTokenizer.from_pretrained(build_rlhflow_prm(tmp_path / "llama3"))
+    ids = Prompter(llama3, FMT).ids(QUESTION)
+    assert ids[0] == llama3.bos_token_id and ids.count(llama3.bos_token_id) == 1
+
+
+def _greedy_by_hand(model, ids: list[int], eos: set[int], max_tokens: int) -> list[int]:
+    out = []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            tok = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(tok)
+            if tok in eos:
+                break
+    return out
+
+
+def test_the_hf_generator_continues_the_chat_prompt_and_writes_clean_steps(qwen_dir):
+    gen = HFGenerator(str(qwen_dir), FMT, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(qwen_dir)
+    prefix = Prefix(QUESTION, ("She sold 48 clips.",))
+    greedy = Sampling(temperature=0.0, max_solution_tokens=12)
+    (roll,) = gen.rollouts([prefix], 1, greedy)[0]
+    expected = _greedy_by_hand(model, gen.prompter.ids(prefix.question, prefix.steps), gen.eos_ids, 12)
+    assert roll.n_tokens == len(expected)
+    assert roll.text == gen.tokenizer.decode(expected[:-1] if roll.finished else expected, skip_special_tokens=True)
+    samples = gen.next_steps([prefix, Prefix(QUESTION)], 4, Sampling(temperature=1.0, max_step_tokens=16, seed=3))
+    for sample in (s for group in samples for s in group):
+        assert not any(mark in sample.text for mark in TEMPLATE_TEXT)
+        assert FMT.separator not in sample.text
+
+
+def test_generation_stops_on_every_eos_id_of_the_generation_config(qwen_dir, tmp_path):
+    """A model that always writes <|endoftext|> (id 0: the second EOS id, not the tokenizer's
+    <|im_end|>) ends every step and rollout at its first token."""
+    stuck = tmp_path / "stuck"
+    shutil.copytree(qwen_dir, stuck)
+    weights = load_file(stuck / "model.safetensors")
+    weights["model.norm.weight"] = torch.zeros_like(weights["model.norm.weight"])  # every logit 0: argmax = id 0
+    save_file(weights, str(stuck / "model.safetensors"), metadata={"format": "pt"})
+    gen = HFGenerator(str(stuck), FMT, device="cpu")
+    assert gen.tokenizer.eos_token_id != 0 and 0 in gen.eos_ids
+    greedy = Sampling(temperature=0.0, max_step_tokens=8, max_solution_tokens=8)
+    (roll,) = gen.rollouts([Prefix(QUESTION)], 1, greedy)[0]
+    (step,) = gen.next_steps([Prefix(QUESTION)], 1, greedy)[0]
+    assert (roll.finished, roll.n_tokens, roll.text) == (True, 1, "")
+    assert (step.finished, step.n_tokens, step.text, step.truncated) == (True, 1, "", False)
