@@ -15,6 +15,10 @@ Which PRM a stage uses is spelled one way in every config and the Serve app (`pa
 of `SCORERS` (mathprm's own `prm`, and the published PRMs of `mathprm.models.published`: `qwen`,
 `math_shepherd`, `rlhflow`, `skywork`); `build_scorer` turns it into a Scorer.
 
+A scorer that refuses a solution longer than its context rather than cut it raises
+`TooLongError` (which solution of the call, how long), so a caller that can do without that
+solution (ProcessBench) skips it and scores the rest.
+
 Backends are picked by name from `SCORERS` and imported only when chosen. Aggregations of a
 solution's step scores into one solution score (`last`, `min`, `prod`, `mean`) live beside
 the contract, because best-of-n and guided search both need them. This module imports
@@ -32,6 +36,16 @@ from typing import Any, Protocol
 
 from mathprm.data import arith
 from mathprm.data.problems import Problem
+
+
+class TooLongError(ValueError):
+    """A solution longer than a scorer's context, refused rather than cut (the published kinds,
+    `mathprm.models.published`). `index` is its place in the `score` call, so a caller that can do
+    without it (ProcessBench skips and counts it) leaves it out and scores the rest."""
+
+    def __init__(self, message: str, index: int, tokens: int, context: int) -> None:
+        super().__init__(message)
+        self.index, self.tokens, self.context = index, tokens, context
 
 
 class Scorer(Protocol):
@@ -103,6 +117,8 @@ SCORERS: dict[str, str] = {
     "rlhflow": "mathprm.models.published:RLHFlowScorer",  # RLHFlow/Llama3.1-8B-PRM-Deepseek-Data
     "skywork": "mathprm.models.published:SkyworkPRMScorer",  # Skywork/Skywork-o1-Open-PRM-Qwen-2.5-1.5B, -7B
 }
+
+
 @dataclass(frozen=True)
 class PRMRef:
     """Which PRM a stage uses, as every config and the Serve app spell it (`parse_prm`)."""
@@ -147,6 +163,21 @@ def trained_separator(ref: PRMRef) -> str | None:
     from mathprm.models.prm import read_prm_config
 
     return read_prm_config(ref.path)["separator"]
+
+
+def check_step_separator(ref: PRMRef, separator: str, data: str) -> None:
+    """ValueError naming `prm` and the fix when the PRM in `ref` cannot score steps that `data`
+    gives already cut at `separator` (ProcessBench's lists of steps). A mathprm PRM reads its own
+    separator after every step, so steps cut at another one are not what it learnt on (and a step
+    that holds its separator is refused); a published kind builds its input from the list of steps,
+    whatever cut them, and `none` and the oracle read no text."""
+    if ref.kind != "prm":
+        return
+    trained = trained_separator(ref)
+    if trained != separator:
+        raise ValueError(f"prm: {ref.path} was trained on steps separated by {trained!r}, but {data}'s steps are "
+                         f"separated by {separator!r}: use a PRM saved with separator={separator!r} "
+                         "(mathprm prm-prior or train-prm separator=...)")
 
 
 def check_oracle(ref: PRMRef, dataset: str) -> None:

@@ -118,3 +118,73 @@ def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_d
     assert run_prm_evaluation(PRMEvalConfig(**common, threshold=0.7, out=str(tmp_path / "b.json")))["threshold"] == 0.7
     oracle = run_prm_evaluation(PRMEvalConfig(**{**common, "prm": "oracle"}, out=str(tmp_path / "c.json")))
     assert oracle["threshold"] == 0.5
+
+
+# ----------------------------------------------------------------------------- a published PRM
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    from tests.tiny_models import build_qwen_prm
+
+    return build_qwen_prm(tmp_path_factory.mktemp("qwen"))
+
+
+def test_a_published_prm_ranks_scripted_arith_solutions(qwen_dir, tmp_path):
+    """prm=qwen:DIR through run_prm_evaluation's own scorer path, on step lists with known truth."""
+    import json
+
+    from mathprm.data.problems import load_problems
+    from mathprm.eval.prm import run_prm_evaluation
+
+    problems = load_problems("arith:easy", limit=2, seed=0)  # the ones the run loads
+    good = [arith.solution_steps(p) for p in problems]
+    bad = [[_wrong(g[0]), *g[1:]] for g in good]
+    policy = ScriptedPolicy({p.question: [g, b] for p, g, b in zip(problems, good, bad)})
+    cfg = PRMEvalConfig(prm=f"qwen:{qwen_dir}", dataset="arith:easy", limit=2, n=2, device="cpu",
+                        out=str(tmp_path / "eval.json"))
+    report = run_prm_evaluation(cfg, generator=policy)
+    assert report["threshold"] == 0.5  # a published PRM has no saved threshold
+    assert 0.0 <= report["step_auroc"] <= 1.0 and 0.0 <= report["first_error_f1"] <= 100.0
+    assert report["n_solutions"] == 4 and report["wrong_steps"] > 0
+    assert all(0.0 <= report[k] <= 1.0 for k in ("best_of_n@2", "majority@2", "pass@2"))
+    records = [json.loads(line) for line in (tmp_path / "eval.problems.jsonl").read_text().splitlines()]
+    scores = [s["scores"] for r in records for s in r["solutions"]]
+    assert [len(s) for s in scores] == [len(s["steps"]) for r in records for s in r["solutions"]]
+    assert all(0.0 <= x <= 1.0 for s in scores for x in s)
+
+
+def test_a_published_prm_samples_and_scores_real_math(qwen_dir, tmp_path):
+    """The whole in-process path: a policy (untrained, a char tokenizer: the PRM scores its text
+    with its own tokenizer all the same) samples MATH-500 solutions, cut into steps at the PRM's
+    "\\n\\n" (the dataset's too); MATH has no step truth, so the step metrics are None."""
+    import json
+
+    from mathprm.eval.prm import run_prm_evaluation
+    from mathprm.models.policy import build_policy
+    from mathprm.models.tokenizer import build_char_tokenizer
+
+    tokenizer, policy = build_char_tokenizer(), tmp_path / "policy"
+    build_policy("tiny", tokenizer, seed=0).save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    cfg = PRMEvalConfig(prm=f"qwen:{qwen_dir}", policy=str(policy), dataset="sample:math500", limit=2, n=2,
+                        max_solution_tokens=24, device="cpu", out=str(tmp_path / "eval.json"))
+    report = run_prm_evaluation(cfg)
+    assert (report["threshold"], report["step_auroc"], report["first_error_f1"]) == (0.5, None, None)
+    assert report["n_problems"] == 2 and report["n_solutions"] == 4
+    assert 0.0 <= report["best_of_n@2"] <= report["pass@2"] <= 1.0
+    records = [json.loads(line) for line in (tmp_path / "eval.problems.jsonl").read_text().splitlines()]
+    solutions = [s for r in records for s in r["solutions"]]
+    assert any(s["steps"] for s in solutions)
+    assert all(len(s["scores"]) == len(s["steps"]) and all(0.0 <= x <= 1.0 for x in s["scores"]) for s in solutions)
+
+
+def test_a_separator_against_the_published_prm_s_is_one_line_naming_it(qwen_dir, model_dirs, tmp_path):
+    from mathprm.eval.prm import run_prm_evaluation
+
+    cfg = PRMEvalConfig(prm=f"qwen:{qwen_dir}", policy=str(model_dirs[0]), dataset="arith:easy", separator="\n",
+                        limit=1, n=1, device="cpu", out=str(tmp_path / "eval.json"))
+    with pytest.raises(ValueError, match=r"^separator: '\\n' differs from '\\n\\n', the one the PRM was trained "
+                                         r"with; leave separator unset or pick another PRM$"):
+        run_prm_evaluation(cfg)
+    assert not (tmp_path / "eval.json").exists()

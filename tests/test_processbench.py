@@ -10,6 +10,7 @@ from mathprm.eval.processbench import (
     SUBSETS,
     ProcessBenchConfig,
     ProcessBenchOracle,
+    balanced_sample,
     best_threshold,
     evaluate_scorer,
     format_processbench,
@@ -18,6 +19,7 @@ from mathprm.eval.processbench import (
     run_processbench,
     two_group_threshold,
 )
+from mathprm.scorer import TooLongError, default_threshold, parse_prm
 
 
 def item(id: str, steps: tuple[str, ...], label: int, problem: str = "What is 1+1?") -> ProcessBenchItem:
@@ -280,3 +282,154 @@ def test_run_processbench_oracle_writes_the_report(data_dir, tmp_path):
     table = format_processbench(written)
     assert table.splitlines()[0].split() == ["subset", "error", "acc", "correct", "acc", "F1", "n"]
     assert "gsm8k" in table and "average" in table
+
+
+# ------------------------------------------------------------------ limit: a balanced, seeded sample
+
+
+def test_balanced_sample_takes_both_kinds_by_seed(data_dir):
+    items = load_problems("processbench:gsm8k")
+    assert all(it.label != -1 for it in items[:40])  # why the first N will not do
+
+    def ids(limit, seed, pool=items):
+        return [it.id for it in balanced_sample(pool, limit, seed)]
+
+    chosen = balanced_sample(items, 6, seed=0)
+    assert sorted(it.label == -1 for it in chosen) == [False] * 3 + [True] * 3
+    assert ids(6, 0) == ids(6, 0)  # the same seed draws the same ids
+    assert ids(6, 1) != ids(6, 0)
+    assert ids(6, 0) == [it.id for it in items if it.id in set(ids(6, 0))]  # in the file's order
+    assert sum(it.label == -1 for it in balanced_sample(items, 7, 0)) == 3  # the odd one is erroneous
+    assert ids(len(items) + 5, 0) == [it.id for it in items]
+    # Fewer correct solutions than half: all of them, and erroneous ones for the rest.
+    few = [it for it in items if it.label != -1][:10] + [it for it in items if it.label == -1][:2]
+    assert sum(it.label == -1 for it in balanced_sample(few, 8, 0)) == 2 and len(ids(8, 0, few)) == 8
+
+
+def test_run_processbench_limit_gives_an_f1_in_every_subset(data_dir, tmp_path):
+    def run(seed):
+        report = run_processbench(ProcessBenchConfig(prm="oracle", limit=4, seed=seed, out=str(tmp_path / "pb.json")))
+        return report, {name: [p["id"] for p in preds] for name, preds in report["predictions"].items()}
+
+    report, ids = run(0)
+    for name in SUBSETS:
+        m = report["subsets"][name]
+        assert (m["n_erroneous"], m["n_correct"], m["f1"]) == (2, 2, 100.0), name
+    assert report["average_f1"] == 100.0 and report["seed"] == 0
+    assert "-" not in format_processbench(report).split()
+    assert run(0)[1] == ids
+    assert all(run(1)[1][name] != ids[name] for name in SUBSETS)
+
+
+# ------------------------------------------------------------------ solutions longer than the context
+
+
+class RefusesLong:
+    """Refuses (TooLongError) any solution of more than two steps, as a published PRM refuses
+    one longer than its context; scores the others 1.0 per step."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def score(self, questions, steps_per_question):
+        self.calls.append(len(questions))
+        for i, steps in enumerate(steps_per_question):
+            if len(steps) > 2:
+                raise TooLongError(f"solution {i} is too long", i, 10 * len(steps), 20)
+        return [[1.0] * len(steps) for steps in steps_per_question]
+
+
+def test_a_solution_longer_than_the_context_is_skipped_and_counted():
+    lines: list[str] = []
+    items = [TOY[2], TOY[0], TOY[1]]
+    scorer = RefusesLong()
+    report = evaluate_scorer(scorer, {"toy": items}, 0.5, 3, progress=lines.append)
+    assert scorer.calls == [3, 2]  # the refused one left the batch; the rest was scored again
+    assert report["predictions"]["toy"] == [{"id": "toy-0", "label": -1, "predicted": -1},
+                                            {"id": "toy-1", "label": 0, "predicted": -1}]
+    assert report["skipped"] == {"toy": ["toy-2"]} and report["skipped_too_long"] == 1
+    m = report["subsets"]["toy"]
+    assert (m["n_items"], m["skipped_too_long"], m["n_erroneous"], m["n_correct"]) == (2, 1, 1, 1)
+    assert lines[0] == "[processbench] toy: skipped toy-2: 30 tokens, longer than the PRM's context of 20"
+    assert "skipped 1 solutions longer than the PRM's context" in format_processbench(report)
+    # Every solution of a subset refused: nothing to measure, and no call with an empty batch.
+    report = evaluate_scorer(RefusesLong(), {"toy": [TOY[2], TOY[2]]}, 0.5, 2, progress=lambda _: None)
+    assert report["subsets"]["toy"]["f1"] is None and report["skipped_too_long"] == 2
+
+
+# ------------------------------------------------------------------ published PRMs on ProcessBench
+
+
+def _with_context(path, n: int):
+    """The tiny PRM in `path` declaring a context of `n` tokens (its rotary positions take any)."""
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"max_position_embeddings": n}))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["qwen", "math_shepherd", "rlhflow", "skywork"])
+def test_run_processbench_with_each_published_kind(data_dir, tmp_path, kind, monkeypatch):
+    from mathprm.eval import processbench
+    from tests.tiny_models import BUILDERS
+
+    path = _with_context(BUILDERS[kind](tmp_path / kind), 4096)  # every sampled solution fits
+    seen: list[list[float]] = []
+    predict = processbench.predicted_first_error
+    monkeypatch.setattr(processbench, "predicted_first_error", lambda s, t: seen.append(list(s)) or predict(s, t))
+    report = run_processbench(ProcessBenchConfig(prm=f"{kind}:{path}", subsets=["gsm8k"], limit=4, batch_size=3,
+                                                 out=str(tmp_path / "pb.json")))
+    assert (report["backend"], report["threshold"]) == (kind, default_threshold(parse_prm(f"{kind}:{path}"))) == \
+        (kind, 0.5)
+    steps = {it.id: len(it.steps) for it in load_problems("processbench:gsm8k")}
+    preds = report["predictions"]["gsm8k"]
+    assert len(preds) == 4 and report["skipped_too_long"] == 0
+    assert all(-1 <= p["predicted"] < steps[p["id"]] for p in preds)
+    assert sorted(map(len, seen)) == sorted(steps[p["id"]] for p in preds)
+    assert all(0.0 <= x <= 1.0 for s in seen for x in s)
+    m = report["subsets"]["gsm8k"]
+    assert (m["n_erroneous"], m["n_correct"]) == (2, 2)
+    assert all(isinstance(m[k], float) for k in ("error_acc", "correct_acc", "f1"))
+    assert isinstance(report["average_f1"], float)
+
+
+def test_run_processbench_skips_what_a_published_prm_cannot_read(data_dir, tmp_path, capsys):
+    from mathprm.scorer import load_scorer
+    from tests.tiny_models import build_qwen_prm
+
+    context = 600
+    path = _with_context(build_qwen_prm(tmp_path / "qwen"), context)
+    cfg = ProcessBenchConfig(prm=f"qwen:{path}", subsets=["gsm8k"], limit=6, out=str(tmp_path / "pb.json"))
+    report = run_processbench(cfg)
+    scorer = load_scorer("qwen", str(path), device="cpu")
+    sample = balanced_sample(load_problems("processbench:gsm8k"), 6, 0)
+    too_long = [it.id for it in sample if len(scorer.encode(it.problem, list(it.steps))[0]) > context]
+    assert 0 < len(too_long) < 6  # the context lets some through, not all
+    assert report["skipped"]["gsm8k"] == too_long and report["skipped_too_long"] == len(too_long)
+    assert report["subsets"]["gsm8k"]["n_items"] == 6 - len(too_long) == len(report["predictions"]["gsm8k"])
+    out = capsys.readouterr().out
+    skips = [line for line in out.splitlines() if " skipped " in line]
+    assert [line.split()[3].rstrip(":") for line in skips] == too_long
+    assert all(line.endswith(f"longer than the PRM's context of {context}") for line in skips)
+    assert json.loads((tmp_path / "pb.json").read_text())["skipped_too_long"] == len(too_long)
+
+
+# ------------------------------------------------------------------ a mathprm PRM cut at another separator
+
+
+def test_a_prior_saved_with_another_separator_is_one_line_not_a_traceback(data_dir, tmp_path, capsys):
+    from mathprm.cli import main
+    from tests.tiny_models import build_math_shepherd_prm
+
+    base = build_math_shepherd_prm(tmp_path / "base")  # any causal LM can be the prior's base
+    assert main(["prm-prior", f"base={base}", f"out_dir={tmp_path / 'nl'}"]) == 0  # "\n", the arith world's
+    run = ["processbench", "subsets=gsm8k", "limit=2", f"out={tmp_path / 'pb.json'}"]
+    capsys.readouterr()
+    assert main([*run, f"prm={tmp_path / 'nl'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"mathprm processbench: prm: {tmp_path / 'nl'} was trained on steps separated by '\\n', "
+                          "but ProcessBench's steps are separated by '\\n\\n': use a PRM saved with separator=")
+    # Saved with ProcessBench's separator, the same prior runs.
+    assert main(["prm-prior", f"base={base}", f"out_dir={tmp_path / 'nn'}", 'separator="\\n\\n"']) == 0
+    assert main([*run, f"prm={tmp_path / 'nn'}"]) == 0
+    assert json.loads((tmp_path / "pb.json").read_text())["subsets"]["gsm8k"]["n_items"] == 2

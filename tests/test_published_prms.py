@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from mathprm.scorer import SCORERS, PRMRef, build_scorer, load_scorer, parse_prm, trained_separator
+from mathprm.scorer import SCORERS, PRMRef, TooLongError, build_scorer, load_scorer, parse_prm, trained_separator
 from tests.tiny_models import BUILDERS, build_math_shepherd_prm, build_qwen_prm
 
 KINDS = ["qwen", "math_shepherd", "rlhflow", "skywork"]
@@ -163,8 +163,10 @@ def test_each_kind_declares_its_published_step_separator(prm_dirs):
 def test_a_solution_longer_than_the_context_is_refused_not_cut(prm_dirs, kind):
     scorer = load_scorer(kind, str(prm_dirs[kind]), device="cpu")
     long_steps = [f"Step {k}: 3 + {k} = {3 + k}." for k in range(120)]
-    with pytest.raises(ValueError, match=rf"^{kind}: solution 1 is \d+ tokens, longer than the model's context of 512"):
+    with pytest.raises(TooLongError, match=rf"^{kind}: solution 1 is \d+ tokens, longer than the model's context of 512"
+                       ) as e:
         scorer.score(QUESTIONS[:2], [SOLUTIONS[0], long_steps])
+    assert (e.value.index, e.value.context) == (1, 512) and e.value.tokens > 512  # what ProcessBench skips by
 
 
 def _one_line_error(kind, path, match):

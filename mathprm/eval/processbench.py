@@ -14,9 +14,20 @@ and the headline number is the mean F1 over the four subsets.
 A `Scorer` becomes a critic the usual way for process reward models: the first step whose
 score falls below a threshold is the predicted error (`predicted_first_error`, as in the
 Qwen2.5-Math-PRM report, Zhang et al. 2025). The threshold is a config field; by default a
-PRM's own, picked on its validation labels (`best_threshold`), else 0.5. Departure from the paper: where a subset has no
-erroneous (or no correct) solutions, which only a `limit` can cause, its accuracy and F1
-are None instead of a division by zero.
+PRM's own, picked on its validation labels (`best_threshold`), else 0.5.
+
+Departures from the paper, for runs on part of the benchmark or with small PRMs:
+
+- `limit` N takes a seeded sample of N solutions per subset, as many erroneous as correct
+  (`balanced_sample`; the files open with a run of erroneous ones, so the first N would leave
+  F1 undefined). Where a subset still has no erroneous (or no correct) solutions, which only
+  `limit: 1` can cause, its accuracy and F1 are None instead of a division by zero.
+- A solution longer than the PRM's context, which a published PRM refuses rather than cut
+  (`TooLongError`), is skipped: one line says so, and it counts in `skipped_too_long`, not in
+  any accuracy.
+- A mathprm PRM reads its own step separator after every step, so one trained on steps cut
+  at another separator than ProcessBench's "\\n\\n" is refused up front
+  (`mathprm.scorer.check_step_separator`, a one-line ConfigError naming `prm`).
 
 `evaluate_scorer` is the pure core; `run_processbench` loads the data, builds the scorer,
 and writes the report JSON atomically. This module imports neither torch nor Ray.
@@ -26,13 +37,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from mathprm import atomic
-from mathprm.data.problems import ProcessBenchItem, load_problems
-from mathprm.scorer import Scorer, build_scorer, check_shapes, default_threshold, parse_prm
+from mathprm.config import ConfigError
+from mathprm.data.problems import ProcessBenchItem, default_separator, load_problems
+from mathprm.scorer import (
+    Scorer,
+    TooLongError,
+    build_scorer,
+    check_shapes,
+    check_step_separator,
+    default_threshold,
+    parse_prm,
+)
 
 SUBSETS = ("gsm8k", "math", "olympiadbench", "omnimath")
 
@@ -72,6 +93,18 @@ def processbench_f1(labels: Sequence[int], predictions: Sequence[int]) -> dict[s
     return {"error_acc": error_acc, "correct_acc": correct_acc, "f1": f1,
             "n_erroneous": len(erroneous), "n_correct": len(correct)}
 
+
+def balanced_sample(items: Sequence[ProcessBenchItem], limit: int, seed: int) -> list[ProcessBenchItem]:
+    """`limit` of `items` (one subset), as many erroneous (label != -1) as correct ones (the
+    odd one erroneous; all of the smaller group when it has fewer than half), each group a
+    random sample seeded by (subset, seed): the same ids for the same seed, in the file's order."""
+    erroneous = [it for it in items if it.label != -1]
+    correct = [it for it in items if it.label == -1]
+    n_correct = min(len(correct), max(limit // 2, limit - len(erroneous)))
+    n_erroneous = min(len(erroneous), limit - n_correct)
+    rng = random.Random(f"processbench:{items[0].subset if items else ''}:{seed}")
+    chosen = {it.id for it in rng.sample(erroneous, n_erroneous) + rng.sample(correct, n_correct)}
+    return [it for it in items if it.id in chosen]
 
 
 def best_threshold(scores: Sequence[Sequence[float]], labels: Sequence[int]) -> float | None:
@@ -177,7 +210,8 @@ class ProcessBenchConfig:
     subsets: list[str] = dataclasses.field(default_factory=lambda: list(SUBSETS))
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the
     #                                   PRM's own (mathprm.scorer.default_threshold), 0.5 for other scorers
-    limit: int | None = None  # first N items of each subset
+    limit: int | None = None  # N items of each subset, half erroneous and half correct, drawn with `seed`
+    seed: int = 0  # which items a `limit` draws (balanced_sample)
     batch_size: int = 8  # solutions per scorer call
     out: str = "runs/eval/processbench.json"
 
@@ -208,19 +242,33 @@ def evaluate_scorer(
 ) -> dict[str, Any]:
     """Score every solution, predict its first error, and compute the metric per subset.
 
-    Returns {"subsets": {name: {error_acc, correct_acc, f1, n_erroneous, n_correct, n_items}},
-    "average_f1": the mean subset F1 (None if any is None), "threshold": threshold,
-    "predictions": {name: [{"id", "label", "predicted"}, ...]}} (per item, in input order).
+    Returns {"subsets": {name: {error_acc, correct_acc, f1, n_erroneous, n_correct, n_items,
+    skipped_too_long}}, "average_f1": the mean subset F1 (None if any is None), "threshold":
+    threshold, "skipped_too_long": the total, "predictions": {name: [{"id", "label",
+    "predicted"}, ...]} (per scored item, in input order), "skipped": {name: [ids]}}. A
+    solution the scorer refuses as longer than its context (`TooLongError`) is skipped, with a
+    `progress` line, and counts in no accuracy; `n_items` counts the scored ones.
     """
     subsets: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[dict[str, Any]]] = {}
+    skipped: dict[str, list[str]] = {}
     for name, items in items_by_subset.items():
         started = time.monotonic()
+        scored: list[ProcessBenchItem] = []
         preds: list[int] = []
+        skipped[name] = []
         next_tenth = 1  # report at each tenth of the subset, so a slow PRM shows it is alive
         for lo in range(0, len(items), batch_size):
-            batch = items[lo: lo + batch_size]
-            scores = scorer.score([it.problem for it in batch], [list(it.steps) for it in batch])
+            batch, scores = items[lo: lo + batch_size], []
+            while batch:  # a refused solution leaves the batch, and the rest is scored again
+                try:
+                    scores = scorer.score([it.problem for it in batch], [list(it.steps) for it in batch])
+                    break
+                except TooLongError as e:
+                    it = batch.pop(e.index)
+                    skipped[name].append(it.id)
+                    progress(f"[processbench] {name}: skipped {it.id}: {e.tokens} tokens, longer than the PRM's "
+                             f"context of {e.context}")
             if len(scores) != len(batch):
                 raise ValueError(f"score: {len(scores)} score lists for a batch of {len(batch)} "
                                  f"(from {batch[0].id})")
@@ -228,27 +276,36 @@ def evaluate_scorer(
                 if len(s) != len(it.steps):
                     raise ValueError(f"score: {it.id} has {len(it.steps)} steps but got {len(s)} scores")
                 preds.append(predicted_first_error(s, threshold))
-            done = lo + len(batch)
+            scored += batch
+            done = min(lo + batch_size, len(items))
             if 10 * done >= next_tenth * len(items):
                 elapsed = time.monotonic() - started
                 progress(f"[processbench] {name}: {done}/{len(items)} solutions, "
                          f"{done / max(elapsed, 1e-9):.1f} items/s")
                 next_tenth = 10 * done // len(items) + 1
-        labels = [it.label for it in items]
-        subsets[name] = processbench_f1(labels, preds) | {"n_items": len(items)}
-        predictions[name] = [{"id": it.id, "label": it.label, "predicted": p} for it, p in zip(items, preds)]
+        labels = [it.label for it in scored]
+        subsets[name] = processbench_f1(labels, preds) | {"n_items": len(scored),
+                                                          "skipped_too_long": len(skipped[name])}
+        predictions[name] = [{"id": it.id, "label": it.label, "predicted": p} for it, p in zip(scored, preds)]
     f1s = [m["f1"] for m in subsets.values()]
     average = sum(f1s) / len(f1s) if f1s and None not in f1s else None
-    return {"subsets": subsets, "average_f1": average, "threshold": threshold, "predictions": predictions}
+    return {"subsets": subsets, "average_f1": average, "threshold": threshold,
+            "skipped_too_long": sum(map(len, skipped.values())), "predictions": predictions, "skipped": skipped}
 
 
 def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> dict[str, Any]:
-    """Evaluate `cfg.prm` (or a ready `scorer`) and write `cfg.out` atomically."""
-    items_by_subset: dict[str, list[ProcessBenchItem]] = {
-        s: load_problems(f"processbench:{s}", limit=cfg.limit) for s in cfg.subsets
-    }
+    """Evaluate `cfg.prm` (or a ready `scorer`) and write `cfg.out` atomically. A PRM that does
+    not fit ProcessBench's steps is a ConfigError naming `prm` (one line from the command)."""
+    items_by_subset: dict[str, list[ProcessBenchItem]] = {}
+    for s in cfg.subsets:
+        items = load_problems(f"processbench:{s}")
+        items_by_subset[s] = items if cfg.limit is None else balanced_sample(items, cfg.limit, cfg.seed)
     ref = parse_prm(cfg.prm)
     if scorer is None:
+        try:
+            check_step_separator(ref, default_separator(f"processbench:{cfg.subsets[0]}"), "ProcessBench")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         every = [it for items in items_by_subset.values() for it in items]
         scorer = build_scorer(ref, lambda: ProcessBenchOracle(every))
     threshold = cfg.threshold
@@ -261,6 +318,7 @@ def run_processbench(cfg: ProcessBenchConfig, scorer: Scorer | None = None) -> d
         "backend": ref.kind,
         "prm": ref.path,
         "limit": cfg.limit,
+        "seed": cfg.seed,
         "elapsed_s": round(time.monotonic() - started, 1),
     } | result
     atomic.write_json(cfg.out, report)
@@ -277,4 +335,7 @@ def format_processbench(report: dict[str, Any]) -> str:
         rows.append(f"{name:<14} {pct(m['error_acc']):>9} {pct(m['correct_acc']):>11} "
                     f"{pct(m['f1']):>6} {m['n_items']:>5}")
     rows.append(f"{'average':<14} {'':>9} {'':>11} {pct(report['average_f1']):>6}")
+    if report.get("skipped_too_long"):
+        rows.append(f"skipped {report['skipped_too_long']} solutions longer than the PRM's context "
+                    "(in no figure above; ids under 'skipped' in the report)")
     return "\n".join(rows)

@@ -33,7 +33,7 @@ Four kinds (`mathprm.scorer.SCORERS`), each reproducing its authors' own inferen
   published code gives that line.
 
 Every kind batches solutions by length (right padding), reads its context from the config's
-`max_position_embeddings` and refuses a longer solution with a ValueError naming it (nothing is
+`max_position_embeddings` and refuses a longer solution with a `TooLongError` naming it (nothing is
 cut), runs on cuda when there is one (bf16) or the CPU (fp32), and gives `[]` for a solution with
 no steps. A tokenizer without the token a format needs, or weights not in the published names,
 is a one-line ValueError naming the kind and the directory.
@@ -51,7 +51,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
-from mathprm.scorer import check_shapes
+from mathprm.scorer import TooLongError, check_shapes
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 QWEN_STEP_TOKEN = "<extra_0>"
@@ -171,8 +171,9 @@ def _score(scorer: Any, questions: Sequence[str], steps_per_question: Sequence[S
         except ValueError as e:
             raise ValueError(f"{scorer.kind}: solution {i}: {e}") from None
         if len(ids) > scorer.max_length:
-            raise ValueError(f"{scorer.kind}: solution {i} is {len(ids)} tokens, longer than the model's context "
-                             f"of {scorer.max_length} (max_position_embeddings); it is not cut")
+            raise TooLongError(f"{scorer.kind}: solution {i} is {len(ids)} tokens, longer than the model's context "
+                               f"of {scorer.max_length} (max_position_embeddings); it is not cut",
+                               i, len(ids), scorer.max_length)
         pieces.append((i, ids, positions))
     pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
     device = scorer.device

@@ -267,7 +267,7 @@ class PriorPRMConfig:
 
     base: str = "runs/arith/checker"  # any HF causal-LM directory; it must compute the steps better than the policy
     separator: str = "\n"  # the step separator of the solutions it will score: the arithmetic world's
-                            # (MATH-style solutions: separator='"\n\n"' on the command line)
+                            # (MATH-style solutions and ProcessBench: separator='"\n\n"' on the command line)
     out_dir: str = "runs/arith/prm_prior"
     overwrite: bool = False  # replace a finished PRM in out_dir
 
