@@ -101,11 +101,12 @@ def step_format_for(dataset: str, separator: str | None = None, trained: str | N
     `separator` when the config sets one; else `trained`, the separator the PRM in use was
     trained with (its scores mean something only on steps cut its way); else the dataset's own
     (`problems.default_separator`). A set `separator` that differs from `trained` is a
-    ValueError naming `separator`."""
+    ConfigError (a ValueError) naming `separator`."""
+    from mathprm.config import ConfigError
     from mathprm.data.problems import default_separator
 
-    if separator is not None and trained is not None and separator != trained:
-        raise ValueError(f"separator: {separator!r} differs from {trained!r}, the one the PRM was trained with; "
+    if separator is not None and trained is not None and separator != trained:  # a ConfigError: one line in the CLI
+        raise ConfigError(f"separator: {separator!r} differs from {trained!r}, the one the PRM was trained with; "
                          "leave separator unset or pick another PRM")
     chosen = separator if separator is not None else trained
     return StepFormat(chosen if chosen is not None else default_separator(dataset))
