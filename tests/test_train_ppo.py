@@ -334,3 +334,23 @@ def test_blank_separator_only_and_cut_samples_make_episodes_that_encode(mode):
         assert all(len(ep.rewards) == len(ep.steps) for ep in episodes if ep.steps)
         batch = make_batch(Prompter(TOK, FMT), [ep for ep in episodes if ep.steps], 512)
         assert batch.step_mask.sum() == sum(len(ep.steps) for ep in episodes if ep.steps)
+
+
+def test_one_step_prefixes_cut_gsm8k_references_where_they_put_steps():
+    """GSM8K writes a step per line; the policy's steps end in "\\n\\n". Prefixes come from the
+    reference's lines (they used to be split on "\\n\\n" and so were always empty)."""
+    import random
+    import types
+
+    from mathprm.data.problems import load_problems
+    from mathprm.train.ppo_episodes import _one_step_prefixes
+
+    problems = load_problems("sample:gsm8k", limit=20)
+    fmt = StepFormat("\n\n")
+    cfg = types.SimpleNamespace(reference_prefix_fraction=1.0)  # every prefix from a reference: no rollouts
+    prefixes = _one_step_prefixes(None, problems, cfg, fmt, None, random.Random(0))
+    assert sum(bool(pre) for pre in prefixes) >= len(problems) // 2
+    for p, pre in zip(problems, prefixes):
+        lines = p.solution.split("\n")
+        assert pre == lines[: len(pre)] and len(pre) < len(lines)  # the reference's first lines, one left to write
+        fmt.prompt(p.question, pre)  # a prefix the policy's format can write

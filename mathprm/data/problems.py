@@ -372,6 +372,18 @@ def default_separator(spec: str) -> str:
     return "\n" if str(spec).startswith("arith:") else "\n\n"
 
 
+def reference_steps(problem: Problem) -> list[str]:
+    """The steps of `problem`'s reference solution as its source writes them: GSM8K's worked
+    answers one step per line (their final `#### N` line included), the arithmetic world's one
+    operation per line, MATH's paragraphs; blank pieces left out, [] without a solution. These
+    are the source's steps, which need not be cut the way a policy's steps are
+    (`default_separator`): GSM8K references hold single newlines, a policy writes "\n\n"."""
+    if not problem.solution:
+        return []
+    separator = "\n" if problem.source.endswith("gsm8k") else default_separator(problem.source)
+    return [s for s in problem.solution.split(separator) if s.strip()]
+
+
 def load_problems(
     spec: str, *, data_dir: str | Path | None = None, **kw: Any
 ) -> list[Problem] | list[ProcessBenchItem]:

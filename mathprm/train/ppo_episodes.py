@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mathprm.data.answers import judge_grader
-from mathprm.data.problems import Problem
+from mathprm.data.problems import Problem, reference_steps
 from mathprm.generation import Prefix, Sampling
 from mathprm.prompts import Prompter
 from mathprm.steps import StepFormat, content
@@ -134,7 +134,9 @@ def _one_step_prefixes(generator, problems, cfg, fmt, sampling, rng) -> list[lis
     steps_of = {i: content(r[0].steps[: len(r[0].steps) - (0 if r[0].finished else 1)]) for i, r in zip(own, rolled)}
     out = []
     for i, p in enumerate(problems):
-        steps = content(fmt.split(p.solution)) if use_ref[i] else steps_of[i]
+        # A reference is cut where its source puts steps, then the policy's way (GSM8K writes "\n").
+        steps = (content([fmt.clean(x) for s in reference_steps(p) for x in fmt.split(s)]) if use_ref[i]
+                 else steps_of[i])
         k = rng.randrange(len(steps)) if steps else 0  # keep at least one step to write
         out.append(list(steps[:k]))
     return out
