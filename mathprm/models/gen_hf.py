@@ -64,10 +64,14 @@ class HFGenerator:
     def _attach(self, model, batch_prefixes: int, system_prompt: str | None, chat: str) -> None:
         self.model = model
         self.prompter = Prompter(self.tokenizer, self.step_format, system_prompt, chat)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} - {None})
         self.batch_prefixes = batch_prefixes  # prompts per forward pass; each brings n rows
+
+    def room(self, prefix: Prefix) -> int:
+        return self.context_length - len(self.prompter.ids(prefix.question, prefix.steps))
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         sep = self.step_format.separator
@@ -103,21 +107,28 @@ class HFGenerator:
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
         prompts = [self.prompter.text(p.question, p.steps) for p in prefixes]
-        order = sorted(range(len(prefixes)), key=lambda i: len(prompts[i]))
+        encoded = [self.prompter.encode(text) for text in prompts]
         results: list = [None] * len(prefixes)
+        for i, ids in enumerate(encoded):  # no room left in the context: empty samples, cut ("length")
+            if len(ids) >= self.context_length:
+                results[i] = ([[] for _ in range(n)], ["length"] * n)
+        order = sorted((i for i in range(len(prefixes)) if results[i] is None), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.batch_prefixes):
             members = order[start : start + self.batch_prefixes]
             seeds = [prefixes[i].sample_seed(sampling, i) for i in members]
-            outs = self._sample_chunk([prompts[i] for i in members], seeds, n, sampling, max_tokens, stop)
+            outs = self._sample_chunk([encoded[i] for i in members], seeds, n, sampling, max_tokens, stop)
             for i, out in zip(members, outs):
                 results[i] = out
         return results
 
-    def _sample_chunk(self, prompts: list[str], seeds: list[int], n, sampling, max_tokens, stop):
+    def _sample_chunk(self, encoded: list[list[int]], seeds: list[int], n, sampling, max_tokens, stop):
         import torch
 
         self.model.eval()  # a model shared with a trainer may have been left in train mode
-        encoded = [self.prompter.encode(text) for text in prompts]
+        prompts = encoded
+        # Each row writes at most what its prompt leaves of the context.
+        limits = [min(max_tokens, self.context_length - len(ids)) for ids in encoded for _ in range(n)]
+        max_tokens = max(limits)
         width = max(len(ids) for ids in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
@@ -148,6 +159,8 @@ class HFGenerator:
                         reasons[r] = "eos"
                     elif stop is not None and stop in self.tokenizer.decode(generated[r], skip_special_tokens=True):
                         reasons[r] = "separator"
+                    elif len(generated[r]) >= limits[r]:
+                        reasons[r] = "length"
                 keep = [k for k, r in enumerate(active) if reasons[r] is None]
                 if not keep:
                     break

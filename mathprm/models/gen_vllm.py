@@ -74,51 +74,57 @@ class VLLMGenerator:
             else:
                 os.environ["TMPDIR"] = old_tmp
         self.prompter = Prompter(self.llm.get_tokenizer(), step_format, system_prompt, chat)
+        self.context_length = int(self.llm.llm_engine.model_config.max_model_len)
         self.last_cached_tokens: list[int] = []  # prompt tokens served from the prefix cache, per prompt of the last call
+
+    def room(self, prefix: Prefix) -> int:
+        return self.context_length - len(self.prompter.ids(prefix.question, prefix.steps))
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         outputs = self._generate(prefixes, n, sampling, sampling.max_step_tokens, [self.step_format.separator])
         return [
-            [
-                StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
-                for c in out
-            ]
+            [StepSample("", 0, False, True)] * n if out is None else
+            [StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length") for c in out]
             for out in outputs
         ]
 
     def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
         outputs = self._generate(prefixes, n, sampling, sampling.max_solution_tokens, [])
         return [
-            [
-                Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
-                for c in out
-            ]
+            [Rollout([], "", 0, False, True)] * n if out is None else
+            [Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
+             for c in out]
             for out in outputs
         ]
 
     def _generate(self, prefixes, n, sampling: Sampling, max_tokens: int, stop: list[str]):
-        """Per prefix, its n vLLM `CompletionOutput`s."""
+        """Per prefix, its n vLLM `CompletionOutput`s; None for a prefix with no room left in the
+        context (vLLM would refuse the whole call). Each request writes at most what its prompt
+        leaves of the context."""
         from vllm import SamplingParams
 
         if n < 1:
             raise ValueError(f"n: must be >= 1, got {n}")
+        # Token ids, not text: a chat prompt holds its special tokens as text (`Prompter.ids`).
+        ids = [self.prompter.ids(p.question, p.steps) for p in prefixes]
+        live = [i for i, x in enumerate(ids) if len(x) < self.context_length]
         params = [
             SamplingParams(
                 n=1 if sampling.greedy else n,  # vLLM refuses n > 1 when greedy
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
-                max_tokens=max_tokens,
-                seed=p.sample_seed(sampling, i),
+                max_tokens=min(max_tokens, self.context_length - len(ids[i])),
+                seed=prefixes[i].sample_seed(sampling, i),
                 stop=stop,
             )
-            for i, p in enumerate(prefixes)
+            for i in live
         ]
-        # Token ids, not text: a chat prompt holds its special tokens as text (`Prompter.ids`).
-        prompts = [{"prompt_token_ids": self.prompter.ids(p.question, p.steps)} for p in prefixes]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate([{"prompt_token_ids": ids[i]} for i in live], params, use_tqdm=False) if live else []
         self.last_cached_tokens = [out.num_cached_tokens or 0 for out in outputs]
-        # Greedy samples are all the same: one completion stands for the n.
-        return [out.outputs * n if sampling.greedy else out.outputs for out in outputs]
+        result: list = [None] * len(prefixes)
+        for i, out in zip(live, outputs):  # greedy samples are all the same: one completion stands for the n
+            result[i] = out.outputs * n if sampling.greedy else out.outputs
+        return result
 
 
 def _is_eos(completion) -> bool:
