@@ -91,6 +91,25 @@ class _SlowGenerator:
         await asyncio.sleep(30)
 
 
+class _ShortContextGenerator(_SlowGenerator):
+    """A policy whose context has 10 tokens left after the question."""
+
+    async def room(self, prefix):
+        return 10
+
+
+def test_a_question_that_leaves_no_room_for_a_step_is_a_422_naming_the_limit(model_dirs):
+    from mathprm.serve import RequestError, Solver, SolveRequest, load_serve_config
+
+    cfg = load_serve_config(_args(model_dirs[0], None, strategy="greedy"))
+    solver = Solver(cfg, _ShortContextGenerator(), None)
+    with pytest.raises(RequestError) as e:
+        asyncio.run(solver.solve(SolveRequest(question="What is 1+1?")))
+    assert e.value.status == 422 and e.value.field == "question"
+    limit = cfg.search.max_step_tokens
+    assert f"leaves 10 tokens of the policy's context, fewer than max_step_tokens ({limit})" in e.value.message
+
+
 def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dirs):
     from mathprm.serve import RequestError, Solver, SolveRequest, load_serve_config
 

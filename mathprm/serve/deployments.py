@@ -30,6 +30,9 @@ class HandleGenerator:
     async def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
         return await self.handle.rollouts.remote(prefixes, n, sampling)
 
+    async def room(self, prefix: Prefix) -> int:
+        return await self.handle.room.remote(prefix)
+
 
 class HandleScorer:
     """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
@@ -79,6 +82,10 @@ class GeneratorDeployment:
 
     async def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
         return await self._call("rollouts", prefixes, n, sampling)
+
+    def room(self, prefix: Prefix) -> int:
+        """Tokens the policy's context has left after `prefix`'s prompt (`Generator.room`)."""
+        return self.generator.room(prefix)
 
     @serve.batch
     async def _call(self, kinds: list[str], prefix_lists: list[list[Prefix]], ns: list[int],

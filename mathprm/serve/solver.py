@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathprm.data.problems import Problem
+from mathprm.generation import Prefix
 from mathprm.search import (
     RUNNABLE,
     STRATEGIES,
@@ -121,12 +122,25 @@ class Solver:
         """Plan and run `req`; a search past `limits.timeout_s` is cancelled (RequestError 504)."""
         return await self.run(*self.plan(req), on_step=on_step)
 
+    async def check_room(self, problem: Problem, search: SearchConfig) -> None:
+        """A question whose prompt leaves less than one step's tokens of the policy's context is
+        refused (RequestError 422 naming the limit), not searched into a run of cut steps."""
+        room_of = getattr(self.generator, "room", None)  # generators that know their context
+        if room_of is None:
+            return
+        room = await room_of(Prefix(problem.question))
+        if room < search.max_step_tokens:
+            raise RequestError("question", f"question: its prompt leaves {max(room, 0)} tokens of the policy's "
+                                           f"context, fewer than max_step_tokens ({search.max_step_tokens}); ask a "
+                                           "shorter question or a smaller max_step_tokens")
+
     async def run(self, name: str, search: SearchConfig, problem: Problem,
                   on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         timeout = self.cfg.limits.timeout_s
         status, tokens = 500, 0
         try:
+            await self.check_room(problem, search)
             result = await asyncio.wait_for(
                 run_search_async(name, self.generator, self.scorer, problem, search, self.step_format, on_step),
                 timeout)
