@@ -140,3 +140,24 @@ def test_evaluation_skips_a_question_too_long_for_the_policy_and_counts_it(llama
     assert report["n_problems"] == 1 and report["skipped_too_long"] == 1 and report["skipped"] == ["long"]
     assert report["strategies"]["greedy"]["n_problems"] == 1
     assert "[evaluate] skipped long: its prompt leaves 0 of the policy's 256 tokens" in capsys.readouterr().out
+
+
+def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts_it(llama_dir, capsys):
+    """The labelling actor on a 256-position Llama: a problem whose prompt leaves less than
+    max_solution_tokens is not searched (its rollouts would be cut and graded wrong), one line
+    and `skipped_too_long` in its costs; the other problem is labelled."""
+    import pyarrow as pa
+
+    from mathprm.data.problems import Problem
+    from mathprm.labels.stage import Expander, MCTSConfig
+
+    problems = [Problem("short", "Natalia sold 48 clips in April and half as many in May. How many in all?", "72",
+                        "gsm8k"),
+                Problem("long", " ".join(["Natalia sold clips to her friends in April."] * 30), "72", "gsm8k")]
+    cfg = MCTSConfig(policy=str(llama_dir), dataset="gsm8k", method="math_shepherd", num_solutions=2,
+                     rollouts_per_step=1, max_solution_tokens=24, generator_options={"device": "cpu"})
+    block = Expander(cfg)(pa.Table.from_pylist([p.to_dict() for p in problems]).to_pydict())
+    rows = {r["problem_id"]: r for r in block.to_pylist()}
+    assert rows["long"]["skipped_too_long"] == 1 and rows["long"]["labels"] == [] and rows["long"]["n_rollouts"] == 0
+    assert rows["short"]["skipped_too_long"] == 0 and rows["short"]["n_rollouts"] > 0
+    assert "[mcts] skipped long: its prompt leaves less than max_solution_tokens (24)" in capsys.readouterr().out

@@ -51,7 +51,7 @@ from mathprm.config import ConfigError
 from mathprm.data import arith
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import BadRecordError, Problem, load_problems
-from mathprm.generation import GENERATORS
+from mathprm.generation import GENERATORS, Prefix
 from mathprm.labels import steptable
 from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
@@ -60,7 +60,7 @@ from mathprm.steps import StepFormat, step_format_for
 
 PROBLEMS_KEY = b"mathprm.data.problems"  # Parquet metadata key: the problems a labels file holds
 # Per-problem costs kept in a file's metadata and summed into summary.json.
-PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches")
+PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches", "skipped_too_long")
 TRL_FORMATS = ("soft", "hard")
 # The fields that make two runs' labels the same experiment: a rerun must match them.
 _IDENTITY = ("policy", "dataset", "split", "columns", "separator", "method", "num_solutions", "rollouts_per_step",
@@ -215,15 +215,27 @@ class Expander:
         seconds: dict[int, float] = {}
 
         def done(i: int, labels: list[StepLabel], stats: SearchStats) -> None:
-            seconds[i] = time.monotonic() - started
+            seconds[index[i]] = time.monotonic() - started  # i counts the searched problems
             for name, value in (("problems", 1), ("rollouts", stats.n_rollouts), ("labels", len(labels)),
                                 ("tokens", stats.n_tokens)):
                 if value > 0:  # Ray's Counter refuses 0
                     self.metrics[name].inc(value, tags)
 
-        results = label_problems(problems, self.generator, judge_grader, self.cfg, on_done=done)
+        # A rollout cut by the end of the context would count as wrong: a problem whose prompt
+        # leaves less than max_solution_tokens is not searched (one line, counted).
+        fits = [self.generator.room(Prefix(p.question)) >= self.cfg.max_solution_tokens for p in problems]
+        for p, ok in zip(problems, fits):
+            if not ok:
+                print(f"[mcts] skipped {p.id}: its prompt leaves less than max_solution_tokens "
+                      f"({self.cfg.max_solution_tokens}) of the policy's {self.generator.context_length} tokens",
+                      flush=True)
+        index = [i for i, ok in enumerate(fits) if ok]
+        searched = [problems[i] for i in index]
+        results = iter(label_problems(searched, self.generator, judge_grader, self.cfg, on_done=done) if searched
+                       else [])
         return problems_block(
-            ((p, labels, stats, seconds[i]) for i, (p, (labels, stats)) in enumerate(zip(problems, results))),
+            ((p, *(next(results) if ok else ([], SearchStats(skipped_too_long=1))), seconds.get(i, 0.0))
+             for i, (p, ok) in enumerate(zip(problems, fits))),
             self.cfg.generator_name, self.cfg.seed,
         )
 
@@ -451,7 +463,7 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
         raise RuntimeError(f"{len(missing)} problem(s) have no committed labels, e.g. {sorted(missing)[0]!r}")
     table = read_labels(out)
     labels = steptable.from_table(table)
-    totals = {name: sum(r[name] for r in done.values()) for name in PROBLEM_FIELDS}
+    totals = {name: sum(r.get(name, 0) for r in done.values()) for name in PROBLEM_FIELDS}  # older files lack some
     this_run = [r for r in done.values() if r["problem_id"] in searched]
     rate = {}
     if searched and elapsed > 0:

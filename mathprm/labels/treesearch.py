@@ -96,6 +96,7 @@ class SearchStats:
     n_labels: int = 0  # StepLabels returned
     n_all_failed: int = 0  # labels with score 0: no completion reached the gold answer
     n_searches: int = 0  # omegaprm: binary searches started (0 for math_shepherd)
+    skipped_too_long: int = 0  # 1: not searched, its prompt leaves less than max_solution_tokens of the context
 
 
 @dataclass
