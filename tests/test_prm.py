@@ -25,6 +25,7 @@ from mathprm.models.prm import (
 )
 from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.prompts import Prompter
+from mathprm.scorer import TooLongError
 from mathprm.steps import StepFormat
 
 FMT = StepFormat("\n")
@@ -175,6 +176,19 @@ def test_one_pass_gives_the_scores_of_one_pass_per_prefix(prm_dir):
     windowed = scorer.score(["What is 2+3?"], [steps])[0]
     assert windowed[:2] == pytest.approx(full[:2], rel=1e-4) and windowed[2:] != pytest.approx(full[2:], rel=1e-2)
     assert len(windowed) == 4
+    # Every window starts with the whole prompt: the oldest steps are cut, never the question.
+    seen, forward = [], scorer.model.forward
+    scorer.model.forward = lambda input_ids, attention_mask, **kw: (
+        seen.extend(row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask))
+        or forward(input_ids, attention_mask, **kw))
+    scorer.score(["What is 2+3?"], [steps])
+    prompt = scorer.prompter.ids("What is 2+3?")
+    assert len(seen) > 1 and all(row[: len(prompt)] == prompt and len(row) <= 40 for row in seen)
+    scorer.model.forward = forward
+    scorer.max_length = len(prompt)  # no room for a step: refused, not cut
+    with pytest.raises(TooLongError, match="solution 0: its prompt alone is 14 tokens"):
+        scorer.score(["What is 2+3?"], [steps])
+    scorer.max_length = 40
     assert scorer.score(["q"], [[]]) == [[]]
     with pytest.raises(ValueError, match="solution 0: step 0: contains the separator"):
         scorer.score(["q"], [["a\nb"]])

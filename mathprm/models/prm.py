@@ -41,9 +41,10 @@ from, when there are features), `prm_head.safetensors` (the head) and `prm_confi
 `mathprm.scorer.Scorer`.
 
 Inputs longer than the model's context are scored in windows that each end at a step's end
-(`windows`): a step far from the question is then judged with its left context cut (and its
-prefix minimum taken over its window's steps), which only matters for the 512-position
-arithmetic model on long real-math solutions.
+(`windows`), and every window starts with the whole prompt: the question is never cut, the
+oldest steps are (a step far from the question is judged without the steps long before it, its
+prefix minimum taken over its window's steps). A prompt that leaves no room for a step is
+refused (`mathprm.scorer.TooLongError`: ProcessBench skips and counts it).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
-from mathprm.scorer import check_shapes
+from mathprm.scorer import TooLongError, check_shapes
 from mathprm.steps import StepFormat
 
 PRM_CONFIG_FILE = "prm_config.json"
@@ -462,9 +463,16 @@ class PRMScorer:
                 ids, positions, prompt_length = encode_solution_spans(self.prompter, q, steps)
             except ValueError as e:
                 raise ValueError(f"score: solution {i}: {e}") from None
-            for start, end, which in windows(positions, self.max_length):
-                first = prompt_length if which[0] == 0 else positions[which[0] - 1] + 1
-                pieces.append((i, ids[start:end], [positions[k] - start for k in which], which, max(0, first - start)))
+            budget = self.max_length - prompt_length  # every window holds the whole prompt
+            if budget < 1:
+                raise TooLongError(f"score: solution {i}: its prompt alone is {prompt_length} tokens, the PRM's "
+                                   f"context {self.max_length}", i, len(ids), self.max_length)
+            ends = [p - prompt_length for p in positions]  # step ends within the steps' tokens
+            for start, end, which in windows(ends, budget):
+                first = 0 if which[0] == 0 else ends[which[0] - 1] + 1  # the window's first scored step
+                window = ids[:prompt_length] + ids[prompt_length + start : prompt_length + end]
+                pieces.append((i, window, [prompt_length + ends[k] - start for k in which], which,
+                               prompt_length + max(0, first - start)))
         pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
         for lo in range(0, len(pieces), self.batch_size):
             chunk = pieces[lo : lo + self.batch_size]
