@@ -83,6 +83,7 @@ class StepSample:
     n_tokens: int  # tokens generated, counting the separator's or EOS token(s) that ended it
     finished: bool  # the model ended the solution (EOS) instead of writing the separator
     truncated: bool = False  # hit `max_step_tokens` first: neither separator nor EOS
+    token_ids: tuple[int, ...] = ()  # the generated ids as sampled, the separator's or EOS token(s) included
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Rollout:
     n_tokens: int  # tokens generated, counting the EOS token
     finished: bool  # the model emitted EOS
     truncated: bool = False  # hit `max_solution_tokens` before EOS
+    token_ids: tuple[int, ...] = ()  # the generated ids as sampled, the EOS token included
 
 
 class Generator(Protocol):

@@ -161,3 +161,29 @@ def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts
     assert rows["long"]["skipped_too_long"] == 1 and rows["long"]["labels"] == [] and rows["long"]["n_rollouts"] == 0
     assert rows["short"]["skipped_too_long"] == 0 and rows["short"]["n_rollouts"] > 0
     assert "[mcts] skipped long: its prompt leaves less than max_solution_tokens (24)" in capsys.readouterr().out
+
+
+def test_ppo_trains_on_the_sampled_token_ids_not_on_the_text_encoded_again(qwen_dir):
+    """Token-exact PPO: a BPE tokenizer encodes the text of a sampled step into other ids than
+    the sampler drew (here " the" drawn as " t" + "he"); the learner's batch holds the drawn
+    ids, the step's reward sits on its last drawn token, and an EOS the sampler drew (the second
+    EOS id, not the tokenizer's) is the one trained on."""
+    from mathprm.train.ppo_episodes import Episode, encode_episode, make_batch
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    prompter = Prompter(tok, FMT)
+    word = next(w for w in (" the", " that", " and", " for")  # one token in the merged text
+                if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
+    drawn = tok(word[:2], add_special_tokens=False)["input_ids"] + tok(word[2:], add_special_tokens=False)["input_ids"]
+    sep = tok(FMT.separator, add_special_tokens=False)["input_ids"]
+    action = tuple(drawn + sep + drawn + [0])  # two steps; <|endoftext|> (id 0) ends the solution
+    assert tok.decode(list(action), skip_special_tokens=True) == f"{word}\n\n{word}"
+    ep = Episode(0, QUESTION, [], [word, word], True, False, rewards=[0.25, 1.0], action_ids=action)
+    ids, n_prompt, ends = encode_episode(prompter, ep, 512)
+    assert ids[:n_prompt] == prompter.ids(QUESTION) and ids[n_prompt:] == list(action)
+    assert ends == [n_prompt + len(drawn) + len(sep) - 1, len(ids) - 1]
+    as_text, _, _ = encode_episode(prompter, Episode(0, QUESTION, [], [word, word], True, False), 512)
+    assert as_text[n_prompt:] != list(action)  # what re-encoding the text would have trained on
+    batch = make_batch(prompter, [ep], 512)
+    assert batch.ids[0, n_prompt:].tolist() == list(action)
+    assert batch.step_rewards[0, ends[0] - 1] == 0.25 and batch.step_rewards[0, ends[1] - 1] == 1.0

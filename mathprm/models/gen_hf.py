@@ -80,7 +80,7 @@ class HFGenerator:
             samples = []
             for ids, reason in zip(ids_list, reasons):
                 text = self._decode(ids, reason).split(sep, 1)[0]
-                samples.append(StepSample(text, len(ids), reason == "eos", reason == "length"))
+                samples.append(StepSample(text, len(ids), reason == "eos", reason == "length", tuple(ids)))
             out.append(samples)
         return out
 
@@ -90,7 +90,8 @@ class HFGenerator:
             rolls = []
             for ids, reason in zip(ids_list, reasons):
                 text = self._decode(ids, reason)
-                rolls.append(Rollout(self.step_format.split(text), text, len(ids), reason == "eos", reason == "length"))
+                rolls.append(Rollout(self.step_format.split(text), text, len(ids), reason == "eos", reason == "length",
+                                     tuple(ids)))
             out.append(rolls)
         return out
 

@@ -84,7 +84,8 @@ class VLLMGenerator:
         outputs = self._generate(prefixes, n, sampling, sampling.max_step_tokens, [self.step_format.separator])
         return [
             [StepSample("", 0, False, True)] * n if out is None else
-            [StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length") for c in out]
+            [StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length", tuple(c.token_ids))
+             for c in out]
             for out in outputs
         ]
 
@@ -92,7 +93,8 @@ class VLLMGenerator:
         outputs = self._generate(prefixes, n, sampling, sampling.max_solution_tokens, [])
         return [
             [Rollout([], "", 0, False, True)] * n if out is None else
-            [Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length")
+            [Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length",
+                     tuple(c.token_ids))
              for c in out]
             for out in outputs
         ]

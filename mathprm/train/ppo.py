@@ -29,10 +29,10 @@ Distributed shape. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU), D
 update, so a resumed run replays them), writes rollouts with the weights it is training
 (`HFGenerator.from_model`: no weight copy, always on-policy) and scores them with its own
 in-process Scorer (the PRM, or the arithmetic world's exact `oracle`); the rollouts stay in
-memory. Departures: the learner's replicas also generate (no separate vLLM actors yet), and
-log-probs are recomputed on the re-tokenised text of each step (identical for the
-character-level arithmetic tokenizer; a BPE tokenizer may split a sampled step differently,
-which makes the first PPO epoch slightly off-policy).
+memory. The learner trains on the token ids the sampler drew (`Episode.action_ids`), not on the
+text encoded again, which a BPE tokenizer can split otherwise; the prompt is the sampler's
+(`mathprm.prompts`: the chat template when the policy has one). Departure from the large-scale
+shape: the learner's replicas also generate (no separate vLLM actors yet).
 
 Every update prints a progress line and reports metrics (mean reward,
 KL, clip fraction, entropy, value loss, tokens/s) through `ray.train.report`; every

@@ -36,20 +36,30 @@ class Episode:
     rewards: list[float] = dataclasses.field(default_factory=list)  # one per step in `steps`
     correct: bool | None = None  # full_solution: is the final answer right
     n_generated: int = 0  # tokens the sampler produced
+    # The action's token ids as sampled (separator and EOS tokens included): the learner trains on
+    # exactly these (token-exact PPO); empty for an episode written as text (tests, scripted).
+    action_ids: tuple[int, ...] = ()
 
 
 def encode_episode(prompter: Prompter, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
     """(token ids, number of prompt tokens, the index of each step's last token).
 
-    The action is each written step followed by the separator, except the last one, which is
-    followed by EOS when the policy finished and by nothing when it was cut; pieces are
-    tokenised one by one, as the PRM encodes them. A sequence longer than `max_length` is cut
-    and its cut steps' ends move to the last kept token (their rewards land there)."""
+    The prompt is `prompter.ids(question, prefix)`, as the sampler saw it. The action is the
+    sampled `action_ids` when the episode has them (token-exact: a BPE tokenizer may encode the
+    sampled text into other ids), each step ending at the token that completes its separator
+    (or at the last token); otherwise each written step followed by the separator, except the
+    last one, which is followed by EOS when the policy finished and by nothing when it was cut,
+    pieces tokenised one by one as the PRM encodes them. A sequence longer than `max_length` is
+    cut and its cut steps' ends move to the last kept token (their rewards land there)."""
     tokenizer, fmt = prompter.tokenizer, prompter.step_format
     ids = prompter.ids(ep.question, ep.prefix)
     n_prompt = len(ids)
     ends = []
-    for i, step in enumerate(ep.steps):
+    exact = bool(ep.action_ids and ep.steps)  # an episode with no step has nothing to reward
+    if exact:
+        ends = [n_prompt + k for k in step_token_ends(tokenizer, ep.action_ids, ep.steps, fmt.separator)]
+        ids += list(ep.action_ids)
+    for i, step in enumerate(ep.steps if not exact else ()):
         last = i == len(ep.steps) - 1
         text = step if last and (ep.finished or ep.truncated) else step + fmt.separator
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -65,6 +75,23 @@ def encode_episode(prompter: Prompter, ep: Episode, max_length: int) -> tuple[li
         ids = ids[:max_length]
         ends = [min(e, max_length - 1) for e in ends]
     return ids, n_prompt, ends
+
+
+def step_token_ends(tokenizer: Any, action_ids: Sequence[int], steps: Sequence[str], separator: str) -> list[int]:
+    """The index in `action_ids` of the token that ends each of `steps` (written joined by
+    `separator`): the first token whose decoded prefix covers the step and its separator; the
+    last step ends at the last token (its EOS, when it has one)."""
+    ends, k, covered = [], 0, 0
+    for i, step in enumerate(steps):
+        if i == len(steps) - 1:
+            ends.append(len(action_ids) - 1)
+            break
+        covered += len(step) + len(separator)
+        while k < len(action_ids) - 1 and len(tokenizer.decode(action_ids[: k + 1], skip_special_tokens=True)) < covered:
+            k += 1
+        ends.append(k)
+        k = min(k + 1, len(action_ids) - 1)
+    return ends
 
 
 def make_batch(prompter: Prompter, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
@@ -110,7 +137,8 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
         rollouts = generator.rollouts([Prefix(p.question) for p in problems], G, sampling)
         for g, (p, rolls) in enumerate(zip(problems, rollouts)):
             for r in rolls:
-                ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens)
+                ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens,
+                             action_ids=r.token_ids)
                 ep.correct = r.finished and judge_grader(p, r.text)
                 episodes.append(ep)
     else:
@@ -120,7 +148,7 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
         for g, (p, pre, group) in enumerate(zip(problems, prefixes, samples)):
             for s in group:
                 episodes.append(Episode(g, p.question, list(pre), [s.text], s.finished, s.truncated,
-                                        n_generated=s.n_tokens))
+                                        n_generated=s.n_tokens, action_ids=s.token_ids))
     _reward(scorer, episodes, cfg)
     return episodes
 
