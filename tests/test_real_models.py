@@ -187,3 +187,17 @@ def test_ppo_trains_on_the_sampled_token_ids_not_on_the_text_encoded_again(qwen_
     batch = make_batch(prompter, [ep], 512)
     assert batch.ids[0, n_prompt:].tolist() == list(action)
     assert batch.step_rewards[0, ends[0] - 1] == 0.25 and batch.step_rewards[0, ends[1] - 1] == 1.0
+
+
+def test_token_caps_follow_the_dataset_unless_set():
+    from mathprm.eval.evaluate import EvalConfig
+    from mathprm.eval.prm import PRMEvalConfig
+    from mathprm.labels.stage import MCTSConfig
+    from mathprm.train.ppo import PPOConfig
+
+    assert (EvalConfig(dataset="math500").max_step_tokens, EvalConfig(dataset="math500").max_solution_tokens) == (512, 2048)
+    assert EvalConfig(dataset="gsm8k").max_solution_tokens == 1024 and EvalConfig().max_solution_tokens == 384
+    assert EvalConfig(dataset="math500", max_solution_tokens=100).max_solution_tokens == 100
+    assert MCTSConfig(dataset="math500").max_solution_tokens == 2048 and MCTSConfig().max_solution_tokens == 384
+    assert PRMEvalConfig(prm="oracle").max_solution_tokens == 384
+    assert PPOConfig(prm="none", dataset="gsm8k", mode="full_solution", outcome_reward=1.0).max_step_tokens == 256

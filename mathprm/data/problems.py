@@ -372,6 +372,18 @@ def default_separator(spec: str) -> str:
     return "\n" if str(spec).startswith("arith:") else "\n\n"
 
 
+def token_caps(spec: str) -> tuple[int, int]:
+    """(max_step_tokens, max_solution_tokens) fit for a dataset's solutions, the default of every
+    stage that samples: the arithmetic world's one-line steps (64, 384), GSM8K's short worked
+    answers (256, 1024), MATH-length solutions everywhere else (512, 2048)."""
+    spec = str(spec)
+    if spec.startswith("arith:"):
+        return 64, 384
+    if "gsm8k" in spec:
+        return 256, 1024
+    return 512, 2048
+
+
 def reference_steps(problem: Problem) -> list[str]:
     """The steps of `problem`'s reference solution as its source writes them: GSM8K's worked
     answers one step per line (their final `#### N` line included), the arithmetic world's one

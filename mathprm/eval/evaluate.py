@@ -54,7 +54,7 @@ from typing import Any
 from mathprm import atomic
 from mathprm.data import arith
 from mathprm.data.answers import Judge
-from mathprm.data.problems import Problem, load_problems
+from mathprm.data.problems import Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
 from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.scorer import (
@@ -83,8 +83,11 @@ class EvalConfig:
     #                          (mathprm.scorer.parse_prm); needed by best_of_n, weighted_majority, guided, beam, ...
     temperature: float = 1.0  # of the sampled strategies
     top_p: float = 1.0
-    max_solution_tokens: int = 384  # a longer solution is cut (and counts as unparseable if no answer yet)
-    max_step_tokens: int = 64  # step-by-step strategies: a longer step is cut
+    # A longer solution is cut (and counts as unparseable if no answer yet); a longer step of a
+    # step-by-step strategy is cut. None: the dataset's (mathprm.data.problems.token_caps:
+    # arith 64 / 384, GSM8K 256 / 1024, MATH-length 512 / 2048).
+    max_solution_tokens: int | None = None
+    max_step_tokens: int | None = None
     aggregation: str = "min"  # PRM step scores -> solution score: last | min | prod | mean
     beam_width: int = 4  # beam: beams kept; dvts: candidates per step of each subtree
     max_steps: int = 24  # step-by-step strategies stop a solution after this many steps
@@ -105,6 +108,9 @@ class EvalConfig:
     ray_address: str | None = None  # use_ray: None joins RAY_ADDRESS or starts a local cluster
 
     def __post_init__(self) -> None:
+        steps, solutions = token_caps(self.dataset)
+        self.max_step_tokens = steps if self.max_step_tokens is None else self.max_step_tokens
+        self.max_solution_tokens = solutions if self.max_solution_tokens is None else self.max_solution_tokens
         if not self.strategies:
             raise ValueError("strategies: give at least one, e.g. greedy,majority@16,pass@16")
         parsed = [eval_strategy(s) for s in self.strategies]  # ValueError names the bad one

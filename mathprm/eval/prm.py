@@ -38,7 +38,7 @@ from mathprm import atomic
 from mathprm import scorer as scoring
 from mathprm.data import arith
 from mathprm.data.answers import Judge
-from mathprm.data.problems import Problem, load_problems
+from mathprm.data.problems import Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
 from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.search import STRATEGIES
@@ -56,7 +56,7 @@ class PRMEvalConfig:
     n: int = 8  # solutions sampled per problem
     temperature: float = 0.85
     top_p: float = 1.0
-    max_solution_tokens: int = 384
+    max_solution_tokens: int | None = None  # None: the dataset's (mathprm.data.problems.token_caps: arith 64/384, MATH 512/2048)
     aggregation: str = "min"  # step scores -> solution score for best_of_n
     threshold: float | None = None  # a step scored below it is the predicted first error; None: the PRM's
     #                                   own (picked on its validation labels, mathprm.scorer.default_threshold)
@@ -76,6 +76,8 @@ class PRMEvalConfig:
         return scoring.parse_prm(self.prm)
 
     def __post_init__(self) -> None:
+        if self.max_solution_tokens is None:
+            self.max_solution_tokens = token_caps(self.dataset)[1]
         if self.prm_ref.kind == "none":
             raise ValueError("prm: evaluate-prm needs a PRM: a directory, KIND:DIR or oracle")
         scoring.check_oracle(self.prm_ref, self.dataset)

@@ -50,7 +50,7 @@ from mathprm import atomic
 from mathprm.config import ConfigError
 from mathprm.data import arith
 from mathprm.data.answers import judge_grader
-from mathprm.data.problems import BadRecordError, Problem, load_problems
+from mathprm.data.problems import BadRecordError, Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix
 from mathprm.labels import steptable
 from mathprm.labels.steptable import StepLabel
@@ -82,6 +82,9 @@ class MCTSConfig(TreeSearchConfig):
     separator: str | None = None  # step separator; None: "\n" for arith:*, "\n\n" otherwise
     backend: str = "hf"  # a key of mathprm.generation.GENERATORS
     generator_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # to the backend, e.g. {device: cuda}
+    # A longer completion is cut (and is wrong unless it has the answer); None: the dataset's
+    # (mathprm.data.problems.token_caps: arith 384, GSM8K 1024, MATH-length 2048).
+    max_solution_tokens: int | None = None
     num_actors: int = 1  # expander actors, each with its own generator engine
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # e.g. 1 for vLLM on a GPU
@@ -94,6 +97,8 @@ class MCTSConfig(TreeSearchConfig):
     num_cpus: int | None = None  # CPUs of a local cluster started by this run
 
     def __post_init__(self) -> None:
+        if self.max_solution_tokens is None:
+            self.max_solution_tokens = token_caps(self.dataset)[1]
         super().__post_init__()
         if self.backend not in GENERATORS:
             raise ValueError(f"backend: unknown {self.backend!r}; backends: {', '.join(GENERATORS)}")

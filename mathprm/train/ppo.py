@@ -56,7 +56,7 @@ import torch
 
 from mathprm.config import ConfigError, to_dict
 from mathprm.data.answers import judge_grader
-from mathprm.data.problems import Problem
+from mathprm.data.problems import Problem, token_caps
 from mathprm.generation import MIN_TEMPERATURE
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, check_oracle, parse_prm, trained_separator
@@ -109,8 +109,8 @@ class PPOConfig:
     whiten_rewards: bool = False
     max_grad_norm: float = 1.0
     temperature: float = 1.0  # sampling temperature; log-probs are taken at the same temperature
-    max_step_tokens: int = 64
-    max_solution_tokens: int = 384
+    max_step_tokens: int | None = None  # None: the dataset's (mathprm.data.problems.token_caps: arith 64/384, MATH 512/2048)
+    max_solution_tokens: int | None = None
     separator: str | None = None  # step separator; None: the PRM's (prm_config.json), else the dataset's
     lora_r: int = 0  # > 0: LoRA adapters (PEFT); the reference is then the base with adapters off
     lora_alpha: int = 16
@@ -129,6 +129,9 @@ class PPOConfig:
     num_cpus: int | None = None
 
     def __post_init__(self) -> None:
+        steps, solutions = token_caps(self.dataset)
+        self.max_step_tokens = steps if self.max_step_tokens is None else self.max_step_tokens
+        self.max_solution_tokens = solutions if self.max_solution_tokens is None else self.max_solution_tokens
         for name in ("num_problems", "eval_problems", "prompts_per_update", "group_size", "updates", "ppo_epochs",
                      "minibatch_size", "max_step_tokens", "max_solution_tokens", "checkpoint_every", "num_workers",
                      "cpus_per_worker", "kl_horizon"):
