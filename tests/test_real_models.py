@@ -201,3 +201,119 @@ def test_token_caps_follow_the_dataset_unless_set():
     assert MCTSConfig(dataset="math500").max_solution_tokens == 2048 and MCTSConfig().max_solution_tokens == 384
     assert PRMEvalConfig(prm="oracle").max_solution_tokens == 384
     assert PPOConfig(prm="none", dataset="gsm8k", mode="full_solution", outcome_reward=1.0).max_step_tokens == 256
+
+
+# ----------------------------------------------------------------------------- stages on real data
+
+
+@pytest.fixture(scope="module")
+def qwen_prm_dir(tmp_path_factory):
+    from tests.tiny_models import build_qwen_prm
+
+    return build_qwen_prm(tmp_path_factory.mktemp("qwen-prm"))
+
+
+def _clean(steps) -> bool:
+    return all(not any(mark in s for mark in TEMPLATE_TEXT) and FMT.separator not in s for s in steps)
+
+
+def test_evaluation_on_math500_with_the_chat_policy_and_a_published_prm(qwen_dir, qwen_prm_dir, tmp_path):
+    """greedy, best_of_n, guided and beam on MATH-500 questions: the chat policy's steps are
+    clean, every PRM-scored step has a score in [0, 1], one over-long question is skipped."""
+    import json
+
+    from mathprm.data.problems import Problem, load_problems
+    from mathprm.eval.evaluate import EvalConfig, run_evaluation
+
+    problems = load_problems("sample:math500", limit=2)
+    problems.append(Problem("too-long", " ".join(["Natalia sold clips to her friends."] * 200), "1", "math500"))
+    cfg = EvalConfig(policy=str(qwen_dir), prm=f"qwen:{qwen_prm_dir}", dataset="math500", device="cpu",
+                     strategies=["greedy", "best_of_n@2", "guided@2", "beam@2"], beam_width=1, max_steps=3,
+                     max_step_tokens=8, max_solution_tokens=24, temperature=1.0, out=str(tmp_path / "eval.json"))
+    report = run_evaluation(cfg, problems=problems)
+    assert report["n_problems"] == 2 and report["skipped"] == ["too-long"]
+    assert set(report["strategies"]) == {"greedy", "best_of_n@2", "guided@2", "beam@2"}
+    records = [json.loads(line) for line in (tmp_path / "eval.problems.jsonl").read_text().splitlines()]
+    searched = [r for r in records if "search" in r]
+    assert len(searched) == 2
+    for r in searched:
+        for name in ("guided@2", "beam@2"):
+            s = r["search"][name]
+            assert _clean(s["steps"]) and len(s["scores"]) == len(s["steps"])
+            assert all(0.0 <= x <= 1.0 for x in s["scores"])
+        for sample in r["samples"]:
+            assert all(0.0 <= x <= 1.0 for x in sample.get("scores", []))
+
+
+@pytest.mark.parametrize("mode", ["one_step", "full_solution"])
+def test_a_ppo_update_of_the_chat_policy_on_gsm8k_with_a_published_prm_reward(qwen_dir, qwen_prm_dir, mode):
+    """PPO's episodes and update on the real path, in one process: the chat policy samples GSM8K
+    steps, the published PRM rewards each, the learner's batch holds the sampled ids after the
+    chat prompt, and one update gives finite losses."""
+    import copy
+
+    from mathprm.data.problems import load_problems
+    from mathprm.scorer import build_scorer, parse_prm
+    from mathprm.train.ppo import PPOConfig
+    from mathprm.train.ppo_episodes import collect_episodes, make_batch
+    from mathprm.train.ppo_loss import PolicyWithValue, param_groups, ppo_update, token_logprobs
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    lm = AutoModelForCausalLM.from_pretrained(qwen_dir)
+    reference = copy.deepcopy(lm).eval().requires_grad_(False)
+    cfg = PPOConfig(policy=str(qwen_dir), prm=f"qwen:{qwen_prm_dir}", dataset="gsm8k", mode=mode, advantage="grpo",
+                    outcome_reward=1.0, group_size=2, prompts_per_update=2, minibatch_size=4, ppo_epochs=1,
+                    max_step_tokens=8, max_solution_tokens=24, reference_prefix_fraction=1.0, lr=1e-4)
+    problems = load_problems("sample:gsm8k", limit=2)
+    generator = HFGenerator.from_model(lm, tok, FMT)
+    scorer = build_scorer(parse_prm(cfg.prm), device="cpu")
+    episodes = collect_episodes(generator, scorer, problems, cfg, FMT, seed=5)
+    assert len(episodes) == 4 and all(ep.action_ids for ep in episodes)
+    assert all(_clean(ep.prefix + ep.steps) for ep in episodes)
+    assert all(len(ep.rewards) == len(ep.steps) for ep in episodes if ep.steps)
+    prompter = Prompter(tok, FMT)
+    batch = make_batch(prompter, [ep for ep in episodes if ep.steps], 512)
+    head = prompter.ids(episodes[0].question, episodes[0].prefix)
+    assert batch.ids[0, : len(head)].tolist() == head
+    model = PolicyWithValue(lm, value_head=False)
+    stats = ppo_update(model, lambda b: token_logprobs(reference(input_ids=b.ids, attention_mask=b.attention_mask).logits,
+                                                       b.ids, cfg.temperature),
+                       batch, torch.optim.AdamW(param_groups(model, cfg.lr, None)), cfg, cfg.kl_coef, seed=0)
+    assert all(np_finite(stats[k]) for k in ("pg_loss", "kl", "entropy"))
+
+
+def np_finite(x: float) -> bool:
+    import math
+
+    return math.isfinite(x)
+
+
+def test_a_lora_prm_on_the_chat_model_trains_on_gsm8k_paths_and_scores_with_its_prompts(qwen_dir, tmp_path):
+    """PRM training's steps on the real path, in one process: labelled GSM8K paths encoded after
+    the chat prompt, LoRA adapters on the backbone, one optimiser step, merged and saved; the
+    saved PRM scores with the same chat prompts."""
+    from mathprm.data.problems import load_problems, reference_steps
+    from mathprm.models.prm import PRMScorer, build_prm, collate, save_prm
+    from mathprm.train.prm import prm_loss
+    from mathprm.train.prm_data import to_example
+    from mathprm.train.run import add_lora, optimizer_step
+
+    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    prompter = Prompter(tok, FMT)
+    rows = [{"question": p.question, "steps": [s for s in reference_steps(p) if s.strip()][:3],
+             "targets": [1.0, 0.5, 0.0]} for p in load_problems("sample:gsm8k", limit=3)]
+    examples = [to_example(r, prompter) for r in rows]
+    head = prompter.ids(rows[0]["question"])
+    assert examples[0].input_ids[: len(head)] == head and examples[0].positions[0] > len(head)
+    model = build_prm(str(qwen_dir))
+    model.lm = add_lora(model.lm, 4, 8, 0.0)
+    batch = collate(examples, tok.pad_token_id)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    loss = optimizer_step(model, opt, 1e-3, lambda: prm_loss(model, batch))
+    assert np_finite(loss)
+    model.lm = model.lm.merge_and_unload()
+    save_prm(model, tok, FMT, tmp_path / "prm", {"base": str(qwen_dir), **prompter.describe()})
+    scorer = PRMScorer(tmp_path / "prm", device="cpu")
+    assert scorer.prompter.chat and scorer.prompter.system == DEFAULT_SYSTEM
+    scores = scorer.score([r["question"] for r in rows], [r["steps"] for r in rows])
+    assert [len(s) for s in scores] == [len(r["steps"]) for r in rows] and all(0 <= x <= 1 for s in scores for x in s)
