@@ -21,7 +21,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 ${PYTHON:-python3} -c "import torch,transformers,sys;print(sys.version.split()[0],torch.__version__,transformers.__version__)"
 date +%T
-timeout 150 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py > $OUT/pytest.log 2>&1
+# the CUDA / bf16 paths (published PRM kinds and the chat policy included), then the published
+# PRM kinds against their authors' recipes (no Ray, no vLLM needed)
+timeout 240 ${PYTHON:-python3} -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_published_prms.py > $OUT/pytest.log 2>&1
 echo "pytest rc $?"; grep -v 'Loading\|Writing' $OUT/pytest.log | tail -25
 date +%T
 sft_run() {  # sft_run OUT_DIR LOG [more SFTConfig overrides]: the larger policy by gpu_sft.py

@@ -149,3 +149,43 @@ def test_a_bf16_ppo_update_on_the_gpu_makes_the_rewarded_step_more_likely(advant
     assert (after[0] - after[1]) - (before[0] - before[1]) > 0.5 and after[1] < before[1] - 0.05
     assert stats["optimizer_steps"] == 4 and 0.0 <= stats["clip_frac"] <= 1.0
     assert all(v == v for v in stats.values() if isinstance(v, float))  # no NaN in bf16
+
+
+@pytest.mark.parametrize("kind", ["qwen", "math_shepherd", "rlhflow", "skywork"])
+def test_a_published_prm_scores_in_bf16_on_the_gpu_as_in_fp32_on_the_cpu(kind, tmp_path):
+    from mathprm.scorer import load_scorer
+    from tests.tiny_models import BUILDERS
+
+    path = BUILDERS[kind](tmp_path / kind)
+    question = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+    steps = [["She sold 48 / 2 = 24 clips in May.", "In all 48 + 24 = 72.", "The answer is 72."], ["72"]]
+    on_gpu = load_scorer(kind, str(path), device="cuda")
+    assert on_gpu.device.type == "cuda"
+    gpu = on_gpu.score([question] * 2, steps)
+    cpu = load_scorer(kind, str(path), device="cpu").score([question] * 2, steps)
+    assert [len(s) for s in gpu] == [3, 1]
+    for g, c in zip(gpu, cpu):
+        assert g == pytest.approx(c, abs=0.05)  # bf16 against fp32
+
+
+def test_the_chat_policy_writes_clean_steps_and_stops_on_its_second_eos_id_on_the_gpu(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mathprm.models.gen_hf import HFGenerator
+    from tests.tiny_models import build_qwen_policy
+
+    qwen = build_qwen_policy(tmp_path / "qwen")
+    fmt = StepFormat("\n\n")
+    gen = HFGenerator(str(qwen), fmt)
+    assert gen.device.type == "cuda" and gen.prompter.chat
+    samples = gen.next_steps([Prefix("What is 2 + 3?")], 4, Sampling(temperature=1.0, max_step_tokens=16, seed=1))[0]
+    assert all("<|im_" not in s.text and fmt.separator not in s.text for s in samples)
+    stuck = tmp_path / "stuck"
+    shutil.copytree(qwen, stuck)
+    weights = load_file(stuck / "model.safetensors")
+    weights["model.norm.weight"] = torch.zeros_like(weights["model.norm.weight"])  # argmax = id 0 = <|endoftext|>
+    save_file(weights, str(stuck / "model.safetensors"), metadata={"format": "pt"})
+    (roll,) = HFGenerator(str(stuck), fmt).rollouts([Prefix("What is 2 + 3?")], 1, Sampling(temperature=0.0))[0]
+    assert (roll.finished, roll.n_tokens) == (True, 1)
