@@ -116,6 +116,7 @@ def test_a_block_becomes_one_atomic_parquet_file_with_its_problems_in_the_metada
     assert table.schema.remove_metadata() == steptable.SCHEMA
     assert steptable.from_table(table) == _labels("a", 3) + _labels("c", 1)
     assert set(table.column("generator").to_pylist()) == {"hf:x"} and set(table.column("seed").to_pylist()) == {7}
+    assert b"mathprm.problems" in table.schema.metadata  # the format's key: older runs' files still resume
     done = committed_problems(labels_dir)
     assert set(done) == {"a", "b", "c"}  # b has no labels but is done: a rerun skips it
     assert (done["a"]["n_rollouts"], done["a"]["n_labels"], done["b"]["n_labels"]) == (6, 3, 0)

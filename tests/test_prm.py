@@ -103,6 +103,7 @@ def test_a_prm_starts_from_the_policy_backbone_and_saves_as_a_plain_hf_directory
     assert not any(p.requires_grad for p in prm.reference.parameters())
     config = read_prm_config(prm_dir)
     assert config["separator"] == "\n" and config["features"] == list(FEATURES)
+    assert config["kind"] == "mathprm.prm/v2"  # the format's name: PRMs saved before any refactor still load
     with pytest.raises(FileNotFoundError, match="not a PRM directory"):
         read_prm_config(tiny_policy_dir)
     with pytest.raises(ValueError, match="unknown.*bogus"):

@@ -58,7 +58,7 @@ from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
 from mathprm.stats import auroc
 from mathprm.steps import StepFormat, step_format_for
 
-PROBLEMS_KEY = b"mathprm.data.problems"  # Parquet metadata key: the problems a labels file holds
+PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds (a format name)
 # Per-problem costs kept in a file's metadata and summed into summary.json.
 PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches", "skipped_too_long")
 TRL_FORMATS = ("soft", "hard")

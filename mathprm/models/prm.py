@@ -66,7 +66,7 @@ from mathprm.steps import StepFormat
 PRM_CONFIG_FILE = "prm_config.json"
 PRM_HEAD_FILE = "prm_head.safetensors"
 REFERENCE_DIR = "reference"  # the frozen base LM the likelihood features come from
-PRM_KIND = "mathprm.models.prm/v2"
+PRM_KIND = "mathprm.prm/v2"  # the format's name in prm_config.json (kept as first written, not a module path)
 # The likelihood features, each a log-probability of the backbone's own LM head (floored at
 # LOGP_FLOOR so one absurd token cannot dominate): the lowest and the mean over step i's
 # tokens (its separator token left out), and the lowest over the tokens of steps 0..i.
