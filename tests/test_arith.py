@@ -12,7 +12,7 @@ from mathprm.data.problems import Problem
 
 def make(start: int, ops: list[tuple[str, int]]) -> Problem:
     """A hand-made problem, built the way `generate` builds one."""
-    steps = arith.reference_steps(start, ops)
+    steps = arith.chain_steps(start, ops)
     return Problem(
         id="arith:test:hand",
         question=arith.plain_question(start, ops),

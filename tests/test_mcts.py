@@ -18,16 +18,8 @@ from mathprm.config import ConfigError, load_config
 from mathprm.data import arith
 from mathprm.data.problems import Problem
 from mathprm.labels import steptable
-from mathprm.labels.stage import (
-    PROBLEMS_KEY,
-    MCTSConfig,
-    committed_problems,
-    load_stage_problems,
-    problems_block,
-    read_labels,
-    run_mcts,
-    write_labels_file,
-)
+from mathprm.labels.parts import PROBLEMS_KEY, committed_problems, problems_block, read_labels, write_labels_file
+from mathprm.labels.stage import MCTSConfig, load_stage_problems, run_mcts
 from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import SearchStats
 from tests.conftest import metrics_text

@@ -159,7 +159,7 @@ def word_question(start: int, ops: list[Op], story_index: int) -> str:
     return " ".join(sentences)
 
 
-def reference_steps(start: int, ops: list[Op]) -> list[str]:
+def chain_steps(start: int, ops: list[Op]) -> list[str]:
     """One `a op b = c` line per operation, then `The answer is c`."""
     steps, value = [], start
     for op, n in ops:
@@ -262,7 +262,7 @@ def generate(
         start, ops = sampled
         word = rng.random() < p_word
         question = word_question(start, ops, rng.randrange(len(_STORIES))) if word else canonical
-        steps = reference_steps(start, ops)
+        steps = chain_steps(start, ops)
         problems.append(
             Problem(
                 id=f"arith:{difficulty}:{_sha256(question)[:12]}",
@@ -320,7 +320,7 @@ def chain(problem: Problem) -> tuple[int, list[Op]]:
 
 def solution_steps(problem: Problem) -> list[str]:
     """The reference solution's steps, rebuilt from the chain."""
-    return reference_steps(*chain(problem))
+    return chain_steps(*chain(problem))
 
 
 def check_step(problem: Problem, previous_steps: list[str], step: str) -> bool:

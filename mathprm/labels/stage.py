@@ -39,7 +39,6 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,19 @@ from mathprm.data.answers import judge_grader
 from mathprm.data.problems import BadRecordError, Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix
 from mathprm.labels import steptable
+from mathprm.labels.parts import (
+    PROBLEM_FIELDS,
+    committed_problems,
+    problems_block,
+    read_labels,
+    trl_schema,
+    write_labels_file,
+)
 from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
 from mathprm.stats import auroc
 from mathprm.steps import StepFormat, step_format_for
 
-PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds (a format name)
-# Per-problem costs kept in a file's metadata and summed into summary.json.
-PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches", "skipped_too_long")
 TRL_FORMATS = ("soft", "hard")
 # The fields that make two runs' labels the same experiment: a rerun must match them.
 _IDENTITY = ("policy", "dataset", "split", "columns", "separator", "method", "num_solutions", "rollouts_per_step",
@@ -168,33 +172,6 @@ def load_stage_problems(cfg: MCTSConfig) -> tuple[list[Problem], int]:
 
 # ----------------------------------------------------------------------------- actors
 
-_LABEL_STRUCT = pa.struct(list(steptable.SCHEMA))
-
-
-def problems_block(results: Iterable[tuple[Problem, list[StepLabel], SearchStats, float]], generator: str,
-                   seed: int) -> pa.Table:
-    """One row per searched problem: its id, costs and seconds, and its labels as a list of
-    `steptable.SCHEMA` structs (so a problem's labels never straddle two blocks or files)."""
-    rows = list(results)
-    tables = [steptable.to_table(labels, generator, seed) for _, labels, _, _ in rows]
-    offsets = [0]
-    for t in tables:
-        offsets.append(offsets[-1] + t.num_rows)
-    flat = pa.concat_tables(tables) if tables else steptable.SCHEMA.empty_table()
-    structs = pa.StructArray.from_arrays([flat.column(n).combine_chunks() for n in steptable.SCHEMA.names],
-                                         fields=list(steptable.SCHEMA))
-    # Counts the labels themselves give are taken from them; the rest from the search's stats.
-    derived = {"n_labels": lambda labels: len(labels),
-               "n_all_failed": lambda labels: sum(lab.n_correct == 0 for lab in labels)}
-    columns: dict[str, Any] = {"problem_id": pa.array([p.id for p, *_ in rows], pa.string())}
-    for name in PROBLEM_FIELDS:
-        values = [derived[name](labels) if name in derived else getattr(stats, name) for _, labels, stats, _ in rows]
-        columns[name] = pa.array(values, pa.int64())
-    columns["seconds"] = pa.array([s for *_, s in rows], pa.float64())
-    columns["labels"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
-                                                 type=pa.list_(pa.field("item", _LABEL_STRUCT, nullable=False)))
-    return pa.table(columns)
-
 
 class Expander:
     """Ray Data callable class: one generator engine per actor; each batch of problems is
@@ -246,32 +223,6 @@ class Expander:
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def committed_problems(labels_dir: Path) -> dict[str, dict[str, Any]]:
-    """problem id -> its costs, from the metadata of every committed labels file."""
-    out: dict[str, dict[str, Any]] = {}
-    for path in sorted(labels_dir.glob("part-*.parquet")):
-        meta = pq.read_schema(path).metadata or {}
-        if PROBLEMS_KEY not in meta:
-            raise ConfigError(f"out_dir: {path} was not written by the tree-search stage (no {PROBLEMS_KEY.decode()} metadata)")
-        for row in json.loads(meta[PROBLEMS_KEY]):
-            if row["problem_id"] in out:
-                raise ConfigError(f"out_dir: {labels_dir}: problem {row['problem_id']!r} is in two files (one is {path.name})")
-            out[row["problem_id"]] = {**row, "file": path.name}
-    return out
-
-
-def write_labels_file(block: pa.Table, path: Path) -> tuple[int, int]:
-    """Flatten a `problems_block` into `steptable.SCHEMA` rows and write them to `path`
-    atomically, with the block's problems and costs in the file's metadata. Returns
-    (problems, labels)."""
-    labels = pa.Table.from_struct_array(block.column("labels").combine_chunks().flatten()).cast(steptable.SCHEMA)
-    problems = block.drop_columns(["labels"]).to_pylist()
-    labels = labels.replace_schema_metadata({PROBLEMS_KEY: json.dumps(problems).encode()})
-    with atomic.file(path) as f:
-        pq.write_table(labels, f)
-    return len(problems), labels.num_rows
 
 
 def _make_sink(labels_dir: Path, run_id: str):
@@ -405,14 +356,6 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     return finish(cfg, problems, skipped, {p.id for p in todo}, elapsed)
 
 
-def read_labels(out_dir: str | Path) -> pa.Table:
-    """The step-score table of a tree-search output directory (every committed file)."""
-    files = sorted((Path(out_dir) / "labels").glob("part-*.parquet"))
-    if not files:
-        return steptable.SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=steptable.SCHEMA) for f in files]).replace_schema_metadata(None)
-
-
 def label_quality(problems: list[Problem], labels: list[StepLabel]) -> dict[str, Any]:
     """Arith only: `score` against the exact truth, three ways, each an AUROC:
 
@@ -505,8 +448,4 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
     print(f"[mcts] {summary['labels']:,} labelled steps for {len(wanted)} problems -> {out}{extra}", flush=True)
     return summary
 
-
-def trl_schema(hard: bool) -> pa.Schema:
-    return pa.schema([("prompt", pa.string()), ("completions", pa.list_(pa.string())),
-                      ("labels", pa.list_(pa.bool_() if hard else pa.float64()))])
 

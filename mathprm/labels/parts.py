@@ -1,0 +1,95 @@
+"""The part files of a labelling run (`runs/.../mcts/labels/part-*.parquet`): one file per batch of
+problems, written atomically, holding the problems' step labels (`steptable.SCHEMA` rows) and, in
+the file's metadata, which problems it holds and what each cost. A problem's labels never
+straddle two files, so a killed run resumes by skipping the problems its files already hold.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mathprm import atomic
+from mathprm.config import ConfigError
+from mathprm.data.problems import Problem
+from mathprm.labels import steptable
+from mathprm.labels.steptable import StepLabel
+from mathprm.labels.treesearch import SearchStats
+
+PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds (a format name)
+
+
+# Per-problem costs kept in a file's metadata and summed into summary.json.
+PROBLEM_FIELDS = ("n_labels", "n_rollouts", "n_tokens", "n_calls", "n_all_failed", "n_searches", "skipped_too_long")
+
+
+_LABEL_STRUCT = pa.struct(list(steptable.SCHEMA))
+
+
+def problems_block(results: Iterable[tuple[Problem, list[StepLabel], SearchStats, float]], generator: str,
+                   seed: int) -> pa.Table:
+    """One row per searched problem: its id, costs and seconds, and its labels as a list of
+    `steptable.SCHEMA` structs (so a problem's labels never straddle two blocks or files)."""
+    rows = list(results)
+    tables = [steptable.to_table(labels, generator, seed) for _, labels, _, _ in rows]
+    offsets = [0]
+    for t in tables:
+        offsets.append(offsets[-1] + t.num_rows)
+    flat = pa.concat_tables(tables) if tables else steptable.SCHEMA.empty_table()
+    structs = pa.StructArray.from_arrays([flat.column(n).combine_chunks() for n in steptable.SCHEMA.names],
+                                         fields=list(steptable.SCHEMA))
+    # Counts the labels themselves give are taken from them; the rest from the search's stats.
+    derived = {"n_labels": lambda labels: len(labels),
+               "n_all_failed": lambda labels: sum(lab.n_correct == 0 for lab in labels)}
+    columns: dict[str, Any] = {"problem_id": pa.array([p.id for p, *_ in rows], pa.string())}
+    for name in PROBLEM_FIELDS:
+        values = [derived[name](labels) if name in derived else getattr(stats, name) for _, labels, stats, _ in rows]
+        columns[name] = pa.array(values, pa.int64())
+    columns["seconds"] = pa.array([s for *_, s in rows], pa.float64())
+    columns["labels"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
+                                                 type=pa.list_(pa.field("item", _LABEL_STRUCT, nullable=False)))
+    return pa.table(columns)
+
+
+def committed_problems(labels_dir: Path) -> dict[str, dict[str, Any]]:
+    """problem id -> its costs, from the metadata of every committed labels file."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(labels_dir.glob("part-*.parquet")):
+        meta = pq.read_schema(path).metadata or {}
+        if PROBLEMS_KEY not in meta:
+            raise ConfigError(f"out_dir: {path} was not written by the tree-search stage (no {PROBLEMS_KEY.decode()} metadata)")
+        for row in json.loads(meta[PROBLEMS_KEY]):
+            if row["problem_id"] in out:
+                raise ConfigError(f"out_dir: {labels_dir}: problem {row['problem_id']!r} is in two files (one is {path.name})")
+            out[row["problem_id"]] = {**row, "file": path.name}
+    return out
+
+
+def write_labels_file(block: pa.Table, path: Path) -> tuple[int, int]:
+    """Flatten a `problems_block` into `steptable.SCHEMA` rows and write them to `path`
+    atomically, with the block's problems and costs in the file's metadata. Returns
+    (problems, labels)."""
+    labels = pa.Table.from_struct_array(block.column("labels").combine_chunks().flatten()).cast(steptable.SCHEMA)
+    problems = block.drop_columns(["labels"]).to_pylist()
+    labels = labels.replace_schema_metadata({PROBLEMS_KEY: json.dumps(problems).encode()})
+    with atomic.file(path) as f:
+        pq.write_table(labels, f)
+    return len(problems), labels.num_rows
+
+
+def read_labels(out_dir: str | Path) -> pa.Table:
+    """The step-score table of a tree-search output directory (every committed file)."""
+    files = sorted((Path(out_dir) / "labels").glob("part-*.parquet"))
+    if not files:
+        return steptable.SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=steptable.SCHEMA) for f in files]).replace_schema_metadata(None)
+
+
+def trl_schema(hard: bool) -> pa.Schema:
+    return pa.schema([("prompt", pa.string()), ("completions", pa.list_(pa.string())),
+                      ("labels", pa.list_(pa.bool_() if hard else pa.float64()))])
