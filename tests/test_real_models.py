@@ -317,3 +317,51 @@ def test_a_lora_prm_on_the_chat_model_trains_on_gsm8k_paths_and_scores_with_its_
     assert scorer.prompter.chat and scorer.prompter.system == DEFAULT_SYSTEM
     scores = scorer.score([r["question"] for r in rows], [r["steps"] for r in rows])
     assert [len(s) for s in scores] == [len(r["steps"]) for r in rows] and all(0 <= x <= 1 for s in scores for x in s)
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def _scripted_qwen(path, after: dict[int, int]):
+    """The tiny Qwen policy (one attention head: vLLM's CPU attention wants head size 32) made to
+    write a fixed next token after given tokens: every layer adds nothing (o_proj and down_proj
+    zero), so the last hidden state is the normalised embedding of the current token, and lm_head
+    row `after[t]` is pointed at token t's."""
+    path = build_qwen_policy(path, num_heads=1)
+    weights = load_file(path / "model.safetensors")
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+    emb = weights["model.embed_tokens.weight"]
+    for current, nxt in after.items():
+        e = emb[current]
+        weights["lm_head.weight"][nxt] += 100 * e / e.pow(2).mean().sqrt() / e.norm()
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+@pytest.mark.vllm
+def test_vllm_takes_chat_prompts_as_ids_and_stops_at_a_merged_separator_and_at_every_eos_id(tmp_path):
+    """A scripted chat policy writes ".\\n\\n" (one BPE token holding the separator) after the
+    chat prompt, then <|endoftext|> (its second EOS id). On vLLM as on hf: the step stops at that
+    token with the text before the separator, and the rollout ends at the second EOS id."""
+    pytest.importorskip("vllm")
+    from mathprm.generation import load_generator
+
+    tok = AutoTokenizer.from_pretrained(build_qwen_policy(tmp_path / "probe", num_heads=1))
+    merged = tok.convert_tokens_to_ids("." + "\u010a\u010a")  # ".\n\n" in byte-level BPE
+    assert merged != tok.unk_token_id and tok.decode([merged]) == ".\n\n"
+    last = Prompter(tok, FMT).ids(QUESTION)[-1]  # the chat prompt's last token: "\n" after "assistant"
+    path = _scripted_qwen(tmp_path / "scripted", {last: merged, merged: 0})
+    hf = HFGenerator(str(path), FMT, device="cpu")
+    vllm = load_generator("vllm", str(path), FMT, run_dir=str(tmp_path / "vllm"))
+    try:
+        greedy = Sampling(temperature=0.0, max_step_tokens=8, max_solution_tokens=8)
+        for gen in (hf, vllm):
+            assert gen.prompter.chat and gen.context_length == 512
+            (step,) = gen.next_steps([Prefix(QUESTION)], 1, greedy)[0]
+            assert (step.text, step.n_tokens, step.finished, step.token_ids) == (".", 1, False, (merged,))
+            (roll,) = gen.rollouts([Prefix(QUESTION)], 1, greedy)[0]
+            assert (roll.finished, roll.token_ids, roll.steps) == (True, (merged, 0), [".", ""])
+    finally:
+        vllm.llm.llm_engine.engine_core.shutdown()

