@@ -463,3 +463,13 @@ def test_the_api_key_guards_every_request_but_health_and_docs(keyed_app, app):
     # The app built without a key stays open.
     assert requests.get(app + "/healthz", timeout=10).json()["api_key_required"] is False
     assert _solve(app, body)["answer"] == "2"
+
+
+def test_a_server_left_at_its_default_dataset_reads_real_math(model_dirs):
+    """A real model served without naming a dataset gets real-math answer reading and "\\n\\n"
+    steps, not the arithmetic world's integers."""
+    from mathprm.serve import load_serve_config
+
+    args = {k: v for k, v in _args(model_dirs[0], None, strategy="majority@4").items() if k != "dataset"}
+    cfg = load_serve_config(args)
+    assert cfg.dataset == "math500" and cfg.source == "math500" and cfg.separator == "\n\n"

@@ -58,7 +58,7 @@ class ServeConfig:
     policy: str = "runs/arith/policy"  # HF causal-LM directory
     prm: str | None = "runs/arith/prm"  # DIR | KIND:DIR (mathprm.scorer.parse_prm); null / none: greedy and majority only
     backend: str = "hf"  # generator backend: hf | vllm
-    dataset: str = "arith:hard"  # how answers are read: arith / arith:* (integers), else the real-math grader
+    dataset: str = "math500"  # how answers are read and steps cut: arith / arith:* (integers, "\n"), else real math
     separator: str | None = None  # step separator; null: the PRM's own, else the dataset's
     device: str | None = None  # hf generator and PRM: cpu | cuda; null: cuda if available
     generator_options: dict[str, Any] = field(default_factory=dict)  # more keyword arguments of the backend
