@@ -365,3 +365,33 @@ def test_vllm_takes_chat_prompts_as_ids_and_stops_at_a_merged_separator_and_at_e
             assert (roll.finished, roll.token_ids, roll.steps) == (True, (merged, 0), [".", ""])
     finally:
         vllm.llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.ray
+def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster, qwen_dir, qwen_prm_dir):
+    """The Serve app on the real path: a guided search by the chat policy scored by a published
+    PRM answers 200 with clean steps and scores in [0, 1]; a question that leaves no room in the
+    policy's context is a 422 naming the limit."""
+    import requests
+    from ray import serve
+
+    from mathprm.serve import build_app
+    from tests.test_serve import _free_port, _wait_healthy
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = {"policy": str(qwen_dir), "prm": f"qwen:{qwen_prm_dir}", "dataset": "math500", "device": "cpu",
+            "strategy": "guided", "search": {"n": 2, "max_steps": 2, "max_step_tokens": 8, "max_solution_tokens": 16}}
+    try:
+        serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
+        base = f"http://127.0.0.1:{port}"
+        _wait_healthy(base + "/healthz", None, None)
+        r = requests.post(base + "/v1/solve", json={"question": QUESTION, "temperature": 1.0}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["strategy"] == "guided" and 1 <= len(body["steps"]) <= 2
+        assert _clean([s["text"] for s in body["steps"]]) and all(0.0 <= s["score"] <= 1.0 for s in body["steps"])
+        r = requests.post(base + "/v1/solve", json={"question": " ".join([QUESTION] * 30)}, timeout=60)
+        assert r.status_code == 422 and "of the policy's context" in r.json()["error"]
+    finally:
+        serve.shutdown()
