@@ -79,19 +79,22 @@ def encode_episode(prompter: Prompter, ep: Episode, max_length: int) -> tuple[li
 
 def step_token_ends(tokenizer: Any, action_ids: Sequence[int], steps: Sequence[str], separator: str) -> list[int]:
     """The index in `action_ids` of the token that ends each of `steps` (written joined by
-    `separator`): the first token whose decoded prefix covers the step and its separator; the
-    last step ends at the last token (its EOS, when it has one)."""
-    ends, k, covered = [], 0, 0
-    for i, step in enumerate(steps):
-        if i == len(steps) - 1:
-            ends.append(len(action_ids) - 1)
-            break
+    `separator`): the first token whose decoded prefix covers the step and its separator, found
+    by bisection (a prefix decodes to more text the longer it is); the last step ends at the last
+    token (its EOS, when it has one)."""
+    ends, lo, covered, last = [], 0, 0, len(action_ids) - 1
+    for step in steps[:-1]:
         covered += len(step) + len(separator)
-        while k < len(action_ids) - 1 and len(tokenizer.decode(action_ids[: k + 1], skip_special_tokens=True)) < covered:
-            k += 1
-        ends.append(k)
-        k = min(k + 1, len(action_ids) - 1)
-    return ends
+        hi = last
+        while lo < hi:  # the first k in [lo, last] whose prefix ids[:k + 1] decodes to >= covered characters
+            mid = (lo + hi) // 2
+            if len(tokenizer.decode(action_ids[: mid + 1], skip_special_tokens=True)) < covered:
+                lo = mid + 1
+            else:
+                hi = mid
+        ends.append(lo)
+        lo = min(lo + 1, last)
+    return ends + [last] if steps else []
 
 
 def make_batch(prompter: Prompter, episodes: Sequence[Episode], max_length: int) -> PPOBatch:
