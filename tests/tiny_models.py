@@ -104,6 +104,17 @@ def _qwen2_config(vocab_size: int, architecture: str, auto_map: dict[str, str], 
     return config
 
 
+def _save_causal_lm(path: Path, tokenizer, config_cls, model_cls, seed: int, **sizes) -> Path:
+    """`tokenizer` and a random `model_cls` over its vocabulary (its BOS and EOS ids in the
+    config), seeded, saved into `path` with save_pretrained."""
+    tokenizer.save_pretrained(path)
+    config = config_cls(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, **{**SIZES, **sizes})
+    torch.manual_seed(seed)
+    model_cls(config).save_pretrained(path)
+    return path
+
+
 def build_qwen_prm(path: str | Path, step_token: bool = True, seed: int = 0) -> Path:
     """Qwen2.5-Math-PRM: `Qwen2ForProcessRewardModel`, `model.*` + `score.{0,2}.*` in
     model.safetensors; `<extra_0>` an added special token (left out with `step_token=False`)."""
@@ -175,12 +186,7 @@ def build_math_shepherd_prm(path: str | Path, tag: bool = True, seed: int = 2) -
     assert len(tokenizer.encode("+ -")) == 3, tokenizer.tokenize("+ -")
     assert not tag or tokenizer.tokenize("x ки\ny ки") == [*tokenizer.tokenize("x"), "▁ки", "\n", "y", "▁ки"], \
         tokenizer.tokenize("x ки\ny ки")
-    tokenizer.save_pretrained(path)
-    config = MistralConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, **SIZES)
-    torch.manual_seed(seed)
-    MistralForCausalLM(config).save_pretrained(path)
-    return path
+    return _save_causal_lm(path, tokenizer, MistralConfig, MistralForCausalLM, seed)
 
 
 def build_rlhflow_prm(path: str | Path, seed: int = 3) -> Path:
@@ -193,12 +199,7 @@ def build_rlhflow_prm(path: str | Path, seed: int = 3) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(special, LLAMA3_SPLIT, "<|begin_of_text|>"),
                                         bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     tokenizer.chat_template = LLAMA3_TEMPLATE
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **SIZES)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return _save_causal_lm(path, tokenizer, LlamaConfig, LlamaForCausalLM, seed)
 
 
 def build_qwen_policy(path: str | Path, seed: int = 4, num_heads: int = 4) -> Path:
@@ -235,12 +236,7 @@ def build_llama_policy(path: str | Path, seed: int = 5, positions: int = 256) ->
     path = Path(path)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(["<s>", "</s>"], LLAMA3_SPLIT, "<s>"),
                                         bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, **{**SIZES, "max_position_embeddings": positions})
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
+    return _save_causal_lm(path, tokenizer, LlamaConfig, LlamaForCausalLM, seed, max_position_embeddings=positions)
 
 
 BUILDERS = {"qwen": build_qwen_prm, "math_shepherd": build_math_shepherd_prm, "rlhflow": build_rlhflow_prm,

@@ -126,7 +126,6 @@ class HFGenerator:
         import torch
 
         self.model.eval()  # a model shared with a trainer may have been left in train mode
-        prompts = encoded
         # Each row writes at most what its prompt leaves of the context.
         limits = [min(max_tokens, self.context_length - len(ids)) for ids in encoded for _ in range(n)]
         max_tokens = max(limits)
@@ -143,7 +142,7 @@ class HFGenerator:
             logits = out.logits[:, -1].float().repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
             next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1
-            rows = len(prompts) * n
+            rows = len(encoded) * n
             gens = [torch.Generator(self.device).manual_seed(prefix_seed(seed, j)) for seed in seeds for j in range(n)]
             generated: list[list[int]] = [[] for _ in range(rows)]
             reasons: list[str | None] = [None] * rows
@@ -178,7 +177,7 @@ class HFGenerator:
                 next_pos = next_pos + 1
                 logits = out.logits[:, -1].float()
         reasons = [r or "length" for r in reasons]
-        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n]) for i in range(len(prompts))]
+        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n]) for i in range(len(encoded))]
 
     def _pick(self, logits, gens, sampling: Sampling):
         """One next token per row of `logits`, row k drawing from `gens[k]`. Rows that already
