@@ -101,6 +101,31 @@ def tiny_policy_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def qwen_policy_dir(tmp_path_factory) -> Path:
+    """The real-path chat policy (tests/tiny_models.py: tiny random Qwen2 instruct, BPE, chat
+    template, two EOS ids), built once a run."""
+    from tests.tiny_models import build_qwen_policy
+
+    return build_qwen_policy(tmp_path_factory.mktemp("qwen-policy"))
+
+
+@pytest.fixture(scope="session")
+def llama_policy_dir(tmp_path_factory) -> Path:
+    """The real-path base policy (tiny random Llama: BOS, no pad, no template, 256 positions)."""
+    from tests.tiny_models import build_llama_policy
+
+    return build_llama_policy(tmp_path_factory.mktemp("llama-policy"))
+
+
+@pytest.fixture(scope="session")
+def published_prms(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint per published PRM kind, in its published layout: kind -> directory."""
+    from tests.tiny_models import BUILDERS
+
+    return {kind: build(tmp_path_factory.mktemp(f"prm-{kind}")) for kind, build in BUILDERS.items()}
+
+
 @pytest.fixture
 def model_dirs(tmp_path) -> tuple[Path, Path]:
     """A policy and a PRM directory as configs see them (their checks read marker files only)."""
@@ -206,6 +231,8 @@ class OddPolicy:
     out (every next step is blank or a cut separator). Rollouts join 1-4 such steps and end,
     finished or cut, sometimes with the separator itself as the text."""
 
+    context_length = 1 << 20
+
     def __init__(self, fmt, only_odd: bool = False) -> None:
         sep = fmt.separator
         self.step_format = fmt
@@ -213,6 +240,9 @@ class OddPolicy:
         self.real = ["x = 1", "x + 1 = 2" + sep[:1], "The answer is 2"]
         self.steps = self.odd if only_odd else self.odd + self.real
         self.prompts: list = []
+
+    def room(self, prefix):
+        return self.context_length
 
     def _sample(self, rng):
         text = rng.choice(self.steps)

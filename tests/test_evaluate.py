@@ -58,9 +58,13 @@ class ScriptedGenerator:
     """Hands out fixed completions (a test double for the contract; the real backends run below)."""
 
     step_format = StepFormat("\n")
+    context_length = 1 << 20
 
     def __init__(self, greedy: dict[str, str], samples: dict[str, list[str]]) -> None:
         self.greedy, self.samples = greedy, samples
+
+    def room(self, prefix):
+        return self.context_length
 
     def rollouts(self, prefixes, n, sampling):
         out = []

@@ -123,11 +123,9 @@ def test_the_default_threshold_is_the_one_the_prm_was_trained_with(tiny_policy_d
 # ----------------------------------------------------------------------------- a published PRM
 
 
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    from tests.tiny_models import build_qwen_prm
-
-    return build_qwen_prm(tmp_path_factory.mktemp("qwen"))
+@pytest.fixture
+def qwen_dir(published_prms):
+    return published_prms["qwen"]
 
 
 def test_a_published_prm_ranks_scripted_arith_solutions(qwen_dir, tmp_path):

@@ -182,13 +182,23 @@ def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster,
 
 
 @pytest.mark.ray
-def test_runs_on_gsm8k_with_any_model_directory(ray_cluster, tiny_policy_dir, tmp_path):
+def test_labels_gsm8k_with_a_chat_model_through_its_template(ray_cluster, qwen_policy_dir, tmp_path):
+    """The labelling job's Ray shell on the real path: the tiny Qwen2 instruct policy (BPE, chat
+    template, two EOS ids) labels GSM8K questions on an actor; every stored step and prefix is
+    the assistant turn's text (no template text, no separator) with a score in [0, 1]."""
     out = tmp_path / "gsm8k"
-    summary = run_mcts(_config(tiny_policy_dir, out, dataset="sample:gsm8k", limit=2, num_solutions=1,
-                               rollouts_per_step=1, max_solution_tokens=24))
+    summary = run_mcts(_config(qwen_policy_dir, out, dataset="sample:gsm8k", limit=2, num_solutions=2,
+                               rollouts_per_step=1, max_solution_tokens=24, generator_options={"device": "cpu"}))
     assert summary["problems"] == 2 and summary["dataset"] == "sample:gsm8k"
     assert "quality" not in summary  # exact step truth exists only in the arithmetic world
-    assert set(read_labels(out).column("problem_id").to_pylist()) <= {p for p in committed_problems(out / "labels")}
+    table = read_labels(out)
+    assert table.num_rows > 0
+    assert set(table.column("problem_id").to_pylist()) <= set(committed_problems(out / "labels"))
+    template = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n", "system\n")
+    for row in table.to_pylist():
+        for step in [*row["prefix"], row["step"]]:
+            assert not any(mark in step for mark in template) and "\n\n" not in step, step
+        assert 0.0 <= row["score"] <= 1.0 and row["generator"].endswith(str(qwen_policy_dir))
 
 
 N_KILL = 48  # problems of the kill test

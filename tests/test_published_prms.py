@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mathprm.scorer import SCORERS, PRMRef, TooLongError, build_scorer, load_scorer, parse_prm, trained_separator
-from tests.tiny_models import BUILDERS, build_math_shepherd_prm, build_qwen_prm
+from tests.tiny_models import build_math_shepherd_prm, build_qwen_prm
 
 KINDS = ["qwen", "math_shepherd", "rlhflow", "skywork"]
 QUESTIONS = [
@@ -28,9 +28,9 @@ SOLUTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prm_dirs(tmp_path_factory):
-    return {kind: BUILDERS[kind](tmp_path_factory.mktemp(kind)) for kind in KINDS}
+@pytest.fixture
+def prm_dirs(published_prms):
+    return published_prms
 
 
 # ----------------------------------------------------------------------------- the published recipes

@@ -18,25 +18,15 @@ from mathprm.generation import Prefix, Sampling
 from mathprm.models.gen_hf import HFGenerator
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
-from tests.tiny_models import build_llama_policy, build_qwen_policy, build_rlhflow_prm
+from tests.tiny_models import build_qwen_policy, build_rlhflow_prm
 
 FMT = StepFormat("\n\n")
 QUESTION = "Natalia sold clips to 48 of her friends in April. How many clips did she sell?"
 TEMPLATE_TEXT = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "assistant\n", "system\n")
 
 
-@pytest.fixture(scope="module")
-def qwen_dir(tmp_path_factory):
-    return build_qwen_policy(tmp_path_factory.mktemp("qwen-policy"))
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return build_llama_policy(tmp_path_factory.mktemp("llama-policy"))
-
-
-def test_a_chat_model_is_prompted_through_its_template_and_its_steps_follow_the_assistant_turn(qwen_dir):
-    tok = AutoTokenizer.from_pretrained(qwen_dir)
+def test_a_chat_model_is_prompted_through_its_template_and_its_steps_follow_the_assistant_turn(qwen_policy_dir):
+    tok = AutoTokenizer.from_pretrained(qwen_policy_dir)
     prompter = Prompter(tok, FMT)
     assert prompter.chat
     head = prompter.head(QUESTION)
@@ -50,8 +40,8 @@ def test_a_chat_model_is_prompted_through_its_template_and_its_steps_follow_the_
     assert Prompter(tok, FMT, chat="off").text(QUESTION, ["a"]) == QUESTION + "\n\na\n\n"
 
 
-def test_a_base_model_gets_plain_prompts_with_one_bos_and_a_chat_template_brings_its_own(llama_dir, tmp_path):
-    tok = AutoTokenizer.from_pretrained(llama_dir)
+def test_a_base_model_gets_plain_prompts_with_one_bos_and_a_chat_template_brings_its_own(llama_policy_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(llama_policy_dir)
     prompter = Prompter(tok, FMT)
     assert not prompter.chat and prompter.text(QUESTION) == QUESTION + "\n\n"
     ids = prompter.ids(QUESTION)
@@ -75,9 +65,9 @@ def _greedy_by_hand(model, ids: list[int], eos: set[int], max_tokens: int) -> li
     return out
 
 
-def test_the_hf_generator_continues_the_chat_prompt_and_writes_clean_steps(qwen_dir):
-    gen = HFGenerator(str(qwen_dir), FMT, device="cpu")
-    model = AutoModelForCausalLM.from_pretrained(qwen_dir)
+def test_the_hf_generator_continues_the_chat_prompt_and_writes_clean_steps(qwen_policy_dir):
+    gen = HFGenerator(str(qwen_policy_dir), FMT, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(qwen_policy_dir)
     prefix = Prefix(QUESTION, ("She sold 48 clips.",))
     greedy = Sampling(temperature=0.0, max_solution_tokens=12)
     (roll,) = gen.rollouts([prefix], 1, greedy)[0]
@@ -90,11 +80,11 @@ def test_the_hf_generator_continues_the_chat_prompt_and_writes_clean_steps(qwen_
         assert FMT.separator not in sample.text
 
 
-def test_generation_stops_on_every_eos_id_of_the_generation_config(qwen_dir, tmp_path):
+def test_generation_stops_on_every_eos_id_of_the_generation_config(qwen_policy_dir, tmp_path):
     """A model that always writes <|endoftext|> (id 0: the second EOS id, not the tokenizer's
     <|im_end|>) ends every step and rollout at its first token."""
     stuck = tmp_path / "stuck"
-    shutil.copytree(qwen_dir, stuck)
+    shutil.copytree(qwen_policy_dir, stuck)
     weights = load_file(stuck / "model.safetensors")
     weights["model.norm.weight"] = torch.zeros_like(weights["model.norm.weight"])  # every logit 0: argmax = id 0
     save_file(weights, str(stuck / "model.safetensors"), metadata={"format": "pt"})
@@ -107,11 +97,11 @@ def test_generation_stops_on_every_eos_id_of_the_generation_config(qwen_dir, tmp
     assert (step.finished, step.n_tokens, step.text, step.truncated) == (True, 1, "", False)
 
 
-def test_the_context_is_read_once_and_no_sample_runs_past_it(llama_dir):
+def test_the_context_is_read_once_and_no_sample_runs_past_it(llama_policy_dir):
     """A 256-position Llama: a question that leaves no room for a step is skipped by evaluation
     (counted, one line); a prefix near the end of the context gets steps cut at the end of it,
     and one with no room left empty cut steps, instead of running on past the model's positions."""
-    gen = HFGenerator(str(llama_dir), FMT, device="cpu")
+    gen = HFGenerator(str(llama_policy_dir), FMT, device="cpu")
     assert gen.context_length == 256
     long_question = " ".join(["How many clips did Natalia sell in April and May together?"] * 30)
     assert gen.room(Prefix(long_question)) < 0
@@ -128,13 +118,13 @@ def test_the_context_is_read_once_and_no_sample_runs_past_it(llama_dir):
     assert (empty.text, empty.n_tokens, empty.truncated) == ("", 0, True)
 
 
-def test_evaluation_skips_a_question_too_long_for_the_policy_and_counts_it(llama_dir, tmp_path, capsys):
+def test_evaluation_skips_a_question_too_long_for_the_policy_and_counts_it(llama_policy_dir, tmp_path, capsys):
     from mathprm.data.problems import Problem
     from mathprm.eval.evaluate import EvalConfig, run_evaluation
 
     problems = [Problem("short", "What is 2 + 3?", "5", "table"),
                 Problem("long", " ".join(["How many clips did Natalia sell?"] * 60), "72", "table")]
-    cfg = EvalConfig(policy=str(llama_dir), dataset="sample:gsm8k", strategies=["greedy", "majority@2"],
+    cfg = EvalConfig(policy=str(llama_policy_dir), dataset="sample:gsm8k", strategies=["greedy", "majority@2"],
                      max_solution_tokens=16, max_step_tokens=16, out=str(tmp_path / "eval.json"), device="cpu")
     report = run_evaluation(cfg, problems=problems)
     assert report["n_problems"] == 1 and report["skipped_too_long"] == 1 and report["skipped"] == ["long"]
@@ -142,7 +132,7 @@ def test_evaluation_skips_a_question_too_long_for_the_policy_and_counts_it(llama
     assert "[evaluate] skipped long: its prompt leaves 0 of the policy's 256 tokens" in capsys.readouterr().out
 
 
-def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts_it(llama_dir, capsys):
+def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts_it(llama_policy_dir, capsys):
     """The labelling actor on a 256-position Llama: a problem whose prompt leaves less than
     max_solution_tokens is not searched (its rollouts would be cut and graded wrong), one line
     and `skipped_too_long` in its costs; the other problem is labelled."""
@@ -154,7 +144,7 @@ def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts
     problems = [Problem("short", "Natalia sold 48 clips in April and half as many in May. How many in all?", "72",
                         "gsm8k"),
                 Problem("long", " ".join(["Natalia sold clips to her friends in April."] * 30), "72", "gsm8k")]
-    cfg = MCTSConfig(policy=str(llama_dir), dataset="gsm8k", method="math_shepherd", num_solutions=2,
+    cfg = MCTSConfig(policy=str(llama_policy_dir), dataset="gsm8k", method="math_shepherd", num_solutions=2,
                      rollouts_per_step=1, max_solution_tokens=24, generator_options={"device": "cpu"})
     block = Expander(cfg)(pa.Table.from_pylist([p.to_dict() for p in problems]).to_pydict())
     rows = {r["problem_id"]: r for r in block.to_pylist()}
@@ -163,14 +153,14 @@ def test_labelling_skips_a_question_that_leaves_no_room_for_a_rollout_and_counts
     assert "[mcts] skipped long: its prompt leaves less than max_solution_tokens (24)" in capsys.readouterr().out
 
 
-def test_ppo_trains_on_the_sampled_token_ids_not_on_the_text_encoded_again(qwen_dir):
+def test_ppo_trains_on_the_sampled_token_ids_not_on_the_text_encoded_again(qwen_policy_dir):
     """Token-exact PPO: a BPE tokenizer encodes the text of a sampled step into other ids than
     the sampler drew (here " the" drawn as " t" + "he"); the learner's batch holds the drawn
     ids, the step's reward sits on its last drawn token, and an EOS the sampler drew (the second
     EOS id, not the tokenizer's) is the one trained on."""
     from mathprm.train.ppo_episodes import Episode, encode_episode, make_batch
 
-    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    tok = AutoTokenizer.from_pretrained(qwen_policy_dir)
     prompter = Prompter(tok, FMT)
     word = next(w for w in (" the", " that", " and", " for")  # one token in the merged text
                 if len(tok(w, add_special_tokens=False)["input_ids"]) == 1)
@@ -200,24 +190,25 @@ def test_token_caps_follow_the_dataset_unless_set():
     assert EvalConfig(dataset="math500", max_solution_tokens=100).max_solution_tokens == 100
     assert MCTSConfig(dataset="math500").max_solution_tokens == 2048 and MCTSConfig().max_solution_tokens == 384
     assert PRMEvalConfig(prm="oracle").max_solution_tokens == 384
-    assert PPOConfig(prm="none", dataset="gsm8k", mode="full_solution", outcome_reward=1.0).max_step_tokens == 256
+    assert PPOConfig(prm="none", dataset="gsm8k", eval_dataset="gsm8k", mode="full_solution",
+                     outcome_reward=1.0).max_step_tokens == 256
+    with pytest.raises(ValueError, match="^eval_dataset: give held-out problems for gsm8k"):
+        PPOConfig(prm="none", dataset="gsm8k", mode="full_solution", outcome_reward=1.0)
 
 
 # ----------------------------------------------------------------------------- stages on real data
 
 
-@pytest.fixture(scope="module")
-def qwen_prm_dir(tmp_path_factory):
-    from tests.tiny_models import build_qwen_prm
-
-    return build_qwen_prm(tmp_path_factory.mktemp("qwen-prm"))
+@pytest.fixture
+def qwen_prm_dir(published_prms):
+    return published_prms["qwen"]
 
 
 def _clean(steps) -> bool:
     return all(not any(mark in s for mark in TEMPLATE_TEXT) and FMT.separator not in s for s in steps)
 
 
-def test_evaluation_on_math500_with_the_chat_policy_and_a_published_prm(qwen_dir, qwen_prm_dir, tmp_path):
+def test_evaluation_on_math500_with_the_chat_policy_and_a_published_prm(qwen_policy_dir, qwen_prm_dir, tmp_path):
     """greedy, best_of_n, guided and beam on MATH-500 questions: the chat policy's steps are
     clean, every PRM-scored step has a score in [0, 1], one over-long question is skipped."""
     import json
@@ -227,7 +218,7 @@ def test_evaluation_on_math500_with_the_chat_policy_and_a_published_prm(qwen_dir
 
     problems = load_problems("sample:math500", limit=2)
     problems.append(Problem("too-long", " ".join(["Natalia sold clips to her friends."] * 200), "1", "math500"))
-    cfg = EvalConfig(policy=str(qwen_dir), prm=f"qwen:{qwen_prm_dir}", dataset="math500", device="cpu",
+    cfg = EvalConfig(policy=str(qwen_policy_dir), prm=f"qwen:{qwen_prm_dir}", dataset="math500", device="cpu",
                      strategies=["greedy", "best_of_n@2", "guided@2", "beam@2"], beam_width=1, max_steps=3,
                      max_step_tokens=8, max_solution_tokens=24, temperature=1.0, out=str(tmp_path / "eval.json"))
     report = run_evaluation(cfg, problems=problems)
@@ -246,7 +237,7 @@ def test_evaluation_on_math500_with_the_chat_policy_and_a_published_prm(qwen_dir
 
 
 @pytest.mark.parametrize("mode", ["one_step", "full_solution"])
-def test_a_ppo_update_of_the_chat_policy_on_gsm8k_with_a_published_prm_reward(qwen_dir, qwen_prm_dir, mode):
+def test_a_ppo_update_of_the_chat_policy_on_gsm8k_with_a_published_prm_reward(qwen_policy_dir, qwen_prm_dir, mode):
     """PPO's episodes and update on the real path, in one process: the chat policy samples GSM8K
     steps, the published PRM rewards each, the learner's batch holds the sampled ids after the
     chat prompt, and one update gives finite losses."""
@@ -258,10 +249,11 @@ def test_a_ppo_update_of_the_chat_policy_on_gsm8k_with_a_published_prm_reward(qw
     from mathprm.train.ppo_episodes import collect_episodes, make_batch
     from mathprm.train.ppo_loss import PolicyWithValue, param_groups, ppo_update, token_logprobs
 
-    tok = AutoTokenizer.from_pretrained(qwen_dir)
-    lm = AutoModelForCausalLM.from_pretrained(qwen_dir)
+    tok = AutoTokenizer.from_pretrained(qwen_policy_dir)
+    lm = AutoModelForCausalLM.from_pretrained(qwen_policy_dir)
     reference = copy.deepcopy(lm).eval().requires_grad_(False)
-    cfg = PPOConfig(policy=str(qwen_dir), prm=f"qwen:{qwen_prm_dir}", dataset="gsm8k", mode=mode, advantage="grpo",
+    cfg = PPOConfig(policy=str(qwen_policy_dir), prm=f"qwen:{qwen_prm_dir}", dataset="gsm8k", eval_dataset="gsm8k",
+                    mode=mode, advantage="grpo",
                     outcome_reward=1.0, group_size=2, prompts_per_update=2, minibatch_size=4, ppo_epochs=1,
                     max_step_tokens=8, max_solution_tokens=24, reference_prefix_fraction=1.0, lr=1e-4)
     problems = load_problems("sample:gsm8k", limit=2)
@@ -288,7 +280,7 @@ def np_finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def test_a_lora_prm_on_the_chat_model_trains_on_gsm8k_paths_and_scores_with_its_prompts(qwen_dir, tmp_path):
+def test_a_lora_prm_on_the_chat_model_trains_on_gsm8k_paths_and_scores_with_its_prompts(qwen_policy_dir, tmp_path):
     """PRM training's steps on the real path, in one process: labelled GSM8K paths encoded after
     the chat prompt, LoRA adapters on the backbone, one optimiser step, merged and saved; the
     saved PRM scores with the same chat prompts."""
@@ -298,21 +290,21 @@ def test_a_lora_prm_on_the_chat_model_trains_on_gsm8k_paths_and_scores_with_its_
     from mathprm.train.prm_data import to_example
     from mathprm.train.run import add_lora, optimizer_step
 
-    tok = AutoTokenizer.from_pretrained(qwen_dir)
+    tok = AutoTokenizer.from_pretrained(qwen_policy_dir)
     prompter = Prompter(tok, FMT)
     rows = [{"question": p.question, "steps": [s for s in reference_steps(p) if s.strip()][:3],
              "targets": [1.0, 0.5, 0.0]} for p in load_problems("sample:gsm8k", limit=3)]
     examples = [to_example(r, prompter) for r in rows]
     head = prompter.ids(rows[0]["question"])
     assert examples[0].input_ids[: len(head)] == head and examples[0].positions[0] > len(head)
-    model = build_prm(str(qwen_dir))
+    model = build_prm(str(qwen_policy_dir))
     model.lm = add_lora(model.lm, 4, 8, 0.0)
     batch = collate(examples, tok.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     loss = optimizer_step(model, opt, 1e-3, lambda: prm_loss(model, batch))
     assert np_finite(loss)
     model.lm = model.lm.merge_and_unload()
-    save_prm(model, tok, FMT, tmp_path / "prm", {"base": str(qwen_dir), **prompter.describe()})
+    save_prm(model, tok, FMT, tmp_path / "prm", {"base": str(qwen_policy_dir), **prompter.describe()})
     scorer = PRMScorer(tmp_path / "prm", device="cpu")
     assert scorer.prompter.chat and scorer.prompter.system == DEFAULT_SYSTEM
     scores = scorer.score([r["question"] for r in rows], [r["steps"] for r in rows])
@@ -344,9 +336,13 @@ def _scripted_qwen(path, after: dict[int, int]):
 def test_vllm_takes_chat_prompts_as_ids_and_stops_at_a_merged_separator_and_at_every_eos_id(tmp_path):
     """A scripted chat policy writes ".\\n\\n" (one BPE token holding the separator) after the
     chat prompt, then <|endoftext|> (its second EOS id). On vLLM as on hf: the step stops at that
-    token with the text before the separator, and the rollout ends at the second EOS id."""
+    token with the text before the separator, and the rollout ends at the second EOS id. Both
+    labelling methods then run on the vLLM generator."""
     pytest.importorskip("vllm")
+    from mathprm.data.answers import judge_grader
+    from mathprm.data.problems import Problem
     from mathprm.generation import load_generator
+    from mathprm.labels.treesearch import TreeSearchConfig, label_problems
 
     tok = AutoTokenizer.from_pretrained(build_qwen_policy(tmp_path / "probe", num_heads=1))
     merged = tok.convert_tokens_to_ids("." + "\u010a\u010a")  # ".\n\n" in byte-level BPE
@@ -363,12 +359,20 @@ def test_vllm_takes_chat_prompts_as_ids_and_stops_at_a_merged_separator_and_at_e
             assert (step.text, step.n_tokens, step.finished, step.token_ids) == (".", 1, False, (merged,))
             (roll,) = gen.rollouts([Prefix(QUESTION)], 1, greedy)[0]
             assert (roll.finished, roll.token_ids, roll.steps) == (True, (merged, 0), [".", ""])
+        # The labeller on vLLM: the steps the policy wrote are labelled as written (the empty
+        # one after the separator that ended the sample included), graded wrong.
+        for method in ("math_shepherd", "omegaprm"):
+            tree = TreeSearchConfig(method=method, num_solutions=2, rollouts_per_step=2, rollout_budget=8,
+                                    max_solution_tokens=8)
+            ((labels, _),) = label_problems([Problem("q", QUESTION, "48", "gsm8k")], vllm, judge_grader, tree)
+            assert {(lab.prefix, lab.step, lab.score) for lab in labels} <= {((), ".", 0.0), ((".",), "", 0.0)}, method
+            assert labels or method == "omegaprm"  # OmegaPRM labels nothing when no rollout is right
     finally:
         vllm.llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.ray
-def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster, qwen_dir, qwen_prm_dir):
+def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster, qwen_policy_dir, qwen_prm_dir):
     """The Serve app on the real path: a guided search by the chat policy scored by a published
     PRM answers 200 with clean steps and scores in [0, 1]; a question that leaves no room in the
     policy's context is a 422 naming the limit."""
@@ -380,7 +384,7 @@ def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster,
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = {"policy": str(qwen_dir), "prm": f"qwen:{qwen_prm_dir}", "dataset": "math500", "device": "cpu",
+    args = {"policy": str(qwen_policy_dir), "prm": f"qwen:{qwen_prm_dir}", "dataset": "math500", "device": "cpu",
             "strategy": "guided", "search": {"n": 2, "max_steps": 2, "max_step_tokens": 8, "max_solution_tokens": 16}}
     try:
         serve.run(build_app(args), name="real", route_prefix="/", blocking=False)

@@ -32,9 +32,14 @@ class NoisyArithPolicy:
     carries to the answer). Greedy decoding takes the likelier branch. Samples depend only on
     each prefix's seed, as the contract asks. `calls` logs every call's kind."""
 
+    context_length = 1 << 20
+
     def __init__(self, problems, p_correct: float, finish: bool = True) -> None:
         self.by_q = {p.question: p for p in problems}
         self.p, self.finish, self.step_format, self.calls = p_correct, finish, FMT, []
+
+    def room(self, prefix):
+        return self.context_length
 
     def _step(self, problem, steps, rng, greedy):
         start, ops = arith.chain(problem)

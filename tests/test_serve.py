@@ -79,10 +79,19 @@ def test_bad_args_name_the_arg(model_dirs, tmp_path, monkeypatch):
     assert cfg.policy == str(policy.resolve()) and cfg.prm == str(prm.resolve()) and cfg.separator == "\n"
     real_math = load_serve_config(_args(policy, None, strategy="majority@4", dataset="math500"))
     assert real_math.separator == "\n\n" and real_math.search.n == 4
+    # Token caps left out are the dataset's, as in every stage; set ones are kept.
+    caps = [(c.search.max_step_tokens, c.search.max_solution_tokens) for c in (
+        load_serve_config(_args(policy, None, strategy="greedy", dataset=dataset, search=search))
+        for dataset, search in [("arith", {}), ("math500", {}), ("gsm8k", {}), ("math500", {"max_step_tokens": 99})]
+        for search in [{"n": 4, "max_steps": 6, **search}])]
+    assert caps == [(64, 384), (512, 2048), (256, 1024), (99, 2048)]
 
 
 class _SlowGenerator:
     """An async generator that never answers in time."""
+
+    async def room(self, prefix):
+        return 1 << 20
 
     async def next_steps(self, prefixes, n, sampling):
         await asyncio.sleep(30)

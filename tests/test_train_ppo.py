@@ -271,15 +271,19 @@ def _cfg(policy, out, **kw) -> PPOConfig:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_hf_policy(ray_cluster, tiny_policy_dir,
-                                                                                        tmp_path):
-    """full_solution + grpo + LoRA on two DDP workers, killed after its first checkpoint and
-    resumed; the one_step + gae path runs in the quick demo (tests/test_cli.py)."""
+def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_hf_policy(
+        ray_cluster, qwen_policy_dir, published_prms, tmp_path):
+    """The real path on Ray Train: the tiny Qwen2 chat policy on GSM8K, rewarded per step by a
+    published PRM (qwen kind) plus the outcome; full_solution + grpo + LoRA on two DDP workers,
+    killed after its first checkpoint and resumed. The one_step + gae path on the arithmetic
+    models runs in the quick demo (tests/test_cli.py)."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "ppo"
-    cfg = _cfg(tiny_policy_dir, out, mode="full_solution", advantage="grpo", outcome_reward=1.0, lora_r=4,
-               entropy_coef=0.01, updates=40)  # the entropy bonus moves even a junk policy's weights
+    cfg = _cfg(qwen_policy_dir, out, prm=f"qwen:{published_prms['qwen']}", dataset="sample:gsm8k", num_problems=20,
+               eval_dataset="sample:gsm8k", max_step_tokens=8, max_solution_tokens=24, mode="full_solution",
+               advantage="grpo", outcome_reward=1.0, lora_r=4, entropy_coef=0.01,
+               updates=40)  # the entropy bonus moves even a junk policy's weights
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-ppo", *overrides], ray_cluster["gcs_address"],
                                 tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 300)
@@ -301,7 +305,7 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
     assert not list(out.glob("adapter_*"))  # merged: a plain HF directory
     model = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name or "v_head" in name for name, _ in model.named_parameters())
-    base = dict(AutoModelForCausalLM.from_pretrained(tiny_policy_dir).named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(qwen_policy_dir).named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in model.named_parameters())  # the adapters moved the weights
 
 

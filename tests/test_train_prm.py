@@ -122,11 +122,13 @@ def _cfg(data, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learns(ray_cluster, tiny_policy_dir,
+def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learns(ray_cluster, qwen_policy_dir,
                                                                                    tmp_path, monkeypatch):
-    """One run for all of Ray Train's paths (each start costs ~30 s here): TRL stepwise rows
-    (the quick demo trains on tree-search labels), two DDP workers, LoRA adapters through PEFT;
-    killed after its first checkpoint, then resumed to the end, then reused."""
+    """One run for all of Ray Train's paths (each start costs ~30 s here), on the real path: the
+    tiny Qwen2 chat model as the base (its chat prompts around every path), TRL stepwise rows
+    (the quick demo trains the arithmetic PRM on tree-search labels), two DDP workers, LoRA
+    adapters through PEFT; killed after its first checkpoint, then resumed to the end, then
+    reused."""
     import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
@@ -135,7 +137,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
 
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
-    cfg = _cfg(tmp_path / "soft.parquet", tiny_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
+    cfg = _cfg(tmp_path / "soft.parquet", qwen_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
                eval_every=100, lora_r=4)
     overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
     kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
@@ -165,6 +167,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     assert not any("lora" in name for name, _ in AutoModelForCausalLM.from_pretrained(out).named_parameters())
     assert not any("lora" in name for name, _ in load_prm(out).named_parameters())
     scorer = PRMScorer(out, device="cpu")
+    assert scorer.prompter.chat  # the base's chat template, recorded with the PRM
     p = arith.generate("easy", 1, seed=11, split="train")[0]
     assert len(scorer.score([p.question], [arith.solution_steps(p)])[0]) == len(arith.solution_steps(p))
     # Reuse: a finished PRM comes back without Ray.

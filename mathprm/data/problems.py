@@ -365,23 +365,31 @@ _DATASETS: dict[str, Loader] = {
 }
 
 
+def _family(spec: str) -> str:
+    """How a dataset (a name, a path or a `Problem.source`) writes its solutions: "arith" (the
+    generated worlds, `arith:*`), "gsm8k" (any name holding it: a step per line) or "math"
+    (MATH, ProcessBench and everything else: MATH-length, paragraphs)."""
+    spec = str(spec)
+    if spec.startswith("arith:"):
+        return "arith"
+    return "gsm8k" if "gsm8k" in spec.lower() else "math"
+
+
 def default_separator(spec: str) -> str:
     """The step separator a dataset's solutions are written with: one operation per line in the
     generated arithmetic worlds (`arith:*`), a blank line between steps everywhere else (MATH,
     ProcessBench, Math-Shepherd's convention)."""
-    return "\n" if str(spec).startswith("arith:") else "\n\n"
+    return "\n" if _family(spec) == "arith" else "\n\n"
+
+
+_TOKEN_CAPS = {"arith": (64, 384), "gsm8k": (256, 1024), "math": (512, 2048)}
 
 
 def token_caps(spec: str) -> tuple[int, int]:
     """(max_step_tokens, max_solution_tokens) fit for a dataset's solutions, the default of every
     stage that samples: the arithmetic world's one-line steps (64, 384), GSM8K's short worked
     answers (256, 1024), MATH-length solutions everywhere else (512, 2048)."""
-    spec = str(spec)
-    if spec.startswith("arith:"):
-        return 64, 384
-    if "gsm8k" in spec:
-        return 256, 1024
-    return 512, 2048
+    return _TOKEN_CAPS[_family(spec)]
 
 
 def reference_steps(problem: Problem) -> list[str]:
@@ -392,7 +400,7 @@ def reference_steps(problem: Problem) -> list[str]:
     (`default_separator`): GSM8K references hold single newlines, a policy writes "\n\n"."""
     if not problem.solution:
         return []
-    separator = "\n" if problem.source.endswith("gsm8k") else default_separator(problem.source)
+    separator = "\n" if _family(problem.source) == "gsm8k" else default_separator(problem.source)
     return [s for s in problem.solution.split(separator) if s.strip()]
 
 

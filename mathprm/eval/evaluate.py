@@ -339,7 +339,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
     skipped = []
     fitting = []
     for p in problems:
-        room = generator.room(Prefix(p.question)) if hasattr(generator, "room") else cfg.max_step_tokens
+        room = generator.room(Prefix(p.question))
         if room < cfg.max_step_tokens:
             context = generator.context_length
             print(f"[evaluate] skipped {p.id}: its prompt leaves {max(room, 0)} of the policy's {context} tokens of "

@@ -15,11 +15,23 @@ generator needs an `if __name__ == "__main__":` guard; pytest and Ray workers ne
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
+
+# A Unix socket's path holds at most 107 bytes; vLLM names its sockets TMPDIR/<uuid4>.
+_SOCKET_DIR_MAX = 107 - len("/00000000-0000-0000-0000-000000000000")
+
+
+def _socket_dir(preferred: Path) -> str:
+    """`preferred` when vLLM's socket paths under it fit, else a fresh short folder under /tmp
+    (a deep `run_dir` would otherwise fail the engine's start with a ZMQ bind error)."""
+    if len(str(preferred)) <= _SOCKET_DIR_MAX:
+        return str(preferred)
+    return tempfile.mkdtemp(prefix="mathprm-vllm-", dir="/tmp" if os.path.isdir("/tmp") else None)
 
 
 class VLLMGenerator:
@@ -65,7 +77,7 @@ class VLLMGenerator:
         self.step_format = step_format
         # The engine's sockets go to TMPDIR when it starts; the caller's TMPDIR comes back after.
         old_tmp = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = str(run / "tmp")
+        os.environ["TMPDIR"] = _socket_dir(run / "tmp")
         try:
             self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0, **options)
         finally:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mathprm.config import from_dict
+from mathprm.data.problems import token_caps
 from mathprm.generation import GENERATORS
 from mathprm.scorer import PRMRef, parse_prm, trained_separator
 from mathprm.search import STRATEGIES, SearchConfig, parse_strategy
@@ -101,11 +102,15 @@ class ServeConfig:
     @property
     def source(self) -> str:
         """The `Problem.source` of a question: `Judge` reads integers for `arith:*` sources."""
-        return "arith:any" if self.dataset == "arith" else self.dataset
+        return _source(self.dataset)
 
     @property
     def strategy_name(self) -> str:
         return self.strategy.partition("@")[0]
+
+
+def _source(dataset: str) -> str:
+    return "arith:any" if dataset == "arith" else dataset
 
 
 def _model_dir(name: str, path: str, marker: str) -> str:
@@ -121,8 +126,16 @@ def _model_dir(name: str, path: str, marker: str) -> str:
 
 
 def load_serve_config(args: dict[str, Any]) -> ServeConfig:
-    """`args` checked field by field: a `ConfigError` (a ValueError) naming the bad one."""
-    return from_dict(ServeConfig, dict(args or {}))
+    """`args` checked field by field: a `ConfigError` (a ValueError) naming the bad one. The
+    search's token caps (`search.max_step_tokens` / `max_solution_tokens`) left out are the
+    dataset's (`mathprm.data.problems.token_caps`), as in every other stage."""
+    args = dict(args or {})
+    search = args.get("search", {})
+    if isinstance(search, dict):  # anything else is named by from_dict
+        dataset = args.get("dataset", ServeConfig.dataset)
+        steps, solutions = token_caps(_source(dataset) if isinstance(dataset, str) else "")
+        args["search"] = {"max_step_tokens": steps, "max_solution_tokens": solutions, **search}
+    return from_dict(ServeConfig, args)
 
 
 def api_key_digest(env_name: str | None) -> bytes | None:

@@ -125,10 +125,7 @@ class Solver:
     async def check_room(self, problem: Problem, search: SearchConfig) -> None:
         """A question whose prompt leaves less than one step's tokens of the policy's context is
         refused (RequestError 422 naming the limit), not searched into a run of cut steps."""
-        room_of = getattr(self.generator, "room", None)  # generators that know their context
-        if room_of is None:
-            return
-        room = await room_of(Prefix(problem.question))
+        room = await self.generator.room(Prefix(problem.question))
         if room < search.max_step_tokens:
             raise RequestError("question", f"question: its prompt leaves {max(room, 0)} tokens of the policy's "
                                            f"context, fewer than max_step_tokens ({search.max_step_tokens}); ask a "

@@ -79,7 +79,8 @@ class PPOConfig:
     # exact step checker; "none": no step reward, only outcome_reward (full_solution): the baseline a PRM must beat
     dataset: str = "arith:hard"  # training problems (train split for arith:*), a dataset name or a table path
     num_problems: int = 4000  # size of the training pool
-    eval_dataset: str = "arith:hard"  # held-out problems (test split for arith:*)
+    # held-out problems; None: the dataset's test split for arith:*, to be given for any other dataset
+    eval_dataset: str | None = None
     eval_problems: int = 100
     # the system message of a chat prompt when the policy's tokenizer has a chat template (mathprm.prompts)
     system_prompt: str | None = DEFAULT_SYSTEM
@@ -129,6 +130,11 @@ class PPOConfig:
     num_cpus: int | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_dataset is None:
+            if not self.dataset.startswith("arith:"):
+                raise ValueError(f"eval_dataset: give held-out problems for {self.dataset} (a dataset name or a table "
+                                 "path); only arith:* has a test split of its own")
+            self.eval_dataset = self.dataset
         steps, solutions = token_caps(self.dataset)
         self.max_step_tokens = steps if self.max_step_tokens is None else self.max_step_tokens
         self.max_solution_tokens = solutions if self.max_solution_tokens is None else self.max_solution_tokens
