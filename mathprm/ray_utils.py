@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-_LOOPBACK_ENV = {
+LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "RAY_USAGE_STATS_ENABLED": "0",
     "TOKENIZERS_PARALLELISM": "false",
@@ -27,7 +27,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboa
     it, and Ray's State API, which Ray Train's placement-group cleaner polls, lives in it
     (without it that cleaner logs a warning every few seconds).
     """
-    for key, value in _LOOPBACK_ENV.items():
+    for key, value in LOOPBACK_ENV.items():
         os.environ.setdefault(key, value)
     import ray
 

@@ -31,14 +31,30 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster shared by every test of the run (starting one costs ~10 s)."""
+    """A real local Ray cluster shared by every test of the run (starting one costs ~10 s): the
+    head node of Ray's own multi-node test cluster (`ray.cluster_utils.Cluster`), loopback only,
+    so that a test can add nodes and kill them (`info["cluster"]`). Tests that add nodes remove
+    them before they end."""
+    import socket
+
     import ray
+    from ray.cluster_utils import Cluster
 
-    from mathprm.ray_utils import init_ray
+    from mathprm.ray_utils import LOOPBACK_ENV, init_ray
 
-    info = init_ray(num_cpus=2)
-    yield info
+    for key, value in LOOPBACK_ENV.items():
+        os.environ.setdefault(key, value)
+    with socket.socket() as s:  # 8265 may be taken by a cluster of the developer's
+        s.bind(("127.0.0.1", 0))
+        dashboard_port = s.getsockname()[1]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                           "dashboard_host": "127.0.0.1",
+                                                           "dashboard_port": dashboard_port,
+                                                           "node_ip_address": "127.0.0.1"})
+    info = init_ray(cluster.address)
+    yield {**info, "cluster": cluster}
     ray.shutdown()
+    cluster.shutdown()
 
 
 # The memorised solutions of `tiny_policy_dir`: question -> steps, then EOS. The separator is
@@ -184,6 +200,55 @@ def kill_after_first_checkpoint(command: list[str], ray_address: str, snapshot: 
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+class TrainWorkerKiller:
+    """While in its `with` block, SIGKILLs one Ray Train worker process as soon as the run
+    registers a checkpoint newer than the one `snapshot` (its checkpoint_manager_snapshot.json)
+    holds on entry: a worker lost mid-training, after the run has made progress to resume from.
+    `killed` is the pid, or None if no new checkpoint came."""
+
+    def __init__(self, snapshot: Path, webui_url: str) -> None:
+        self.snapshot, self.webui_url, self.killed = snapshot, webui_url, None
+
+    def _latest(self) -> str | None:
+        import json
+
+        try:
+            return json.dumps(json.loads(self.snapshot.read_text()).get("latest_checkpoint_result"))
+        except (OSError, ValueError):  # not written yet, or caught mid-write
+            return None
+
+    def _watch(self) -> None:
+        import signal
+        import time
+
+        from ray.util.state import list_actors
+
+        start = self._latest()
+        while not self._stop.is_set():
+            latest = self._latest()
+            if latest not in (None, start, "null"):
+                workers = [a.pid for a in list_actors(address=f"http://{self.webui_url}",
+                                                      filters=[("state", "=", "ALIVE")])
+                           if "RayTrainWorker" in a.class_name and a.pid]
+                if workers:
+                    os.kill(workers[0], signal.SIGKILL)
+                    self.killed = workers[0]
+                    return
+            time.sleep(0.2)
+
+    def __enter__(self) -> "TrainWorkerKiller":
+        import threading
+
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def metrics_text(port: int) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -58,6 +57,8 @@ def test_config_errors_name_the_key():
         load_config(MCTSConfig, None, ["num_solutions=8", "rollout_budget=4"])
     with pytest.raises(ConfigError, match="backend"):
         load_config(MCTSConfig, None, ["backend=tgi"])
+    with pytest.raises(ConfigError, match=r"resources_per_actor\.labeller: must be a number > 0"):
+        load_config(MCTSConfig, None, ["resources_per_actor={labeller: 0}"])
     cfg = load_config(MCTSConfig, REPO / "mathprm/configs/mcts_arith.yaml", ["method=omegaprm"])
     assert (cfg.method, cfg.out_dir, cfg.split) == ("omegaprm", "runs/arith/mcts", "train")
 
@@ -201,60 +202,69 @@ def test_labels_gsm8k_with_a_chat_model_through_its_template(ray_cluster, qwen_p
         assert 0.0 <= row["score"] <= 1.0 and row["generator"].endswith(str(qwen_policy_dir))
 
 
-N_KILL = 48  # problems of the kill test
+N_LOST = 24  # problems of the node-loss test
 
 
 @pytest.mark.ray
-def test_a_killed_expander_actor_loses_and_duplicates_nothing(ray_cluster, tiny_policy_dir, tmp_path):
-    """Run the job script against the shared cluster, SIGKILL an expander actor once the first
-    batch is committed, and check that every problem is in the output exactly once. Meanwhile
-    the actors' Ray metrics appear on the node's Prometheus endpoint."""
+def test_a_node_lost_mid_labelling_loses_and_duplicates_nothing(ray_cluster, tiny_policy_dir, tmp_path):
+    """Node loss on a real multi-node cluster (loopback): two worker nodes join the test cluster,
+    each offering one `labeller` resource, which the job's one expander actor needs. Once the
+    first batch is committed, the node running the expander is removed (its raylet and every
+    process on it killed); the actor comes back on the other node and every problem is in the
+    output exactly once. The actors' Ray metrics appear on their node's Prometheus endpoint."""
     from ray.util.state import list_actors
 
+    cluster = ray_cluster["cluster"]
+    nodes = {n.node_id: n for n in (cluster.add_node(num_cpus=1, resources={"labeller": 1}) for _ in range(2))}
     out = tmp_path / "mcts"
-    # The memorised questions, eight times each: every problem has whole steps to complete, so
-    # the run lasts long enough to be killed on any CPU (on arith the junk may have no steps).
-    data = _jsonl(tmp_path / "p.jsonl", [_memorised()[i % 2] for i in range(N_KILL)])
+    # The memorised questions, again and again: every problem has whole steps to complete, so
+    # the run lasts long enough to lose a node on any CPU (on arith the junk may have no steps).
+    data = _jsonl(tmp_path / "p.jsonl", [_memorised()[i % 2] for i in range(N_LOST)])
     args = [sys.executable, str(REPO / "jobs/mcts.py"), f"policy={tiny_policy_dir}", f"dataset={data}",
-            'separator="\\n"', f"limit={N_KILL}", "num_solutions=4", "rollouts_per_step=8", "max_solution_tokens=64",
-            "num_actors=2",
-            "cpus_per_actor=0.5", "batch_problems=1", f"out_dir={out}", "progress_every_s=2"]
+            'separator="\\n"', f"limit={N_LOST}", "num_solutions=4", "rollouts_per_step=8", "max_solution_tokens=64",
+            "num_actors=1", "cpus_per_actor=0.5", "resources_per_actor={labeller: 1}", "batch_problems=1",
+            f"out_dir={out}", "progress_every_s=2"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster["address"]}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     labels_dir = out / "labels"
-    killed, pids = None, []
-    deadline = time.monotonic() + 300
-    while killed is None and proc.poll() is None and time.monotonic() < deadline:
-        if not pids:  # looked up before the first commit: a lookup takes a second, the run not much more
-            pids = [a.pid for a in list_actors(address=f"http://{ray_cluster['webui_url']}",
-                                               filters=[("state", "=", "ALIVE")]) if "Expander" in a.class_name and a.pid]
-        if pids and labels_dir.exists() and list(labels_dir.glob("part-*.parquet")):
-            committed = len(committed_problems(labels_dir))
-            try:
-                os.kill(pids[0], signal.SIGKILL)
-                killed = (pids[0], committed)
-            except ProcessLookupError:  # that worker is gone already: look again
-                pids = []
-        time.sleep(0.1)
-    seen_metrics = False
-    while proc.poll() is None and time.monotonic() < deadline:
-        seen_metrics = seen_metrics or "mathprm_mcts_problems" in metrics_text(ray_cluster["metrics_export_port"])
-        time.sleep(1)
-    log = proc.communicate(timeout=60)[0]
+    lost, victim, seen_metrics = None, None, False
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while lost is None and proc.poll() is None and time.monotonic() < deadline:
+            if victim is None:  # looked up before the first commit: a lookup takes a second, the run not much more
+                on = [a.node_id for a in list_actors(address=f"http://{ray_cluster['webui_url']}",
+                                                     filters=[("state", "=", "ALIVE")]) if "Expander" in a.class_name]
+                victim = nodes.get(on[0]) if on else None
+            if victim is not None and labels_dir.exists() and list(labels_dir.glob("part-*.parquet")):
+                lost = len(committed_problems(labels_dir))
+                cluster.remove_node(nodes.pop(victim.node_id), allow_graceful=False)
+            time.sleep(0.1)
+        def metrics_seen() -> bool:
+            return any("mathprm_mcts_problems" in metrics_text(n.metrics_export_port) for n in nodes.values())
+
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen_metrics = seen_metrics or metrics_seen()
+            time.sleep(1)
+        log = proc.communicate(timeout=60)[0]
+        seen_metrics = seen_metrics or metrics_seen()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for node in nodes.values():
+            cluster.remove_node(node)
     assert proc.returncode == 0, log[-4000:]
-    assert killed is not None and killed[1] < N_KILL, f"the actor must die mid-run; killed={killed}\n{log[-3000:]}"
+    assert lost is not None and lost < N_LOST, f"the node must go mid-run; committed then: {lost}\n{log[-3000:]}"
     table = read_labels(out)
     done = committed_problems(labels_dir)
-    assert len(done) == N_KILL
+    assert len(done) == N_LOST
     assert set(table.column("problem_id").to_pylist()) <= set(done)
     rows = list(zip(table.column("problem_id").to_pylist(), table.column("prefix").to_pylist(),
                     table.column("step").to_pylist()))
     assert len(rows) == len(set(map(str, rows))), "a labelled step appears twice"
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["problems"] == N_KILL and summary["labels"] == len(rows)
-    assert f"[mcts] {N_KILL}/{N_KILL} problems" in log
-    seen_metrics = seen_metrics or "mathprm_mcts_problems" in metrics_text(ray_cluster["metrics_export_port"])
-    assert seen_metrics, "mathprm_mcts_* metrics never reached the metrics endpoint"
+    assert summary["problems"] == N_LOST and summary["labels"] == len(rows)
+    assert f"[mcts] {N_LOST}/{N_LOST} problems" in log
+    assert seen_metrics, "mathprm_mcts_* metrics never reached the surviving node's metrics endpoint"
 
 
 @pytest.mark.ray

@@ -133,7 +133,7 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
     from transformers import AutoModelForCausalLM
 
     from mathprm.models.prm import PRMScorer, load_prm, saved_threshold
-    from tests.conftest import MetricsWatcher
+    from tests.conftest import MetricsWatcher, TrainWorkerKiller
 
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
@@ -144,12 +144,17 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
                                 tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 300)
     assert not out.exists()
     names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
-    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
+    # The resumed run then loses a worker once it has checkpointed: the group restarts from
+    # that checkpoint (max_failures) and the run ends at the same step count.
+    snapshot = tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json"
+    with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher, \
+            TrainWorkerKiller(snapshot, ray_cluster["webui_url"]) as killer:
         assert train_prm(dataclasses.replace(cfg, epochs=3, eval_every=2)) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
+    assert killer.killed, "no worker was killed: the resumed run registered no new checkpoint"
     summary = json.loads((out / PRM_STAGE.summary_file).read_text())
-    assert summary["resumed_from_step"] >= 2
-    assert summary["steps"] > summary["resumed_from_step"]
+    assert summary["resumed_from_step"] >= 4  # the checkpoint after the driver's resume, restored after the kill
+    assert summary["steps"] == 3 * (summary["train_solutions"] // (8 * 2))  # epochs x steps per epoch
     assert summary["config"]["lora_r"] == 4 and summary["config"]["num_workers"] == 2
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
     # It learns: the validation BCE (one fixed set, so no batch-to-batch noise) falls well below

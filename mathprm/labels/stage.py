@@ -92,6 +92,8 @@ class MCTSConfig(TreeSearchConfig):
     num_actors: int = 1  # expander actors, each with its own generator engine
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0  # e.g. 1 for vLLM on a GPU
+    # Ray custom resources each actor needs (pins expanders to a node pool), e.g. {labeller: 1}
+    resources_per_actor: dict[str, float] = dataclasses.field(default_factory=dict)
     batch_problems: int = 8  # problems an actor searches in lockstep; also problems per output file
     out_dir: str = "runs/arith/mcts"
     trl_export: list[str] = dataclasses.field(default_factory=lambda: list(TRL_FORMATS))
@@ -115,6 +117,9 @@ class MCTSConfig(TreeSearchConfig):
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.cpus_per_actor < 0 or self.gpus_per_actor < 0:
             raise ValueError("cpus_per_actor / gpus_per_actor: must be >= 0")
+        for name, amount in self.resources_per_actor.items():
+            if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
+                raise ValueError(f"resources_per_actor.{name}: must be a number > 0, got {amount!r}")
         bad = [f for f in self.trl_export if f not in TRL_FORMATS]
         if bad:
             raise ValueError(f"trl_export: unknown format(s) {bad}; formats: {', '.join(TRL_FORMATS)}")
@@ -348,6 +353,7 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
             compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
             num_cpus=cfg.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
+            **({"resources": cfg.resources_per_actor} if cfg.resources_per_actor else {}),
         )
         with _Progress(labels_dir, len(problems), len(problems) - len(todo), cfg.progress_every_s) as progress:
             labelled.write_datasink(_make_sink(labels_dir, run_id), ray_remote_args={"num_cpus": 0})

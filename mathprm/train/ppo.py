@@ -67,7 +67,8 @@ from mathprm.train.ppo_loss import PolicyWithValue, PPOBatch, param_groups, ppo_
 from mathprm.train.run import Stage, Worker, add_lora, greedy_accuracy, launch
 
 PPO_STAGE = Stage("ppo", "ppo", "policy", "ppo_summary.json", may_change=(
-    "updates", "time_budget_min", "eval_every", "checkpoint_every", "out_dir", "overwrite", "ray_address", "num_cpus"))
+    "updates", "time_budget_min", "eval_every", "checkpoint_every", "out_dir", "overwrite",
+    "ray_address", "num_cpus", "max_failures"))
 METRICS_FILE = "ppo_metrics.jsonl"
 PLOT_FILE = "ppo_curves.png"
 
@@ -120,6 +121,8 @@ class PPOConfig:
     checkpoint_every: int = 10  # updates between rank-0 checkpoints
     seed: int = 0
     eval_seed: int = 1
+    # worker-group restarts from the last checkpoint after a worker or its node dies (Ray Train FailureConfig)
+    max_failures: int = 2
     num_workers: int = 1
     cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
     use_gpu: bool = False

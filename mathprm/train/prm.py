@@ -57,7 +57,8 @@ from mathprm.train.run import Stage, Window, Worker, add_lora, launch, optimizer
 from mathprm.train.schedule import warmup_cosine
 
 PRM_STAGE = Stage("train-prm", "prm", "PRM", "prm_summary.json", may_change=(
-    "epochs", "log_every", "eval_every", "checkpoint_every", "out_dir", "overwrite", "ray_address", "num_cpus"))
+    "epochs", "log_every", "eval_every", "checkpoint_every", "out_dir", "overwrite",
+    "ray_address", "num_cpus", "max_failures"))
 
 
 @dataclasses.dataclass
@@ -88,6 +89,8 @@ class TrainPRMConfig:
     eval_every: int = 100  # steps between validation passes (a multiple of log_every)
     checkpoint_every: int = 100  # steps between rank-0 checkpoints (a multiple of log_every)
     seed: int = 0
+    # worker-group restarts from the last checkpoint after a worker or its node dies (Ray Train FailureConfig)
+    max_failures: int = 2
     num_workers: int = 2
     use_gpu: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"

@@ -64,7 +64,7 @@ def launch(stage: Stage, cfg: Any, loop: Callable[[dict], None], prepare: Callab
     `paths` are the config's path fields (`check_job_paths`). `prepare(out)` validates the
     config and returns (the loop's config dict, extra `fit_torch_trainer` arguments such as
     datasets); it runs before Ray starts unless it starts Ray itself. `cfg` has `out_dir`,
-    `overwrite`, `ray_address`, `num_cpus`, `num_workers` and `use_gpu`."""
+    `overwrite`, `ray_address`, `num_cpus`, `num_workers`, `use_gpu` and `max_failures`."""
     from mathprm.ray_utils import check_job_paths, init_ray
 
     check_job_paths(**paths)
@@ -73,8 +73,11 @@ def launch(stage: Stage, cfg: Any, loop: Callable[[dict], None], prepare: Callab
         return out
     settings, extra = prepare(out)
     init_ray(cfg.ray_address, cfg.num_cpus)
+    if not isinstance(cfg.max_failures, int) or isinstance(cfg.max_failures, bool) or cfg.max_failures < 0:
+        raise ConfigError(f"max_failures: must be an int >= 0, got {cfg.max_failures!r}")
     fit_torch_trainer(loop, settings, out, f"{stage.run_prefix}-{out.name}", num_workers=cfg.num_workers,
-                      use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=stage.may_change, **extra)
+                      use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=stage.may_change,
+                      max_failures=cfg.max_failures, **extra)
     if not stage.is_finished(out):
         raise RuntimeError(f"[{stage.tag}] the run ended without writing a {stage.what} to {out}")
     return out
@@ -113,12 +116,14 @@ def check_resume(run_dir: Any, may_change: tuple[str, ...], settings: dict[str, 
 
 def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Path, run_name: str, *, num_workers: int,
                       use_gpu: bool, overwrite: bool, may_change: tuple[str, ...],
-                      resources_per_worker: dict[str, float] | None = None, datasets: dict | None = None,
+                      resources_per_worker: dict[str, float] | None = None, max_failures: int = 0,
+                      datasets: dict | None = None,
                       dataset_config: Any = None) -> None:
     """Run `loop(config)` on a `TorchTrainer` whose checkpoints live in `out.parent/ray_train/run_name`
     (one kept; a rerun resumes from it, refused by `check_resume` when settings other than
-    `may_change` differ; `overwrite` starts from scratch). Keys of `config` starting with "_"
-    are derived values, not settings.
+    `may_change` differ; `overwrite` starts from scratch). A worker (or its node) that dies is
+    replaced up to `max_failures` times, the group restarting from the last checkpoint. Keys of
+    `config` starting with "_" are derived values, not settings.
 
     Logs: Ray Train's own INFO lines are filtered to WARNING (`Worker.report` also quiets its
     "Reporting training result ..." line per report), and its print patch is off unless
@@ -142,7 +147,7 @@ def fit_torch_trainer(loop: Any, config: dict[str, Any], out: Path, run_name: st
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker),
         run_config=RunConfig(storage_path=str(storage), name=run_name, checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
         **extra,
     ).fit()

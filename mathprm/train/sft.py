@@ -43,7 +43,7 @@ IGNORE_INDEX = -100  # label of positions that carry no loss (prompt and padding
 # A resumed run may train longer or log differently (`Stage.may_change`).
 SFT_STAGE = Stage("sft", "sft", "policy", "sft_summary.json", may_change=(
     "max_steps", "time_budget_min", "log_every", "checkpoint_every", "snapshot_every", "out_dir", "overwrite",
-    "ray_address", "num_cpus", "stop_at_accuracy", "eval_problems", "eval_every"))
+    "ray_address", "num_cpus", "max_failures", "stop_at_accuracy", "eval_problems", "eval_every"))
 
 
 @dataclasses.dataclass
@@ -73,6 +73,8 @@ class SFTConfig:
     eval_problems: int = 100
     eval_every: int = 250  # steps between held-out checks (a multiple of log_every)
     seed: int = 0
+    # worker-group restarts from the last checkpoint after a worker or its node dies (Ray Train FailureConfig)
+    max_failures: int = 2
     num_workers: int = 2
     use_gpu: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: forward under bfloat16 autocast (GPU, or CPU with AVX-512 BF16)
