@@ -21,9 +21,11 @@ Output (`out_dir`):
 
 Every file is written under a temporary name and renamed into place, so a reader never sees
 half a file; a file holds whole problems. Resume: a rerun with the same `out_dir` reads which
-problems the committed files hold and searches only the others. Files are written on the
-driver's node (`supports_distributed_writes = False`), so a local `out_dir` works on a
-multi-node cluster.
+problems the committed files hold and searches only the others. A part file that cannot be
+read (a disk fault, a copy cut short, a stranger's file) stops the run with its name;
+`repair=true` moves such files into `corrupt/` and labels their problems again. Files are
+written on the driver's node (`supports_distributed_writes = False`), so a local `out_dir`
+works on a multi-node cluster.
 
 Problems without a usable gold answer cannot be graded: they are skipped and counted, and if
 none is usable the stage stops before starting Ray. Ray metrics (`mathprm_mcts_*`: problems,
@@ -96,6 +98,9 @@ class MCTSConfig(TreeSearchConfig):
     out_dir: str = "runs/arith/mcts"
     trl_export: list[str] = dataclasses.field(default_factory=lambda: list(TRL_FORMATS))
     overwrite: bool = False  # start over instead of resuming
+    # Move unreadable part files aside (into <out_dir>/corrupt/, never deleted) and label their
+    # problems again, instead of stopping at the first one.
+    repair: bool = False
     progress_every_s: float = 10.0
     ray_address: str | None = None  # None: RAY_ADDRESS or a local loopback cluster
     num_cpus: int | None = None  # CPUs of a local cluster started by this run
@@ -292,13 +297,17 @@ def _prepare_out_dir(cfg: MCTSConfig) -> Path:
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     labels_dir = out / "labels"
+    for d in (out, labels_dir):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"out_dir: {d} is a file, not a directory; move it aside or use another out_dir")
     labels_dir.mkdir(parents=True, exist_ok=True)
     for tmp in labels_dir.glob(".part-*.tmp-*"):  # atomic.file's temporaries of a killed run
         tmp.unlink()
     run_file = out / "run.json"
     identity = json.loads(json.dumps(cfg.identity()))  # as it reads back from JSON
     if run_file.exists():
-        previous = json.loads(run_file.read_text())
+        previous = atomic.read_json(run_file, "move it aside to resume the labels there as this run's, or use "
+                                    "overwrite=true")
         diff = [k for k in _IDENTITY if previous.get(k) != identity.get(k)]
         if diff:
             k = diff[0]
@@ -316,18 +325,18 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     import ray.data
 
     from mathprm.data.ray_data import problems_dataset
+    from mathprm.models import check_model_dir
     from mathprm.ray_utils import check_job_paths, init_ray
 
     local_data = cfg.dataset if Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet") else None
     check_job_paths(policy=cfg.policy, out_dir=cfg.out_dir, dataset=local_data)
-    if not (Path(cfg.policy) / "config.json").is_file():
-        raise FileNotFoundError(f"policy: {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg.policy, "policy")  # here, not in each actor
     # Actors and write tasks run in worker processes with their own working directory.
     cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()), out_dir=str(Path(cfg.out_dir).resolve()))
     problems, skipped = load_stage_problems(cfg)
     out = _prepare_out_dir(cfg)
     labels_dir = out / "labels"
-    done = committed_problems(labels_dir)
+    done = committed_problems(labels_dir, repair=cfg.repair)
     extra = done.keys() - {p.id for p in problems}
     if extra:  # refused before any work, not after it
         raise ConfigError(f"out_dir: {out} holds labels of problems this config does not select, e.g. "
