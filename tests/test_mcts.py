@@ -21,9 +21,9 @@ from mathprm.data import arith
 from mathprm.data.problems import Problem
 from mathprm.labels import steptable
 from mathprm.labels.parts import PROBLEMS_KEY, committed_problems, problems_block, read_labels, write_labels_file
-from mathprm.labels.stage import MCTSConfig, load_stage_problems, run_mcts
+from mathprm.labels.stage import MCTSConfig, _Progress, finish, load_stage_problems, run_mcts
 from mathprm.labels.steptable import StepLabel
-from mathprm.labels.treesearch import SearchStats
+from mathprm.labels.treesearch import ALL_RIGHT, TOO_LONG, SearchStats
 from tests.conftest import metrics_text
 
 from .conftest import MEMORISED, REPO
@@ -125,6 +125,21 @@ def test_a_foreign_parquet_file_in_labels_is_refused(tmp_path):
     pq.write_table(steptable.SCHEMA.empty_table(), tmp_path / "labels" / "part-0.parquet")
     with pytest.raises(ValueError, match="was not written by the tree-search stage"):
         committed_problems(tmp_path / "labels")
+
+
+def test_problems_without_labels_are_counted_by_reason_in_the_summary_and_the_progress_line(tmp_path):
+    problems = [Problem(id=x, question="q?", answer="1", source="t") for x in "abcd"]
+    block = problems_block([(problems[0], _labels("a", 2), SearchStats(n_rollouts=4), 0.1),
+                            (problems[1], [], SearchStats(n_rollouts=8, no_labels=ALL_RIGHT), 0.1),
+                            (problems[2], [], SearchStats(n_rollouts=8, no_labels=ALL_RIGHT), 0.1),
+                            (problems[3], [], SearchStats(skipped_too_long=1, no_labels=TOO_LONG), 0.0)], "hf:x", 0)
+    out = tmp_path / "mcts"
+    write_labels_file(block, out / "labels" / "part-x-00000-000.parquet")
+    summary = finish(_config(tmp_path / "policy", out, dataset="t.jsonl", trl_export=[]), problems, 0, set("abcd"), 1.0)
+    assert summary["no_labels"] == {ALL_RIGHT: 2, TOO_LONG: 1} and summary["labels"] == 2
+    assert json.loads((out / "summary.json").read_text())["no_labels"] == summary["no_labels"]
+    line = _Progress(out / "labels", 4, 0, 10.0).line()
+    assert line.endswith(f"; 3 without labels (2 {ALL_RIGHT}, 1 {TOO_LONG})"), line
 
 
 def test_unreadable_part_files_are_named_and_repair_moves_them_aside(tmp_path):

@@ -51,6 +51,7 @@ def problems_block(results: Iterable[tuple[Problem, list[StepLabel], SearchStats
     for name in PROBLEM_FIELDS:
         values = [derived[name](labels) if name in derived else getattr(stats, name) for _, labels, stats, _ in rows]
         columns[name] = pa.array(values, pa.int64())
+    columns["no_labels"] = pa.array([stats.no_labels for _, _, stats, _ in rows], pa.string())
     columns["seconds"] = pa.array([s for *_, s in rows], pa.float64())
     columns["labels"] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), structs,
                                                  type=pa.list_(pa.field("item", _LABEL_STRUCT, nullable=False)))
@@ -126,6 +127,17 @@ def committed_problems(labels_dir: Path, repair: bool = False) -> dict[str, dict
                                   f"{out[row['problem_id']]['file']}; move one of them aside")
             out[row["problem_id"]] = {**row, "file": path.name}
     return out
+
+
+def no_label_reasons(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """reason -> how many of the committed problems `rows` (`committed_problems`' values) have
+    no label for it (`treesearch.NO_LABELS`), most frequent first."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["n_labels"] == 0:
+            why = r.get("no_labels") or "not recorded"  # files written before reasons were kept
+            counts[why] = counts.get(why, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def write_labels_file(block: pa.Table, path: Path) -> tuple[int, int]:

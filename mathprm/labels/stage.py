@@ -16,7 +16,8 @@ Output (`out_dir`):
     run.json                  the config that started this output; a rerun must match it
     labels/part-*.parquet     `steptable.SCHEMA`, one row per labelled step; each file's
                               Parquet metadata lists the problems it holds and their costs
-    summary.json              written last: counts, rates, and label quality on arith
+    summary.json              written last: counts (problems without labels by reason:
+                              `no_labels`), rates, and label quality on arith
     trl/soft.parquet, trl/hard.parquet   TRL stepwise supervision (prompt, completions, labels)
 
 Every file is written under a temporary name and renamed into place, so a reader never sees
@@ -57,13 +58,14 @@ from mathprm.labels import steptable
 from mathprm.labels.parts import (
     PROBLEM_FIELDS,
     committed_problems,
+    no_label_reasons,
     problems_block,
     read_labels,
     trl_schema,
     write_labels_file,
 )
 from mathprm.labels.steptable import StepLabel
-from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
+from mathprm.labels.treesearch import TOO_LONG, SearchStats, TreeSearchConfig, to_trl
 from mathprm.stats import auroc
 from mathprm.steps import StepFormat, step_format_for
 
@@ -220,8 +222,9 @@ class Expander:
         searched = [problems[i] for i in index]
         results = iter(label_problems(searched, self.generator, judge_grader, self.cfg, on_done=done) if searched
                        else [])
+        skip = ([], SearchStats(skipped_too_long=1, no_labels=TOO_LONG))
         return problems_block(
-            ((p, *(next(results) if ok else ([], SearchStats(skipped_too_long=1))), seconds.get(i, 0.0))
+            ((p, *(next(results) if ok else skip), seconds.get(i, 0.0))
              for i, (p, ok) in enumerate(zip(problems, fits))),
             self.cfg.generator_name, self.cfg.seed,
         )
@@ -274,7 +277,7 @@ class _Progress:
         rollouts = sum(r["n_rollouts"] for r in done.values())
         eta = f", eta {elapsed / new * (self.total - len(done)):.0f}s" if new > 0 else ""
         return (f"[mcts] {len(done)}/{self.total} problems ({self.resumed} resumed), {labels:,} steps labelled, "
-                f"{rollouts:,} rollouts, {elapsed:.0f}s{eta}")
+                f"{rollouts:,} rollouts, {elapsed:.0f}s{eta}{_unlabelled(done.values())}")
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
@@ -288,6 +291,14 @@ class _Progress:
     def __exit__(self, *exc: object) -> None:
         self.stop.set()
         self.thread.join()
+
+
+def _unlabelled(rows) -> str:
+    """The progress line's count of problems without labels, by reason ("" when none)."""
+    reasons = no_label_reasons(rows)
+    if not reasons:
+        return ""
+    return f"; {sum(reasons.values())} without labels ({', '.join(f'{n} {why}' for why, n in reasons.items())})"
 
 
 def _prepare_out_dir(cfg: MCTSConfig) -> Path:
@@ -438,6 +449,7 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
         "skipped_without_gold": skipped,
         "searched_this_run": len(searched),
         "labels": table.num_rows,
+        "no_labels": no_label_reasons(done.values()),  # reason -> problems committed without labels
         **totals,
         "seconds_this_run": round(elapsed, 1),
         **rate,
@@ -454,7 +466,8 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
     atomic.write_json(out / "summary.json", summary)
     q = summary.get("quality") or {}
     extra = f", AUROC vs exact step truth {q['auroc']:.3f}" if q.get("auroc") is not None else ""
-    print(f"[mcts] {summary['labels']:,} labelled steps for {len(wanted)} problems -> {out}{extra}", flush=True)
+    print(f"[mcts] {summary['labels']:,} labelled steps for {len(wanted)} problems -> {out}{extra}"
+          f"{_unlabelled(done.values())}", flush=True)
     return summary
 
 
