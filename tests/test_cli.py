@@ -138,6 +138,24 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ra
     assert timing.count("| reused |") == 7  # all but the data check, which has its own reuse line
 
 
+def test_the_demo_names_a_damaged_cached_report_and_evaluates_again(tmp_path, capsys):
+    from mathprm.demo import _reused_report
+    from mathprm.labels.treesearch import TreeSearchConfig
+
+    out, cfg, runs = tmp_path / "eval.json", TreeSearchConfig(), []
+
+    def run() -> dict:
+        runs.append(1)
+        out.write_text(json.dumps({"accuracy": 0.5}))
+        return {"accuracy": 0.5}
+
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, False)
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, True) and len(runs) == 1
+    out.write_text('{"accur')  # cut short
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, False) and len(runs) == 2
+    assert f"[demo] {out} is not a readable JSON object" in capsys.readouterr().out
+
+
 def test_demo_rejects_an_unprefixed_argument(capsys):
     assert main(["demo", "limit=10"]) == 2
     assert "eval.limit=50" in capsys.readouterr().err
