@@ -9,7 +9,8 @@
 
 Writes the step-score table to <out_dir>/labels/*.parquet (schema: mathprm.labels.steptable),
 TRL stepwise-supervision rows to <out_dir>/trl/{soft,hard}.parquet and <out_dir>/summary.json;
-rerunning with the same out_dir resumes. Fields: see `mathprm.labels.stage.MCTSConfig`
+rerunning with the same out_dir resumes (`repair=true` also moves unreadable part files into
+<out_dir>/corrupt/ and labels their problems again). Fields: see `mathprm.labels.stage.MCTSConfig`
 (`python jobs/mcts.py --help`).
 """
 

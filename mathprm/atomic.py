@@ -3,7 +3,8 @@
 Every stage writes into a temporary sibling and renames it into place at the end, so a
 killed run never leaves a half-written file that a later reader (or a resumed run) would
 take for a finished one. Renames are atomic on one POSIX filesystem, which is why the
-temporary always lives beside its target and not in /tmp.
+temporary always lives beside its target and not in /tmp. A file damaged anyway (a disk
+fault, a copy cut short) reads back through `read_json` as one line naming it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,20 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`, a stage's own earlier output read back; a ConfigError naming
+    the file, the reason and `fix` (what to do) when it is truncated, empty or not an object."""
+    from mathprm.config import ConfigError
+
+    try:
+        value = json.loads(Path(path).read_text())
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON {type(value).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable JSON object ({e}); {fix}") from None
+    return value
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -47,13 +48,47 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         print(f"mathprm: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    from mathprm.data.problems import BadRecordError
-
     try:
         return handler(rest)
-    except (ConfigError, BadRecordError, FileNotFoundError) as e:
-        print(f"mathprm {command}: {e}", file=sys.stderr)
+    except Exception as e:
+        line = input_error(e)
+        if line is None:
+            raise
+        print(f"mathprm {command}: {line}", file=sys.stderr)
         return 2
+
+
+def input_error(e: BaseException) -> str | None:
+    """The line to print for an error in the input (a config field, a record, a missing file, a
+    damaged output or model directory: `ConfigError` and its kinds, `BadRecordError`,
+    `FileNotFoundError`), also when a Ray worker raised it and Ray handed it back wrapped in its
+    own error with the worker's traceback: the original is the error's `cause` (a task), the
+    `__cause__` of Ray Data's error, or, when an actor died in its constructor, only the last
+    line of the traceback text Ray kept. None for any other error: a bug, whose traceback is
+    worth printing."""
+    from mathprm.data.problems import BadRecordError
+
+    kinds = (ConfigError, BadRecordError, FileNotFoundError)
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, BaseException):
+            e = cause
+            continue
+        if isinstance(e, kinds):
+            return str(e)
+        if getattr(e, "actor_init_failed", False):  # RayActorError: the cause survives as text only
+            names = "|".join(re.escape(c.__name__) for kind in kinds for c in (kind, *_subclasses(kind)))
+            lines = re.findall(rf"^(?:[\w.]+\.)?(?:{names}): (.+)$", str(e), re.MULTILINE)
+            if lines:
+                return lines[-1]
+        e = e.__cause__
+    return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
 
 
 def _config(cls: type, argv: list[str]):

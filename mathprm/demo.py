@@ -113,9 +113,14 @@ def _reused_report(out: Path, cfg: Any, models: list[str], run: Callable[[], dic
 
     stamp = out.with_name(out.name + ".demo-stamp.json")
     want = {"config": json.loads(json.dumps(to_dict(cfg), default=str)), "models": mtimes()}
-    if out.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want:
-        print(f"[demo] reusing {out} (same settings and models)", flush=True)
-        return json.loads(out.read_text()), True
+    if out.is_file() and stamp.is_file():
+        try:  # a damaged report or stamp is named and made again: it is a cache
+            if atomic.read_json(stamp, "evaluating again") == want:
+                report = atomic.read_json(out, "evaluating again")
+                print(f"[demo] reusing {out} (same settings and models)", flush=True)
+                return report, True
+        except ConfigError as e:
+            print(f"[demo] {e}", flush=True)
     report = run()
     atomic.write_json(stamp, want)
     return report, False

@@ -30,6 +30,32 @@ def test_unknown_command_and_bad_args(capsys):
     assert main(["--help"]) == 0
 
 
+def test_an_input_error_raised_in_a_ray_worker_is_its_own_line_and_a_bug_is_not_one():
+    """Ray hands a task's error back as `RayTaskError(cause)` and an actor's constructor error as
+    an `ActorDiedError` that keeps only the worker's traceback text; both print the one line of
+    the error inside. Built here as Ray builds them (no cluster needed)."""
+    import traceback
+
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from mathprm.cli import input_error
+    from mathprm.models import ModelLoadError, loading
+
+    line = "/models/p: the model there does not load (RuntimeError: size mismatch for mlp.up_proj); repair or replace"
+    try:
+        with loading("/models/p"):
+            raise RuntimeError("size mismatch\nfor mlp.up_proj")
+    except ModelLoadError as e:
+        error, text = e, "ray::MapWorker(MapBatches(Expander)).__init__()\n" + traceback.format_exc()
+    assert str(error).startswith(line)
+    task = RayTaskError("Expander.__call__", text, error)
+    assert input_error(task.as_instanceof_cause()).startswith(line)
+    died = ActorDiedError(RayTaskError("Expander.__init__", text, error, actor_id="ab" * 16))
+    assert input_error(died).startswith(line) and "\n" not in input_error(died)
+    assert input_error(RuntimeError("a bug")) is None  # printed with its traceback
+    assert input_error(ActorDiedError()) is None  # a dead node, not the input
+
+
 def _run(args: list[str], cwd, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -110,6 +136,24 @@ def test_quick_demo_runs_every_stage_writes_the_report_then_reuses_everything(ra
     assert out.count("(same settings and models)") == 4  # the four evaluations
     timing = out[out.index("| stage | minutes |"):]
     assert timing.count("| reused |") == 7  # all but the data check, which has its own reuse line
+
+
+def test_the_demo_names_a_damaged_cached_report_and_evaluates_again(tmp_path, capsys):
+    from mathprm.demo import _reused_report
+    from mathprm.labels.treesearch import TreeSearchConfig
+
+    out, cfg, runs = tmp_path / "eval.json", TreeSearchConfig(), []
+
+    def run() -> dict:
+        runs.append(1)
+        out.write_text(json.dumps({"accuracy": 0.5}))
+        return {"accuracy": 0.5}
+
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, False)
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, True) and len(runs) == 1
+    out.write_text('{"accur')  # cut short
+    assert _reused_report(out, cfg, [], run) == ({"accuracy": 0.5}, False) and len(runs) == 2
+    assert f"[demo] {out} is not a readable JSON object" in capsys.readouterr().out
 
 
 def test_demo_rejects_an_unprefixed_argument(capsys):

@@ -47,6 +47,34 @@ def test_unknown_backend_lists_the_names():
     assert set(GENERATORS) == {"hf", "vllm"}
 
 
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_a_model_directory_that_does_not_load_is_one_line_naming_it(tiny_policy_dir, tmp_path, damage):
+    """A config.json field of the wrong type, or weights cut short: one ModelLoadError line that
+    names the directory and the reason (what the commands print), not transformers' traceback."""
+    import json
+    import shutil
+
+    from mathprm.config import ConfigError
+
+    broken = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, broken)
+    if damage == "config":
+        config = json.loads((broken / "config.json").read_text())
+        (broken / "config.json").write_text(json.dumps({**config, "hidden_size": "oops"}))
+        reason = "hidden_size"
+    else:
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        reason = "SafetensorError"
+    from mathprm.models import check_model_dir
+
+    for load in (lambda: check_model_dir(broken, "policy"),  # what a stage runs before its workers start
+                 lambda: load_generator("hf", str(broken), FMT, device="cpu")):
+        with pytest.raises(ConfigError, match=rf"^{broken}: the model there does not load \(.*{reason}.*\); ") as e:
+            load()
+        assert "\n" not in str(e.value)
+
+
 def test_prefix_seeds_differ_and_replay():
     seeds = {prefix_seed(s, i) for s in range(20) for i in range(20)}
     assert len(seeds) == 400 and all(0 <= s < 2**63 for s in seeds)

@@ -3,8 +3,10 @@ actor, metrics, and `ray job submit` against the shared local head."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -18,9 +20,9 @@ from mathprm.data import arith
 from mathprm.data.problems import Problem
 from mathprm.labels import steptable
 from mathprm.labels.parts import PROBLEMS_KEY, committed_problems, problems_block, read_labels, write_labels_file
-from mathprm.labels.stage import MCTSConfig, load_stage_problems, run_mcts
+from mathprm.labels.stage import MCTSConfig, _Progress, finish, load_stage_problems, run_mcts
 from mathprm.labels.steptable import StepLabel
-from mathprm.labels.treesearch import SearchStats
+from mathprm.labels.treesearch import ALL_RIGHT, TOO_LONG, SearchStats
 from tests.conftest import metrics_text
 
 from .conftest import MEMORISED, REPO
@@ -126,6 +128,70 @@ def test_a_foreign_parquet_file_in_labels_is_refused(tmp_path):
         committed_problems(tmp_path / "labels")
 
 
+def test_problems_without_labels_are_counted_by_reason_in_the_summary_and_the_progress_line(tmp_path):
+    problems = [Problem(id=x, question="q?", answer="1", source="t") for x in "abcd"]
+    block = problems_block([(problems[0], _labels("a", 2), SearchStats(n_rollouts=4), 0.1),
+                            (problems[1], [], SearchStats(n_rollouts=8, no_labels=ALL_RIGHT), 0.1),
+                            (problems[2], [], SearchStats(n_rollouts=8, no_labels=ALL_RIGHT), 0.1),
+                            (problems[3], [], SearchStats(skipped_too_long=1, no_labels=TOO_LONG), 0.0)], "hf:x", 0)
+    out = tmp_path / "mcts"
+    write_labels_file(block, out / "labels" / "part-x-00000-000.parquet")
+    summary = finish(_config(tmp_path / "policy", out, dataset="t.jsonl", trl_export=[]), problems, 0, set("abcd"), 1.0)
+    assert summary["no_labels"] == {ALL_RIGHT: 2, TOO_LONG: 1} and summary["labels"] == 2
+    assert json.loads((out / "summary.json").read_text())["no_labels"] == summary["no_labels"]
+    line = _Progress(out / "labels", 4, 0, 10.0).line()
+    assert line.endswith(f"; 3 without labels (2 {ALL_RIGHT}, 1 {TOO_LONG})"), line
+
+
+def test_unreadable_part_files_are_named_and_repair_moves_them_aside(tmp_path):
+    labels_dir = tmp_path / "labels"
+    a = Problem(id="a", question="q?", answer="1", source="t")
+    block = problems_block([(a, _labels("a", 3), SearchStats(), 0.1)], "hf:x", 0)
+    write_labels_file(block, labels_dir / "part-a.parquet")
+    good = read_labels(tmp_path)
+    data = (labels_dir / "part-a.parquet").read_bytes()
+    bad = {"part-b.parquet": data[: len(data) // 2], "part-c.parquet": b"",  # truncated, empty
+           "part-d.parquet": random.Random(0).randbytes(600)}
+    for name, content in bad.items():
+        (labels_dir / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=rf"^{labels_dir / name} is not a readable Parquet file \(.+\); "
+                                              "move it aside or rerun with repair=true$"):
+            committed_problems(labels_dir)
+        (labels_dir / name).unlink()
+    pq.write_table(steptable.SCHEMA.empty_table(), labels_dir / "part-e.parquet")  # another program's table
+    with pytest.raises(ConfigError, match="part-e.parquet was not written by the tree-search stage.*repair=true$"):
+        committed_problems(labels_dir)
+    for name, content in bad.items():
+        (labels_dir / name).write_bytes(content)
+    assert set(committed_problems(labels_dir, repair=True)) == {"a"}
+    corrupt = tmp_path / "corrupt"
+    assert sorted(p.name for p in corrupt.iterdir()) == ["part-b.parquet", "part-c.parquet", "part-d.parquet",
+                                                          "part-e.parquet"]  # moved aside, never deleted
+    assert (corrupt / "part-b.parquet").read_bytes() == bad["part-b.parquet"]
+    assert [p.name for p in labels_dir.iterdir()] == ["part-a.parquet"] and read_labels(tmp_path).equals(good)
+
+
+def test_a_damaged_run_json_or_an_out_dir_that_is_a_file_is_one_line(tmp_path, model_dirs, capsys):
+    from mathprm.cli import main
+
+    out = tmp_path / "mcts"
+    (out / "labels").mkdir(parents=True)
+    args = ["mcts", f"policy={model_dirs[0]}", "dataset=arith:easy", "limit=2"]
+    (out / "run.json").write_text('{"policy": "x", "data')  # cut short
+    assert main([*args, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'run.json'} is not a readable JSON object" in err and "overwrite=true" in err
+    assert err.count("\n") == 1
+    (out / "run.json").unlink()
+    (out / "labels" / "part-x.parquet").write_bytes(b"")
+    assert main([*args, f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'labels' / 'part-x.parquet'} is not a readable Parquet file" in err and err.count("\n") == 1
+    (tmp_path / "a-file").write_text("not a directory")
+    assert main([*args, f"out_dir={tmp_path / 'a-file'}"]) == 2
+    assert "a-file is a file, not a directory" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- real Ray
 
 
@@ -169,8 +235,12 @@ def test_resume_searches_only_the_problems_without_a_committed_file(ray_cluster,
     lost = pq.read_schema(files[1]).metadata[PROBLEMS_KEY]
     files[1].unlink()  # as if the run had been killed before this batch was committed
     (out / "labels" / ".part-zzz.parquet.tmp-0123abcd").write_bytes(b"half a file")  # and left this
-    second = run_mcts(cfg)
-    assert second["searched_this_run"] == 1
+    damaged = files[2].read_bytes()[:100]
+    files[2].write_bytes(damaged)  # and a disk fault cut this one short
+    with pytest.raises(ConfigError, match=rf"{files[2].name} is not a readable Parquet file .*repair=true$"):
+        run_mcts(cfg)
+    second = run_mcts(dataclasses.replace(cfg, repair=True))
+    assert second["searched_this_run"] == 2 and (out / "corrupt" / files[2].name).read_bytes() == damaged
     assert not list((out / "labels").glob(".*"))
     assert set(committed_problems(out / "labels")) >= {row["problem_id"] for row in json.loads(lost)}
     after = read_labels(out)

@@ -68,6 +68,38 @@ def test_a_run_with_other_settings_does_not_resume_the_old_checkpoint(tmp_path):
         check_resume(tmp_path / "run", may_change, {**settings, "lr": 1e-3})
 
 
+def test_a_damaged_checkpoint_or_run_record_is_named_before_ray_train_resumes_it(tmp_path):
+    from mathprm.config import ConfigError
+    from mathprm.train.run import TRAIN_STATE_FILE, check_resume
+
+    settings = to_dict(TrainPRMConfig())
+    run = tmp_path / "run"
+    check_resume(run, PRM_STAGE.may_change, settings)
+    state = run / "checkpoint_2026-12-07_00-00-00.000000" / TRAIN_STATE_FILE
+    state.parent.mkdir()
+    state.write_bytes(b"PK\x03\x04 a torch.save zip cut short")
+    with pytest.raises(ConfigError, match=rf"^{state} is not a readable checkpoint \(.+\); pass overwrite=true"):
+        check_resume(run, PRM_STAGE.may_change, settings)
+    state.unlink()
+    (run / "mathprm_run.json").write_text('{"lr": 0.0')
+    with pytest.raises(ConfigError, match=r"mathprm_run.json is not a readable JSON object .*overwrite=true"):
+        check_resume(run, PRM_STAGE.may_change, settings)
+
+
+def test_damaged_training_data_is_named_before_ray_data_reads_it(tmp_path):
+    from mathprm.config import ConfigError
+    from mathprm.train.prm_data import data_step_format, solutions_dataset
+
+    (tmp_path / "run.json").write_text("")
+    with pytest.raises(ConfigError, match=r"run.json is not a readable JSON object .*separator="):
+        data_step_format(str(tmp_path), None)
+    assert data_step_format(str(tmp_path), "\n").separator == "\n"  # a separator given: run.json unread
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "part-0.parquet").write_bytes(b"PAR1 and then nothing")
+    with pytest.raises(ConfigError, match=r"part-0.parquet is not a readable Parquet file .*repair=true"):
+        solutions_dataset(str(tmp_path), StepFormat("\n"))
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     cfg = TrainPRMConfig(lr=1e-3, warmup_steps=10)
     assert cfg.learning_rate(0, 100) == pytest.approx(1e-4)
@@ -303,3 +335,10 @@ def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_d
     assert "out_dir" in capsys.readouterr().err
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={tmp_path / 'p3'}", "separator="]) == 2
     assert "separator" in capsys.readouterr().err
+    (out / PRM_STAGE.summary_file).write_text('{"steps": ')  # a finished output damaged since
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / PRM_STAGE.summary_file} is not a readable JSON object" in err and "overwrite=true" in err
+    (tmp_path / "a-file").write_text("")
+    assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={tmp_path / 'a-file'}"]) == 2
+    assert "a-file is a file, not a directory" in capsys.readouterr().err

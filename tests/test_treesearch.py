@@ -13,6 +13,12 @@ from mathprm.data.problems import Problem
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
 from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import (
+    ALL_RIGHT,
+    BUDGET_SPENT,
+    NO_LABELS,
+    NO_WHOLE_STEP,
+    NOTHING_TO_SEARCH,
+    TOO_LONG,
     TreeSearchConfig,
     call_seed,
     label_problems,
@@ -195,6 +201,32 @@ def test_a_truncated_solution_has_no_label_on_its_cut_step_and_is_not_searched()
     assert not any(lab.step.startswith("The answer") for lab in labels)
     labels, stats = omegaprm(pr, Truncating([pr], 0.3), judge_grader, CFG)
     assert (labels, stats.n_searches, stats.n_rollouts) == ([], 0, CFG.num_solutions)
+
+
+class Silent(NoisyArithGenerator):
+    """Ends every root solution at once, without a step, as a policy that samples EOS first."""
+
+    def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
+        return [[Rollout([], "", 1, True) for _ in range(n)] for _ in prefixes]
+
+
+def test_a_problem_without_labels_says_why():
+    pr, hard = MEDIUM[0], HARD[0]
+    cases = [  # (search, generator, config) -> the reason it gives no label
+        (omegaprm, NoisyArithGenerator([pr], 0.0), CFG, ALL_RIGHT),  # no wrong root solution to search
+        (omegaprm, Truncating([pr], 0.3), CFG, NOTHING_TO_SEARCH),  # the wrong ones are all cut
+        (omegaprm, Silent([pr], 0.3), CFG, NOTHING_TO_SEARCH),  # the wrong ones hold no step
+        (omegaprm, NoisyArithGenerator([hard], 0.3), replace(CFG, rollout_budget=CFG.num_solutions), BUDGET_SPENT),
+        (math_shepherd, Silent([pr], 0.3), CFG, NO_WHOLE_STEP),
+    ]
+    assert {why for *_, why in cases} == set(NO_LABELS) - {TOO_LONG}  # the stage's own skip: tests/test_mcts.py
+    for search, gen, cfg, why in cases:
+        problem = hard if why == BUDGET_SPENT else pr
+        labels, stats = search(problem, gen, judge_grader, cfg)
+        assert (labels, stats.no_labels) == ([], why), (search.__name__, type(gen).__name__)
+    for search in (omegaprm, math_shepherd):  # a labelled problem gives no reason
+        labels, stats = search(hard, NoisyArithGenerator([hard], 0.3), judge_grader, CFG)
+        assert labels and stats.no_labels == ""
 
 
 @pytest.mark.parametrize("budget", [4, 12, 13, 37, 60])

@@ -56,6 +56,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix, Rollout, Sampling, load_generator
+from mathprm.models import check_model_dir
 from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.scorer import (
     AGGREGATIONS,
@@ -397,8 +398,7 @@ def _problems(cfg: EvalConfig) -> list[Problem]:
 
 
 def _generator(cfg: EvalConfig) -> Any:
-    if not (Path(cfg.policy) / "config.json").is_file():
-        raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg.policy, "policy")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
     options["system_prompt"] = cfg.system_prompt
     return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
@@ -434,8 +434,8 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
         raise ValueError(f"dataset {cfg.dataset!r} gave no problems")
     if scorer is None:
         cfg.step_format  # reads the PRM's config: fails now, naming the directory, not inside an actor
-    if generator is None and not (Path(cfg.policy) / "config.json").is_file():
-        raise FileNotFoundError(f"policy {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    if generator is None:
+        check_model_dir(cfg.policy, "policy")  # here, not in each actor
     chunks = [problems[lo: lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
     started = time.monotonic()
     records: list[dict[str, Any]] = []

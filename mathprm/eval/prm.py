@@ -40,6 +40,7 @@ from mathprm.data import arith
 from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix, Sampling, load_generator
+from mathprm.models import check_model_dir
 from mathprm.prompts import DEFAULT_SYSTEM
 from mathprm.search import STRATEGIES
 from mathprm.stats import auroc, pass_at_k
@@ -185,8 +186,7 @@ def _scorer(cfg: PRMEvalConfig, problems: Sequence[Problem]) -> Any:
 
 
 def _generator(cfg: PRMEvalConfig) -> Any:
-    if not (Path(cfg.policy) / "config.json").is_file():
-        raise FileNotFoundError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg.policy, "policy")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
     options["system_prompt"] = cfg.system_prompt
     fmt = step_format_for(cfg.dataset, cfg.separator, scoring.trained_separator(cfg.prm_ref))

@@ -16,14 +16,17 @@ Output (`out_dir`):
     run.json                  the config that started this output; a rerun must match it
     labels/part-*.parquet     `steptable.SCHEMA`, one row per labelled step; each file's
                               Parquet metadata lists the problems it holds and their costs
-    summary.json              written last: counts, rates, and label quality on arith
+    summary.json              written last: counts (problems without labels by reason:
+                              `no_labels`), rates, and label quality on arith
     trl/soft.parquet, trl/hard.parquet   TRL stepwise supervision (prompt, completions, labels)
 
 Every file is written under a temporary name and renamed into place, so a reader never sees
 half a file; a file holds whole problems. Resume: a rerun with the same `out_dir` reads which
-problems the committed files hold and searches only the others. Files are written on the
-driver's node (`supports_distributed_writes = False`), so a local `out_dir` works on a
-multi-node cluster.
+problems the committed files hold and searches only the others. A part file that cannot be
+read (a disk fault, a copy cut short, a stranger's file) stops the run with its name;
+`repair=true` moves such files into `corrupt/` and labels their problems again. Files are
+written on the driver's node (`supports_distributed_writes = False`), so a local `out_dir`
+works on a multi-node cluster.
 
 Problems without a usable gold answer cannot be graded: they are skipped and counted, and if
 none is usable the stage stops before starting Ray. Ray metrics (`mathprm_mcts_*`: problems,
@@ -55,13 +58,14 @@ from mathprm.labels import steptable
 from mathprm.labels.parts import (
     PROBLEM_FIELDS,
     committed_problems,
+    no_label_reasons,
     problems_block,
     read_labels,
     trl_schema,
     write_labels_file,
 )
 from mathprm.labels.steptable import StepLabel
-from mathprm.labels.treesearch import SearchStats, TreeSearchConfig, to_trl
+from mathprm.labels.treesearch import TOO_LONG, SearchStats, TreeSearchConfig, to_trl
 from mathprm.stats import auroc
 from mathprm.steps import StepFormat, step_format_for
 
@@ -98,6 +102,9 @@ class MCTSConfig(TreeSearchConfig):
     out_dir: str = "runs/arith/mcts"
     trl_export: list[str] = dataclasses.field(default_factory=lambda: list(TRL_FORMATS))
     overwrite: bool = False  # start over instead of resuming
+    # Move unreadable part files aside (into <out_dir>/corrupt/, never deleted) and label their
+    # problems again, instead of stopping at the first one.
+    repair: bool = False
     progress_every_s: float = 10.0
     ray_address: str | None = None  # None: RAY_ADDRESS or a local loopback cluster
     num_cpus: int | None = None  # CPUs of a local cluster started by this run
@@ -220,8 +227,9 @@ class Expander:
         searched = [problems[i] for i in index]
         results = iter(label_problems(searched, self.generator, judge_grader, self.cfg, on_done=done) if searched
                        else [])
+        skip = ([], SearchStats(skipped_too_long=1, no_labels=TOO_LONG))
         return problems_block(
-            ((p, *(next(results) if ok else ([], SearchStats(skipped_too_long=1))), seconds.get(i, 0.0))
+            ((p, *(next(results) if ok else skip), seconds.get(i, 0.0))
              for i, (p, ok) in enumerate(zip(problems, fits))),
             self.cfg.generator_name, self.cfg.seed,
         )
@@ -274,7 +282,7 @@ class _Progress:
         rollouts = sum(r["n_rollouts"] for r in done.values())
         eta = f", eta {elapsed / new * (self.total - len(done)):.0f}s" if new > 0 else ""
         return (f"[mcts] {len(done)}/{self.total} problems ({self.resumed} resumed), {labels:,} steps labelled, "
-                f"{rollouts:,} rollouts, {elapsed:.0f}s{eta}")
+                f"{rollouts:,} rollouts, {elapsed:.0f}s{eta}{_unlabelled(done.values())}")
 
     def _run(self) -> None:
         while not self.stop.wait(self.every):
@@ -290,6 +298,14 @@ class _Progress:
         self.thread.join()
 
 
+def _unlabelled(rows) -> str:
+    """The progress line's count of problems without labels, by reason ("" when none)."""
+    reasons = no_label_reasons(rows)
+    if not reasons:
+        return ""
+    return f"; {sum(reasons.values())} without labels ({', '.join(f'{n} {why}' for why, n in reasons.items())})"
+
+
 def _prepare_out_dir(cfg: MCTSConfig) -> Path:
     """Create `out_dir` (or clear it with overwrite) and check that a rerun continues the same
     experiment; removes temporary files a killed run left behind."""
@@ -297,13 +313,17 @@ def _prepare_out_dir(cfg: MCTSConfig) -> Path:
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     labels_dir = out / "labels"
+    for d in (out, labels_dir):
+        if d.exists() and not d.is_dir():
+            raise ConfigError(f"out_dir: {d} is a file, not a directory; move it aside or use another out_dir")
     labels_dir.mkdir(parents=True, exist_ok=True)
     for tmp in labels_dir.glob(".part-*.tmp-*"):  # atomic.file's temporaries of a killed run
         tmp.unlink()
     run_file = out / "run.json"
     identity = json.loads(json.dumps(cfg.identity()))  # as it reads back from JSON
     if run_file.exists():
-        previous = json.loads(run_file.read_text())
+        previous = atomic.read_json(run_file, "move it aside to resume the labels there as this run's, or use "
+                                    "overwrite=true")
         diff = [k for k in _IDENTITY if previous.get(k) != identity.get(k)]
         if diff:
             k = diff[0]
@@ -321,18 +341,18 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     import ray.data
 
     from mathprm.data.ray_data import problems_dataset
+    from mathprm.models import check_model_dir
     from mathprm.ray_utils import check_job_paths, init_ray
 
     local_data = cfg.dataset if Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet") else None
     check_job_paths(policy=cfg.policy, out_dir=cfg.out_dir, dataset=local_data)
-    if not (Path(cfg.policy) / "config.json").is_file():
-        raise FileNotFoundError(f"policy: {cfg.policy!r} is not a Hugging Face model directory (no config.json)")
+    check_model_dir(cfg.policy, "policy")  # here, not in each actor
     # Actors and write tasks run in worker processes with their own working directory.
     cfg = dataclasses.replace(cfg, policy=str(Path(cfg.policy).resolve()), out_dir=str(Path(cfg.out_dir).resolve()))
     problems, skipped = load_stage_problems(cfg)
     out = _prepare_out_dir(cfg)
     labels_dir = out / "labels"
-    done = committed_problems(labels_dir)
+    done = committed_problems(labels_dir, repair=cfg.repair)
     extra = done.keys() - {p.id for p in problems}
     if extra:  # refused before any work, not after it
         raise ConfigError(f"out_dir: {out} holds labels of problems this config does not select, e.g. "
@@ -435,6 +455,7 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
         "skipped_without_gold": skipped,
         "searched_this_run": len(searched),
         "labels": table.num_rows,
+        "no_labels": no_label_reasons(done.values()),  # reason -> problems committed without labels
         **totals,
         "seconds_this_run": round(elapsed, 1),
         **rate,
@@ -451,7 +472,8 @@ def finish(cfg: MCTSConfig, problems: list[Problem], skipped: int, searched: set
     atomic.write_json(out / "summary.json", summary)
     q = summary.get("quality") or {}
     extra = f", AUROC vs exact step truth {q['auroc']:.3f}" if q.get("auroc") is not None else ""
-    print(f"[mcts] {summary['labels']:,} labelled steps for {len(wanted)} problems -> {out}{extra}", flush=True)
+    print(f"[mcts] {summary['labels']:,} labelled steps for {len(wanted)} problems -> {out}{extra}"
+          f"{_unlabelled(done.values())}", flush=True)
     return summary
 
 

@@ -97,6 +97,17 @@ class SearchStats:
     n_all_failed: int = 0  # labels with score 0: no completion reached the gold answer
     n_searches: int = 0  # omegaprm: binary searches started (0 for math_shepherd)
     skipped_too_long: int = 0  # 1: not searched, its prompt leaves less than max_solution_tokens of the context
+    no_labels: str = ""  # why the search gave no label (one of NO_LABELS); "" when it gave some
+
+
+# Why a problem ends with no label, as the searches below decide it (`SearchStats.no_labels`);
+# the labelling stage counts them in its summary and progress line.
+ALL_RIGHT = "all rollouts right: nothing to label"  # omegaprm: no wrong root solution to search
+NOTHING_TO_SEARCH = "no wrong rollout to search: each was cut or wrote no step"  # omegaprm
+BUDGET_SPENT = "rollout budget spent before the first probe"  # omegaprm: rollout_budget < num_solutions + k
+NO_WHOLE_STEP = "no solution wrote a whole step"  # math_shepherd: every solution empty or cut in its first step
+TOO_LONG = "skipped: the prompt leaves less than max_solution_tokens"  # the labelling stage's skip
+NO_LABELS = (ALL_RIGHT, NOTHING_TO_SEARCH, BUDGET_SPENT, NO_WHOLE_STEP, TOO_LONG)
 
 
 @dataclass
@@ -242,9 +253,11 @@ class _Search:
             method=method,
         )
 
-    def finish(self, labels: list[StepLabel]) -> tuple[list[StepLabel], SearchStats]:
+    def finish(self, labels: list[StepLabel], why: str) -> tuple[list[StepLabel], SearchStats]:
+        """The search's result; `why` is the reason recorded if `labels` is empty."""
         self.stats.n_labels = len(labels)
         self.stats.n_all_failed = sum(lab.n_correct == 0 for lab in labels)
+        self.stats.no_labels = "" if labels else why
         return labels, self.stats
 
 
@@ -294,7 +307,7 @@ def math_shepherd_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig
         if state not in done:
             done.add(state)
             labels.append(search.label(state, *_plus(counts[state], search.reused(state)), "math_shepherd"))
-    return search.finish(labels)
+    return search.finish(labels, NO_WHOLE_STEP)
 
 
 def _plus(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -356,7 +369,10 @@ def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt
     search = _Search(problem, grader, cfg, fmt)
     k = cfg.rollouts_per_step
     tree = _Tree()
-    tree.add((), (yield from search.rollouts([()], cfg.num_solutions))[0])
+    root = (yield from search.rollouts([()], cfg.num_solutions))[0]
+    tree.add((), root)
+    # A search always labels a node, so no label means an empty pool or a budget spent at once.
+    why = ALL_RIGHT if all(ok for _, ok in root) else NOTHING_TO_SEARCH
     while tree.pool:
         node, rollout = tree.select(cfg)
         node.visits += 1
@@ -369,7 +385,7 @@ def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt
             probe = tree.nodes.get(state)
             if probe is None:
                 if search.stats.n_rollouts + k > cfg.rollout_budget:
-                    return search.finish(_omegaprm_labels(search, tree))
+                    return search.finish(_omegaprm_labels(search, tree), BUDGET_SPENT)
                 search.excluded.setdefault(state, set()).add(id(rollout))  # probed because `rollout` failed
                 probe = tree.add(state, (yield from search.rollouts([state], k))[0])
             if probe.correct > 0 or search.reused(state)[1] > 0:
@@ -380,7 +396,7 @@ def omegaprm_search(problem: Problem, grader: Grader, cfg: TreeSearchConfig, fmt
         if hi == len(steps) and end not in tree.nodes:  # the error is the last step: never probed
             tree.nodes[end] = _Node(end, 1, 0)  # a wrong finished solution, graded when sampled
             search.excluded.setdefault(end, set()).add(id(rollout))  # that grading is its (1, 0)
-    return search.finish(_omegaprm_labels(search, tree))
+    return search.finish(_omegaprm_labels(search, tree), why)
 
 
 def _omegaprm_labels(search: _Search, tree: _Tree) -> list[StepLabel]:

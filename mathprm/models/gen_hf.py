@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
+from mathprm.models import loading
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
 
@@ -37,11 +38,13 @@ class HFGenerator:
         self.step_format = step_format
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        with loading(model_dir):
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        model = model.to(self.device)
         self.tokenizer.padding_side = "left"  # every row continues from its last column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device)
         self._attach(model, batch_prefixes, system_prompt, chat)
 
     @classmethod

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample
+from mathprm.models import loading
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
 
@@ -79,7 +80,8 @@ class VLLMGenerator:
         old_tmp = os.environ.get("TMPDIR")
         os.environ["TMPDIR"] = _socket_dir(run / "tmp")
         try:
-            self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0, **options)
+            with loading(model_dir):
+                self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0, **options)
         finally:
             if old_tmp is None:
                 del os.environ["TMPDIR"]

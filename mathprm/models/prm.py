@@ -59,6 +59,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mathprm import atomic
+from mathprm.models import ModelLoadError, check_model_dir, loading
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import TooLongError, check_shapes
 from mathprm.steps import StepFormat
@@ -324,15 +326,15 @@ def build_prm(base: str | Path, features: Sequence[str] = FEATURES, hidden_head:
     prior, one frozen copy of `base` serving as backbone and reference."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"{base} is not a Hugging Face model directory (no config.json)")
-    config = AutoConfig.from_pretrained(base)
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(base, **overrides)
-    except ValueError as e:
-        raise ValueError(f"{base}: its architecture {config.architectures} is not a causal LM transformers "
-                         f"knows, so it cannot be a PRM backbone ({e})") from None
-    reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features and hidden_head else None
+    check_model_dir(base, "base")
+    with loading(base):
+        config = AutoConfig.from_pretrained(base)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(base, **overrides)
+        except ValueError as e:
+            raise ModelLoadError(f"{base}: its architecture {config.architectures} is not a causal LM transformers "
+                                 f"knows, so it cannot be a PRM backbone ({e})") from None
+        reference = AutoModelForCausalLM.from_pretrained(base, **overrides) if features and hidden_head else None
     return PRMModel(lm, features, reference, hidden_head)
 
 
@@ -362,7 +364,7 @@ def read_prm_config(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a PRM directory (no {PRM_CONFIG_FILE}); train one with "
                                 "`mathprm train-prm`")
-    config = json.loads(file.read_text())
+    config = atomic.read_json(file, "retrain the PRM (`mathprm train-prm`) or point to another one")
     if config.get("kind") != PRM_KIND:
         raise ValueError(f"{file}: kind {config.get('kind')!r} is not {PRM_KIND!r}; a PRM saved by an older "
                          "mathprm must be retrained (`mathprm train-prm`)")
@@ -407,13 +409,14 @@ def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
 
     config = read_prm_config(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     features = config.get("features", [])
     hidden_head = bool(config.get("hidden_head", True))  # False: the backbone is the reference (no reference/)
-    reference = (AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs)
-                 if features and hidden_head else None)
+    with loading(path):
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        reference = (AutoModelForCausalLM.from_pretrained(Path(path) / REFERENCE_DIR, **kwargs)
+                     if features and hidden_head else None)
+        head = load_file(str(Path(path) / PRM_HEAD_FILE))
     model = PRMModel(lm, features, reference, hidden_head)
-    head = load_file(str(Path(path) / PRM_HEAD_FILE))
     missing = set(model.head_state_dict()) ^ set(head)
     if missing:
         raise ValueError(f"{path}/{PRM_HEAD_FILE}: does not match prm_config.json's features (tensors "
@@ -442,7 +445,8 @@ class PRMScorer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        with loading(path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
         # The prompts it was trained on (a config without "chat" predates chat prompts: plain).
         self.prompter = Prompter(self.tokenizer, self.step_format, self.config.get("system_prompt"),
                                  "on" if self.config.get("chat") else "off")

@@ -41,7 +41,6 @@ is a one-line ValueError naming the kind and the directory.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -51,6 +50,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2Model
 from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
+from mathprm import atomic
+from mathprm.models import ModelLoadError, loading
 from mathprm.scorer import TooLongError, check_shapes
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -66,7 +67,7 @@ def _published_config(kind: str, path: str | Path, architecture: str | None) -> 
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{kind}: {path} has no config.json, so it is not a published {kind} PRM directory")
-    config = json.loads(file.read_text())
+    config = atomic.read_json(file, f"restore the published {kind} checkpoint's config.json")
     archs = config.get("architectures") or []
     ok = archs == [architecture] if architecture else len(archs) == 1 and archs[0].endswith("ForCausalLM")
     if not ok:
@@ -82,7 +83,8 @@ def _device_dtype(device: str | None, dtype: torch.dtype | None) -> tuple[torch.
 
 
 def _tokenizer(kind: str, path: str | Path, chat: bool = False) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if chat and not tokenizer.chat_template:
         raise ValueError(f"{kind}: the tokenizer in {path} has no chat template, which the published input needs")
     return tokenizer
@@ -125,11 +127,12 @@ class _SkyworkValueRM(Qwen2PreTrainedModel):
 def _load_qwen2_with_head(kind: str, path: str | Path, cls: type, dtype: torch.dtype) -> Any:
     """`cls` with every weight from `path` by its published name; a missing, unexpected or
     misshapen one is a one-line ValueError (transformers alone would only log it)."""
-    try:
-        model, info = cls.from_pretrained(path, config=Qwen2Config.from_pretrained(path), dtype=dtype,
-                                          output_loading_info=True)
-    except OSError as e:
-        raise ValueError(f"{kind}: no weights in {path} ({str(e).splitlines()[0]})") from None
+    with loading(path):
+        try:
+            model, info = cls.from_pretrained(path, config=Qwen2Config.from_pretrained(path), dtype=dtype,
+                                              output_loading_info=True)
+        except OSError as e:
+            raise ModelLoadError(f"{kind}: no weights in {path} ({str(e).splitlines()[0]})") from None
     wrong = {what: sorted(info[f"{what}_keys"])[:4] for what in ("missing", "unexpected", "mismatched")
              if info[f"{what}_keys"]}
     if wrong:
@@ -139,7 +142,8 @@ def _load_qwen2_with_head(kind: str, path: str | Path, cls: type, dtype: torch.d
 
 
 def _load_causal_lm(kind: str, path: str | Path, dtype: torch.dtype) -> Any:
-    lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    with loading(path):
+        lm, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     if info["missing_keys"]:
         raise ValueError(f"{kind}: {path} lacks weights of its architecture: {sorted(info['missing_keys'])[:4]}")
     return lm

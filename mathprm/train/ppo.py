@@ -58,6 +58,7 @@ from mathprm.config import ConfigError, to_dict
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem, token_caps
 from mathprm.generation import MIN_TEMPERATURE
+from mathprm.models import check_model_dir, loading
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import ArithOracle, ZeroScorer, build_scorer, check_oracle, parse_prm, trained_separator
 from mathprm.steps import StepFormat, step_format_for
@@ -222,8 +223,7 @@ def train_ppo(cfg: PPOConfig) -> Path:
     """Train (or reuse, or resume) the PPO policy; returns its directory."""
 
     def prepare(out: Path) -> tuple[dict, dict]:
-        if not (Path(cfg.policy) / "config.json").is_file():
-            raise ConfigError(f"policy: {cfg.policy} is not a Hugging Face model directory (no config.json)")
+        check_model_dir(cfg.policy, "policy")
         try:
             fmt = ppo_step_format(cfg)
         except FileNotFoundError as e:
@@ -254,8 +254,9 @@ def _train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
     pool, held_out = load_pools(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
-    lm = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
+    with loading(cfg.policy):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.policy)
+        lm = AutoModelForCausalLM.from_pretrained(cfg.policy, dtype=torch.float32)
     max_length = int(getattr(lm.config, "max_position_embeddings", 0) or 1 << 30)
     if cfg.lora_r:
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)

@@ -30,6 +30,7 @@ import torch
 
 from mathprm import atomic
 from mathprm.config import ConfigError, to_dict
+from mathprm.models import check_model_dir, loading
 from mathprm.models.prm import (
     FEATURES,
     PRMBatch,
@@ -233,8 +234,7 @@ def train_prm(cfg: TrainPRMConfig) -> Path:
 
         from mathprm.ray_utils import init_ray
 
-        if not (Path(cfg.base) / "config.json").is_file():
-            raise FileNotFoundError(f"base: {cfg.base} is not a Hugging Face model directory (no config.json)")
+        check_model_dir(cfg.base, "base")
         fmt = data_step_format(cfg.data, cfg.separator)
         init_ray(cfg.ray_address, cfg.num_cpus)
         data = solutions_dataset(cfg.data, fmt)
@@ -288,7 +288,7 @@ def save_prior_prm(cfg: PriorPRMConfig) -> Path:
 
     check_job_paths(base=cfg.base, out_dir=cfg.out_dir)
     out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, PRM_STAGE.is_finished(out), "prm-prior", "PRM"):
+    if reuse_finished(out, cfg.overwrite, PRM_STAGE, "prm-prior"):
         return out
     model = build_prm(cfg.base, features=["prefix_min_logp"], hidden_head=False)  # FileNotFoundError names base
     threshold = likelihood_threshold(model)
@@ -310,7 +310,8 @@ def _train_loop(config: dict[str, Any]) -> None:
     n_train, n_val = config.pop("_n_train"), config.pop("_n_val")
     cfg = TrainPRMConfig(**config)
     fmt = StepFormat(cfg.separator)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base)
+    with loading(cfg.base):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.base)
     prompter = Prompter(tokenizer, fmt, cfg.system_prompt)  # the policy's prompts, chat template and all
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.seed)

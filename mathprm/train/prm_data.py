@@ -14,7 +14,6 @@ worker's shard epoch by epoch.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from mathprm import atomic
 from mathprm.config import ConfigError
 from mathprm.models.prm import PRMExample, encode_solution_spans
 from mathprm.prompts import Prompter
@@ -110,10 +110,13 @@ def usable_examples(rows: Sequence[dict[str, Any]], prompter: Prompter, max_leng
 def data_step_format(data: str, separator: str | None) -> StepFormat:
     """`separator`, else the labelling run's in `data` (its `run.json`: its separator, or its
     dataset's), else the default of real math (`step_format_for`)."""
+    if separator is not None:
+        return step_format_for("", separator)
     run = Path(data) / "run.json"
-    identity = json.loads(run.read_text()) if run.is_file() else {}
-    chosen = separator if separator is not None else identity.get("separator")
-    return step_format_for(identity.get("dataset", ""), chosen)
+    identity = {}
+    if run.is_file():
+        identity = atomic.read_json(run, "pass separator=... or restore the labelling run's run.json")
+    return step_format_for(identity.get("dataset", ""), identity.get("separator"))
 
 
 def _materialize_with_sort_shuffle(ds):
@@ -139,10 +142,10 @@ def _table_to_solutions(table: pa.Table) -> pa.Table:
 
 def solutions_dataset(data: str, fmt: StepFormat):
     """The labelled paths of `data` as a materialised Ray Dataset (rows of `SOLUTIONS`)."""
-    import pyarrow.parquet as pq
     import ray.data
 
     from mathprm.labels import steptable
+    from mathprm.labels.parts import parquet_schema
 
     path = Path(data).resolve()  # Ray Data reads in workers, whose working directory is not ours
     if path.is_dir() and (path / "labels").is_dir():
@@ -159,7 +162,10 @@ def solutions_dataset(data: str, fmt: StepFormat):
         names = {"prompt", "completions", "labels"}
         ds = ray.data.read_json(files)
     else:
-        names = set(pq.read_schema(files[0]).names)
+        # Every footer is read here, so a truncated or foreign file is named before Ray Data reads it.
+        fix = "move it aside (in a labelling out_dir, `mathprm mcts ... repair=true` does and relabels its problems)"
+        schemas = [parquet_schema(Path(f), fix) for f in files]
+        names = set(schemas[0].names)
         ds = ray.data.read_parquet(files)
     if set(steptable.SCHEMA.names) <= names:
         ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")

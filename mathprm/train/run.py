@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,7 +69,7 @@ def launch(stage: Stage, cfg: Any, loop: Callable[[dict], None], prepare: Callab
 
     check_job_paths(**paths)
     out = Path(cfg.out_dir).resolve()
-    if reuse_finished(out, cfg.overwrite, stage.is_finished(out), stage.tag, stage.what):
+    if reuse_finished(out, cfg.overwrite, stage):
         return out
     settings, extra = prepare(out)
     init_ray(cfg.ray_address, cfg.num_cpus)
@@ -83,27 +83,42 @@ def launch(stage: Stage, cfg: Any, loop: Callable[[dict], None], prepare: Callab
     return out
 
 
-def reuse_finished(out: Path, overwrite: bool, finished: bool, tag: str, what: str) -> bool:
-    """Whether a trainer can return its finished output `out` as it is (printing that it does).
-    A directory that exists but holds no finished `what` is refused (ConfigError naming
-    out_dir), unless `overwrite`: it may be someone else's files."""
+def reuse_finished(out: Path, overwrite: bool, stage: Stage, tag: str | None = None) -> bool:
+    """Whether a trainer can return `stage`'s finished output `out` as it is (printing that it
+    does, as `tag`, default the stage's). A directory that exists but holds no finished output
+    is refused (ConfigError naming out_dir), unless `overwrite`: it may be someone else's
+    files; so is an `out` that is a file, or whose summary does not read back as JSON."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out_dir: {out} is a file, not a directory; move it aside or use another out_dir")
     if not out.exists() or overwrite:
         return False
-    if finished:
-        print(f"[{tag}] reusing the finished {what} in {out} (overwrite=true retrains)", flush=True)
+    if stage.is_finished(out):
+        atomic.read_json(out / stage.summary_file, "move the directory aside or retrain with overwrite=true")
+        print(f"[{tag or stage.tag}] reusing the finished {stage.what} in {out} (overwrite=true retrains)", flush=True)
         return True
-    raise ConfigError(f"out_dir: {out} exists but holds no finished {what} (pass overwrite=true)")
+    raise ConfigError(f"out_dir: {out} exists but holds no finished {stage.what} (pass overwrite=true)")
 
 
 def check_resume(run_dir: Any, may_change: tuple[str, ...], settings: dict[str, Any]) -> None:
     """Ray Train resumes whatever checkpoint `run_dir` holds; refuse it (a `ConfigError` naming
     the field) when the run there was started with other settings: another lr, data or base
     would silently continue the old run. Only the fields in `may_change` may differ (e.g. more
-    epochs, to train longer). The first call writes the settings to `run_dir`."""
+    epochs, to train longer). A checkpoint or run record there that cannot be read (truncated,
+    empty, foreign) is refused the same way, naming the file. The first call writes the settings
+    to `run_dir`."""
     keep = {k: v for k, v in settings.items() if k not in may_change}
     file = Path(run_dir) / "mathprm_run.json"
+    fix = "pass overwrite=true to start over"
+    for state in sorted(Path(run_dir).glob(f"checkpoint_*/{TRAIN_STATE_FILE}")):
+        try:  # torch.save's zip: a truncated or foreign file has no readable directory at its end
+            zipfile.ZipFile(state).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{state} is not a readable checkpoint ({e}); {fix}") from None
+    snapshot = Path(run_dir) / "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
+    if snapshot.is_file():
+        atomic.read_json(snapshot, fix)
     if file.is_file():
-        before = json.loads(file.read_text())
+        before = atomic.read_json(file, fix)
         diff = sorted(k for k in keep.keys() | before.keys() if keep.get(k) != before.get(k))
         if diff:
             k = diff[0]

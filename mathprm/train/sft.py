@@ -20,7 +20,6 @@ accuracy on held-out train-split problems reaches a target, checked on all ranks
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ import torch
 from mathprm import atomic
 from mathprm.config import to_dict
 from mathprm.data import arith
+from mathprm.models import check_model_dir, loading
 from mathprm.models.policy import MODEL_PRESETS, build_policy
 from mathprm.models.tokenizer import build_char_tokenizer
 from mathprm.prompts import Prompter
@@ -311,10 +311,8 @@ def check_init_from(path: str | Path, tokenizer: Any) -> None:
     this command saved): ValueError naming the field otherwise, before any worker starts."""
     from mathprm.config import ConfigError
 
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        raise ConfigError(f"init_from: {path} is not a Hugging Face model directory (no config.json)")
-    vocab = json.loads(config.read_text()).get("vocab_size")
+    check_model_dir(path, "init_from")
+    vocab = atomic.read_json(Path(path) / "config.json", "repair it or start from another policy").get("vocab_size")
     if vocab is not None and vocab < len(tokenizer):
         raise ConfigError(f"init_from: {path} has a vocabulary of {vocab} tokens, fewer than the character "
                           f"tokenizer's {len(tokenizer)}; start from a policy saved by `mathprm sft`")
@@ -325,7 +323,8 @@ def _initial_model(cfg: SFTConfig, tokenizer: Any) -> torch.nn.Module:
         return build_policy(cfg.preset, tokenizer, seed=cfg.seed)  # same init everywhere; DDP broadcasts anyway
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+    with loading(cfg.init_from):
+        return AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
 
 
 def _train_loop(config: dict[str, Any]) -> None:
