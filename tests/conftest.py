@@ -38,6 +38,7 @@ def ray_cluster():
     import socket
 
     import ray
+    from ray._common.utils import reset_ray_address
     from ray.cluster_utils import Cluster
 
     from mathprm.ray_utils import LOOPBACK_ENV, init_ray
@@ -51,6 +52,10 @@ def ray_cluster():
                                                            "dashboard_host": "127.0.0.1",
                                                            "dashboard_port": dashboard_port,
                                                            "node_ip_address": "127.0.0.1"})
+    # The cluster wrote its address to /tmp/ray/ray_current_cluster, which any `ray.init()`
+    # without an address on this machine would join (another test's own local cluster, a
+    # developer's script): only what is given the address joins it.
+    reset_ray_address()
     info = init_ray(cluster.address)
     yield {**info, "cluster": cluster}
     ray.shutdown()
