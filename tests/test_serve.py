@@ -121,6 +121,10 @@ def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dir
     with pytest.raises(RequestError) as e:  # accepted by the schema, but no finite logits / T: a 422, not a 500
         solver.plan(SolveRequest(question="What is 1+1?", strategy="majority", temperature=1e-38))
     assert e.value.field == "temperature" and e.value.status == 422 and "greedy" in e.value.message
+    for strategy in ("guided@\u00b2", "guided@\u0663"):  # str.isdigit() says yes to both
+        with pytest.raises(RequestError) as e:
+            solver.plan(SolveRequest(question="What is 1+1?", strategy=strategy))
+        assert e.value.field == "strategy" and e.value.message.startswith("strategy: "), e.value.message
     t0 = time.perf_counter()
     with pytest.raises(RequestError) as e:
         asyncio.run(solver.solve(SolveRequest(question="What is 1+1?")))
