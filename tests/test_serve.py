@@ -164,29 +164,45 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, tim
 
 
 def test_an_internal_error_reaches_the_client_as_a_request_id_and_the_log_as_a_traceback():
-    """What the stream's `error` event carries when a search fails on our side: an id, never the
-    exception's text (a Ray actor error's holds the remote traceback, paths and pids)."""
+    """A route that raises: the client gets a JSON 500 holding the request's id and never the
+    exception's text (a Ray actor error's holds the remote traceback, paths and pids); the
+    server log has the traceback under the same id. A request id that is not a plain token (a
+    client's, with a newline to forge log lines) is replaced."""
     import logging
 
-    from mathprm.serve.app import internal_error, logger
+    from mathprm.serve.app import ErrorShield, logger
+
+    secret = 'Traceback (most recent call last):\n  File "/srv/mathprm/x.py", line 1, pid=4242, actor_id=abc'
+
+    async def route(scope, receive, send):
+        raise RuntimeError(secret)
+
+    async def call(request_id: bytes) -> tuple[int, dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/solve", "headers": [(b"x-request-id", request_id)]}
+        await ErrorShield(route)(scope, None, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # the serve logger does not propagate to the root (caplog)
     logger.addHandler(handler)
-    secret = 'Traceback (most recent call last):\n  File "/srv/mathprm/x.py", line 1, pid=4242, actor_id=abc'
     try:
-        try:
-            raise RuntimeError(secret)
-        except RuntimeError:
-            body = internal_error("search failed mid-stream")
+        status, body = asyncio.run(call(b"req-123"))
+        forged_status, forged = asyncio.run(call(b"x\nERROR forged line"))
     finally:
         logger.removeHandler(handler)
-    assert set(body) == {"error", "field", "status", "request_id"} and body["status"] == 500
-    assert "Traceback" not in json.dumps(body) and "4242" not in json.dumps(body)
-    assert body["request_id"] in body["error"]
-    (record,) = records
-    assert body["request_id"] in record.getMessage() and "pid=4242" in str(record.exc_info[1])
+    assert status == forged_status == 500
+    assert body == {"error": "internal error; the server log has the details under request_id req-123",
+                    "field": None, "request_id": "req-123"}
+    assert "\n" not in forged["request_id"] and len(forged["request_id"]) == 32
+    assert "Traceback" not in json.dumps(forged) and "4242" not in json.dumps(forged)
+    assert "req-123" in records[0].getMessage() and "pid=4242" in str(records[0].exc_info[1])
+    assert forged["request_id"] in records[1].getMessage()
 
 
 @pytest.mark.ray
