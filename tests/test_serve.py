@@ -26,7 +26,7 @@ import yaml
 from tests.conftest import MEMORISED
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60}
+LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60, "read_timeout_s": 3}
 
 
 def _free_port() -> int:
@@ -387,6 +387,55 @@ def test_malformed_requests_are_4xx_naming_the_field(app):
         assert r.status_code == 422 and r.json()["field"] == "body"
         assert session.get(app + "/healthz", timeout=10).status_code == 200
         assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
+
+
+# ----------------------------------------------------------------------------- nothing breaks, nothing leaks
+
+
+def _raw_request(port: int, head: bytes, parts: list[bytes], gap_s: float) -> tuple[bytes, float]:
+    """Send `head`, then each of `parts` `gap_s` apart, on a raw socket; what came back until
+    the server closed the connection (30 s at most), and after how many seconds."""
+    t0, got, parts = time.monotonic(), b"", list(parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=gap_s) as s:
+        s.sendall(head)
+        while time.monotonic() - t0 < 30:
+            if parts:
+                try:
+                    s.sendall(parts.pop(0))
+                except OSError:  # the server has closed its side
+                    parts = []
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got, time.monotonic() - t0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_body_short_of_its_content_length_or_sent_slowly_is_a_408_within_the_read_timeout(app):
+    """A client that promises 100 bytes and sends 13, and one that sends a byte every 0.5 s,
+    each get a 408 naming the body and a closed connection within limits.read_timeout_s,
+    instead of holding a connection; a normal request after them is answered."""
+    port = int(app.rsplit(":", 1)[1])
+    head = (b"POST /v1/solve HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    body = json.dumps({"question": "What is 1+1?", "strategy": "greedy"}).encode()
+    with ThreadPoolExecutor(2) as pool:
+        short = pool.submit(_raw_request, port, head % 100, [b'{"question": '], 5.0)
+        slow = pool.submit(_raw_request, port, head % len(body), [bytes([b]) for b in body], 0.5)
+        for got, seconds in (short.result(), slow.result()):
+            status, _, rest = got.partition(b"\r\n")
+            assert status == b"HTTP/1.1 408 Request Timeout", got[:300]
+            answer = json.loads(rest.partition(b"\r\n\r\n")[2])
+            assert answer["field"] == "body" and "limits.read_timeout_s" in answer["error"], answer
+            assert seconds < LIMITS["read_timeout_s"] + 5, seconds
+    assert _solve(app, {"question": "What is 1+1?", "temperature": 0})["answer"] == "2"
 
 
 @pytest.mark.ray

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -81,9 +81,9 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's errors (404, 405, and the 400 FastAPI raises for a body it cannot decode) in
-    the same short form."""
-    field_name = "body" if exc.status_code == 400 else None
+    """Starlette's errors (404, 405, the 400 FastAPI raises for a body it cannot decode, and
+    `BodyDeadline`'s 408) in the same short form."""
+    field_name = "body" if exc.status_code in (400, 408) else None
     message = f"body: {exc.detail}" if field_name else str(exc.detail)
     return JSONResponse(status_code=exc.status_code, content=error_body(request.scope, field_name, message),
                         headers=getattr(exc, "headers", None))
@@ -130,6 +130,38 @@ class ErrorShield:
                 await JSONResponse(status_code=500, content=body)(scope, receive, send)
 
 
+class BodyDeadline:
+    """ASGI middleware: a request's body must arrive in full within `limits.read_timeout_s` of
+    the request reaching the app, else the route's body read raises a 408 (the `body` field)
+    with `Connection: close`. Only the body's messages are timed: a streaming response's later
+    wait for the client to disconnect is not."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = serve.get_replica_context().servable_object.cfg.limits.read_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        complete = False
+
+        async def timed() -> dict:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise HTTPException(408, f"not received in full within {timeout:g} s (limits.read_timeout_s)",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
+
+
 # Paths open without the API key: liveness for load balancers and probes, and the API docs.
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 
@@ -174,12 +206,14 @@ class APIKeyGate:
         await self.app(scope, receive, send)
 
 
-# Outermost first: ErrorShield, then APIKeyGate.
+# Outermost first: ErrorShield, then BodyDeadline (its 408 is a route's exception), APIKeyGate.
 api.add_middleware(APIKeyGate)
+api.add_middleware(BodyDeadline)
 api.add_middleware(ErrorShield)
 
 
 _ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+           408: {"model": ErrorBody, "description": "the body did not arrive in full within limits.read_timeout_s"},
            422: {"model": ErrorBody, "description": "bad input; `field` names it"},
            500: {"model": ErrorBody, "description": "a failure on our side; the server log has it under request_id"},
            504: {"model": ErrorBody, "description": "the search ran past limits.timeout_s"}}
