@@ -438,6 +438,52 @@ def test_a_body_short_of_its_content_length_or_sent_slowly_is_a_408_within_the_r
     assert _solve(app, {"question": "What is 1+1?", "temperature": 0})["answer"] == "2"
 
 
+# Listeners of the app's Ray cluster beyond loopback that no setting moves to loopback, by
+# process title, each with why (cluster/README.md, "What listens where").
+WILDCARD_ALLOWED = {
+    # add_port_to_grpc_server(self._server, "[::]:0") in ray/serve/_private/replica.py (Ray
+    # 2.60), no option or environment variable; Ray's token authentication guards it.
+    "ray::ServeReplica:": "Serve's inter-deployment gRPC server, one per replica, binds [::]:0",
+}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_apps_cluster_listens_on_loopback_only(app):
+    """Every TCP listener of the Ray cluster the tests started (the Ray processes among this
+    process's descendants: GCS, raylet, dashboard and its agents, Serve's controller, proxy and
+    replicas; not this driver, nor a vLLM engine another test left running) is on loopback,
+    except one per replica that Ray gives no setting for."""
+    import ipaddress
+
+    import psutil
+
+    processes = psutil.Process().children(recursive=True)
+    if not any(p.name() == "raylet" for p in processes):
+        pytest.skip("the Ray cluster was not started by this run (RAY_ADDRESS)")
+    listeners: list[tuple[int, str, str, int]] = []  # (pid, process title, address, port)
+    for p in processes:
+        try:
+            title = " ".join(p.cmdline())
+            if not (p.name() in ("gcs_server", "raylet") or title.startswith("ray::") or "/ray/" in title):
+                continue
+            listeners += [(p.pid, title, c.laddr.ip, c.laddr.port)
+                          for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # a worker that has just exited
+            continue
+
+    def loopback(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 is loopback
+
+    beyond = [(pid, title.strip(), address, port) for pid, title, address, port in listeners if not loopback(address)]
+    assert not [b for b in beyond if not b[1].startswith(tuple(WILDCARD_ALLOWED))], (beyond, listeners)
+    replicas = {pid for pid, title, _, _ in listeners if title.startswith("ray::ServeReplica:")}
+    assert len(replicas) >= 3, listeners  # SolveAPI, GeneratorDeployment, PRMDeployment
+    # One each (the gRPC server), so nothing else of a replica's slips through the allowance.
+    assert sorted(pid for pid, *_ in beyond) == sorted(replicas), beyond
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_concurrent_requests_share_prm_batches(app):
