@@ -10,6 +10,8 @@ import asyncio
 import hashlib
 import json
 import os
+import random
+import re
 import secrets
 import signal
 import socket
@@ -26,7 +28,7 @@ import yaml
 from tests.conftest import MEMORISED
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60}
+LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60, "read_timeout_s": 3}
 
 
 def _free_port() -> int:
@@ -130,6 +132,10 @@ def test_the_solver_refuses_prm_strategies_without_a_prm_and_times_out(model_dir
     with pytest.raises(RequestError) as e:  # accepted by the schema, but no finite logits / T: a 422, not a 500
         solver.plan(SolveRequest(question="What is 1+1?", strategy="majority", temperature=1e-38))
     assert e.value.field == "temperature" and e.value.status == 422 and "greedy" in e.value.message
+    for strategy in ("guided@\u00b2", "guided@\u0663"):  # str.isdigit() says yes to both
+        with pytest.raises(RequestError) as e:
+            solver.plan(SolveRequest(question="What is 1+1?", strategy=strategy))
+        assert e.value.field == "strategy" and e.value.message.startswith("strategy: "), e.value.message
     t0 = time.perf_counter()
     with pytest.raises(RequestError) as e:
         asyncio.run(solver.solve(SolveRequest(question="What is 1+1?")))
@@ -169,29 +175,45 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, log: Path | None, tim
 
 
 def test_an_internal_error_reaches_the_client_as_a_request_id_and_the_log_as_a_traceback():
-    """What the stream's `error` event carries when a search fails on our side: an id, never the
-    exception's text (a Ray actor error's holds the remote traceback, paths and pids)."""
+    """A route that raises: the client gets a JSON 500 holding the request's id and never the
+    exception's text (a Ray actor error's holds the remote traceback, paths and pids); the
+    server log has the traceback under the same id. A request id that is not a plain token (a
+    client's, with a newline to forge log lines) is replaced."""
     import logging
 
-    from mathprm.serve.app import internal_error, logger
+    from mathprm.serve.app import ErrorShield, logger
+
+    secret = 'Traceback (most recent call last):\n  File "/srv/mathprm/x.py", line 1, pid=4242, actor_id=abc'
+
+    async def route(scope, receive, send):
+        raise RuntimeError(secret)
+
+    async def call(request_id: bytes) -> tuple[int, dict]:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/solve", "headers": [(b"x-request-id", request_id)]}
+        await ErrorShield(route)(scope, None, send)
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
 
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # the serve logger does not propagate to the root (caplog)
     logger.addHandler(handler)
-    secret = 'Traceback (most recent call last):\n  File "/srv/mathprm/x.py", line 1, pid=4242, actor_id=abc'
     try:
-        try:
-            raise RuntimeError(secret)
-        except RuntimeError:
-            body = internal_error("search failed mid-stream")
+        status, body = asyncio.run(call(b"req-123"))
+        forged_status, forged = asyncio.run(call(b"x\nERROR forged line"))
     finally:
         logger.removeHandler(handler)
-    assert set(body) == {"error", "field", "status", "request_id"} and body["status"] == 500
-    assert "Traceback" not in json.dumps(body) and "4242" not in json.dumps(body)
-    assert body["request_id"] in body["error"]
-    (record,) = records
-    assert body["request_id"] in record.getMessage() and "pid=4242" in str(record.exc_info[1])
+    assert status == forged_status == 500
+    assert body == {"error": "internal error; the server log has the details under request_id req-123",
+                    "field": None, "request_id": "req-123"}
+    assert "\n" not in forged["request_id"] and len(forged["request_id"]) == 32
+    assert "Traceback" not in json.dumps(forged) and "4242" not in json.dumps(forged)
+    assert "req-123" in records[0].getMessage() and "pid=4242" in str(records[0].exc_info[1])
+    assert forged["request_id"] in records[1].getMessage()
 
 
 @pytest.mark.ray
@@ -281,8 +303,12 @@ def test_solve_greedy_and_guided(app):
 
 
 def _events(response) -> list[tuple[str, dict]]:
+    return _sse_events(response.iter_lines(decode_unicode=True))
+
+
+def _sse_events(lines) -> list[tuple[str, dict]]:
     events, event = [], None
-    for line in response.iter_lines(decode_unicode=True):
+    for line in lines:
         if line.startswith("event: "):
             event = line[len("event: "):]
         elif line.startswith("data: "):
@@ -374,6 +400,244 @@ def test_malformed_requests_are_4xx_naming_the_field(app):
         # Not JSON at all (a form post): refused, naming the body.
         r = session.post(app + "/v1/solve", data={"question": "What is 1+1?"}, timeout=30)
         assert r.status_code == 422 and r.json()["field"] == "body"
+        assert session.get(app + "/healthz", timeout=10).status_code == 200
+        assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
+
+
+# ----------------------------------------------------------------------------- nothing breaks, nothing leaks
+
+
+def _raw_request(port: int, head: bytes, parts: list[bytes], gap_s: float) -> tuple[bytes, float]:
+    """Send `head`, then each of `parts` `gap_s` apart, on a raw socket; what came back until
+    the server closed the connection (30 s at most), and after how many seconds."""
+    t0, got, parts = time.monotonic(), b"", list(parts)
+    with socket.create_connection(("127.0.0.1", port), timeout=gap_s) as s:
+        s.sendall(head)
+        while time.monotonic() - t0 < 30:
+            if parts:
+                try:
+                    s.sendall(parts.pop(0))
+                except OSError:  # the server has closed its side
+                    parts = []
+            try:
+                chunk = s.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got, time.monotonic() - t0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_body_short_of_its_content_length_or_sent_slowly_is_a_408_within_the_read_timeout(app):
+    """A client that promises 100 bytes and sends 13, and one that sends a byte every 0.5 s,
+    each get a 408 naming the body and a closed connection within limits.read_timeout_s,
+    instead of holding a connection; a normal request after them is answered."""
+    port = int(app.rsplit(":", 1)[1])
+    head = (b"POST /v1/solve HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n")
+    body = json.dumps({"question": "What is 1+1?", "strategy": "greedy"}).encode()
+    with ThreadPoolExecutor(2) as pool:
+        short = pool.submit(_raw_request, port, head % 100, [b'{"question": '], 5.0)
+        slow = pool.submit(_raw_request, port, head % len(body), [bytes([b]) for b in body], 0.5)
+        for got, seconds in (short.result(), slow.result()):
+            status, _, rest = got.partition(b"\r\n")
+            assert status == b"HTTP/1.1 408 Request Timeout", got[:300]
+            answer = json.loads(rest.partition(b"\r\n\r\n")[2])
+            assert answer["field"] == "body" and "limits.read_timeout_s" in answer["error"], answer
+            assert seconds < LIMITS["read_timeout_s"] + 5, seconds
+    assert _solve(app, {"question": "What is 1+1?", "temperature": 0})["answer"] == "2"
+
+
+# Listeners of the app's Ray cluster beyond loopback that no setting moves to loopback, by
+# process title, each with why (cluster/README.md, "What listens where").
+WILDCARD_ALLOWED = {
+    # add_port_to_grpc_server(self._server, "[::]:0") in ray/serve/_private/replica.py (Ray
+    # 2.60), no option or environment variable; Ray's token authentication guards it.
+    "ray::ServeReplica:": "Serve's inter-deployment gRPC server, one per replica, binds [::]:0",
+}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_apps_cluster_listens_on_loopback_only(app):
+    """Every TCP listener of the Ray cluster the tests started (the Ray processes among this
+    process's descendants: GCS, raylet, dashboard and its agents, Serve's controller, proxy and
+    replicas; not this driver, nor a vLLM engine another test left running) is on loopback,
+    except one per replica that Ray gives no setting for."""
+    import ipaddress
+
+    import psutil
+
+    processes = psutil.Process().children(recursive=True)
+    if not any(p.name() == "raylet" for p in processes):
+        pytest.skip("the Ray cluster was not started by this run (RAY_ADDRESS)")
+    listeners: list[tuple[int, str, str, int]] = []  # (pid, process title, address, port)
+    for p in processes:
+        try:
+            title = " ".join(p.cmdline())
+            if not (p.name() in ("gcs_server", "raylet") or title.startswith("ray::") or "/ray/" in title):
+                continue
+            listeners += [(p.pid, title, c.laddr.ip, c.laddr.port)
+                          for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # a worker that has just exited
+            continue
+
+    def loopback(address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # ::ffff:127.0.0.1 is loopback
+
+    beyond = [(pid, title.strip(), address, port) for pid, title, address, port in listeners if not loopback(address)]
+    assert not [b for b in beyond if not b[1].startswith(tuple(WILDCARD_ALLOWED))], (beyond, listeners)
+    replicas = {pid for pid, title, _, _ in listeners if title.startswith("ray::ServeReplica:")}
+    assert len(replicas) >= 3, listeners  # SolveAPI, GeneratorDeployment, PRMDeployment
+    # One each (the gRPC server), so nothing else of a replica's slips through the allowance.
+    assert sorted(pid for pid, *_ in beyond) == sorted(replicas), beyond
+
+
+# What a response body must never hold: a traceback, a source path, Ray's actor / object ids.
+LEAKS = re.compile(r'Traceback|File "|\.py"|\.py:\d|site-packages|ray::|RayTaskError|pid=\d|actor_id|ActorID|'
+                   r'ObjectRef|0x[0-9a-f]{8,}')
+# Questions the schema accepts though no policy can do much with them.
+ODD_QUESTIONS = ["x", "\u200b\u200b", "?", "\u202e2+1 si tahW", "e\u0301\u0301\u0301", "\U0001f600 + \U0001f600 = ?",
+                 "1+1\x00", "\ud800", "What is 1+1?\udfff", "\ufeff", "\u0661+\u0661", "\t x \n", "\\n\\n", "ß" * 150,
+                 "What is 1+1?\n\n\n", "\u2028\u2029"]
+
+
+def _check(r: requests.Response, case) -> None:
+    """One response of the app to anything: under 500, no internals, errors in the short form
+    naming their field, a 200 a well-formed answer (the stream's last event: done, or an error
+    event under 500)."""
+    assert r.status_code < 500, (case, r.status_code, r.text[:300])
+    assert not LEAKS.search(r.text), (case, LEAKS.search(r.text), r.text[:300])
+    if r.status_code >= 400:
+        body = r.json()
+        assert set(body) == {"error", "field", "request_id"} and "\n" not in body["error"], (case, body)
+        assert body["field"] is None or body["error"].startswith(body["field"]), (case, body)
+        assert r.headers["x-request-id"] == body["request_id"], (case, body)  # Serve's id, as in its logs
+    elif r.request.path_url.startswith("/v1/solve/stream"):
+        events = _sse_events(r.text.splitlines())
+        kind, last = events[-1]
+        assert kind == "done" or (kind == "error" and last["status"] < 500), (case, events[-1])
+        assert all(kind == "step" for kind, _ in events[:-1]), (case, events)
+    elif r.request.path_url.startswith("/v1/solve"):
+        body = r.json()
+        assert isinstance(body["steps"], list) and body["strategy"] and isinstance(body["answer"], str | None), body
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_odd_questions_get_an_answer_from_every_strategy_and_blank_ones_a_422(app):
+    """Questions a policy can only write junk or nothing after ("x", two zero-width spaces)
+    through every strategy, both endpoints: a 200 with a well-formed answer (the fuzz sends
+    more odd questions). A blank question, or one holding a lone surrogate (the schema's strict
+    str refuses it: no tokenizer could read it), is a 422 naming it."""
+    from mathprm.search import RUNNABLE
+
+    with requests.Session() as session:
+        for strategy in RUNNABLE:
+            for question, path in (("x", "/v1/solve"), ("\u200b\u200b", "/v1/solve/stream")):
+                body = {"question": question, "strategy": strategy, "n": 2, "beam_width": 2, "max_steps": 2}
+                r = session.post(app + path, json=body, timeout=60)
+                _check(r, body)
+                assert r.status_code == 200, (body, r.text[:300])
+        for refused in (" ", "\t\n", "\u3000", "\ud800", "What is 1+1?\udfff"):  # blank; a lone surrogate
+            r = session.post(app + "/v1/solve", json={"question": refused, "strategy": "greedy"}, timeout=30)
+            assert r.status_code == 422 and r.json()["field"] == "question", (refused, r.text)
+
+
+def _fuzz_cases(rng: random.Random) -> list[tuple[str, str, dict, bytes]]:
+    """(method, path, headers, body) requests over every endpoint: mutated and malformed JSON,
+    wrong types, huge and negative numbers, unknown fields, odd unicode, empty bodies, wrong
+    methods and paths, odd content types, and accepted but odd input on tiny search budgets
+    (n, beam_width, max_steps at most 2) so that the searches stay short."""
+    from mathprm.search import RUNNABLE
+
+    json_type = {"content-type": "application/json"}
+    solve_paths = ("/v1/solve", "/v1/solve/stream")
+
+    def encode(value) -> bytes:
+        text = json.dumps(value, ensure_ascii=rng.random() < 0.5)
+        return text.encode("utf-8", "surrogatepass")  # a lone surrogate sent raw is invalid UTF-8: a 4xx
+
+    def tiny() -> dict:
+        return {"question": rng.choice(ODD_QUESTIONS), "strategy": rng.choice(RUNNABLE), "n": rng.randint(1, 2),
+                "beam_width": rng.randint(1, 2), "max_steps": rng.randint(1, 2)}
+
+    odd_values = [None, True, False, 0, -1, 1 << 63, -(1 << 63), 10**400, -(10**30), 1e308, -1e308, 5e-324, -0.0,
+                  0.5, "", " ", "1", "\u200b", "\ud800", "guided@\u00b2", "x" * 10_000, [], [1], {}, {"$gt": 0},
+                  [None] * 100]
+    cases: list[tuple[str, str, dict, bytes]] = []
+    for _ in range(60):  # a valid body, mutated: truncated, a character dropped, doubled or inserted
+        text = bytearray(encode(tiny()))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text))
+            what = rng.randrange(4)
+            if what == 0:
+                del text[i:]
+            elif what == 1:
+                del text[i]
+            elif what == 2:
+                text[i:i] = text[i:i + 1]
+            else:
+                text[i:i] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\x00", b"\xff", b" ", b"\n"])
+            if not text:
+                break
+        cases.append(("POST", rng.choice(solve_paths), json_type, bytes(text)))
+    for _ in range(60):  # one field of a tiny body set to a value of the wrong type or range
+        body = tiny() | {rng.choice(["question", "strategy", "n", "beam_width", "max_steps", "temperature", "seed"]):
+                         rng.choice(odd_values)}
+        cases.append(("POST", rng.choice(solve_paths), json_type, encode(body)))
+    for _ in range(30):  # numbers as JSON writes them but Python might not read them back
+        number = rng.choice(["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1" * 5000, "0.0000001e-400", "-0",
+                             "2.0", "1e-5", "9223372036854775807", "1.5e1", "0x10", "01", "+1", ".5"])
+        name = rng.choice(["n", "beam_width", "max_steps", "temperature", "seed"])
+        text = encode(tiny())[:-1] + f', "{name}": {number}}}'.encode()
+        cases.append(("POST", rng.choice(solve_paths), json_type, text))
+    for _ in range(30):  # unknown fields, odd keys
+        key = rng.choice(["foo", "", " ", "Question", "__proto__", "constructor", "n ", "\u200bn", "\ud800", "x" * 300,
+                          "top_p", "prm", "policy", "stream"])
+        cases.append(("POST", rng.choice(solve_paths), json_type, encode(tiny() | {key: rng.choice(odd_values)})))
+    for _ in range(60):  # not an object, empty, deep nesting, random bytes, odd content types
+        body = rng.choice([b"", b" ", b"{}", b"null", b"[]", b'""', b"0", b"[" * 5000 + b"]" * 5000,
+                           b'{"question": ' * 3000, bytes(rng.randrange(256) for _ in range(rng.randint(1, 200))),
+                           encode(tiny())])
+        headers = rng.choice([json_type, {}, {"content-type": "text/plain"}, {"content-type": "\u00e9"},
+                              {"content-type": "application/json; charset=utf-16"},
+                              {"content-type": "application/x-www-form-urlencoded"},
+                              {"content-type": "multipart/form-data; boundary=x"},
+                              {"content-type": "application/json", "content-encoding": "gzip"}])
+        cases.append(("POST", rng.choice(solve_paths), headers, body))
+    for _ in range(40):  # wrong methods and paths
+        method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "POST"])
+        path = rng.choice(["/v1/solve", "/v1/solve/stream", "/healthz", "/docs", "/openapi.json",
+                           "/docs/oauth2-redirect", "/v1/solve/", "/v1/SOLVE", "/v1/solve/stream/x", "/%00",
+                           "/" + "a" * 3000, "/%C3%A9", "/v1/solve?n=99", "/v1", "/healthz/..", "/;",
+                           "/v1/solve%2Fstream"])
+        cases.append((method, path, json_type, encode(tiny()) if method != "GET" else b""))
+    for _ in range(20):  # accepted but odd: odd questions, extreme temperatures and seeds, name@N
+        body = tiny() | rng.choice([{}, {"temperature": 0}, {"temperature": 1e-5}, {"temperature": 2.0},
+                                    {"seed": (1 << 63) - 1}, {"strategy": rng.choice(RUNNABLE) + "@2", "n": 2}])
+        cases.append(("POST", rng.choice(solve_paths), json_type, encode(body)))
+    return cases
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fuzz_every_endpoint_no_5xx_no_internals_healthy_after(app):
+    """A seeded fuzz: 300 requests over every endpoint (`_fuzz_cases`). Each answer is
+    under 500, holds no traceback text, and an error is `{error, field, request_id}` naming its
+    field; the app answers health and a normal question after."""
+    cases = _fuzz_cases(random.Random(32))
+    assert len(cases) >= 300
+    with requests.Session() as session:
+        for method, path, headers, body in cases:
+            r = session.request(method, app + path, data=body, headers=headers, timeout=60)
+            _check(r, (method, path, body[:200]))
         assert session.get(app + "/healthz", timeout=10).status_code == 200
         assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
 

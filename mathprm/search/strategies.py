@@ -267,7 +267,7 @@ def parse_strategy(text: str, allowed: Sequence[str] = RUNNABLE) -> tuple[str, i
     """`name` or `name@N` -> (name, N or None), `name` one of `allowed` (default: what a search can
     run); ValueError naming the text otherwise."""
     name, at, n = str(text).partition("@")
-    if name in allowed and (not at or (n.isdigit() and int(n) >= 1)):
+    if name in allowed and (not at or (n.isascii() and n.isdigit() and int(n) >= 1)):  # not "²", "٣"
         if STRATEGIES[name].spends == "one" and at:
             raise ValueError(f"strategy: {text!r}: {name} takes no @N")
         return name, int(n) if at else None

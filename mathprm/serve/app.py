@@ -7,12 +7,13 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -35,6 +36,30 @@ api = FastAPI(
 )
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id(scope: dict) -> str:
+    """The id of this request in error bodies and the server log: the one Serve's proxy put in
+    the `X-Request-ID` header (it echoes it in the response's), unless it is not a plain token
+    (a client may send its own; a newline in it could forge log lines), else a fresh one."""
+    state = scope.setdefault("state", {})
+    if "request_id" not in state:
+        given = dict(scope.get("headers", ())).get(b"x-request-id", b"").decode("latin-1")
+        state["request_id"] = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return state["request_id"]
+
+
+def error_body(scope: dict, field_name: str | None, message: str) -> dict[str, Any]:
+    """What every error response holds: a one-line message naming the field, the field (None
+    when no one field is at fault) and the request's id. A lone surrogate the client sent (in an
+    unknown field's name, say) is written as its escape: it has no UTF-8 form to send."""
+    def text(s: str) -> str:
+        return s.encode("utf-8", "backslashreplace").decode()
+
+    return {"error": text(message), "field": field_name and text(field_name), "request_id": request_id(scope)}
+
+
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """FastAPI's 422 in the app's short form, naming the first field at fault."""
@@ -51,32 +76,90 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         message = f"{name}: {first.get('msg', 'invalid')}"
         if first.get("type") == "extra_forbidden":
             message = f"{name}: unknown field; fields: {', '.join(SolveRequest.model_fields)}"
-    return JSONResponse(status_code=422, content={"error": message, "field": name})
+    return JSONResponse(status_code=422, content=error_body(request.scope, name, message))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Starlette's errors (404, 405, and the 400 FastAPI raises for a body it cannot decode) in
-    the same short form."""
-    if exc.status_code == 400:
-        return JSONResponse(status_code=400, content={"error": f"body: {exc.detail}", "field": "body"})
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None},
+    """Starlette's errors (404, 405, the 400 FastAPI raises for a body it cannot decode, and
+    `BodyDeadline`'s 408) in the same short form."""
+    field_name = "body" if exc.status_code in (400, 408) else None
+    message = f"body: {exc.detail}" if field_name else str(exc.detail)
+    return JSONResponse(status_code=exc.status_code, content=error_body(request.scope, field_name, message),
                         headers=getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestError)
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=exc.body())
+    return JSONResponse(status_code=exc.status, content=error_body(request.scope, exc.field, exc.message))
 
 
-def internal_error(what: str) -> dict[str, Any]:
-    """The body a client gets for a failure on our side: a request id and no internals (an
+def internal_error(what: str, scope: dict) -> dict[str, Any]:
+    """The body a client gets for a failure on our side: the request's id and no internals (an
     exception's text can hold a remote traceback with paths, pids and actor ids). Call it from
     an `except` block: the traceback goes to the server log under the same id."""
-    request_id = uuid.uuid4().hex[:16]
-    logger.exception("%s (request_id %s)", what, request_id)
-    return {"error": f"internal error; the server log has the details under request_id {request_id}",
-            "field": None, "status": 500, "request_id": request_id}
+    rid = request_id(scope)
+    logger.exception("%s (request_id %s)", what, rid)
+    return error_body(scope, None, f"internal error; the server log has the details under request_id {rid}")
+
+
+class ErrorShield:
+    """ASGI middleware, outermost of the app's: any exception a route lets escape becomes a 500
+    `{error, field, request_id}` with no exception text, its traceback logged under that id.
+    (Starlette's own fallback answers plain text and re-raises into Serve's replica.)"""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            body = internal_error(f"{scope['method']} {scope['path']!r} failed", scope)
+            if not started:  # else the client sees the response cut short
+                await JSONResponse(status_code=500, content=body)(scope, receive, send)
+
+
+class BodyDeadline:
+    """ASGI middleware: a request's body must arrive in full within `limits.read_timeout_s` of
+    the request reaching the app, else the route's body read raises a 408 (the `body` field)
+    with `Connection: close`. Only the body's messages are timed: a streaming response's later
+    wait for the client to disconnect is not."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = serve.get_replica_context().servable_object.cfg.limits.read_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        complete = False
+
+        async def timed() -> dict:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                raise HTTPException(408, f"not received in full within {timeout:g} s (limits.read_timeout_s)",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
 
 
 # Paths open without the API key: liveness for load balancers and probes, and the API docs.
@@ -116,18 +199,23 @@ class APIKeyGate:
                     for key in _presented_keys(scope["headers"])):
                 refusal = JSONResponse(
                     status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                    content={"error": "unauthorized: send the API key as 'Authorization: Bearer <key>' or "
-                                      "'X-API-Key: <key>'", "field": None})
+                    content=error_body(scope, None, "unauthorized: send the API key as 'Authorization: Bearer "
+                                                    "<key>' or 'X-API-Key: <key>'"))
                 await refusal(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
+# Outermost first: ErrorShield, then BodyDeadline (its 408 is a route's exception), APIKeyGate.
 api.add_middleware(APIKeyGate)
+api.add_middleware(BodyDeadline)
+api.add_middleware(ErrorShield)
 
 
 _ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+           408: {"model": ErrorBody, "description": "the body did not arrive in full within limits.read_timeout_s"},
            422: {"model": ErrorBody, "description": "bad input; `field` names it"},
+           500: {"model": ErrorBody, "description": "a failure on our side; the server log has it under request_id"},
            504: {"model": ErrorBody, "description": "the search ran past limits.timeout_s"}}
 
 
@@ -168,10 +256,10 @@ class SolveAPI:
         return await self.solver.solve(body)
 
     @api.post("/v1/solve/stream", responses=_ERRORS | {200: {"content": {"text/event-stream": {}}}})
-    async def solve_stream(self, body: SolveRequest) -> StreamingResponse:
+    async def solve_stream(self, body: SolveRequest, request: Request) -> StreamingResponse:
         """The same search as server-sent events: `step` ({text, score}) for each step as soon as
-        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, status}; a failure on
-        our side also carries `request_id`, the id of its traceback in the server log)."""
+        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, request_id,
+        status}; for a failure on our side the server log has the traceback under request_id)."""
         plan = self.solver.plan(body)  # bad input is a plain 422 before the stream starts
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -187,9 +275,9 @@ class SolveAPI:
                 try:
                     yield _sse("done", task.result())
                 except RequestError as e:
-                    yield _sse("error", e.body() | {"status": e.status})
+                    yield _sse("error", error_body(request.scope, e.field, e.message) | {"status": e.status})
                 except Exception:  # the headers (200) are sent: the stream must say it failed
-                    yield _sse("error", internal_error("search failed mid-stream"))
+                    yield _sse("error", internal_error("search failed mid-stream", request.scope) | {"status": 500})
             finally:
                 task.cancel()  # the client went away: stop searching
 

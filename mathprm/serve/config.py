@@ -28,13 +28,18 @@ class Limits:
     max_steps: int = 48
     question_chars: int = 4000
     timeout_s: float = 60.0  # a search still running after this is cancelled: 504
+    # A request body not received in full this long after the request arrived is a 408 and
+    # the connection is closed: a client that sends slowly, or less than its Content-Length,
+    # cannot hold a connection (Serve's HTTP proxy has no body read timeout of its own).
+    read_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name in ("n", "beam_width", "max_steps", "question_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s: must be > 0, got {self.timeout_s}")
+        for name in ("timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

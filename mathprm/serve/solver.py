@@ -61,6 +61,7 @@ class SolveResponse(BaseModel):
 class ErrorBody(BaseModel):
     error: str
     field: str | None = Field(description="the request field at fault; null when no one field is")
+    request_id: str = Field(description="this request's id; the server log holds a failure's details under it")
 
 
 class RequestError(Exception):
@@ -69,9 +70,6 @@ class RequestError(Exception):
     def __init__(self, field_name: str | None, message: str, status: int = 422) -> None:
         super().__init__(message)
         self.field, self.message, self.status = field_name, message, status
-
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "field": self.field}
 
 
 # ----------------------------------------------------------------------------- the solver (no HTTP, no Ray)
