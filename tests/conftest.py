@@ -51,7 +51,10 @@ def ray_cluster():
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                            "dashboard_host": "127.0.0.1",
                                                            "dashboard_port": dashboard_port,
-                                                           "node_ip_address": "127.0.0.1"})
+                                                           "node_ip_address": "127.0.0.1",
+                                                           # a lost node is declared dead in ~3 s, not ~15 s
+                                                           "_system_config": {"health_check_period_ms": 1000,
+                                                                              "health_check_failure_threshold": 3}})
     # The cluster wrote its address to /tmp/ray/ray_current_cluster, which any `ray.init()`
     # without an address on this machine would join (another test's own local cluster, a
     # developer's script): only what is given the address joins it.

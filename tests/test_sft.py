@@ -208,7 +208,7 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
     assert not out.exists()  # nothing half-written where the policy goes
 
     # The budget counts the killed run's training time too; a resumed run trains at least one step.
-    cfg = dataclasses.replace(cfg, time_budget_min=0.3)
+    cfg = dataclasses.replace(cfg, time_budget_min=0.2)
     assert sft.train_sft(cfg) == out.resolve()
     summary = json.loads((out / sft.SFT_STAGE.summary_file).read_text())
     assert summary["resumed_from_step"] >= 5

@@ -3,7 +3,6 @@ Train run (2 workers, LoRA, TRL input, a kill and a resume, reuse)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 
@@ -17,7 +16,6 @@ from mathprm.labels.treesearch import to_trl
 from mathprm.steps import StepFormat
 from mathprm.train.prm import PRM_STAGE, TrainPRMConfig, choose_threshold, train_prm
 from mathprm.train.prm_data import EpochBatches, is_validation, solution_of_trl_row, solutions_of_problem
-from tests.conftest import kill_after_first_checkpoint
 
 FMT = StepFormat("\n")
 
@@ -154,13 +152,15 @@ def _cfg(data, tiny_policy_dir, out, **kw) -> TrainPRMConfig:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learns(ray_cluster, qwen_policy_dir,
-                                                                                   tmp_path, monkeypatch):
-    """One run for all of Ray Train's paths (each start costs ~30 s here), on the real path: the
-    tiny Qwen2 chat model as the base (its chat prompts around every path), TRL stepwise rows
-    (the quick demo trains the arithmetic PRM on tree-search labels), two DDP workers, LoRA
-    adapters through PEFT; killed after its first checkpoint, then resumed to the end, then
-    reused."""
+def test_two_lora_workers_survive_a_killed_worker_and_save_a_loadable_prm_that_learns(ray_cluster, qwen_policy_dir,
+                                                                                       tmp_path, monkeypatch):
+    """One run for Ray Train's paths (each start costs ~30 s here), on the real path: the tiny
+    Qwen2 chat model as the base (its chat prompts around every path), TRL stepwise rows (the
+    quick demo trains the arithmetic PRM on tree-search labels), two DDP workers, LoRA adapters
+    through PEFT. A worker is killed once the run has checkpointed: the group restarts from that
+    checkpoint (max_failures) and the run ends at its full step count; then it is reused. (A
+    killed driver's rerun resuming from the checkpoint, the same `train.run` path, is tested by
+    the SFT and PPO runs.)"""
     import pyarrow as pa
     from transformers import AutoModelForCausalLM
 
@@ -169,31 +169,23 @@ def test_two_lora_workers_resume_a_killed_run_and_save_a_loadable_prm_that_learn
 
     pq.write_table(pa.Table.from_pylist(to_trl(_labels(30), hard=False, fmt=FMT)), tmp_path / "soft.parquet")
     out = tmp_path / "resume"
-    cfg = _cfg(tmp_path / "soft.parquet", qwen_policy_dir, out, separator="\n", epochs=200, checkpoint_every=2,
-               eval_every=100, lora_r=4)
-    overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
-    kill_after_first_checkpoint(["train-prm", *overrides], ray_cluster["gcs_address"],
-                                tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json", 300)
-    assert not out.exists()
+    cfg = _cfg(tmp_path / "soft.parquet", qwen_policy_dir, out, separator="\n", epochs=3, checkpoint_every=2,
+               eval_every=2, lora_r=4)
     names = ["mathprm_prm_steps", "mathprm_prm_loss", "mathprm_prm_val_auroc"]
-    # The resumed run then loses a worker once it has checkpointed: the group restarts from
-    # that checkpoint (max_failures) and the run ends at the same step count.
     snapshot = tmp_path / "ray_train" / "prm-resume" / "checkpoint_manager_snapshot.json"
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher, \
             TrainWorkerKiller(snapshot, ray_cluster["webui_url"]) as killer:
-        assert train_prm(dataclasses.replace(cfg, epochs=3, eval_every=2)) == out.resolve()
+        assert train_prm(cfg) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
-    assert killer.killed, "no worker was killed: the resumed run registered no new checkpoint"
+    assert killer.killed, "no worker was killed: the run registered no checkpoint"
     summary = json.loads((out / PRM_STAGE.summary_file).read_text())
-    assert summary["resumed_from_step"] >= 4  # the checkpoint after the driver's resume, restored after the kill
+    assert summary["resumed_from_step"] >= 2  # the checkpoint the restarted group restored
     assert summary["steps"] == 3 * (summary["train_solutions"] // (8 * 2))  # epochs x steps per epoch
     assert summary["config"]["lora_r"] == 4 and summary["config"]["num_workers"] == 2
     assert summary["val_solutions"] > 0 and summary["train_solutions"] > summary["val_solutions"]
-    # It learns: the validation BCE (one fixed set, so no batch-to-batch noise) falls well below
-    # the untrained PRM's, measured by the killed run and kept in its checkpoint. Measured on an
-    # AMD EPYC box: 7.93 untrained, then 7.16 / 6.70 / 6.33 / 6.09 / 5.98 every 2 steps (0.75x);
-    # the windowed batch loss went 5.47 -> 7.50 over the last two logs, so it says nothing.
-    # Required: at least 5 % below.
+    # It learns: the validation BCE (one fixed set, so no batch-to-batch noise) falls below the
+    # untrained PRM's, measured before the kill and kept in the checkpoint (the windowed batch
+    # loss swings too much between logs to say so). Required: at least 5 % below.
     assert summary["initial_val_bce"] is not None and summary["val_bce"] < 0.95 * summary["initial_val_bce"], summary
     assert summary["val_bce"] is not None and 0.0 <= summary["val_auroc"] <= 1.0
     # The ProcessBench threshold picked at the end (on validation paths when there are enough
