@@ -103,18 +103,28 @@ def internal_error(what: str, scope: dict) -> dict[str, Any]:
     return error_body(scope, None, f"internal error; the server log has the details under request_id {rid}")
 
 
-class ErrorShield:
-    """ASGI middleware, outermost of the app's: any exception a route lets escape becomes a 500
-    `{error, field, request_id}` with no exception text, its traceback logged under that id.
-    (Starlette's own fallback answers plain text and re-raises into Serve's replica.)"""
+class _HTTPMiddleware:
+    """An ASGI middleware that acts on HTTP requests (`http`) and passes anything else on."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        raise NotImplementedError
+
+
+class ErrorShield(_HTTPMiddleware):
+    """ASGI middleware, outermost of the app's: any exception a route lets escape becomes a 500
+    `{error, field, request_id}` with no exception text, its traceback logged under that id.
+    (Starlette's own fallback answers plain text and re-raises into Serve's replica.)"""
+
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         started = False
 
         async def tracked(message: dict) -> None:
@@ -130,19 +140,13 @@ class ErrorShield:
                 await JSONResponse(status_code=500, content=body)(scope, receive, send)
 
 
-class BodyDeadline:
+class BodyDeadline(_HTTPMiddleware):
     """ASGI middleware: a request's body must arrive in full within `limits.read_timeout_s` of
     the request reaching the app, else the route's body read raises a 408 (the `body` field)
     with `Connection: close`. Only the body's messages are timed: a streaming response's later
     wait for the client to disconnect is not."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         timeout = serve.get_replica_context().servable_object.cfg.limits.read_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout
         complete = False
@@ -180,29 +184,25 @@ def _presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
     return keys
 
 
-class APIKeyGate:
+class APIKeyGate(_HTTPMiddleware):
     """ASGI middleware: when the ingress replica holds an API key digest, a request outside
     `OPEN_PATHS` without the right key gets 401 before routing, so before its body is read or
     validated. Keys are compared as SHA-256 digests with `hmac.compare_digest`: equal lengths,
     constant time, whatever the client sends."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            # The replica's SolveAPI instance (how Serve's own class-based routes find it).
-            digest = serve.get_replica_context().servable_object.api_key_sha256
-            path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-            if digest is not None and path not in OPEN_PATHS and not any(
-                    hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
-                    for key in _presented_keys(scope["headers"])):
-                refusal = JSONResponse(
-                    status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                    content=error_body(scope, None, "unauthorized: send the API key as 'Authorization: Bearer "
-                                                    "<key>' or 'X-API-Key: <key>'"))
-                await refusal(scope, receive, send)
-                return
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        # The replica's SolveAPI instance (how Serve's own class-based routes find it).
+        digest = serve.get_replica_context().servable_object.api_key_sha256
+        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        if digest is not None and path not in OPEN_PATHS and not any(
+                hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
+                for key in _presented_keys(scope["headers"])):
+            refusal = JSONResponse(
+                status_code=401, headers={"WWW-Authenticate": "Bearer"},
+                content=error_body(scope, None, "unauthorized: send the API key as 'Authorization: Bearer "
+                                                "<key>' or 'X-API-Key: <key>'"))
+            await refusal(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
