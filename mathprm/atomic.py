@@ -62,6 +62,14 @@ def read_json(path: str | Path, fix: str) -> dict[str, Any]:
     return value
 
 
+def check_not_a_file(path: str | Path, field: str) -> None:
+    """A ConfigError naming `field` when the output directory `path` exists as a file."""
+    from mathprm.config import ConfigError
+
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"{field}: {path} is a file, not a directory; move it aside or use another {field}")
+
+
 @contextlib.contextmanager
 def directory(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes `path` only if the block finishes.

@@ -235,6 +235,13 @@ def test_a_killed_two_worker_run_resumes_stops_on_its_time_budget_saves_a_loadab
     assert (out / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+def test_a_bad_max_failures_is_refused_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError, match="^max_failures: must be an int >= 0, got -1$"):
+        sft.train_sft(dataclasses.replace(_tiny_run(tmp_path / "policy"), max_failures=-1))
+    assert not (tmp_path / "policy").exists()
+
+
 def test_an_interrupted_run_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
     from mathprm.train.run import check_resume
 

@@ -314,8 +314,7 @@ def _prepare_out_dir(cfg: MCTSConfig) -> Path:
         shutil.rmtree(out)
     labels_dir = out / "labels"
     for d in (out, labels_dir):
-        if d.exists() and not d.is_dir():
-            raise ConfigError(f"out_dir: {d} is a file, not a directory; move it aside or use another out_dir")
+        atomic.check_not_a_file(d, "out_dir")
     labels_dir.mkdir(parents=True, exist_ok=True)
     for tmp in labels_dir.glob(".part-*.tmp-*"):  # atomic.file's temporaries of a killed run
         tmp.unlink()

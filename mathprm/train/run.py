@@ -68,13 +68,13 @@ def launch(stage: Stage, cfg: Any, loop: Callable[[dict], None], prepare: Callab
     from mathprm.ray_utils import check_job_paths, init_ray
 
     check_job_paths(**paths)
+    if not isinstance(cfg.max_failures, int) or isinstance(cfg.max_failures, bool) or cfg.max_failures < 0:
+        raise ConfigError(f"max_failures: must be an int >= 0, got {cfg.max_failures!r}")  # before any work
     out = Path(cfg.out_dir).resolve()
     if reuse_finished(out, cfg.overwrite, stage):
         return out
     settings, extra = prepare(out)
     init_ray(cfg.ray_address, cfg.num_cpus)
-    if not isinstance(cfg.max_failures, int) or isinstance(cfg.max_failures, bool) or cfg.max_failures < 0:
-        raise ConfigError(f"max_failures: must be an int >= 0, got {cfg.max_failures!r}")
     fit_torch_trainer(loop, settings, out, f"{stage.run_prefix}-{out.name}", num_workers=cfg.num_workers,
                       use_gpu=cfg.use_gpu, overwrite=cfg.overwrite, may_change=stage.may_change,
                       max_failures=cfg.max_failures, **extra)
@@ -88,8 +88,7 @@ def reuse_finished(out: Path, overwrite: bool, stage: Stage, tag: str | None = N
     does, as `tag`, default the stage's). A directory that exists but holds no finished output
     is refused (ConfigError naming out_dir), unless `overwrite`: it may be someone else's
     files; so is an `out` that is a file, or whose summary does not read back as JSON."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out_dir: {out} is a file, not a directory; move it aside or use another out_dir")
+    atomic.check_not_a_file(out, "out_dir")
     if not out.exists() or overwrite:
         return False
     if stage.is_finished(out):
