@@ -398,7 +398,6 @@ def _problems(cfg: EvalConfig) -> list[Problem]:
 
 
 def _generator(cfg: EvalConfig) -> Any:
-    check_model_dir(cfg.policy, "policy")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
     options["system_prompt"] = cfg.system_prompt
     return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)

@@ -186,7 +186,6 @@ def _scorer(cfg: PRMEvalConfig, problems: Sequence[Problem]) -> Any:
 
 
 def _generator(cfg: PRMEvalConfig) -> Any:
-    check_model_dir(cfg.policy, "policy")
     options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
     options["system_prompt"] = cfg.system_prompt
     fmt = step_format_for(cfg.dataset, cfg.separator, scoring.trained_separator(cfg.prm_ref))
@@ -216,6 +215,8 @@ def run_prm_evaluation(cfg: PRMEvalConfig, generator: Any | None = None, scorer:
 
     if scorer is None:
         scoring.trained_separator(cfg.prm_ref)  # reads the PRM's config: fails now, not inside an actor
+    if generator is None:
+        check_model_dir(cfg.policy, "policy")  # here, not in each actor
     problems = _problems(cfg)
     if not problems:
         raise ValueError(f"dataset: {cfg.dataset!r} gave no problems")
