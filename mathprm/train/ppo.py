@@ -44,6 +44,7 @@ history `ppo_metrics.jsonl` and the curves `ppo_curves.png`, written once, atomi
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import json
@@ -65,7 +66,8 @@ from mathprm.steps import StepFormat, step_format_for
 from mathprm.train import ppo_loss as ppo
 from mathprm.train.ppo_episodes import collect_episodes, make_batch, pick_prompts, sampling_seed
 from mathprm.train.ppo_loss import PolicyWithValue, PPOBatch, param_groups, ppo_update
-from mathprm.train.run import Stage, Worker, add_lora, greedy_accuracy, launch
+from mathprm.train.ppo_roles import PLACEMENTS, EngineGroup, RewardConfig, RewardGroup, RolloutConfig
+from mathprm.train.run import STRATEGIES, Stage, Worker, add_lora, greedy_accuracy, launch, shard
 
 PPO_STAGE = Stage("ppo", "ppo", "policy", "ppo_summary.json", may_change=(
     "updates", "time_budget_min", "eval_every", "checkpoint_every", "out_dir", "overwrite",
@@ -124,9 +126,15 @@ class PPOConfig:
     eval_seed: int = 1
     # worker-group restarts from the last checkpoint after a worker or its node dies (Ray Train FailureConfig)
     max_failures: int = 2
-    num_workers: int = 1
-    cpus_per_worker: int = 1  # Ray gives each worker this many CPUs (and torch as many threads)
+    num_workers: int = 1  # learners (Ray Train workers)
+    cpus_per_worker: int = 1  # Ray gives each learner this many CPUs (and torch as many threads)
     use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # learners hold replicas (DDP) or shards (FSDP2; needs rollout engines)
+    # Rollout engines (replicas 0: each learner samples with its own weights, HF) and reward
+    # workers (replicas 0: each learner holds the Scorer); mathprm.train.ppo_roles.
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    placement: Literal["colocated", "separate"] = "colocated"  # the roles on the learners' nodes, or anywhere
     precision: Literal["fp32", "bf16"] = "fp32"
     out_dir: str = "runs/arith/policy-ppo"
     overwrite: bool = False
@@ -183,6 +191,22 @@ class PPOConfig:
                              f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
         if self.separator is not None:
             StepFormat(self.separator)
+        if isinstance(self.rollout, dict):  # built from a plain dict (Ray Train's train_loop_config)
+            self.rollout = RolloutConfig(**self.rollout)
+        if isinstance(self.reward, dict):
+            self.reward = RewardConfig(**self.reward)
+        self.rollout.check("rollout")
+        self.reward.check("reward")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement: must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy: must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy == "fsdp" and not self.rollout.replicas:
+            raise ValueError("strategy: fsdp shards the policy over the learners, which then cannot sample on "
+                             "their own; give rollout engines (rollout.replicas >= 1)")
+        if self.strategy == "fsdp" and self.lora_r:
+            raise ValueError("strategy: fsdp with lora_r > 0 is not supported; use ddp for LoRA (its full "
+                             "weights stay frozen, so each learner's replica costs little)")
 
 
 # ----------------------------------------------------------------------------- episodes (pure)
@@ -237,9 +261,9 @@ def train_ppo(cfg: PPOConfig) -> Path:
                   {"policy": cfg.policy, "prm": parse_prm(cfg.prm).path, "out_dir": cfg.out_dir})
 
 
-def _load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device):
+def load_scorer(cfg: PPOConfig, pool: Sequence[Problem], device: torch.device, batch_size: int = 32):
     """The step reward's Scorer; `prm: none` scores every step 0 (only the outcome rewards)."""
-    scorer = build_scorer(parse_prm(cfg.prm), lambda: ArithOracle(pool), device=str(device), batch_size=32)
+    scorer = build_scorer(parse_prm(cfg.prm), lambda: ArithOracle(pool), device=str(device), batch_size=batch_size)
     return scorer if scorer is not None else ZeroScorer()
 
 
@@ -262,16 +286,19 @@ def _train_loop(config: dict[str, Any]) -> None:
         lm = add_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         reference = None  # the base with the adapters switched off
     else:
-        reference = copy.deepcopy(lm).to(device).eval().requires_grad_(False)
+        reference = copy.deepcopy(lm).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
     # "step" counts updates.
     worker = Worker(PPO_STAGE, PolicyWithValue(lm, value_head=cfg.advantage == "gae", critic=cfg.critic),
                     {"step": 0, "elapsed": 0.0, "kl_coef": cfg.kl_coef, "history": []},
-                    lambda m: torch.optim.AdamW(param_groups(m, cfg.lr, cfg.critic_lr)))
+                    lambda m: torch.optim.AdamW(param_groups(m, cfg.lr, cfg.critic_lr)), strategy=cfg.strategy)
     state, rank, world, model, unwrapped = worker.state, worker.rank, worker.world, worker.model, worker.unwrapped
+    if reference is not None:
+        reference = shard(reference.to(device)) if cfg.strategy == "fsdp" else reference.to(device)
     prompter = Prompter(tokenizer, fmt, cfg.system_prompt)  # the learner's prompts are the sampler's
-    generator = HFGenerator.from_model(unwrapped.lm, tokenizer, fmt, system_prompt=cfg.system_prompt)
-    scorer = _load_scorer(cfg, pool, device)
+    roles = _Roles(cfg, config, worker, prompter, max_length)
+    generator = roles.engines or HFGenerator.from_model(unwrapped.lm, tokenizer, fmt, system_prompt=cfg.system_prompt)
+    scorer = roles.rewards or load_scorer(cfg, pool, device)
     kl_ctl = ppo.AdaptiveKL(state["kl_coef"], cfg.kl_target, cfg.kl_horizon)
 
     @torch.no_grad()
@@ -286,8 +313,20 @@ def _train_loop(config: dict[str, Any]) -> None:
     def held_out_accuracy() -> float:
         return greedy_accuracy(generator, held_out, rank, world, judge_grader, cfg.max_solution_tokens)
 
+    def sample(u: int) -> list:
+        """Update u's episodes, each tagged with the weight version it was sampled under."""
+        problems = pick_prompts(pool, cfg.prompts_per_update, cfg.seed, rank, u)
+        if roles.engines:
+            roles.engines.mark()
+        episodes = collect_episodes(generator, scorer, problems, cfg, fmt, sampling_seed(cfg.seed, rank, u))
+        version = roles.engines.oldest if roles.engines and roles.engines.oldest is not None else u
+        for ep in episodes:
+            ep.version = version
+        return episodes
+
     metrics_out = _RayMetrics() if rank == 0 else None
     update, history = state["step"], state["history"]
+    roles.sync(update)  # the engines start from the checkpoint's weights (or the initial policy's)
     started = time.monotonic() - state["elapsed"]
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     if update == 0:
@@ -295,14 +334,25 @@ def _train_loop(config: dict[str, Any]) -> None:
         history.append({"update": 0, "held_out_accuracy": acc})
         worker.log(f"update 0/{cfg.updates}: held-out greedy accuracy {acc:.3f} on {len(held_out)} problems")
     stopped_by = "updates"
+    ahead = concurrent.futures.ThreadPoolExecutor(1) if cfg.rollout.max_staleness else None
+    pending = None  # max_staleness 1: the next update's episodes, sampled while this one trains
     while update < cfg.updates:
         t0 = time.monotonic()
-        problems = pick_prompts(pool, cfg.prompts_per_update, cfg.seed, rank, update)
-        episodes = collect_episodes(generator, scorer, problems, cfg, fmt, sampling_seed(cfg.seed, rank, update))
+        episodes = pending.result() if pending is not None else sample(update)
+        pending = None
+        if update - episodes[0].version > cfg.rollout.max_staleness:  # never trained on: sample again
+            roles.sync(update)
+            episodes = sample(update)
+        staleness = update - episodes[0].version
         t_rollout = time.monotonic() - t0
+        if ahead is not None and update + 1 < cfg.updates:
+            pending = ahead.submit(sample, update + 1)
         batch = make_batch(prompter, episodes, max_length).to(device)
         stats = ppo_update(model, ref_logp, batch, worker.optimizer, cfg, kl_ctl.value,
                            sampling_seed(cfg.seed, rank, -update))
+        t_sync = time.monotonic()
+        roles.sync(update + 1)
+        t_sync = time.monotonic() - t_sync
         update += 1
         elapsed = time.monotonic() - started
         # Episode statistics, summed over workers: every rank then reports the same numbers.
@@ -321,6 +371,9 @@ def _train_loop(config: dict[str, Any]) -> None:
             "kl": kl_mean, "kl_coef": kl_ctl.value, **local,
             "tokens_per_s": float(totals[3]) / max(float(totals[7]) / world, 1e-9),
             "rollout_s": t_rollout, "truncated": float(totals[5]) / n_eps, "elapsed_s": elapsed,
+            "staleness": float(worker.reduce(torch.tensor(float(staleness)), "max")),
+            "logp_gap": float(worker.reduce(torch.tensor(stats["logp_gap"]), "max")), "sync_s": t_sync,
+            **roles.memory(),
         }
         if cfg.mode == "full_solution":
             metrics["rollout_accuracy"] = float(totals[4]) / n_eps
@@ -340,6 +393,10 @@ def _train_loop(config: dict[str, Any]) -> None:
         if stop:
             stopped_by = "time_budget"
             break
+    if pending is not None:  # stopped by the time budget with the next update's episodes on the way
+        pending.result()
+    if ahead is not None:
+        ahead.shutdown()
 
     summary = {
         "updates": update, "stopped_by": stopped_by, "elapsed_s": time.monotonic() - started,
@@ -348,9 +405,71 @@ def _train_loop(config: dict[str, Any]) -> None:
         "held_out_accuracy_end": next((h["held_out_accuracy"] for h in reversed(history)
                                        if "held_out_accuracy" in h), None),
     }
-    worker.save(cfg.out_dir, cfg.overwrite, lambda tmp: _write_policy(unwrapped, tokenizer, cfg, history, tmp), summary)
+    final = roles.policy_state() if cfg.strategy == "fsdp" else None  # collective: the shards gathered
+    worker.save(cfg.out_dir, cfg.overwrite,
+                lambda tmp: _write_policy(unwrapped, tokenizer, cfg, history, tmp, final), summary)
     worker.log(f"saved the policy to {cfg.out_dir} after {update} updates ({stopped_by}); held-out accuracy "
                f"{summary['held_out_accuracy_start']:.3f} -> {summary['held_out_accuracy_end']:.3f}")
+
+
+class _Roles:
+    """The run's rollout engines and reward workers (`mathprm.train.ppo_roles`), or none when both
+    roles have 0 replicas (`engines` / `rewards` are then None and the learners do both jobs).
+    Rank 0 creates and owns the actors; the other ranks find them by name."""
+
+    def __init__(self, cfg: PPOConfig, config: dict, worker: Worker, prompter: Prompter, max_length: int) -> None:
+        self.cfg, self.worker = cfg, worker
+        self.engines: EngineGroup | None = None
+        self.rewards: RewardGroup | None = None
+        if not (cfg.rollout.replicas or cfg.reward.replicas):
+            return
+        import ray
+        import torch.distributed as dist
+
+        from mathprm.train.ppo_roles import create_roles, lookup
+
+        nodes = [ray.get_runtime_context().get_node_id()]
+        if dist.is_initialized():
+            nodes = [None] * worker.world
+            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        names = [create_roles(config, cfg.rollout, cfg.reward, cfg.placement, nodes) if worker.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(names, src=0)
+        if names[0]["rollout"]:
+            self.engines = EngineGroup(lookup(names[0]["rollout"]), prompter, max_length)
+        if names[0]["reward"]:
+            self.rewards = RewardGroup(lookup(names[0]["reward"]))
+        worker.log(f"{cfg.rollout.replicas} rollout engine(s) ({cfg.rollout.backend}), {cfg.reward.replicas} reward "
+                   f"worker(s), {cfg.placement}; learners: {worker.world} x {cfg.strategy}")
+
+    def policy_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's weights as an HF checkpoint names them (LoRA merged), on rank 0; collective."""
+        from mathprm.train.run import lora_merged_state
+
+        if self.cfg.lora_r:  # DDP only (the config refuses LoRA under FSDP)
+            return lora_merged_state(self.worker.unwrapped.lm) if self.worker.rank == 0 else None
+        state = self.worker.full_state_dict()
+        return None if state is None else {k[len("lm."):]: v for k, v in state.items() if k.startswith("lm.")}
+
+    def sync(self, version: int) -> None:
+        """The engines' weights to the learners' (tagged `version`); every rank waits for it."""
+        if self.engines is None:
+            return
+        state = self.policy_state()
+        if self.worker.rank == 0:
+            self.engines.sync(version, state)
+        self.worker.reduce(torch.zeros(1))  # a barrier: no rank samples before the engines hold `version`
+
+    def memory(self) -> dict[str, float]:
+        """Peak resident memory (MiB) of the largest learner and, when they run, engine and reward worker."""
+        from mathprm.train.ppo_roles import peak_rss_mb
+
+        out = {"rss_mb_learner": float(self.worker.reduce(torch.tensor(peak_rss_mb(), dtype=torch.float64), "max"))}
+        if self.engines is not None:
+            out["rss_mb_rollout"] = self.engines.peak_rss_mb()
+        if self.rewards is not None:
+            out["rss_mb_reward"] = self.rewards.peak_rss_mb()
+        return out
 
 
 class _RayMetrics:
@@ -373,10 +492,12 @@ class _RayMetrics:
                 gauge.set(float(metrics[k]))
 
 
-def _write_policy(model: PolicyWithValue, tokenizer: Any, cfg: PPOConfig, history: list[dict], tmp: Path) -> None:
-    """The policy (LoRA merged), its metric history and its curves, into the output's temporary directory."""
+def _write_policy(model: PolicyWithValue, tokenizer: Any, cfg: PPOConfig, history: list[dict], tmp: Path,
+                  state: dict[str, torch.Tensor] | None = None) -> None:
+    """The policy (LoRA merged; `state`: its weights gathered from FSDP shards), its metric history
+    and its curves, into the output's temporary directory."""
     lm = model.lm.merge_and_unload() if cfg.lora_r else model.lm
-    lm.save_pretrained(tmp)
+    lm.save_pretrained(tmp, state_dict=state)
     tokenizer.save_pretrained(tmp)
     (tmp / METRICS_FILE).write_text("".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, tmp / PLOT_FILE, title=f"PPO ({cfg.mode}, {cfg.advantage}, prm={Path(cfg.prm).name})")

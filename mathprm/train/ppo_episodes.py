@@ -39,10 +39,15 @@ class Episode:
     # The action's token ids as sampled (separator and EOS tokens included): the learner trains on
     # exactly these (token-exact PPO); empty for an episode written as text (tests, scripted).
     action_ids: tuple[int, ...] = ()
+    # The sampler's log-prob of each of `action_ids` (Sampling.logprobs): the PPO ratio's old
+    # log-probs, the policy that actually drew them; empty: the learner computes them.
+    action_logprobs: tuple[float, ...] = ()
+    version: int | None = None  # the weight version the sampler held (rollout engines); None: the learner's own
 
 
 def encode_episode(prompter: Prompter, ep: Episode, max_length: int) -> tuple[list[int], int, list[int]]:
-    """(token ids, number of prompt tokens, the index of each step's last token).
+    """(token ids, number of prompt tokens, the index of each step's last token); the
+    action's sampling log-probs, when it has them, belong to ids[n_prompt:].
 
     The prompt is `prompter.ids(question, prefix)`, as the sampler saw it. The action is the
     sampled `action_ids` when the episode has them (token-exact: a BPE tokenizer may encode the
@@ -108,6 +113,8 @@ def make_batch(prompter: Prompter, episodes: Sequence[Episode], max_length: int)
     mask = torch.zeros((B, width - 1))
     rewards = torch.zeros((B, width - 1))
     step_mask = torch.zeros((B, width - 1))
+    sample_logp = torch.zeros((B, width - 1))
+    sampled = torch.zeros(B, dtype=torch.bool)
     for row, ((ids, n_prompt, ends), ep) in enumerate(zip(encoded, episodes)):
         ids_t[row, : len(ids)] = torch.tensor(ids)
         attn[row, : len(ids)] = 1
@@ -115,7 +122,13 @@ def make_batch(prompter: Prompter, episodes: Sequence[Episode], max_length: int)
         for end, r in zip(ends, ep.rewards):
             rewards[row, end - 1] += r
             step_mask[row, end - 1] = 1.0
-    return PPOBatch(ids_t, attn, mask, rewards, step_mask)
+        if ep.action_logprobs and ep.action_ids and ep.steps:  # token-exact: the ids are the sampled ones
+            if len(ep.action_logprobs) != len(ep.action_ids):
+                raise ValueError(f"an episode has {len(ep.action_logprobs)} log-probs for {len(ep.action_ids)} tokens")
+            kept = ep.action_logprobs[: len(ids) - n_prompt]
+            sample_logp[row, n_prompt - 1 : n_prompt - 1 + len(kept)] = torch.tensor(kept)
+            sampled[row] = True
+    return PPOBatch(ids_t, attn, mask, rewards, step_mask, sample_logp, sampled)
 
 
 def pick_prompts(pool: Sequence[Problem], n: int, seed: int, rank: int, update: int) -> list[Problem]:
@@ -132,7 +145,7 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
                      seed: int) -> list[Episode]:
     """`group_size` episodes per problem (grouped, in order), with their rewards."""
     sampling = Sampling(temperature=cfg.temperature, max_step_tokens=cfg.max_step_tokens,
-                        max_solution_tokens=cfg.max_solution_tokens, seed=seed)
+                        max_solution_tokens=cfg.max_solution_tokens, seed=seed, logprobs=True)
     rng = random.Random(seed)
     G = cfg.group_size
     episodes: list[Episode] = []
@@ -141,7 +154,7 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
         for g, (p, rolls) in enumerate(zip(problems, rollouts)):
             for r in rolls:
                 ep = Episode(g, p.question, [], list(r.steps), r.finished, r.truncated, n_generated=r.n_tokens,
-                             action_ids=r.token_ids)
+                             action_ids=r.token_ids, action_logprobs=r.logprobs)
                 ep.correct = r.finished and judge_grader(p, r.text)
                 episodes.append(ep)
     else:
@@ -151,7 +164,8 @@ def collect_episodes(generator: Any, scorer: Any, problems: Sequence[Problem], c
         for g, (p, pre, group) in enumerate(zip(problems, prefixes, samples)):
             for s in group:
                 episodes.append(Episode(g, p.question, list(pre), [s.text], s.finished, s.truncated,
-                                        n_generated=s.n_tokens, action_ids=s.token_ids))
+                                        n_generated=s.n_tokens, action_ids=s.token_ids,
+                                        action_logprobs=s.logprobs))
     _reward(scorer, episodes, cfg)
     return episodes
 

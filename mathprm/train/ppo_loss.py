@@ -245,6 +245,11 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
     with torch.no_grad():
         unwrapped.eval()
         old_logp, _, old_values = _forward(unwrapped, batch, cfg.temperature, bf16)
+        # The ratio's old policy is the one that drew the tokens: its log-probs when the sampler
+        # gave them (a rollout engine may hold older weights than the learner: max_staleness).
+        sampled_rows = batch.sampled[:, None] & (mask > 0)
+        logp_gap = float((batch.sample_logp - old_logp).abs()[sampled_rows].max()) if sampled_rows.any() else 0.0
+        old_logp = torch.where(batch.sampled[:, None], batch.sample_logp, old_logp)
         ref_logp = ref_logp_fn(batch)
         kl = kl_per_token(old_logp, ref_logp, "k1")
         step_rewards = batch.step_rewards
@@ -289,7 +294,9 @@ def ppo_update(model, ref_logp_fn, batch: PPOBatch, optimizer, cfg: PPOConfig, k
             n_steps += 1
     out = {k: v / n_steps for k, v in sums.items()}
     episode_kl = (kl * mask).sum(-1)  # (B,) sum of per-token k1 over each action
-    out.update({"kl": float(episode_kl.mean()), "optimizer_steps": n_steps})
+    # logp_gap: the largest |sampler - learner| log-prob of an action token before the update (0
+    # when the learner sampled itself; weights out of sync or a stale engine show here).
+    out.update({"kl": float(episode_kl.mean()), "optimizer_steps": n_steps, "logp_gap": logp_gap})
     return out
 
 
@@ -300,6 +307,8 @@ class PPOBatch:
     mask: torch.Tensor  # (B, T) float, 1 where ids[:, 1:] is an action token
     step_rewards: torch.Tensor  # (B, T) a step's reward at its last token, 0 elsewhere
     step_mask: torch.Tensor  # (B, T) float, 1 at each step's last token
+    sample_logp: torch.Tensor  # (B, T) the sampler's log-prob of each action token (rows with `sampled`)
+    sampled: torch.Tensor  # (B,) bool: the row's action came with its sampling log-probs
 
     def to(self, device: torch.device | str) -> PPOBatch:
         return PPOBatch(*(t.to(device) for t in dataclasses.astuple(self)))

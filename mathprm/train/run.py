@@ -5,7 +5,8 @@ A trainer is three things:
 - a `Stage`: its tag, what it writes ("policy", "PRM"), the summary file whose presence marks
   that output finished, and the settings a resumed run may change;
 - a per-worker loop, which builds its model and hands it to `Worker`: the worker restores the
-  latest checkpoint into it, wraps it for DDP (`prepare_model`), builds the optimiser (and
+  latest checkpoint into it, wraps it for DDP (`prepare_model`) or shards it with FSDP2
+  (`strategy="fsdp"`, checkpoints then gathered whole on rank 0), builds the optimiser (and
   restores its state), and gives the loop what every trainer needs: all-reduce, one progress
   line from rank 0, `report` (metrics every time, a rank-0 checkpoint when asked) and the
   atomic final save with the summary written last;
@@ -36,6 +37,7 @@ from mathprm import atomic
 from mathprm.config import ConfigError
 
 TRAIN_STATE_FILE = "train_state.pt"  # inside a Ray Train checkpoint: model, optimiser, step, clocks
+STRATEGIES = ("ddp", "fsdp")  # how the learners share the model: replicas (DDP) or shards (FSDP2)
 GRAD_CLIP = 1.0  # max gradient norm of every optimiser step
 
 
@@ -176,20 +178,46 @@ class Worker:
     `self.state` is the latest checkpoint's state (with `resumed_from` set) or `state`."""
 
     def __init__(self, stage: Stage, model: torch.nn.Module, state: dict[str, Any],
-                 make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> None:
+                 make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], strategy: str = "ddp") -> None:
         import ray.train
         import ray.train.torch
 
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         ctx = ray.train.get_context()
         self.stage, self.rank, self.world = stage, ctx.get_world_rank(), ctx.get_world_size()
-        self.state = self._restore(model, state)
-        self.model = ray.train.torch.prepare_model(model)
-        self.unwrapped = self.model.module if hasattr(self.model, "module") else self.model  # DDP's inner model
+        self.strategy = strategy
         self.device = ray.train.torch.get_device()
+        self.state = self._restore(model, state)
+        if strategy == "fsdp":
+            self.model = self.unwrapped = shard(model.to(self.device))
+        else:
+            self.model = ray.train.torch.prepare_model(model)
+            self.unwrapped = self.model.module if hasattr(self.model, "module") else self.model  # DDP's inner model
         self.optimizer = make_optimizer(self.unwrapped)
         if "optimizer" in self.state:
-            self.optimizer.load_state_dict(self.state.pop("optimizer"))
+            optimizer_state = self.state.pop("optimizer")
+            if strategy == "fsdp":
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.model, self.optimizer, optimizer_state,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
         self.state.pop("model", None)
+
+    def full_state_dict(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor] | None:
+        """`module`'s (default: the model's) whole state dict on CPU, on rank 0 (None elsewhere).
+        Collective under FSDP (every rank must call it at the same point): the shards gathered."""
+        module = self.unwrapped if module is None else module
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
     def _restore(self, model: torch.nn.Module, state: dict) -> dict:
         import ray.train
@@ -230,11 +258,18 @@ class Worker:
 
         _quiet_report_log()
         self.state = state
+        model_state = optimizer_state = None
+        if checkpoint and self.strategy == "fsdp":  # collective: every rank takes part in the gather
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            model_state, optimizer_state = get_state_dict(
+                self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not (checkpoint and self.rank == 0):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            full = {**state, "model": self.unwrapped.state_dict(), "optimizer": self.optimizer.state_dict()}
+            full = {**state, "model": model_state if model_state is not None else self.unwrapped.state_dict(),
+                    "optimizer": optimizer_state if optimizer_state is not None else self.optimizer.state_dict()}
             torch.save(full, Path(d) / TRAIN_STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -306,6 +341,19 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr:
     return float(loss.detach())
 
 
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` sharded over the process group with FSDP2 (`fully_shard`): each transformer block
+    (the classes its HF models name in `_no_split_modules`) is one unit, the rest the root's.
+    Its parameters become DTensors, so the optimiser must be built after this."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or ())}
+    for module in [m for m in model.modules() if type(m).__name__ in blocks]:
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 @functools.cache
 def _quiet_report_log() -> None:
     """Ray Train logs every `report` at INFO with all its metrics, from a logger named after
@@ -326,3 +374,25 @@ def add_lora(lm: torch.nn.Module, r: int, alpha: int, dropout: float) -> torch.n
 
     return get_peft_model(lm, LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=dropout,
                                          target_modules="all-linear"))
+
+
+def lora_merged_state(lm: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict `merge_and_unload()` would give a PEFT LoRA model (base weight + each
+    adapter's delta, HF parameter names), computed without touching the model: merging and
+    unmerging in place would leave float drift in the base weights at every call."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {name: m.get_delta_weight(m.active_adapters[0]) for name, m in lm.named_modules()
+              if isinstance(m, LoraLayer) and m.active_adapters}
+    out = {}
+    for key, value in lm.state_dict().items():
+        if "lora_" in key:
+            continue
+        module, _, leaf = key.rpartition(".")
+        if module.endswith(".base_layer"):
+            module = module[: -len(".base_layer")]
+            if leaf == "weight" and module in deltas:
+                value = value + deltas[module]
+            key = f"{module}.{leaf}"
+        out[key.removeprefix("base_model.model.")] = value.detach().cpu()
+    return out
