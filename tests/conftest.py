@@ -215,10 +215,11 @@ class TrainWorkerKiller:
     """While in its `with` block, SIGKILLs one Ray Train worker process as soon as the run
     registers a checkpoint newer than the one `snapshot` (its checkpoint_manager_snapshot.json)
     holds on entry: a worker lost mid-training, after the run has made progress to resume from.
-    `killed` is the pid, or None if no new checkpoint came."""
+    `targets` are actor class names, one killed per new checkpoint, in order (default: a Ray
+    Train worker). `killed` holds their pids (empty if no new checkpoint came)."""
 
-    def __init__(self, snapshot: Path, webui_url: str) -> None:
-        self.snapshot, self.webui_url, self.killed = snapshot, webui_url, None
+    def __init__(self, snapshot: Path, webui_url: str, targets: tuple[str, ...] = ("RayTrainWorker",)) -> None:
+        self.snapshot, self.webui_url, self.targets, self.killed = snapshot, webui_url, list(targets), []
 
     def _latest(self) -> str | None:
         import json
@@ -234,17 +235,18 @@ class TrainWorkerKiller:
 
         from ray.util.state import list_actors
 
-        start = self._latest()
-        while not self._stop.is_set():
+        seen = self._latest()
+        while not self._stop.is_set() and self.targets:
             latest = self._latest()
-            if latest not in (None, start, "null"):
-                workers = [a.pid for a in list_actors(address=f"http://{self.webui_url}",
-                                                      filters=[("state", "=", "ALIVE")])
-                           if "RayTrainWorker" in a.class_name and a.pid]
-                if workers:
-                    os.kill(workers[0], signal.SIGKILL)
-                    self.killed = workers[0]
-                    return
+            if latest not in (None, seen, "null"):
+                pids = [a.pid for a in list_actors(address=f"http://{self.webui_url}",
+                                                   filters=[("state", "=", "ALIVE")])
+                        if self.targets[0] in a.class_name and a.pid]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    self.killed.append(pids[0])
+                    self.targets.pop(0)
+                    seen = latest
             time.sleep(0.2)
 
     def __enter__(self) -> "TrainWorkerKiller":

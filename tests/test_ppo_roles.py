@@ -2,6 +2,8 @@
 token-exact learning on the sampler's log-probs, FSDP learners, placements, and resume."""
 
 
+import json
+
 import pytest
 import torch
 
@@ -129,3 +131,94 @@ def test_a_vllm_engine_reloads_the_learners_weights_and_samples_with_their_log_p
         engine.load_weights(0, original)
     assert max(abs(a - b) for a, b in zip(engine.logprobs(ids), _learner_logprobs(
         AutoModelForCausalLM.from_pretrained(tiny_policy_dir), ids))) < 1e-3
+
+
+# ----------------------------------------------------------------------------- real Ray Train runs
+
+
+def _cfg(policy, out, **kw):
+    from mathprm.train.ppo import PPOConfig
+
+    values = dict(policy=str(policy), prm="oracle", dataset="arith:easy", num_problems=40, eval_dataset="arith:easy",
+                  eval_problems=4, prompts_per_update=3, group_size=2, updates=3, minibatch_size=6, ppo_epochs=1,
+                  lr=1e-4, max_step_tokens=12, max_solution_tokens=40, eval_every=2, checkpoint_every=1,
+                  mode="full_solution", advantage="grpo", outcome_reward=1.0, num_workers=1, out_dir=str(out))
+    return PPOConfig(**{**values, **kw})
+
+
+def _history(out) -> list[dict]:
+    from mathprm.train.ppo import METRICS_FILE
+
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.mark.ray
+def test_rollout_engines_and_reward_workers_train_what_the_learner_trains_alone(ray_cluster, tiny_policy_dir,
+                                                                                published_prms, tmp_path):
+    """Same config and seeds, colocated: one learner sampling and scoring itself vs one learner
+    with an hf rollout engine and a reward worker holding a published PRM (qwen kind). Same
+    episodes (each prefix keeps its seed), same rewards, the same update on the same sampled
+    log-probs: the same curves and weights."""
+    from transformers import AutoModelForCausalLM
+
+    from mathprm.train.ppo import train_ppo
+    from mathprm.train.ppo_roles import RewardConfig, RolloutConfig
+
+    prm = f"qwen:{published_prms['qwen']}"
+    alone = train_ppo(_cfg(tiny_policy_dir, tmp_path / "alone", prm=prm))
+    actors = train_ppo(_cfg(tiny_policy_dir, tmp_path / "actors", prm=prm, placement="colocated",
+                            rollout=RolloutConfig(replicas=1, num_cpus=0.5), reward=RewardConfig(replicas=1, num_cpus=0.5)))
+    a, b = _history(alone), _history(actors)
+    assert [h["update"] for h in b] == [0, 1, 2, 3]
+    for key in ("reward", "kl", "held_out_accuracy", "rollout_accuracy"):
+        assert [h.get(key) for h in a] == pytest.approx([h.get(key) for h in b], abs=1e-5), key
+    assert all(h["staleness"] == 0 and h["logp_gap"] < 1e-3 for h in b[1:])  # synced before every sample
+    assert all(h["rss_mb_rollout"] > 0 and h["rss_mb_reward"] > 0 and h["rss_mb_learner"] > 0 for h in b[1:])
+    assert "rss_mb_rollout" not in a[1] and any(h["reward"] != 0 for h in b[1:])
+    wa = AutoModelForCausalLM.from_pretrained(alone).state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(actors).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy_dir).state_dict()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    assert max(float((wa[k] - base[k]).abs().max()) for k in wa) > 1e-4  # and training moved them
+
+
+@pytest.mark.ray
+def test_fsdp_learners_with_separate_roles_one_update_ahead_survive_a_killed_engine_and_reward_worker(
+        ray_cluster, qwen_policy_dir, published_prms, tmp_path):
+    """The cluster shape on CPU: two FSDP learners on the head node, a rollout engine and a reward
+    worker (published qwen PRM) on a node of their own, the next update sampled while the learners
+    train (max_staleness 1). The engine is killed after one checkpoint, the reward worker after the
+    next: each time the group resumes from its checkpoint, and the run ends with every update
+    counted once and no episode staler than allowed."""
+    from ray.util.state import list_actors
+
+    from mathprm.train.ppo import PPO_STAGE, train_ppo
+    from mathprm.train.ppo_roles import RewardConfig, RolloutConfig
+    from tests.conftest import TrainWorkerKiller
+
+    cluster = ray_cluster["cluster"]
+    node = cluster.add_node(num_cpus=0, resources={"roles": 2})  # no CPU: the learners cannot land there
+    out = tmp_path / "ppo"
+    cfg = _cfg(qwen_policy_dir, out, prm=f"qwen:{published_prms['qwen']}", dataset="sample:gsm8k", num_problems=20,
+               eval_dataset="sample:gsm8k", eval_problems=2, max_step_tokens=8, max_solution_tokens=24, updates=6,
+               eval_every=3, num_workers=2, strategy="fsdp", placement="separate",
+               rollout=RolloutConfig(replicas=1, num_cpus=0, resources={"roles": 1}, max_staleness=1),
+               reward=RewardConfig(replicas=1, num_cpus=0, resources={"roles": 1}))
+    snapshot = tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json"
+    try:
+        with TrainWorkerKiller(snapshot, ray_cluster["webui_url"], ("RolloutEngine", "RewardWorker")) as killer:
+            assert train_ppo(cfg) == out.resolve()
+        assert len(killer.killed) == 2, f"killed {killer.killed}: the run ended first"
+        actors = list_actors(address=f"http://{ray_cluster['webui_url']}", detail=True, limit=10000)
+        roles = [a for a in actors if a.class_name in ("RolloutEngine", "RewardWorker") and a.name
+                 and a.name.startswith("mathprm-ppo-")]
+        assert len(roles) >= 6  # three attempts, two roles each
+        assert {a.node_id for a in roles} == {node.node_id}  # separate: on the roles' node only
+    finally:
+        cluster.remove_node(node)
+    summary = json.loads((out / PPO_STAGE.summary_file).read_text())
+    assert summary["updates"] == 6 and summary["resumed_from_update"] >= 2
+    history = _history(out)
+    assert [h["update"] for h in history] == list(range(7))  # each update once, across the three attempts
+    assert all(h["staleness"] <= 1 for h in history[1:]) and any(h["staleness"] == 1 for h in history[1:])
+    assert all(h["logp_gap"] < 5.0 for h in history[1:])

@@ -432,7 +432,9 @@ class _Roles:
         if dist.is_initialized():
             nodes = [None] * worker.world
             dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        names = [create_roles(config, cfg.rollout, cfg.reward, cfg.placement, nodes) if worker.rank == 0 else None]
+        names: list = [None]
+        if worker.rank == 0:
+            names[0], self._owned = create_roles(config, cfg.rollout, cfg.reward, cfg.placement, nodes)
         if dist.is_initialized():
             dist.broadcast_object_list(names, src=0)
         if names[0]["rollout"]:

@@ -86,6 +86,8 @@ class RewardConfig(RoleConfig):
 
 
 PLACEMENTS = ("colocated", "separate")
+START_TIMEOUT_S = 900  # a 70B vLLM engine takes minutes to load; a role no node can hold, forever
+NAMESPACE = "mathprm-ppo"  # the roles' Ray namespace (a Ray Train worker's own is anonymous)
 
 
 def peak_rss_mb() -> float:
@@ -290,9 +292,10 @@ class RewardGroup:
 
 
 def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardConfig, placement: str,
-                 learner_nodes: Sequence[str]) -> dict[str, list[str]]:
+                 learner_nodes: Sequence[str]) -> tuple[dict[str, list[str]], list[Any]]:
     """Start the configured actors (called by the rank-0 learner, which owns them); returns their
-    names per role, for the other learners to look up. `learner_nodes[r]` is rank r's node id."""
+    names per role, for the other learners to look up, and their handles, which the caller must
+    keep: an actor lives while a handle to it does. `learner_nodes[r]` is rank r's node id."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -306,7 +309,7 @@ def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardC
         if placement == "colocated":
             strategy = NodeAffinitySchedulingStrategy(node_id=learner_nodes[i % len(learner_nodes)], soft=False)
         threads = str(max(1, int(role.num_cpus)))
-        return {"name": name, "num_cpus": role.num_cpus, "num_gpus": role.num_gpus, "resources": dict(role.resources),
+        return {"name": name, "namespace": NAMESPACE, "num_cpus": role.num_cpus, "num_gpus": role.num_gpus, "resources": dict(role.resources),
                 "scheduling_strategy": strategy, "max_restarts": 0,
                 "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads}}}
 
@@ -324,11 +327,17 @@ def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardC
         name = f"mathprm-ppo-{token}-reward-{i}"
         workers.append(ray.remote(RewardWorker).options(**options(reward, i, name)).remote(config, reward.batch_size))
         names["reward"].append(name)
-    ray.get([h.get_version.remote() for h in engines] + [h.peak_rss_mb.remote() for h in workers])  # started
-    return names
+    try:  # started, or a clear line instead of waiting forever for resources that never come
+        ray.get([h.get_version.remote() for h in engines] + [h.peak_rss_mb.remote() for h in workers],
+                timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise RuntimeError(f"the PPO roles did not start within {START_TIMEOUT_S} s: no node has what they ask "
+                           f"(rollout: {rollout.num_cpus} CPU, {rollout.num_gpus} GPU, {rollout.resources}; reward: "
+                           f"{reward.num_cpus} CPU, {reward.num_gpus} GPU, {reward.resources}; {placement})") from None
+    return names, engines + workers
 
 
 def lookup(names: Sequence[str]) -> list[Any]:
     import ray
 
-    return [ray.get_actor(name) for name in names]
+    return [ray.get_actor(name, namespace=NAMESPACE) for name in names]
