@@ -49,13 +49,13 @@ def measure(out: Path, cfg: PPOConfig) -> dict:
     n = len(history)
     episodes = n * cfg.prompts_per_update * cfg.group_size * cfg.num_workers
     mean = lambda key: sum(h.get(key, 0.0) for h in history) / n  # noqa: E731
-    rollout, reward, sync = mean("rollout_s"), mean("reward_s"), mean("sync_s")
+    waited, sample, reward, sync = mean("rollout_s"), mean("sample_s"), mean("reward_s"), mean("sync_s")
     update_s = summary["elapsed_s"] / n
     return {
         "updates": n, "seconds": summary["elapsed_s"], "episodes_per_s": episodes / summary["elapsed_s"],
-        "tokens_per_s": mean("tokens_per_s"), "rollout_s_per_update": rollout - reward,
+        "tokens_per_s": mean("tokens_per_s"), "rollout_s_per_update": sample,
         "reward_s_per_update": reward, "sync_s_per_update": sync,
-        "learner_s_per_update": max(update_s - rollout - sync, 0.0),
+        "learner_s_per_update": max(update_s - waited - sync, 0.0),
         "peak_rss_mb": {role: max(h[f"rss_mb_{role}"] for h in history)
                         for role in ("learner", "rollout", "reward") if f"rss_mb_{role}" in history[-1]},
         "held_out_accuracy": summary["held_out_accuracy_end"], "reward_last": history[-1]["reward"],

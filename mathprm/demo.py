@@ -9,7 +9,8 @@
    best-of-n (eval_prm_arith.yaml);
 7. PRM-guided search against sampling at N = 1..16 (eval_guided_arith.yaml, DEMO_SEARCH_LIMIT
    problems): the accuracy-vs-N table and PNG;
-8. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, DEMO_PPO_UPDATES updates),
+8. PPO of the policy with the PRM's per-step reward (ppo_arith.yaml, DEMO_PPO_UPDATES updates; a rollout
+   engine and a reward worker as Ray actors beside the learner, weights synced after every update),
    then the PPO policy's greedy accuracy on stage 4's problems.
 
 Finished stages are reused: the policy, the labels, the PRM and the PPO policy by their own

@@ -24,15 +24,28 @@ Advantages (`advantage`):
 `mathprm.train.ppo_loss`, the episodes in `mathprm.train.ppo_episodes`; this module is the config
 and the Ray Train loop on the trainer skeleton (`mathprm.train.run`).
 
-Distributed shape. A `TorchTrainer` with N workers (gloo on CPU, NCCL on GPU), DDP through
-`prepare_model`. Each worker samples its own prompts (a pure function of seed, rank and
-update, so a resumed run replays them), writes rollouts with the weights it is training
-(`HFGenerator.from_model`: no weight copy, always on-policy) and scores them with its own
-in-process Scorer (the PRM, or the arithmetic world's exact `oracle`); the rollouts stay in
-memory. The learner trains on the token ids the sampler drew (`Episode.action_ids`), not on the
-text encoded again, which a BPE tokenizer can split otherwise; the prompt is the sampler's
-(`mathprm.prompts`: the chat template when the policy has one). Departure from the large-scale
-shape: the learner's replicas also generate (no separate vLLM actors yet).
+Distributed shape: three roles on Ray (`mathprm.train.ppo_roles`), each a config section.
+- Learners: a `TorchTrainer` with `num_workers` workers (gloo on CPU, NCCL on GPU) holding the
+  policy, its frozen reference and the value head; `strategy` ddp (replicas, `prepare_model`) or
+  fsdp (FSDP2 shards, `mathprm.train.run.shard`; checkpoints gathered whole on rank 0).
+- Rollout engines (`rollout`): actors holding a copy of the policy (`hf` or `vllm`) that sample
+  with their token ids and sampling log-probs. After every update rank 0 sends the policy's
+  weights (LoRA merged) through the object store, tagged with the update count as their version;
+  each episode carries the version it was sampled under, and none older than
+  `rollout.max_staleness` updates is trained on (1: the next update is sampled while the learners
+  train). `rollout.replicas: 0` is the small shape: each learner samples with the weights it is
+  training (`HFGenerator.from_model`, no copy).
+- Reward workers (`reward`): actors holding the Scorer (a mathprm PRM, a published PRM kind, the
+  oracle); `reward.replicas: 0`: each learner holds its own.
+`placement: colocated` puts the roles on the learners' nodes (sharing their GPUs: the learners
+then ask 1 - the roles' share of a GPU each); `separate` lets Ray place them anywhere (a node pool
+through `resources`). Each learner samples its own prompts (a pure function of seed, rank and
+update; every prefix carries its own sampling seed, so the engines' split does not change the
+episodes), and a killed learner, engine or reward worker restarts the group from the last
+checkpoint (`max_failures`), the engines synced to it before the first sample. The learner trains
+on the token ids the sampler drew (`Episode.action_ids`), not on the text encoded again, and its
+importance ratio's old log-probs are the sampler's (`Episode.action_logprobs`); the prompt is the
+sampler's (`mathprm.prompts`: the chat template when the policy has one).
 
 Every update prints a progress line and reports metrics (mean reward,
 KL, clip fraction, entropy, value loss, tokens/s) through `ray.train.report`; every
@@ -255,7 +268,15 @@ def train_ppo(cfg: PPOConfig) -> Path:
         load_pools(cfg)  # fail here, not inside a worker, on a bad dataset name
         settings = {**to_dict(cfg), "policy": str(Path(cfg.policy).resolve()), "separator": fmt.separator,
                     "prm": str(parse_prm(cfg.prm).resolved()), "out_dir": str(out)}
-        return settings, {"resources_per_worker": {"CPU": cfg.cpus_per_worker}}
+        resources = {"CPU": cfg.cpus_per_worker}
+        shared = cfg.rollout.replicas * cfg.rollout.num_gpus + cfg.reward.replicas * cfg.reward.num_gpus
+        if cfg.use_gpu and cfg.placement == "colocated" and shared:  # the roles take a share of each learner's GPU
+            share = shared / cfg.num_workers
+            if share >= 1:
+                raise ConfigError(f"placement: colocated roles ask {shared:g} GPUs in all, {share:.2f} of each "
+                                  f"learner's GPU; give them fractions that leave the learners some (or separate)")
+            resources["GPU"] = round(1 - share, 4)
+        return settings, {"resources_per_worker": resources}
 
     return launch(PPO_STAGE, cfg, _train_loop, prepare,
                   {"policy": cfg.policy, "prm": parse_prm(cfg.prm).path, "out_dir": cfg.out_dir})
@@ -313,16 +334,19 @@ def _train_loop(config: dict[str, Any]) -> None:
     def held_out_accuracy() -> float:
         return greedy_accuracy(generator, held_out, rank, world, judge_grader, cfg.max_solution_tokens)
 
-    def sample(u: int) -> list:
-        """Update u's episodes, each tagged with the weight version it was sampled under."""
+    def sample(u: int) -> tuple[list, float, float]:
+        """Update u's episodes, each tagged with the weight version it was sampled under, and the
+        seconds spent sampling and scoring them."""
         problems = pick_prompts(pool, cfg.prompts_per_update, cfg.seed, rank, u)
         if roles.engines:
             roles.engines.mark()
-        episodes = collect_episodes(generator, scorer, problems, cfg, fmt, sampling_seed(cfg.seed, rank, u))
+        timed = _TimedScorer(scorer)
+        start = time.monotonic()
+        episodes = collect_episodes(generator, timed, problems, cfg, fmt, sampling_seed(cfg.seed, rank, u))
         version = roles.engines.oldest if roles.engines and roles.engines.oldest is not None else u
         for ep in episodes:
             ep.version = version
-        return episodes
+        return episodes, time.monotonic() - start - timed.seconds, timed.seconds
 
     metrics_out = _RayMetrics() if rank == 0 else None
     update, history = state["step"], state["history"]
@@ -338,13 +362,13 @@ def _train_loop(config: dict[str, Any]) -> None:
     pending = None  # max_staleness 1: the next update's episodes, sampled while this one trains
     while update < cfg.updates:
         t0 = time.monotonic()
-        episodes = pending.result() if pending is not None else sample(update)
+        episodes, t_sample, t_score = pending.result() if pending is not None else sample(update)
         pending = None
         if update - episodes[0].version > cfg.rollout.max_staleness:  # never trained on: sample again
             roles.sync(update)
-            episodes = sample(update)
+            episodes, t_sample, t_score = sample(update)
         staleness = update - episodes[0].version
-        t_rollout = time.monotonic() - t0
+        t_rollout = time.monotonic() - t0  # waited for the episodes (less than t_sample when sampled ahead)
         if ahead is not None and update + 1 < cfg.updates:
             pending = ahead.submit(sample, update + 1)
         batch = make_batch(prompter, episodes, max_length).to(device)
@@ -370,7 +394,7 @@ def _train_loop(config: dict[str, Any]) -> None:
             "update": update, "reward": float(totals[0]) / n_eps, "step_reward": float(totals[0]) / max(float(totals[1]), 1),
             "kl": kl_mean, "kl_coef": kl_ctl.value, **local,
             "tokens_per_s": float(totals[3]) / max(float(totals[7]) / world, 1e-9),
-            "rollout_s": t_rollout, "truncated": float(totals[5]) / n_eps, "elapsed_s": elapsed,
+            "rollout_s": t_rollout, "sample_s": t_sample, "reward_s": t_score, "truncated": float(totals[5]) / n_eps, "elapsed_s": elapsed,
             "staleness": float(worker.reduce(torch.tensor(float(staleness)), "max")),
             "logp_gap": float(worker.reduce(torch.tensor(stats["logp_gap"]), "max")), "sync_s": t_sync,
             **roles.memory(),
@@ -410,6 +434,20 @@ def _train_loop(config: dict[str, Any]) -> None:
                 lambda tmp: _write_policy(unwrapped, tokenizer, cfg, history, tmp, final), summary)
     worker.log(f"saved the policy to {cfg.out_dir} after {update} updates ({stopped_by}); held-out accuracy "
                f"{summary['held_out_accuracy_start']:.3f} -> {summary['held_out_accuracy_end']:.3f}")
+
+
+class _TimedScorer:
+    """A Scorer that adds up the seconds its `score` calls take."""
+
+    def __init__(self, scorer: Any) -> None:
+        self.scorer, self.seconds = scorer, 0.0
+
+    def score(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
+        start = time.monotonic()
+        try:
+            return self.scorer.score(questions, steps)
+        finally:
+            self.seconds += time.monotonic() - start
 
 
 class _Roles:

@@ -98,21 +98,31 @@ def peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------- the actors
 
 
+def _set_threads(threads: int) -> None:
+    """torch's CPU threads: `threads`, or (0: a role given no whole CPU, which takes turns with
+    the learners on their cores) every core this process may run on."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+
+
 class RolloutEngine:
     """A policy copy that samples for the learners (wrapped by `ray.remote` in `create_roles`)."""
 
     def __init__(self, backend: str, policy: str, separator: str, system_prompt: str | None,
-                 cpu_kvcache_gib: int = 1, dtype: str = "float32") -> None:
+                 cpu_kvcache_gib: int = 1, dtype: str = "float32", threads: int = 0, gpu_share: float = 1.0) -> None:
         import tempfile
 
         from mathprm.generation import load_generator
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        _set_threads(threads)
         # A folder on the engine's own node: vLLM's caches and sockets, the weights of a sync.
         self.backend, self.run_dir = backend, Path(tempfile.mkdtemp(prefix="mathprm-engine-"))
         options: dict[str, Any] = {"system_prompt": system_prompt}
         if backend == "vllm":
-            options.update(run_dir=str(self.run_dir / "vllm"), cpu_kvcache_gib=cpu_kvcache_gib, dtype=dtype)
+            # On a GPU shared with a learner (colocated), vLLM takes only its share of the memory.
+            options.update(run_dir=str(self.run_dir / "vllm"), cpu_kvcache_gib=cpu_kvcache_gib, dtype=dtype,
+                           gpu_memory_utilization=0.85 * min(gpu_share, 1.0))
         self.generator = load_generator(backend, policy, StepFormat(separator), **options)
         self.version = 0  # the initial policy's weights
 
@@ -181,10 +191,10 @@ class RolloutEngine:
 class RewardWorker:
     """The step reward's Scorer for the learners (wrapped by `ray.remote` in `create_roles`)."""
 
-    def __init__(self, config: dict[str, Any], batch_size: int) -> None:
+    def __init__(self, config: dict[str, Any], batch_size: int, threads: int = 0) -> None:
         from mathprm.train.ppo import PPOConfig, load_pools, load_scorer
 
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        _set_threads(threads)
         cfg = PPOConfig(**config)
         pool, _ = load_pools(cfg)
         self.scorer = load_scorer(cfg, pool, torch.device("cuda" if torch.cuda.is_available() else "cpu"), batch_size)
@@ -308,10 +318,8 @@ def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardC
         strategy: Any = "SPREAD"
         if placement == "colocated":
             strategy = NodeAffinitySchedulingStrategy(node_id=learner_nodes[i % len(learner_nodes)], soft=False)
-        threads = str(max(1, int(role.num_cpus)))
-        return {"name": name, "namespace": NAMESPACE, "num_cpus": role.num_cpus, "num_gpus": role.num_gpus, "resources": dict(role.resources),
-                "scheduling_strategy": strategy, "max_restarts": 0,
-                "runtime_env": {"env_vars": {"OMP_NUM_THREADS": threads}}}
+        return {"name": name, "namespace": NAMESPACE, "num_cpus": role.num_cpus, "num_gpus": role.num_gpus,
+                "resources": dict(role.resources), "scheduling_strategy": strategy, "max_restarts": 0}
 
     engines = []
     for i in range(rollout.replicas):
@@ -320,12 +328,13 @@ def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardC
         # The engine computes in the learners' precision, so its log-probs are theirs.
         dtype = "bfloat16" if config.get("precision") == "bf16" else "float32"
         engines.append(cls.remote(rollout.backend, config["policy"], config["separator"], config["system_prompt"],
-                                  rollout.cpu_kvcache_gib, dtype))
+                                  rollout.cpu_kvcache_gib, dtype, int(rollout.num_cpus), rollout.num_gpus or 1.0))
         names["rollout"].append(name)
     workers = []
     for i in range(reward.replicas):
         name = f"mathprm-ppo-{token}-reward-{i}"
-        workers.append(ray.remote(RewardWorker).options(**options(reward, i, name)).remote(config, reward.batch_size))
+        workers.append(ray.remote(RewardWorker).options(**options(reward, i, name)).remote(
+            config, reward.batch_size, int(reward.num_cpus)))
         names["reward"].append(name)
     try:  # started, or a clear line instead of waiting forever for resources that never come
         ray.get([h.get_version.remote() for h in engines] + [h.peak_rss_mb.remote() for h in workers],
