@@ -52,6 +52,10 @@ METRICS: dict[str, MetricSpec] = {
     "mathprm_ppo_tokens_per_s": MetricSpec("gauge", "generated tokens per second of update time", "ppo"),
     "mathprm_ppo_held_out_accuracy": MetricSpec("gauge", "greedy accuracy on held-out problems, last evaluation",
                                                 "ppo", unit="percentunit"),
+    "mathprm_ppo_staleness": MetricSpec("gauge", "updates the last batch's weights lagged the learners' (rollout "
+                                        "engines; at most rollout.max_staleness)", "ppo"),
+    "mathprm_ppo_logp_gap": MetricSpec("gauge", "largest |sampler - learner| log-prob of an action token before "
+                                       "the update (weights out of sync show here)", "ppo"),
     # Serving (mathprm.serve)
     "mathprm_serve_requests": MetricSpec("counter", "searches run for solve requests, by strategy and outcome (HTTP status)", "serve",
                                          ("strategy", "status")),

@@ -222,3 +222,16 @@ def test_fsdp_learners_with_separate_roles_one_update_ahead_survive_a_killed_eng
     assert [h["update"] for h in history] == list(range(7))  # each update once, across the three attempts
     assert all(h["staleness"] <= 1 for h in history[1:]) and any(h["staleness"] == 1 for h in history[1:])
     assert all(h["logp_gap"] < 5.0 for h in history[1:])
+
+
+def test_colocated_roles_that_would_take_the_learners_whole_gpu_are_refused_before_ray_starts(tiny_policy_dir,
+                                                                                               tmp_path):
+    from mathprm.config import ConfigError
+    from mathprm.train.ppo import train_ppo
+    from mathprm.train.ppo_roles import RewardConfig, RolloutConfig
+
+    cfg = _cfg(tiny_policy_dir, tmp_path / "ppo", use_gpu=True, num_workers=2, placement="colocated",
+               rollout=RolloutConfig(replicas=2, num_gpus=0.5), reward=RewardConfig(replicas=2, num_gpus=0.5))
+    with pytest.raises(ConfigError, match="placement: colocated roles ask 2 GPUs in all, 1.00 of each"):
+        train_ppo(cfg)
+    assert not (tmp_path / "ppo").exists()

@@ -252,7 +252,17 @@ def test_the_critic_gets_its_own_learning_rate():
                                               (["critic=separate", "lora_r=8"], "critic"),
                                               (["critic_lr=0"], "critic_lr"),
                                               (["prm=none", "mode=one_step"], "prm"),
-                                              (["prm=none", "outcome_reward=0"], "prm")])
+                                              (["prm=none", "outcome_reward=0"], "prm"),
+                                              (["strategy=fsdp", "rollout.replicas=0"], "strategy"),
+                                              (["strategy=fsdp", "lora_r=8"], "strategy"),
+                                              (["strategy=zero3"], "strategy"),
+                                              (["placement=elsewhere"], "placement"),
+                                              (["rollout.backend=tgi"], "rollout.backend"),
+                                              (["rollout.max_staleness=2"], "rollout.max_staleness"),
+                                              (["rollout.replicas=0", "rollout.max_staleness=1"],
+                                               "rollout.max_staleness"),
+                                              (["reward.replicas=-1"], "reward.replicas"),
+                                              (["rollout.num_gpus=-1"], "rollout.num_cpus / num_gpus")])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         load_config(PPOConfig, "mathprm/configs/ppo_arith.yaml", ["advantage=grpo", *overrides])

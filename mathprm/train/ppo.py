@@ -515,7 +515,8 @@ class _Roles:
 class _RayMetrics:
     """The run's curves as Ray metrics (`mathprm.metrics`: mathprm_ppo_*), set by rank 0."""
 
-    GAUGES = ("reward", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "tokens_per_s", "held_out_accuracy")
+    GAUGES = ("reward", "kl", "kl_coef", "clip_frac", "entropy", "value_loss", "tokens_per_s", "held_out_accuracy",
+              "staleness", "logp_gap")
 
     def __init__(self) -> None:
         from mathprm.metrics import create
