@@ -5,8 +5,9 @@ engines and reward workers as Ray actors (mathprm.train.ppo_roles), same config 
         [--updates 12] [--limit 200] [--backend hf|vllm] [--write] [key=value ...]
 
 Both runs train mathprm/configs/ppo_arith.yaml for `--updates` updates (extra `key=value` go to
-both) into runs/bench/ppo_scale/<shape>; the actors run is colocated, one engine (`--backend`)
-and one reward worker. Per shape: episodes/s and generated tokens/s over the whole run, seconds
+all) into runs/bench/ppo_scale/<shape>: `in_learner`; `actors` (colocated, one engine of
+`--backend` and one reward worker); `actors_separate_ahead` (the same roles placed by Ray, the next
+update sampled while the learner trains: max_staleness 1). Per shape: episodes/s and generated tokens/s over the whole run, seconds
 per update spent sampling, scoring and learning (and syncing weights), the peak resident memory
 of each role's process, and greedy accuracy on `--limit` fresh arith:hard test problems after
 training. The figures go to runs/bench/ppo_scale.json (read by benchmarks/scale_model.py) and,
@@ -16,6 +17,7 @@ with --write, to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -30,9 +32,13 @@ from mathprm.config import load_config  # noqa: E402
 from mathprm.eval.evaluate import EvalConfig, run_evaluation  # noqa: E402
 from mathprm.train.ppo import METRICS_FILE, PPO_STAGE, PPOConfig, train_ppo  # noqa: E402
 
+RESULT = REPO / "runs" / "bench" / "ppo_scale.json"
 SHAPES = {
-    "in_learner": [],
+    "in_learner": ["rollout.replicas=0", "reward.replicas=0"],
     "actors": ["rollout.replicas=1", "reward.replicas=1", "placement=colocated"],
+    # The cluster recipe on one box: Ray places the roles (SPREAD), the next update sampled ahead.
+    "actors_separate_ahead": ["rollout.replicas=1", "reward.replicas=1", "placement=separate",
+                              "rollout.max_staleness=1"],
 }
 
 
@@ -70,44 +76,61 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--backend", default="hf", choices=("hf", "vllm"))
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--from-json", action="store_true",
+                    help="no training: report (and --write) the last run's runs/bench/ppo_scale.json")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.from_json:
+        result = atomic.read_json(RESULT, "rerun without --from-json")
+        return report(result, result["args"], args.write)
     policy = (REPO / args.policy).resolve()
     prm = args.prm if args.prm in ("oracle", "none") else str((REPO / args.prm).resolve())
     modes = {}
     for shape, extra in SHAPES.items():
         out = REPO / "runs" / "bench" / "ppo_scale" / shape
-        extra = [*extra, f"rollout.backend={args.backend}"] if shape == "actors" else extra
+        extra = [*extra, f"rollout.backend={args.backend}"] if shape != "in_learner" else extra
         cfg = load_config(PPOConfig, REPO / "mathprm" / "configs" / "ppo_arith.yaml", [
             f"policy={policy}", f"prm={prm}", f"updates={args.updates}", "time_budget_min=null",
             f"eval_every={args.updates}", f"out_dir={out}", "overwrite=true", *extra, *args.overrides])
         train_ppo(cfg)
         modes[shape] = {**measure(out, cfg), "greedy_arith_hard": greedy(out, args.limit, shape)}
         print(json.dumps({shape: modes[shape]}), flush=True)
-    result = {"machine": machine(), "date": __import__("datetime").date.today().isoformat(),
-              "updates": args.updates, "backend": args.backend, "modes": modes}
-    atomic.write_json(REPO / "runs" / "bench" / "ppo_scale.json", result)
+    result = {"machine": machine(), "date": datetime.date.today().isoformat(), "updates": args.updates,
+              "backend": args.backend, "modes": modes,
+              "args": {k: getattr(args, k) for k in ("policy", "prm", "updates", "limit", "backend", "overrides")}}
+    atomic.write_json(RESULT, result)
+    return report(result, result["args"], args.write)
 
+
+def report(result: dict, args: dict, write: bool) -> int:
+    """Print the side-by-side table of a run's `result` and, with `write`, record it in the doc."""
+    args = argparse.Namespace(**args)
+    modes = result["modes"]
     a, b = modes["in_learner"], modes["actors"]
-    rss = lambda m: ", ".join(f"{k} {v:.0f}" for k, v in m["peak_rss_mb"].items())  # noqa: E731
+    rss = lambda m: ", ".join(f"{k} {m['peak_rss_mb'][k]:.0f}" for k in ("learner", "rollout", "reward")  # noqa: E731
+                              if k in m["peak_rss_mb"])
     lines = [
         f"mathprm/configs/ppo_arith.yaml, {args.updates} updates, the same seeds; policy `{args.policy}`, reward "
-        f"`{args.prm}`; actors: one {args.backend} rollout engine and one reward worker, colocated"
+        f"`{args.prm}`; actors: one {args.backend} rollout engine and one reward worker (colocated; or "
+        "separate, one update ahead)"
         f"{', ' + ' '.join(args.overrides) if args.overrides else ''}. Seconds are per update.",
         "",
         "| shape | episodes/s | tokens/s | sample s | score s | learn s | sync s | peak RSS MiB | "
         f"greedy arith:hard ({args.limit}) | held-out (run's own) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for name, m in modes.items():
+    for name in SHAPES:
+        m = modes[name]
         lines.append(f"| {name} | {m['episodes_per_s']:.2f} | {m['tokens_per_s']:.0f} | "
                      f"{m['rollout_s_per_update']:.2f} | {m['reward_s_per_update']:.2f} | "
                      f"{m['learner_s_per_update']:.2f} | {m['sync_s_per_update']:.3f} | {rss(m)} | "
                      f"{100 * m['greedy_arith_hard']:.1f} % | {100 * (m['held_out_accuracy'] or 0):.1f} % |")
     body = "\n".join(lines)
     print(body)
-    if args.write:
-        command = "python benchmarks/bench_ppo_scale.py " + " ".join(x for x in sys.argv[1:] if x != "--write")
+    if write:
+        command = "python benchmarks/bench_ppo_scale.py " + " ".join(
+            [f"--policy {args.policy} --prm {args.prm} --updates {args.updates} --limit {args.limit}",
+             f"--backend {args.backend}", *args.overrides])
         value = (f"in-learner {a['episodes_per_s']:.2f} vs actors {b['episodes_per_s']:.2f} episodes/s; greedy after "
                  f"{args.updates} updates {100 * a['greedy_arith_hard']:.1f} % vs {100 * b['greedy_arith_hard']:.1f} %; "
                  f"peak RSS MiB in-learner ({rss(a)}) vs actors ({rss(b)})")

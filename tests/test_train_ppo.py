@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from mathprm.config import ConfigError, load_config, to_dict
+from mathprm.config import ConfigError, load_config
 from mathprm.data import arith
 from mathprm.generation import Rollout, StepSample
 from mathprm.models.policy import build_policy
@@ -17,7 +17,7 @@ from mathprm.steps import StepFormat
 from mathprm.train.ppo import METRICS_FILE, PLOT_FILE, PPO_STAGE, PPOConfig, train_ppo
 from mathprm.train.ppo_episodes import Episode, collect_episodes, encode_episode, make_batch, pick_prompts
 from mathprm.train.ppo_loss import PolicyWithValue, param_groups, ppo_update
-from tests.conftest import MetricsWatcher, kill_after_first_checkpoint
+from tests.conftest import MetricsWatcher
 
 FMT = StepFormat("\n")
 TOK = build_char_tokenizer()
@@ -281,32 +281,34 @@ def _cfg(policy, out, **kw) -> PPOConfig:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_two_lora_workers_resume_a_killed_run_export_metrics_and_save_a_merged_hf_policy(
+def test_two_lora_workers_with_a_rollout_engine_export_metrics_and_save_a_merged_hf_policy(
         ray_cluster, qwen_policy_dir, published_prms, tmp_path):
     """The real path on Ray Train: the tiny Qwen2 chat policy on GSM8K, rewarded per step by a
-    published PRM (qwen kind) plus the outcome; full_solution + grpo + LoRA on two DDP workers,
-    killed after its first checkpoint and resumed. The one_step + gae path on the arithmetic
-    models runs in the quick demo (tests/test_cli.py)."""
+    published PRM (qwen kind) plus the outcome; full_solution + grpo + LoRA on two DDP workers
+    sampling through one hf rollout engine that gets the merged LoRA weights after every update
+    (the sampler's log-probs equal the learners'). A killed run's resume is tested in
+    tests/test_ppo_roles.py (a killed engine and reward worker) and for the trainer skeleton in
+    tests/test_sft.py (a killed driver); the one_step + gae path on the arithmetic models runs in
+    the quick demo (tests/test_cli.py)."""
     from transformers import AutoModelForCausalLM
+
+    from mathprm.train.ppo_roles import RolloutConfig
 
     out = tmp_path / "ppo"
     cfg = _cfg(qwen_policy_dir, out, prm=f"qwen:{published_prms['qwen']}", dataset="sample:gsm8k", num_problems=20,
                eval_dataset="sample:gsm8k", max_step_tokens=8, max_solution_tokens=24, mode="full_solution",
-               advantage="grpo", outcome_reward=1.0, lora_r=4, entropy_coef=0.01,
-               updates=40)  # the entropy bonus moves even a junk policy's weights
-    overrides = [f"{k}={json.dumps(v)}" for k, v in to_dict(cfg).items() if v is not None]
-    kill_after_first_checkpoint(["train-ppo", *overrides], ray_cluster["gcs_address"],
-                                tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json", 300)
-    assert not out.exists()  # killed: no half-written policy
-    names = ["mathprm_ppo_updates", "mathprm_ppo_reward", "mathprm_ppo_kl", "mathprm_ppo_tokens"]
+               advantage="grpo", outcome_reward=1.0, lora_r=4, entropy_coef=0.01,  # the bonus moves a junk policy
+               updates=4, rollout=RolloutConfig(replicas=1, num_cpus=0))
+    names = ["mathprm_ppo_updates", "mathprm_ppo_reward", "mathprm_ppo_kl", "mathprm_ppo_tokens",
+             "mathprm_ppo_staleness"]
     with MetricsWatcher(ray_cluster["metrics_export_port"], names) as watcher:
-        assert train_ppo(dataclasses.replace(cfg, updates=4)) == out.resolve()
+        assert train_ppo(cfg) == out.resolve()
     assert watcher.seen == set(names), f"missing on the metrics endpoint: {set(names) - watcher.seen}"
     summary = json.loads((out / PPO_STAGE.summary_file).read_text())
-    assert summary["resumed_from_update"] >= 1 and summary["updates"] == 4
-    assert summary["config"]["num_workers"] == 2
+    assert summary["updates"] == 4 and summary["config"]["num_workers"] == 2
     history = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
-    assert [h["update"] for h in history] == [0, 1, 2, 3, 4]  # the resumed run kept the killed run's history
+    assert [h["update"] for h in history] == [0, 1, 2, 3, 4]
+    assert all(h["staleness"] == 0 and h["logp_gap"] < 1e-3 for h in history[1:])  # merged LoRA weights synced
     for key in ("reward", "kl", "clip_frac", "entropy", "tokens_per_s", "rollout_accuracy"):
         assert all(key in h for h in history[1:]), key
     assert all(h["value_loss"] == 0.0 for h in history[1:])  # grpo: no critic
