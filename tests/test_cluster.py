@@ -30,7 +30,8 @@ KUBERAY = REPO / "cluster" / "kuberay"
 SERVE_CONFIGS = sorted((REPO / "serve_configs").glob("*.yaml"))
 # The fields a GPU twin may change: where the work runs, never what it computes.
 HARDWARE = {"use_gpu", "precision", "num_workers", "cpus_per_worker", "backend", "device", "generator_options",
-            "num_actors", "cpus_per_actor", "gpus_per_actor"}
+            "num_actors", "cpus_per_actor", "gpus_per_actor",
+            "strategy", "placement", "rollout", "reward"}  # PPO's roles: where the sampling and scoring run
 GPU_FIELDS = {"use_gpu", "backend", "gpus_per_actor", "device"}  # a config with one can run on a GPU
 
 
