@@ -216,10 +216,13 @@ class TrainWorkerKiller:
     registers a checkpoint newer than the one `snapshot` (its checkpoint_manager_snapshot.json)
     holds on entry: a worker lost mid-training, after the run has made progress to resume from.
     `targets` are actor class names, one killed per new checkpoint, in order (default: a Ray
-    Train worker). `killed` holds their pids (empty if no new checkpoint came)."""
+    Train worker), or all at the first new checkpoint when `together`. `killed` holds their pids
+    (empty if no new checkpoint came)."""
 
-    def __init__(self, snapshot: Path, webui_url: str, targets: tuple[str, ...] = ("RayTrainWorker",)) -> None:
+    def __init__(self, snapshot: Path, webui_url: str, targets: tuple[str, ...] = ("RayTrainWorker",),
+                 together: bool = False) -> None:
         self.snapshot, self.webui_url, self.targets, self.killed = snapshot, webui_url, list(targets), []
+        self.together = together
 
     def _latest(self) -> str | None:
         import json
@@ -239,14 +242,14 @@ class TrainWorkerKiller:
         while not self._stop.is_set() and self.targets:
             latest = self._latest()
             if latest not in (None, seen, "null"):
-                pids = [a.pid for a in list_actors(address=f"http://{self.webui_url}",
-                                                   filters=[("state", "=", "ALIVE")])
-                        if self.targets[0] in a.class_name and a.pid]
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    self.killed.append(pids[0])
-                    self.targets.pop(0)
-                    seen = latest
+                alive = list_actors(address=f"http://{self.webui_url}", filters=[("state", "=", "ALIVE")])
+                for target in list(self.targets if self.together else self.targets[:1]):
+                    pids = [a.pid for a in alive if target in a.class_name and a.pid]
+                    if pids:
+                        os.kill(pids[0], signal.SIGKILL)
+                        self.killed.append(pids[0])
+                        self.targets.remove(target)
+                        seen = latest
             time.sleep(0.2)
 
     def __enter__(self) -> "TrainWorkerKiller":

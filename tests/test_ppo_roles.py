@@ -186,13 +186,13 @@ def test_rollout_engines_and_reward_workers_train_what_the_learner_trains_alone(
 
 
 @pytest.mark.ray
-def test_fsdp_learners_with_separate_roles_one_update_ahead_survive_a_killed_engine_and_reward_worker(
+def test_fsdp_learners_with_separate_roles_one_update_ahead_survive_a_killed_learner_engine_and_reward_worker(
         ray_cluster, qwen_policy_dir, published_prms, tmp_path):
     """The cluster shape on CPU: two FSDP learners on the head node, a rollout engine and a reward
     worker (published qwen PRM) on a node of their own, the next update sampled while the learners
-    train (max_staleness 1). The engine is killed after one checkpoint, the reward worker after the
-    next: each time the group resumes from its checkpoint, and the run ends with every update
-    counted once and no episode staler than allowed."""
+    train (max_staleness 1). After the first checkpoint a learner, the engine and the reward worker
+    are killed (SIGKILL) together: the group resumes from that checkpoint with new roles synced to
+    it, and the run ends with every update counted once and no episode staler than allowed."""
     from ray.util.state import list_actors
 
     from mathprm.train.ppo import PPO_STAGE, train_ppo
@@ -208,24 +208,25 @@ def test_fsdp_learners_with_separate_roles_one_update_ahead_survive_a_killed_eng
     node = cluster.add_node(num_cpus=0, resources={"roles": 2})  # no CPU: the learners cannot land there
     out = tmp_path / "ppo"
     cfg = _cfg(qwen_policy_dir, out, prm=f"qwen:{published_prms['qwen']}", dataset="sample:gsm8k", num_problems=20,
-               eval_dataset="sample:gsm8k", eval_problems=2, max_step_tokens=8, max_solution_tokens=24, updates=6,
+               eval_dataset="sample:gsm8k", eval_problems=2, max_step_tokens=8, max_solution_tokens=24, updates=4,
                eval_every=3, num_workers=2, strategy="fsdp", placement="separate",
                rollout=RolloutConfig(replicas=1, num_cpus=0, resources={"roles": 1}, max_staleness=1),
                reward=RewardConfig(replicas=1, num_cpus=0, resources={"roles": 1}))
     snapshot = tmp_path / "ray_train" / "ppo-ppo" / "checkpoint_manager_snapshot.json"
     try:
-        with TrainWorkerKiller(snapshot, ray_cluster["webui_url"], ("RolloutEngine", "RewardWorker")) as killer:
+        with TrainWorkerKiller(snapshot, ray_cluster["webui_url"], ("RayTrainWorker", "RolloutEngine", "RewardWorker"),
+                               together=True) as killer:
             assert train_ppo(cfg) == out.resolve()
-        assert len(killer.killed) == 2, f"killed {killer.killed}: the run ended first"
+        assert len(killer.killed) == 3, f"killed {killer.killed}: the run ended first"
         roles = [a for a in role_actors() if a.actor_id not in before]
-        assert len(roles) >= 6  # three attempts, two roles each
+        assert len(roles) >= 4  # two attempts, two roles each
         assert {a.node_id for a in roles} == {node.node_id}  # separate: on the roles' node only
     finally:
         cluster.remove_node(node)
     summary = json.loads((out / PPO_STAGE.summary_file).read_text())
-    assert summary["updates"] == 6 and summary["resumed_from_update"] >= 2
+    assert summary["updates"] == 4 and summary["resumed_from_update"] >= 1
     history = _history(out)
-    assert [h["update"] for h in history] == list(range(7))  # each update once, across the three attempts
+    assert [h["update"] for h in history] == list(range(5))  # each update once, across the two attempts
     assert all(h["staleness"] <= 1 for h in history[1:]) and any(h["staleness"] == 1 for h in history[1:])
     assert all(h["logp_gap"] < 5.0 for h in history[1:])
 
