@@ -44,8 +44,9 @@ class Sampling:
     max_step_tokens: int = 64  # `next_steps`: a step longer than this is cut (`truncated`)
     max_solution_tokens: int = 512  # `rollouts`: a completion longer than this is cut
     seed: int = 0  # prefix i of a call samples with prefix_seed(seed, i)
-    # Return each drawn token's log-probability under the sampling distribution at `temperature`
-    # (before top_p), what a PPO learner's importance ratio needs; not for greedy sampling.
+    # Return each drawn token's log-probability at `temperature`, what a PPO learner's importance
+    # ratio needs (none for greedy sampling). hf: before top_p, as the learner computes it; vLLM:
+    # after top_p's cut (its processed log-probs), the same when top_p is 1 (PPO's).
     logprobs: bool = False
 
     def __post_init__(self) -> None:

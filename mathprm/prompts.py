@@ -70,6 +70,11 @@ class Prompter:
         """The token ids of `text(question, steps)` (module docstring, "Token ids")."""
         return self.encode(self.text(question, steps))
 
+    def room(self, question: str, steps: Sequence[str], context_length: int) -> int:
+        """Tokens a context of `context_length` has left after the prompt of (question, steps)
+        (<= 0: none): every generator's `room`."""
+        return context_length - len(self.ids(question, steps))
+
     def encode(self, text: str) -> list[int]:
         """The token ids of a prompt `text` made by `text()` (module docstring, "Token ids")."""
         return list(self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"])

@@ -74,7 +74,7 @@ class HFGenerator:
         self.batch_prefixes = batch_prefixes  # prompts per forward pass; each brings n rows
 
     def room(self, prefix: Prefix) -> int:
-        return self.context_length - len(self.prompter.ids(prefix.question, prefix.steps))
+        return self.prompter.room(prefix.question, prefix.steps, self.context_length)
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         sep = self.step_format.separator

@@ -95,7 +95,7 @@ class VLLMGenerator:
         self.last_cached_tokens: list[int] = []  # prompt tokens served from the prefix cache, per prompt of the last call
 
     def room(self, prefix: Prefix) -> int:
-        return self.context_length - len(self.prompter.ids(prefix.question, prefix.steps))
+        return self.prompter.room(prefix.question, prefix.steps, self.context_length)
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         outputs = self._generate(prefixes, n, sampling, sampling.max_step_tokens, [self.step_format.separator])

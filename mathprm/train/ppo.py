@@ -68,7 +68,7 @@ from typing import Any, Literal
 
 import torch
 
-from mathprm.config import ConfigError, to_dict
+from mathprm.config import ConfigError, from_dict, to_dict
 from mathprm.data.answers import judge_grader
 from mathprm.data.problems import Problem, token_caps
 from mathprm.generation import MIN_TEMPERATURE
@@ -204,10 +204,6 @@ class PPOConfig:
                              f"outcome_reward != 0, got mode={self.mode} outcome_reward={self.outcome_reward}")
         if self.separator is not None:
             StepFormat(self.separator)
-        if isinstance(self.rollout, dict):  # built from a plain dict (Ray Train's train_loop_config)
-            self.rollout = RolloutConfig(**self.rollout)
-        if isinstance(self.reward, dict):
-            self.reward = RewardConfig(**self.reward)
         self.rollout.check("rollout")
         self.reward.check("reward")
         if self.placement not in PLACEMENTS:
@@ -295,7 +291,7 @@ def _train_loop(config: dict[str, Any]) -> None:
     from mathprm.models.gen_hf import HFGenerator
 
     fmt = StepFormat(config["separator"])
-    cfg = PPOConfig(**config)
+    cfg = from_dict(PPOConfig, config)  # the loop's config is `to_dict`'s: nested sections as dicts
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.cpus_per_worker)
     pool, held_out = load_pools(cfg)
@@ -466,10 +462,11 @@ class _Roles:
 
         from mathprm.train.ppo_roles import create_roles, lookup
 
-        nodes = [ray.get_runtime_context().get_node_id()]
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
         if dist.is_initialized():
             nodes = [None] * worker.world
-            dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+            dist.all_gather_object(nodes, node)
         names: list = [None]
         if worker.rank == 0:
             names[0], self._owned = create_roles(config, cfg.rollout, cfg.reward, cfg.placement, nodes)

@@ -147,17 +147,14 @@ class RolloutEngine:
         from safetensors.torch import save_file
 
         folder = self.run_dir / "weights"
-        tmp = self.run_dir / "weights.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # Every tensor its own copy (safetensors refuses shared storage; a tied LM head shares the
-        # embedding's, and vLLM's in-place reload wants the head's weight too).
-        save_file({name: tensor.detach().clone().contiguous() for name, tensor in state.items()},
-                  str(tmp / "model.safetensors"))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        shutil.rmtree(folder, ignore_errors=True)  # a sync that failed half-way
+        folder.mkdir(parents=True)
         llm = self.generator.llm
         try:
+            # Every tensor its own copy (safetensors refuses shared storage; a tied LM head shares
+            # the embedding's, and vLLM's in-place reload wants the head's weight too).
+            save_file({name: tensor.detach().clone().contiguous() for name, tensor in state.items()},
+                      str(folder / "model.safetensors"))
             llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # a policy's size on disk, needed only while loading
@@ -192,10 +189,11 @@ class RewardWorker:
     """The step reward's Scorer for the learners (wrapped by `ray.remote` in `create_roles`)."""
 
     def __init__(self, config: dict[str, Any], batch_size: int, threads: int = 0) -> None:
+        from mathprm.config import from_dict
         from mathprm.train.ppo import PPOConfig, load_pools, load_scorer
 
         _set_threads(threads)
-        cfg = PPOConfig(**config)
+        cfg = from_dict(PPOConfig, config)
         pool, _ = load_pools(cfg)
         self.scorer = load_scorer(cfg, pool, torch.device("cuda" if torch.cuda.is_available() else "cpu"), batch_size)
 
@@ -238,7 +236,7 @@ class EngineGroup:
         return getattr(self._seen, "oldest", None)
 
     def room(self, prefix: Prefix) -> int:
-        return self.context_length - len(self.prompter.ids(prefix.question, prefix.steps))
+        return self.prompter.room(prefix.question, prefix.steps, self.context_length)
 
     def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list]:
         return self._call("next_steps", prefixes, n, sampling)
@@ -309,8 +307,6 @@ def create_roles(config: dict[str, Any], rollout: RolloutConfig, reward: RewardC
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     token = uuid.uuid4().hex[:8]  # a restarted group must not meet its dead predecessor's names
     names: dict[str, list[str]] = {"rollout": [], "reward": []}
 
