@@ -54,6 +54,7 @@ from mathprm.data.records import (
 
 DATA_DIR_ENV = "MATHPRM_DATA_DIR"
 DEFAULT_COLUMNS = {"question": "question", "answer": "answer"}  # a file loaded by path alone
+PROBLEM_FILES = (".jsonl", ".json", ".parquet")  # the suffixes `load_problems` reads as a path
 _SAMPLES = Path(__file__).resolve().parent / "samples"
 
 
@@ -414,7 +415,7 @@ def load_problems(
     """
     if spec in _DATASETS:
         return _DATASETS[spec](Path(data_dir) if data_dir is not None else None, **kw)
-    if Path(spec).suffix in (".jsonl", ".json", ".parquet"):
+    if Path(spec).suffix in PROBLEM_FILES:
         columns = kw.pop("columns", None) or DEFAULT_COLUMNS
         return load_table(spec, columns, **kw)
     raise ValueError(

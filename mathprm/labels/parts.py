@@ -23,6 +23,7 @@ from mathprm.labels.steptable import StepLabel
 from mathprm.labels.treesearch import SearchStats
 
 PROBLEMS_KEY = b"mathprm.problems"  # Parquet metadata key: the problems a labels file holds (a format name)
+PART_FILES = "part-*.parquet"  # the committed files in a labels folder (atomic.file's temporaries start with ".")
 
 
 # Per-problem costs kept in a file's metadata and summed into summary.json.
@@ -107,7 +108,7 @@ def committed_problems(labels_dir: Path, repair: bool = False) -> dict[str, dict
     moved aside into `<out_dir>/corrupt/` (never deleted), so its problems count as not done
     and a rerun labels them again."""
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted(labels_dir.glob("part-*.parquet")):
+    for path in sorted(labels_dir.glob(PART_FILES)):
         try:
             rows = _problems_of(path, whole=repair)
         except ConfigError:
@@ -154,7 +155,7 @@ def write_labels_file(block: pa.Table, path: Path) -> tuple[int, int]:
 
 def read_labels(out_dir: str | Path) -> pa.Table:
     """The step-score table of a tree-search output directory (every committed file)."""
-    files = sorted((Path(out_dir) / "labels").glob("part-*.parquet"))
+    files = sorted((Path(out_dir) / "labels").glob(PART_FILES))
     if not files:
         return steptable.SCHEMA.empty_table()
     tables = []

@@ -52,7 +52,7 @@ from mathprm import atomic
 from mathprm.config import ConfigError
 from mathprm.data import arith
 from mathprm.data.answers import judge_grader
-from mathprm.data.problems import BadRecordError, Problem, load_problems, token_caps
+from mathprm.data.problems import PROBLEM_FILES, BadRecordError, Problem, load_problems, token_caps
 from mathprm.generation import GENERATORS, Prefix
 from mathprm.labels import steptable
 from mathprm.labels.parts import (
@@ -343,7 +343,7 @@ def run_mcts(cfg: MCTSConfig) -> dict[str, Any]:
     from mathprm.models import check_model_dir
     from mathprm.ray_utils import check_job_paths, init_ray
 
-    local_data = cfg.dataset if Path(cfg.dataset).suffix in (".jsonl", ".json", ".parquet") else None
+    local_data = cfg.dataset if Path(cfg.dataset).suffix in PROBLEM_FILES else None
     check_job_paths(policy=cfg.policy, out_dir=cfg.out_dir, dataset=local_data)
     check_model_dir(cfg.policy, "policy")  # here, not in each actor
     # Actors and write tasks run in worker processes with their own working directory.
