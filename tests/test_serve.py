@@ -13,6 +13,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -345,6 +346,255 @@ def test_health_and_openapi(app):
     assert requests.get(app + "/docs", timeout=10).status_code == 200
     spec = requests.get(app + "/openapi.json", timeout=10).json()
     assert {"/v1/solve", "/v1/solve/stream", "/healthz"} <= set(spec["paths"])
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def _label_run(root: Path) -> Path:
+    """A tree-search output under `root` as the labelling stage writes it
+    (arith/mcts/labels/part-*.parquet, `parts.write_labels_file`): problem p1 with three
+    labelled steps in one part file, p2 with none in another. Returns the labels folder."""
+    from mathprm.data.problems import Problem
+    from mathprm.labels.parts import problems_block, write_labels_file
+    from mathprm.labels.steptable import StepLabel
+    from mathprm.labels.treesearch import SearchStats
+
+    q = "What is 2+3?"
+    labels = [StepLabel("p1", q, (), "2 + 3 = 5", 1.0, 4, 4, 0, "omegaprm"),
+              StepLabel("p1", q, ("2 + 3 = 5",), "The answer is 5", 1.0, 1, 1, 1, "omegaprm"),
+              StepLabel("p1", q, (), "2 + 3 = 6", 0.25, 4, 1, 0, "omegaprm")]
+    folder = root / "arith" / "mcts" / "labels"
+    folder.mkdir(parents=True)
+    for i, (pid, labs) in enumerate([("p1", labels), ("p2", [])]):
+        block = problems_block([(Problem(pid, q, "5", "arith:any"), labs, SearchStats(n_rollouts=9), 0.1)],
+                               "hf:tiny", 0)
+        write_labels_file(block, folder / f"part-test-{i:05d}-000.parquet")
+    return folder
+
+
+def test_the_labels_view_reads_label_datasets_and_refuses_paths_outside_labels_dir(tmp_path):
+    from mathprm.serve import RequestError
+    from mathprm.serve.page import label_datasets, label_problem, label_problems
+
+    root = tmp_path / "runs"
+    _label_run(root)
+    (root / ".hidden" / "labels").mkdir(parents=True)  # skipped, as a run's temporaries would be
+    (root / ".hidden" / "labels" / "part-0.parquet").write_bytes(b"x")
+    outside = _label_run(tmp_path / "outside")
+    (root / "linked").symlink_to(outside, target_is_directory=True)  # a link to a folder out of labels_dir
+    (root / "partlink").mkdir()
+    (root / "partlink" / "part-0.parquet").symlink_to(next(outside.glob("part-*")))  # a file out of it
+
+    assert label_datasets(str(root)) == [{"path": "arith/mcts/labels", "files": 2}, {"path": "partlink", "files": 1}]
+    assert label_datasets(str(tmp_path / "none yet")) == []
+    assert label_problems(str(root), "arith/mcts/labels") == [{"id": "p1", "n_labels": 3, "n_rollouts": 9},
+                                                              {"id": "p2", "n_labels": 0, "n_rollouts": 9}]
+    p1 = label_problem(str(root), "arith/mcts/labels", "p1")
+    assert p1["question"] == "What is 2+3?"
+    # By depth, the search's order within a depth.
+    assert [(lab["depth"], lab["step"], lab["score"], lab["n_correct"], lab["n_rollouts"]) for lab in p1["labels"]] == [
+        (0, "2 + 3 = 5", 1.0, 4, 4), (0, "2 + 3 = 6", 0.25, 1, 4), (1, "The answer is 5", 1.0, 1, 1)]
+    assert p1["labels"][2]["prefix"] == ["2 + 3 = 5"] and p1["labels"][0]["method"] == "omegaprm"
+    assert label_problem(str(root), "arith/mcts/labels", "p2") == {"id": "p2", "question": None, "labels": []}
+
+    refused = {  # path -> (status, what the message says)
+        "../outside/arith/mcts/labels": (400, "without '..'"), str(outside): (400, "relative path"),
+        "arith/../../outside/arith/mcts/labels": (400, "'..'"), "": (400, "relative path"),
+        "arith\\..\\..": (400, "relative path"), "a\x00b": (400, "relative path"),
+        "linked": (400, "links outside labels_dir"), "partlink": (400, "links outside labels_dir"),
+        "arith": (404, "not a label dataset"), "arith/mcts/labels/part-test-00000-000.parquet": (404, "not a label"),
+        "nowhere": (404, "not a label dataset")}
+    for path, (status, says) in refused.items():
+        for call in (lambda: label_problems(str(root), path), lambda: label_problem(str(root), path, "p1")):
+            with pytest.raises(RequestError) as e:
+                call()
+            assert (e.value.status, e.value.field) == (status, "path") and says in e.value.message, (path, e.value)
+            assert e.value.message.startswith("path: ") and str(root) not in e.value.message.replace(path, "")
+    with pytest.raises(RequestError) as e:
+        label_problem(str(root), "arith/mcts/labels", "p3")
+    assert (e.value.status, e.value.field) == (404, "id")
+    for call in (lambda: label_datasets(None), lambda: label_problems(None, "arith/mcts/labels")):
+        with pytest.raises(RequestError, match="labels view is off") as e:
+            call()
+        assert e.value.status == 404
+    # A damaged part file: a 422 naming the path and the file, relative to labels_dir.
+    (root / "arith" / "mcts" / "labels" / "part-test-00001-000.parquet").write_bytes(b"not parquet")
+    with pytest.raises(RequestError) as e:
+        label_problems(str(root), "arith/mcts/labels")
+    assert (e.value.status, e.value.field) == (422, "path") and str(root) not in e.value.message
+    assert "arith/mcts/labels/part-test-00001-000.parquet is not a readable Parquet file" in e.value.message
+
+
+def test_the_page_samples_problems_with_their_gold_answers(tmp_path, monkeypatch):
+    from mathprm.serve import RequestError
+    from mathprm.serve.page import sample_problems
+
+    arith = sample_problems("arith", 6)  # any level: each in turn
+    assert [p["id"].split(":")[1] for p in arith] == ["easy", "medium", "hard"] * 2
+    assert all(p["question"] and p["answer"].lstrip("-").isdigit() for p in arith)
+    assert sample_problems("arith:hard", 2) == [p for p in arith if ":hard:" in p["id"]]
+    file = _memorised_problems(tmp_path / "memorised.jsonl")
+    assert [(p["question"], p["answer"]) for p in sample_problems(str(file), 5)] == [
+        ("What is 1+1?", "2"), ("What is 2+3?", "5")]
+    monkeypatch.setenv("MATHPRM_DATA_DIR", str(tmp_path))  # a data folder without gsm8k in it
+    with pytest.raises(RequestError, match="dataset 'gsm8k' is not on this server") as e:
+        sample_problems("gsm8k", 3)
+    assert e.value.status == 404 and str(tmp_path) not in e.value.message
+
+
+def _memorised_problems(path: Path) -> Path:
+    """A problems file (.jsonl, question and gold answer) of the questions the tiny policy has memorised."""
+    path.write_text("".join(json.dumps({"question": q, "answer": steps[-1].rsplit(" ", 1)[1]}) + "\n"
+                            for q, steps in MEMORISED.items()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def page_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(a labels_dir holding `_label_run`, a problems file of the memorised questions: the
+    page's examples are then questions the tiny policy answers right)."""
+    root = tmp_path_factory.mktemp("page")
+    _label_run(root / "runs")
+    return root / "runs", _memorised_problems(root / "problems.jsonl")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_page_and_its_files_are_open_and_its_data_behind_the_key(keyed_app):
+    base, key = keyed_app
+    auth = {"Authorization": f"Bearer {key}"}
+    page = requests.get(base + "/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.text[:300]
+    assert "default-src 'self'" in page.headers["content-security-policy"] and 'src="static/app.js"' in page.text
+    # Without the slash the page's relative URLs would resolve beside /keyed: it is sent to /keyed/.
+    r = requests.get(base, timeout=10, allow_redirects=False)
+    assert r.status_code in (307, 308) and r.headers["location"].endswith("/keyed/"), (r.status_code, r.headers)
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = requests.get(f"{base}/static/{name}", timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind), (name, r.headers)
+    for text in [page.text] + [requests.get(f"{base}/static/{n}", timeout=10).text for n in ("app.js", "style.css")]:
+        assert not re.search(r"https?://|//[a-z0-9.-]+\.[a-z]{2,}/", text)  # nothing from elsewhere: works offline
+    for path in ("/static/nothing.js", "/static/..%2Fapp.py", "/static/%2e%2e%2Fpage.py", "/static/../page.py",
+                 "/static/", "/static/app.js/x"):  # no file beyond the folder's own, with or without the key
+        for headers in ({}, auth):
+            r = requests.get(base + path, headers=headers, timeout=10)
+            assert r.status_code in (401, 404) and "import" not in r.text, (path, r.status_code, r.text[:200])
+    data = ["/v1/problems", "/v1/labels", "/v1/labels/problems?path=arith/mcts/labels",
+            "/v1/labels/problem?path=arith/mcts/labels&id=p1"]
+    for path in data:
+        assert requests.get(base + path, timeout=10).status_code == 401, path
+    answers = [requests.get(base + path, headers=auth, timeout=30) for path in data]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    problems, datasets, label_problems, p1 = (r.json() for r in answers)
+    assert [(p["question"], p["answer"]) for p in problems["data"]] == [("What is 1+1?", "2"), ("What is 2+3?", "5")]
+    assert datasets["data"] == [{"path": "arith/mcts/labels", "files": 2}]
+    assert [p["id"] for p in label_problems["data"]] == ["p1", "p2"]
+    assert [lab["score"] for lab in p1["labels"]] == [1.0, 0.25, 1.0] and p1["question"] == "What is 2+3?"
+    refused = {"/v1/labels/problems?path=../runs": "path", "/v1/labels/problem?path=%2Fetc&id=p1": "path",
+               "/v1/labels/problem?path=arith/mcts/labels&id=nope": "id", "/v1/problems?limit=0": "limit", "/v1/labels/problem?path=arith/mcts/labels": "id"}
+    for path, field in refused.items():
+        r = requests.get(base + path, headers=auth, timeout=10)
+        assert 400 <= r.status_code < 500 and r.json()["field"] == field, (path, r.text)
+        assert r.json()["error"].startswith(field + ": "), (path, r.text)
+
+
+def _chrome():
+    """A headless Chromium driven by selenium, or a skip naming what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
+    from selenium.webdriver.chrome.service import Service
+
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("no Chromium or no chromedriver on PATH: `make install` installs them where it can "
+                    "(apt-get install chromium chromium-driver, as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see any Content-Security-Policy refusal
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def _screenshot(driver, name: str) -> None:
+    """With MATHPRM_SCREENSHOT=docs/img/serve_page.png set, the whole page as that file (`name`
+    "" ) or beside it (`name` "labels": serve_page_labels.png)."""
+    target = os.environ.get("MATHPRM_SCREENSHOT")
+    if target:
+        path = REPO / target
+        path = path.with_name(f"{path.stem}_{name}{path.suffix}") if name else path
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": 1100, "height": height, "deviceScaleFactor": 1, "mobile": False})
+        driver.save_screenshot(str(path))
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_page_in_a_headless_browser_solves_a_dataset_problem_and_shows_labels(keyed_app):
+    """The page as a user drives it: refused without the key and with a wrong one, then a
+    problem picked from the dataset, solved by guided@2 at temperature 0 with each step, its
+    score and its candidates shown as they stream, the answer checked against the gold one;
+    then the labels view shows a labelled step's Monte-Carlo score."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    base, key = keyed_app
+    driver = _chrome()
+    try:
+        wait = WebDriverWait(driver, 60)
+        find = driver.find_element
+        driver.get(base + "/")
+        wait.until(lambda d: find(By.ID, "notice").is_displayed())
+        assert "this server needs an API key" in find(By.ID, "notice").text  # the strategies were refused
+        find(By.ID, "api-key").send_keys("not-the-key" + Keys.TAB)  # the key is taken when the box is left
+        wait.until(lambda d: "the one given was refused" in find(By.ID, "notice").text)
+        find(By.ID, "api-key").clear()
+        find(By.ID, "api-key").send_keys(key + Keys.TAB)
+        wait.until(lambda d: not find(By.ID, "notice").is_displayed()
+                   and "guided" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#strategy option")])
+
+        find(By.ID, "pick").click()
+        wait.until(lambda d: find(By.ID, "question").get_attribute("value"))
+        assert find(By.ID, "question").get_attribute("value") == "What is 1+1?"
+        assert find(By.ID, "gold-answer").text == "2"
+        Select(find(By.ID, "strategy")).select_by_value("guided")
+        find(By.ID, "n").send_keys("2")
+        find(By.ID, "temperature").send_keys("0")
+        find(By.ID, "solve").click()
+        wait.until(lambda d: find(By.ID, "final").is_displayed() or find(By.ID, "notice").is_displayed())
+        assert not find(By.ID, "notice").is_displayed(), find(By.ID, "notice").text
+
+        steps = driver.find_elements(By.CSS_SELECTOR, "#steps > li.step")
+        assert [s.find_element(By.CSS_SELECTOR, ":scope > pre.text").text for s in steps] == list(
+            MEMORISED["What is 1+1?"])
+        for step in steps:
+            assert 0 <= float(step.find_element(By.CSS_SELECTOR, ":scope > .score .value").text) <= 1
+            candidates = step.find_elements(By.CSS_SELECTOR, ".candidates li.candidate")
+            assert len(candidates) == 2 and len(step.find_elements(By.CSS_SELECTOR, "li.candidate.chosen")) == 1
+            assert all(0 <= float(c.find_element(By.CSS_SELECTOR, ".value").get_attribute("textContent")) <= 1
+                       for c in candidates)
+            step.find_element(By.CSS_SELECTOR, "summary").click()  # open: the screenshot shows them
+        assert find(By.ID, "answer").text == "2"
+        assert find(By.ID, "check").get_attribute("class") == "right" and "\u2713" in find(By.ID, "check").text
+        _screenshot(driver, "")
+
+        find(By.ID, "tab-labels").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#label-table tbody tr"))
+        rows = driver.find_elements(By.CSS_SELECTOR, "#label-table tbody tr")
+        assert find(By.ID, "label-question").text == "What is 2+3?"
+        assert [r.find_element(By.CSS_SELECTOR, "pre.text").text for r in rows] == [
+            "2 + 3 = 5", "2 + 3 = 6", "The answer is 5"]
+        assert [r.find_element(By.CSS_SELECTOR, ".score .value").text for r in rows] == ["1.000", "0.250", "1.000"]
+        assert "1 / 4" in rows[1].text
+        _screenshot(driver, "labels")
+        refusals = [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+        assert not refusals, refusals
+    finally:
+        driver.quit()
 
 
 def _malformed() -> list[tuple[str, str, object, str | None]]:
@@ -686,9 +936,10 @@ def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
 
 
 @pytest.fixture(scope="module")
-def keyed_app(app, tiny_policy_dir, prm_dir):
+def keyed_app(app, tiny_policy_dir, prm_dir, page_data):
     """A second ingress, at /keyed, with an API key, in front of `app`'s generator and PRM (two
-    more model replicas would not fit the 2-CPU test cluster). Yields (base URL, key)."""
+    more model replicas would not fit the 2-CPU test cluster), and the page's data (`page_data`).
+    Yields (base URL, key)."""
     from ray import serve
 
     from mathprm.serve import SolveAPI, api_key_digest, load_serve_config
@@ -696,7 +947,9 @@ def keyed_app(app, tiny_policy_dir, prm_dir):
     key = secrets.token_urlsafe(16)
     with pytest.MonkeyPatch.context() as env:  # build_app reads it the same way, where it runs
         env.setenv("MATHPRM_TEST_API_KEY", key)
-        cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY"))
+        labels_dir, problems = page_data
+        cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY",
+                                      labels_dir=str(labels_dir), problems=str(problems)))
         digest = api_key_digest(cfg.api_key_env)
     generator = serve.get_deployment_handle("GeneratorDeployment", app_name="mathprm")
     prm = serve.get_deployment_handle("PRMDeployment", app_name="mathprm")

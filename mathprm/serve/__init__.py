@@ -18,7 +18,8 @@ Three deployments, each scaled and placed on its own (`serve_configs/guided.yaml
   the unbatched baseline: one call and one forward pass per solution). `stats()` reports the
   solutions per Serve batch.
 - `SolveAPI`, the FastAPI ingress: `POST /v1/solve`, `POST /v1/solve/stream` (server-sent
-  events: one `step` event per decided step, then `done`), `GET /healthz`, OpenAPI at `/docs`.
+  events: one `step` event per decided step, then `done`), `GET /healthz`, OpenAPI at `/docs`,
+  and a web page at `/` (`static/`; what it reads besides the search is `page.py`).
 
 The search itself is `search.run_search_async` over two handle adapters (`HandleGenerator`,
 `HandleScorer`, which sends a `Score` request as one `score_solutions` call);
@@ -28,8 +29,8 @@ naming the field, never a 5xx; a search still running after `limits.timeout_s` i
 and answered 504, never left hanging.
 
 An API key guards the app when the environment variable named by `api_key_env` (default
-MATHPRM_API_KEY) is set where the app is built: every request but GET /healthz and the docs
-must then carry `Authorization: Bearer <key>` or `X-API-Key: <key>`, else it gets a 401
+MATHPRM_API_KEY) is set where the app is built: every request but GET /healthz, the docs and
+the web page's own files must then carry `Authorization: Bearer <key>` or `X-API-Key: <key>`, else it gets a 401
 before its body is read. The key itself stays in that process; the ingress holds only its SHA-256.
 """
 

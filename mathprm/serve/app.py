@@ -1,5 +1,5 @@
-"""The HTTP ingress (`SolveAPI`: FastAPI, the API-key gate, the SSE stream) and the app builder
-`build_app` that `serve run` imports."""
+"""The HTTP ingress (`SolveAPI`: FastAPI, the API-key gate, the SSE stream, the web page's
+routes) and the app builder `build_app` that `serve run` imports."""
 
 import asyncio
 import dataclasses
@@ -10,12 +10,13 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mathprm.search import RUNNABLE, STRATEGIES, ScoredStep
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
 from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
+from mathprm.serve.page import label_datasets, label_problem, label_problems, sample_problems
 from mathprm.serve.solver import ErrorBody, RequestError, Solver, SolveRequest, SolveResponse, settings
 from mathprm.steps import StepFormat
 
@@ -62,10 +64,12 @@ def error_body(scope: dict, field_name: str | None, message: str) -> dict[str, A
 
 @api.exception_handler(RequestValidationError)
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 in the app's short form, naming the first field at fault."""
+    """FastAPI's 422 in the app's short form, naming the first field at fault (of the body, or
+    a query parameter of the GET routes)."""
     first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    if "json" not in request.headers.get("content-type", ""):
+    in_query = first.get("loc", ("body",))[0] == "query"
+    loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    if not in_query and "json" not in request.headers.get("content-type", ""):
         name, message = "body", "body: send a JSON object with the header Content-Type: application/json"
     elif first.get("type") == "json_invalid" or not loc:
         name = "body"
@@ -166,8 +170,11 @@ class BodyDeadline(_HTTPMiddleware):
         await self.app(scope, timed, send)
 
 
-# Paths open without the API key: liveness for load balancers and probes, and the API docs.
-OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# Paths open without the API key: liveness for load balancers and probes, the API docs, and the
+# web page's own files (`/`, `/static/...`): they hold no data, and a browser must load the page
+# before it can ask for the key. Everything the page then fetches carries the key.
+OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/"})
+OPEN_STATIC = re.compile(r"/static/[A-Za-z0-9._-]+")  # one file name: nothing below or beside the folder
 
 
 def _presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
@@ -186,7 +193,7 @@ def _presented_keys(headers: list[tuple[bytes, bytes]]) -> list[str]:
 
 class APIKeyGate(_HTTPMiddleware):
     """ASGI middleware: when the ingress replica holds an API key digest, a request outside
-    `OPEN_PATHS` without the right key gets 401 before routing, so before its body is read or
+    `OPEN_PATHS` and `OPEN_STATIC` without the right key gets 401 before routing, so before its body is read or
     validated. Keys are compared as SHA-256 digests with `hmac.compare_digest`: equal lengths,
     constant time, whatever the client sends."""
 
@@ -194,7 +201,7 @@ class APIKeyGate(_HTTPMiddleware):
         # The replica's SolveAPI instance (how Serve's own class-based routes find it).
         digest = serve.get_replica_context().servable_object.api_key_sha256
         path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
-        if digest is not None and path not in OPEN_PATHS and not any(
+        if digest is not None and path not in OPEN_PATHS and not OPEN_STATIC.fullmatch(path) and not any(
                 hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
                 for key in _presented_keys(scope["headers"])):
             refusal = JSONResponse(
@@ -217,6 +224,23 @@ _ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key a
            422: {"model": ErrorBody, "description": "bad input; `field` names it"},
            500: {"model": ErrorBody, "description": "a failure on our side; the server log has it under request_id"},
            504: {"model": ErrorBody, "description": "the search ran past limits.timeout_s"}}
+
+
+# The page's own headers: it loads nothing from elsewhere and runs no inline script, so a
+# browser refuses anything injected into it (model text is only ever set as text, too).
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                                           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+
+def static_file(name: str) -> FileResponse:
+    """A file of the page (mathprm/serve/static/, found where the replica imports the package),
+    or a 404: a name that is not one of the folder's files cannot reach beyond it."""
+    folder = resources.files("mathprm.serve") / "static"
+    if name not in {f.name for f in folder.iterdir() if f.is_file()}:
+        raise HTTPException(404, "Not Found")
+    media_type = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}.get(Path(name).suffix)
+    return FileResponse(str(folder / name), headers=PAGE_HEADERS, media_type=media_type)
 
 
 def _sse(event: str, data: Any) -> str:
@@ -283,6 +307,43 @@ class SolveAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+    # ---- the web page: its files (open), and what it reads besides the search (behind the key)
+
+    @api.get("/", include_in_schema=False)
+    async def page(self) -> FileResponse:
+        """The web page. Under a route prefix it is at `<prefix>/` (`<prefix>` redirects there),
+        where its relative URLs (static/app.js, v1/models) resolve under the prefix."""
+        return static_file("index.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> FileResponse:
+        return static_file(name)
+
+    @api.get("/v1/problems", responses=_ERRORS)
+    async def problems(self, limit: int = Query(5, ge=1, le=100)) -> dict[str, Any]:
+        """The first `limit` problems of this server's dataset (the `problems` arg, else
+        `dataset`), each `{id, question, answer}` with its gold answer: the page's examples."""
+        dataset = self.cfg.problems or self.cfg.dataset
+        data = await asyncio.to_thread(sample_problems, dataset, limit)
+        return {"object": "list", "dataset": Path(dataset).name, "data": data}
+
+    @api.get("/v1/labels", responses=_ERRORS)
+    async def labels(self) -> dict[str, Any]:
+        """The tree-search label datasets under `labels_dir`: `{path, files}` each."""
+        return {"object": "list", "data": await asyncio.to_thread(label_datasets, self.cfg.labels_dir)}
+
+    @api.get("/v1/labels/problems", responses=_ERRORS)
+    async def labels_problems(self, path: str) -> dict[str, Any]:
+        """The problems of label dataset `path` (as GET /v1/labels names it): `{id, n_labels, n_rollouts}`."""
+        return {"object": "list", "path": path,
+                "data": await asyncio.to_thread(label_problems, self.cfg.labels_dir, path)}
+
+    @api.get("/v1/labels/problem", responses=_ERRORS)
+    async def labels_problem(self, path: str, problem_id: str = Query(alias="id")) -> dict[str, Any]:
+        """One problem's labelled steps: prefix, step, Monte-Carlo score, n_rollouts, n_correct, depth, method."""
+        return await asyncio.to_thread(label_problem, self.cfg.labels_dir, path, problem_id)
 
 
 # ----------------------------------------------------------------------------- the app builder

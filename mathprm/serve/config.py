@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mathprm.config import from_dict
-from mathprm.data.problems import token_caps
+from mathprm.data.problems import PROBLEM_FILES, token_caps
 from mathprm.generation import GENERATORS
 from mathprm.scorer import PRMRef, parse_prm, trained_separator
 from mathprm.search import STRATEGIES, SearchConfig, parse_strategy
@@ -76,12 +76,25 @@ class ServeConfig:
     # The environment variable holding the API key; when it is set (non-empty) where the app is
     # built, requests need the key. The key itself never goes in a config file. null: no key.
     api_key_env: str | None = "MATHPRM_API_KEY"
+    # The web page's labels view reads the tree-search label datasets (folders of part files)
+    # under this folder, and nothing outside it; null: the view is off.
+    labels_dir: str | None = "runs"
+    # The dataset the page's "pick a problem" button draws from (a name or a .jsonl/.json/.parquet
+    # file): e.g. sample:math500 where the server reads math500 answers but has not the data; null: dataset.
+    problems: str | None = None
 
     def __post_init__(self) -> None:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             raise ValueError(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
         # Replicas start in other processes and directories: paths must be absolute here.
         self.policy = _model_dir("policy", self.policy, "config.json")
+        if self.labels_dir is not None:  # need not exist yet: the view then lists nothing
+            self.labels_dir = str(Path(self.labels_dir).expanduser().resolve())
+        if self.problems is not None and Path(self.problems).suffix in PROBLEM_FILES:
+            path = Path(self.problems).expanduser()
+            if not path.is_file():
+                raise ValueError(f"problems: {self.problems!r} (relative to {Path.cwd()}) is not a file")
+            self.problems = str(path.resolve())
         ref = parse_prm(self.prm)
         if ref.kind == "oracle":
             raise ValueError("prm: the oracle needs each problem's exact step truth, which a server's questions do not "
