@@ -976,10 +976,14 @@ def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
 # ----------------------------------------------------------------------------- the API key
 
 
+ALLOWED_ORIGIN = "http://allowed.example:8080"
+
+
 @pytest.fixture(scope="module")
 def keyed_app(app, tiny_policy_dir, prm_dir):
-    """A second ingress, at /keyed, with an API key, in front of `app`'s generator and PRM (two
-    more model replicas would not fit the 2-CPU test cluster). Yields (base URL, key)."""
+    """A second ingress, at /keyed, with an API key and one CORS origin, in front of `app`'s
+    generator and PRM (two more model replicas would not fit the 2-CPU test cluster). Yields
+    (base URL, key)."""
     from ray import serve
 
     from mathprm.serve import SolveAPI, api_key_digest, load_serve_config
@@ -987,7 +991,8 @@ def keyed_app(app, tiny_policy_dir, prm_dir):
     key = secrets.token_urlsafe(16)
     with pytest.MonkeyPatch.context() as env:  # build_app reads it the same way, where it runs
         env.setenv("MATHPRM_TEST_API_KEY", key)
-        cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY"))
+        cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY",
+                                      cors_origins=[ALLOWED_ORIGIN]))
         digest = api_key_digest(cfg.api_key_env)
     generator = serve.get_deployment_handle("GeneratorDeployment", app_name="mathprm")
     prm = serve.get_deployment_handle("PRMDeployment", app_name="mathprm")
@@ -1027,6 +1032,46 @@ def test_the_api_key_guards_every_request_but_health_and_docs(keyed_app, app):
     # The app built without a key stays open.
     assert requests.get(app + "/healthz", timeout=10).json()["api_key_required"] is False
     assert _solve(app, body)["answer"] == "2"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_key_guards_the_openai_and_score_routes_and_cors_answers_only_configured_origins(keyed_app, app):
+    """The `openai` client's key is `Authorization: Bearer`: a wrong one is an
+    AuthenticationError on every new route, the right one answers. CORS: the keyed app allows
+    its one origin (a preflight needs no key; a refusal carries the CORS header, so a page can
+    read it); another origin, or the app without `cors_origins`, gets no CORS header at all."""
+    import openai
+
+    base, key = keyed_app
+    msgs = [{"role": "user", "content": "What is 1+1?"}]
+    wrong = _openai(base, key + "x")
+    for call in (lambda: wrong.models.list(), lambda: wrong.chat.completions.create(model="mathprm-greedy", messages=msgs),
+                 lambda: wrong.chat.completions.create(model="mathprm-greedy", messages=msgs, stream=True)):
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        assert e.value.body["type"] == "authentication_error" and "API key" in e.value.body["message"]
+    r = requests.post(base + "/v1/score/steps", json={"question": "q", "steps": ["a"]}, timeout=30)
+    assert r.status_code == 401 and set(r.json()) == {"error", "field", "request_id"}
+    right = _openai(base, key)
+    assert "mathprm-guided@4" in [m.id for m in right.models.list()]
+    assert right.chat.completions.create(model="mathprm-greedy", messages=msgs).model_extra["mathprm"]["answer"] == "2"
+    r = requests.post(base + "/v1/score/steps", json={"question": "q", "steps": ["a"]},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["scores"]) == 1
+
+    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = requests.options(base + "/v1/chat/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = requests.get(base + "/v1/models", headers={"Origin": ALLOWED_ORIGIN}, timeout=30)  # no key: 401, readable
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    for url, origin in ((base, "http://evil.example"), (app, ALLOWED_ORIGIN)):
+        r = requests.options(url + "/v1/chat/completions", headers=preflight | {"Origin": origin}, timeout=30)
+        assert "access-control-allow-origin" not in r.headers and r.status_code >= 400, (url, origin, r.headers)
+        r = requests.get(url + "/healthz", headers={"Origin": origin}, timeout=30)
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 def test_a_server_left_at_its_default_dataset_reads_real_math(model_dirs):
