@@ -47,6 +47,9 @@ class TooLongError(ValueError):
         super().__init__(message)
         self.index, self.tokens, self.context = index, tokens, context
 
+    def __reduce__(self) -> tuple:  # pickled whole (Ray sends it between processes)
+        return type(self), (str(self), self.index, self.tokens, self.context)
+
 
 class Scorer(Protocol):
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:

@@ -193,12 +193,21 @@ def test_guided_streams_each_step_as_soon_as_it_is_decided_and_other_strategies_
     seen = []
     result = run_search("guided", policy, ArithOracle([problem]), problem, SearchConfig(n=8),
                         on_step=lambda s: seen.append((s, len(policy.calls))))
-    assert [s for s, _ in seen] == result.steps
+    assert [c.step for c, _ in seen] == result.steps
     assert [calls for _, calls in seen] == list(range(1, len(result.steps) + 1))  # step k streamed after call k
+    # Each step comes with the candidates it was chosen from: the ones the trace recorded
+    # under its parent, the chosen one the best scored.
+    nodes, parent = result.trace, -1
+    for c, _ in seen:
+        kids = [t for t in nodes if t["parent"] == parent]
+        assert [(k.text, k.score, k.finished) for k in c.candidates] == [(t["step"], t["score"], t["finished"])
+                                                                          for t in kids]
+        assert c.candidates[c.index].text == c.step.text and c.step.score == max(k.score for k in c.candidates)
+        parent = next(t["id"] for t in kids if t["kept"])
     seen.clear()
     result = run_search("beam", policy, ArithOracle([problem]), problem, SearchConfig(n=4, beam_width=2),
                         on_step=lambda s: seen.append((s, len(policy.calls))))
-    assert [s for s, _ in seen] == result.steps
+    assert [c.step for c, _ in seen] == result.steps and all(c.candidates == () for c, _ in seen)
 
 
 def test_the_async_driver_equals_the_sync_one():
@@ -219,8 +228,8 @@ def test_the_async_driver_equals_the_sync_one():
 
     streamed = []
 
-    async def on_step(step):
-        streamed.append(step)
+    async def on_step(chosen):
+        streamed.append(chosen.step)
 
     for strategy in ("guided", "best_of_n", "beam"):
         cfg = SearchConfig(n=4, beam_width=2, seed=3)

@@ -29,7 +29,8 @@ import yaml
 from tests.conftest import MEMORISED
 
 REPO = Path(__file__).resolve().parents[1]
-LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "timeout_s": 60, "read_timeout_s": 3}
+LIMITS = {"n": 8, "beam_width": 4, "max_steps": 8, "question_chars": 200, "messages": 4, "messages_chars": 400,
+          "steps": 8, "step_chars": 100, "solution_chars": 400, "timeout_s": 60, "read_timeout_s": 3}
 
 
 def _free_port() -> int:
@@ -95,6 +96,9 @@ class _SlowGenerator:
 
     async def room(self, prefix):
         return 1 << 20
+
+    async def prompt_tokens(self, prefix):
+        return 12
 
     async def next_steps(self, prefixes, n, sampling):
         await asyncio.sleep(30)
@@ -892,6 +896,293 @@ def test_fuzz_every_endpoint_no_5xx_no_internals_healthy_after(app):
         assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
 
 
+# ----------------------------------------------------------------------------- the OpenAI face and per-step scores
+
+
+def test_models_are_strategies_and_chat_requests_map_onto_the_solver(model_dirs):
+    """Without Ray: the model list and names, the question taken from the messages, the
+    OpenAI fields mapped onto the search or refused naming the field, and the score request's
+    checks, each a RequestError naming the field."""
+    from mathprm.serve import RequestError, Solver, load_serve_config
+    from mathprm.serve.chat import ChatRequest, model_ids, plan
+    from mathprm.serve.solver import ScoreStepsRequest, steps_to_score
+
+    cfg = load_serve_config(_args(model_dirs[0], model_dirs[1]))
+    ids = model_ids(cfg, has_prm=True)
+    assert "mathprm-guided@4" in ids and "mathprm-beam@4" in ids and "mathprm-greedy" in ids
+    assert "mathprm-pass@4" not in ids and "mathprm-guided@4" not in model_ids(cfg, has_prm=False)
+    solver = Solver(cfg, _SlowGenerator(), object())
+    q = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "What is "},
+                                                                                 {"type": "text", "text": "1+1?"}]}]
+    name, search, problem, graded = plan(solver, ChatRequest(model="mathprm-beam@3", messages=q, temperature=0.5,
+                                                             top_p=0.9, max_tokens=20, seed=7, gold_answer="2"))
+    assert (name, search.n, search.temperature, search.top_p, search.seed) == ("beam", 3, 0.5, 0.9, 7)
+    assert (search.max_step_tokens, search.max_solution_tokens) == (20, 20) and problem.question == "What is 1+1?"
+    assert problem.answer is None and graded.answer == "2"
+    assert plan(solver, ChatRequest(model="mathprm", messages=q[1:]))[0] == cfg.strategy_name
+
+    def refused(**body) -> RequestError:
+        with pytest.raises(RequestError) as e:
+            plan(solver, ChatRequest(**({"model": "mathprm-guided", "messages": q} | body)))
+        assert e.value.message.startswith(e.value.field), e.value.message
+        return e.value
+
+    assert refused(model="gpt-4o").status == 404 and refused(model="mathprm-pass").field == "model"
+    assert refused(model=f"mathprm-guided@{LIMITS['n'] + 1}").field == "model"
+    assert refused(model="mathprm-guided@x").field == "model"
+    assert refused(messages=q + [{"role": "assistant", "content": "2"}]).field == "messages.2.role"
+    assert refused(messages=[{"role": "user", "content": " "}]).field == "messages.0.content"
+    assert refused(messages=[{"role": "user", "content": "x" * 201}]).field == "messages.0.content"
+    assert refused(messages=q * 3).field == "messages"  # over limits.messages
+    assert refused(messages=[{"role": "system", "content": "x" * 400}, q[1]]).field == "messages"  # messages_chars
+    assert refused(gold_answer="two").field == "gold_answer"  # the arithmetic world's answers are integers
+    assert refused(temperature=1e-38).field == "temperature"
+
+    def score_refused(**body) -> str:
+        with pytest.raises(RequestError) as e:
+            steps_to_score(ScoreStepsRequest(**({"question": "What is 1+1?"} | body)), cfg)
+        assert e.value.status == 422 and e.value.message.startswith(e.value.field), e.value.message
+        return e.value.field
+
+    assert steps_to_score(ScoreStepsRequest(question="q", solution="a\nb\n\n \nc\n"), cfg) == ["a", "b", "c"]
+    assert steps_to_score(ScoreStepsRequest(question="q", solution="a||b", separator="||"), cfg) == ["a", "b"]
+    assert score_refused() == score_refused(steps=["a"], solution="a") == score_refused(steps=[]) == "steps"
+    assert score_refused(steps=["a", " "]) == "steps.1" and score_refused(steps=["a\nb"]) == "steps.0"
+    assert score_refused(steps=["a"] * 9) == "steps" and score_refused(steps=["x" * 101]) == "steps.0"
+    assert score_refused(steps=["x" * 100] * 5) == "steps"  # solution_chars
+    assert score_refused(solution="a||b\nc", separator="||") == "solution"  # a cut step holds the server's "\n"
+    assert score_refused(solution="\n\n") == score_refused(solution="x" * 401) == "solution"
+    assert score_refused(steps=["a"], separator="\n") == "separator" and score_refused(question=" ") == "question"
+
+
+def _openai(base: str, key: str = "unused", **kw):
+    import openai
+
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60, **kw)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_openai_client_lists_models_and_gets_a_guided_solution_plain_and_streamed(app):
+    """The real `openai` package as the client: the model list, a completion (content = the
+    chosen steps joined as the policy writes them, usage in tokens, the steps and their scores
+    under `mathprm`, graded against a gold answer), and the same request streamed: one chunk
+    per decided step with the candidates it was chosen from, then the finish, usage, [DONE]."""
+    client = _openai(app)
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == "mathprm-greedy" and "mathprm-guided@4" in ids and "mathprm-mcts@4" in ids
+    assert client.models.retrieve("mathprm-guided@4").id == "mathprm-guided@4"
+    question = "What is 2+3?"
+    steps = list(MEMORISED[question])
+    msgs = [{"role": "user", "content": question}]
+    done = client.chat.completions.create(model="mathprm-guided@3", messages=msgs, temperature=0, seed=1,
+                                          extra_body={"gold_answer": "5"})
+    ext = done.model_extra["mathprm"]
+    assert done.object == "chat.completion" and done.model == "mathprm-guided@3"
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason == "stop"
+    assert done.choices[0].message.content == "\n".join(steps) and [s["text"] for s in ext["steps"]] == steps
+    assert ext["answer"] == "5" and ext["correct"] is True and all(0 <= s["score"] <= 1 for s in ext["steps"])
+    assert done.usage.completion_tokens == ext["usage"]["generated_tokens"] > 0
+    assert done.usage.prompt_tokens == ext["usage"]["prompt_tokens"] >= len(question)  # a char-level tokenizer
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+    assert done.id.startswith("chatcmpl-")
+    wrong = client.chat.completions.create(model="mathprm-greedy", messages=msgs, extra_body={"gold_answer": "6"})
+    assert wrong.model_extra["mathprm"]["correct"] is False and wrong.model_extra["mathprm"]["usage"]["prm_calls"] == 0
+
+    chunks = list(client.chat.completions.create(model="mathprm-guided@3", messages=msgs, temperature=0, seed=1,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and all(c.object == "chat.completion.chunk" for c in chunks)
+    step_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(c.choices[0].delta.content for c in step_chunks) == done.choices[0].message.content
+    assert len(step_chunks) == len(steps)
+    for k, (c, want) in enumerate(zip(step_chunks, ext["steps"])):
+        got = c.model_extra["mathprm"]
+        assert got["step"]["index"] == k and got["step"]["text"] == want["text"]
+        assert abs(got["step"]["score"] - want["score"]) < 1e-5
+        cands = got["candidates"]
+        assert len(cands) == 3 and sum(x["chosen"] for x in cands) == 1  # n = 3 candidates, one chosen
+        chosen = next(x for x in cands if x["chosen"])
+        assert chosen["text"] == want["text"] and chosen["score"] == max(x["score"] for x in cands)
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(final) == 1 and final[0].choices[0].finish_reason == "stop"
+    assert final[0].model_extra["mathprm"]["answer"] == "5" and final[0].model_extra["mathprm"]["correct"] is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == done.usage.total_tokens
+    # A strategy that decides its steps at the end streams them then, without candidates.
+    beam = list(client.chat.completions.create(model="mathprm-beam@2", messages=msgs, stream=True, temperature=0,
+                                               extra_body={"beam_width": 2, "max_steps": 6}))
+    assert all(c.model_extra["mathprm"]["candidates"] == [] for c in beam if c.choices and c.choices[0].delta.content)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_openai_client_gets_openai_errors_for_bad_requests(app):
+    import openai
+
+    client = _openai(app)
+    msgs = [{"role": "user", "content": "What is 1+1?"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=msgs)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    bad = [({"model": "mathprm-guided", "messages": msgs, "n": 2}, "n"),
+           ({"model": "mathprm-guided", "messages": []}, "messages"),
+           ({"model": "mathprm-guided", "messages": msgs + [{"role": "assistant", "content": "2"}]}, "messages.1.role"),
+           ({"model": "mathprm-guided", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+           ({"model": "mathprm-guided", "messages": msgs, "temperature": 3}, "temperature"),
+           ({"model": "mathprm-guided", "messages": msgs, "stop": ["\n"]}, "stop"),
+           ({"model": f"mathprm-guided@{LIMITS['n'] + 1}", "messages": msgs}, "model")]
+    for body, param in bad:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(**body, stream=stream)
+            err = e.value.body
+            assert e.value.status_code == 400 and err["param"] == param, (body, err)
+            assert err["type"] == "invalid_request_error" and err["message"].startswith(param), err
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="mathprm-guided", messages=msgs, extra_body={"prm": "x"})
+    assert e.value.body["param"] == "prm" and "unknown field" in e.value.body["message"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_per_step_scores_are_the_searchs_scores_batched_with_it_and_limited(app):
+    """/v1/score/steps gives each step the score guided search gave it (the same PRM, the
+    same text), as steps or as a solution text, with the first step under the threshold;
+    requests over the limits are 422s naming the field."""
+    question, steps = "What is 2+3?", list(MEMORISED["What is 2+3?"])
+    solved = _solve(app, {"question": question, "strategy": "guided", "n": 2, "temperature": 0})
+    got = requests.post(app + "/v1/score/steps", json={"question": question, "steps": steps}, timeout=60).json()
+    assert got["steps"] == steps and len(got["scores"]) == len(steps)
+    assert all(abs(a - s["score"]) < 1e-5 for a, s in zip(got["scores"], solved["steps"])), (got, solved)
+    below = [i for i, x in enumerate(got["scores"]) if x < got["threshold"]]
+    assert got["first_below"] == (below[0] if below else None) and 0 < got["threshold"] < 1
+    text = requests.post(app + "/v1/score/steps", json={"question": question, "solution": "||".join(steps),
+                                                        "separator": "||"}, timeout=60).json()
+    assert text["scores"] == got["scores"]
+    for body, name in [({"question": question, "steps": ["a"] * (LIMITS["steps"] + 1)}, "steps"),
+                       ({"question": question, "steps": ["ok", "x" * (LIMITS["step_chars"] + 1)]}, "steps.1"),
+                       ({"question": question, "steps": ["a\nb"]}, "steps.0"),
+                       ({"question": question}, "steps"), ({"steps": ["a"]}, "question"),
+                       ({"question": question, "steps": "a"}, "steps"),
+                       ({"question": question, "solution": "x" * (LIMITS["solution_chars"] + 1)}, "solution")]:
+        r = requests.post(app + "/v1/score/steps", json=body, timeout=30)
+        assert r.status_code == 422 and r.json()["field"] == name, (body, r.text)
+
+
+_OPENAI_ERROR_KEYS = {"message", "type", "param", "code", "request_id"}
+
+
+def _check_new(r: requests.Response, case) -> None:
+    """One response of the OpenAI and score routes to anything: under 500, no internals; an
+    error in the route's form (OpenAI's object on /v1/chat and /v1/models, the app's own on
+    /v1/score/steps); a stream ends in [DONE] or an error under 500."""
+    assert r.status_code < 500, (case, r.status_code, r.text[:300])
+    assert not LEAKS.search(r.text), (case, LEAKS.search(r.text), r.text[:300])
+    path = r.request.path_url
+    if r.status_code >= 400:
+        body = r.json()
+        if path.startswith("/v1/score"):
+            assert set(body) == {"error", "field", "request_id"}, (case, body)
+            assert body["field"] is None or body["error"].startswith(body["field"]), (case, body)
+        elif path.startswith(("/v1/chat/", "/v1/models")):
+            err = body["error"]
+            assert set(err) == _OPENAI_ERROR_KEYS and "\n" not in err["message"], (case, body)
+            assert err["param"] is None or err["message"].startswith(err["param"]), (case, body)
+            assert r.status_code != 422, (case, body)  # OpenAI's 400
+    elif r.headers.get("content-type", "").startswith("text/event-stream"):
+        data = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+        last = json.loads(data[-2]) if data[-1] == "[DONE]" else json.loads(data[-1])
+        assert data[-1] == "[DONE]" and "error" not in last or "error" in last and last["error"]["type"] != \
+            "server_error", (case, data[-3:])
+    elif path.startswith("/v1/chat/"):
+        body = r.json()
+        assert body["object"] == "chat.completion" and isinstance(body["choices"][0]["message"]["content"], str)
+    elif path.startswith("/v1/score/"):
+        body = r.json()
+        assert len(body["scores"]) == len(body["steps"]) and all(0 <= x <= 1 for x in body["scores"]), (case, body)
+
+
+def _new_fuzz_cases(rng: random.Random) -> list[tuple[str, str, dict, bytes]]:
+    """(method, path, headers, body) over /v1/chat/completions (plain and streamed),
+    /v1/models and /v1/score/steps: mutated JSON, wrong types and ranges in every field, odd
+    messages and content parts, unknown fields, odd unicode, non-objects, odd content types,
+    wrong methods, and accepted odd input on tiny budgets."""
+    from mathprm.search import RUNNABLE
+
+    json_type = {"content-type": "application/json"}
+
+    def encode(value) -> bytes:
+        return json.dumps(value, ensure_ascii=rng.random() < 0.5).encode("utf-8", "surrogatepass")
+
+    def chat() -> dict:
+        strategy = rng.choice(RUNNABLE)
+        return {"model": f"mathprm-{strategy}@{rng.randint(1, 2)}" if strategy != "greedy" else "mathprm-greedy",
+                "messages": [{"role": "user", "content": rng.choice(ODD_QUESTIONS)}], "stream": rng.random() < 0.5,
+                "max_steps": rng.randint(1, 2), "beam_width": rng.randint(1, 2)}
+
+    def score() -> dict:
+        return {"question": rng.choice(ODD_QUESTIONS), "steps": [rng.choice(ODD_QUESTIONS).replace("\n", " ")
+                                                                for _ in range(rng.randint(1, 3))]}
+
+    odd = [None, True, False, 0, -1, 1 << 63, 10**400, -1e308, 5e-324, 0.5, "", " ", "\u200b", "\ud800", "x" * 5000,
+           [], [1], [None], {}, {"$gt": 0}, [{"role": "user"}], [{"content": "x"}], [{"role": "user", "content": 5}],
+           [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+           [{"role": "user", "content": [{"type": "text"}]}], [{"role": "tool", "content": "x"}], [""] * 50]
+    cases: list[tuple[str, str, dict, bytes]] = []
+    for _ in range(50):  # mutated valid bodies
+        path, body = rng.choice([("/v1/chat/completions", chat), ("/v1/score/steps", score)])
+        text = bytearray(encode(body()))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(text))
+            text[i:i + rng.randint(0, 1)] = rng.choice([b"{", b"}", b"[", b"]", b'"', b",", b":", b"\\", b"\x00", b"\xff",
+                                                        b"", b"1"])
+        cases.append(("POST", path, json_type, bytes(text)))
+    chat_fields = ["model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stream",
+                   "stream_options", "n", "stop", "logprobs", "presence_penalty", "frequency_penalty", "user",
+                   "gold_answer", "beam_width", "max_steps"]
+    for _ in range(80):  # one field of a chat body set to an odd value
+        cases.append(("POST", "/v1/chat/completions", json_type,
+                      encode(chat() | {rng.choice(chat_fields): rng.choice(odd)})))
+    for _ in range(40):  # one field of a score body set to an odd value
+        cases.append(("POST", "/v1/score/steps", json_type,
+                      encode(score() | {rng.choice(["question", "steps", "solution", "separator"]): rng.choice(odd)})))
+    for _ in range(20):  # unknown fields and odd keys
+        key = rng.choice(["foo", "", "Model", "__proto__", "\ud800", "x" * 300, "functions", "tools", "prm", "policy",
+                          "response_format", "logit_bias"])
+        path, body = rng.choice([("/v1/chat/completions", chat), ("/v1/score/steps", score)])
+        cases.append(("POST", path, json_type, encode(body() | {key: rng.choice(odd)})))
+    for _ in range(30):  # not an object, random bytes, odd content types
+        body = rng.choice([b"", b"{}", b"null", b"[]", b"0", b"[" * 3000 + b"]" * 3000,
+                           bytes(rng.randrange(256) for _ in range(rng.randint(1, 100))), encode(chat())])
+        headers = rng.choice([json_type, {}, {"content-type": "text/plain"}, {"content-type": "application/json; "
+                                                                              "charset=utf-16"}])
+        cases.append(("POST", rng.choice(["/v1/chat/completions", "/v1/score/steps"]), headers, body))
+    for _ in range(20):  # wrong methods and paths
+        method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "POST"])
+        path = rng.choice(["/v1/models", "/v1/models/mathprm-guided@4", "/v1/models/nope", "/v1/models/%00",
+                           "/v1/chat/completions", "/v1/chat", "/v1/completions", "/v1/score/steps",
+                           "/v1/score", "/v1/models/" + "a" * 2000])
+        cases.append((method, path, json_type, b"" if method == "GET" else encode(chat())))
+    for _ in range(20):  # accepted but odd
+        body = chat() | rng.choice([{}, {"temperature": 0}, {"temperature": 2.0}, {"top_p": 1e-9}, {"max_tokens": 1},
+                                    {"seed": (1 << 63) - 1}, {"stream_options": {"include_usage": True}, "stream": True},
+                                    {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "1+1"}]}])
+        cases.append(("POST", "/v1/chat/completions", json_type, encode(body)))
+    return cases
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fuzz_the_openai_and_score_routes_no_5xx_no_internals_healthy_after(app):
+    cases = _new_fuzz_cases(random.Random(34))
+    assert len(cases) >= 250
+    with requests.Session() as session:
+        for method, path, headers, body in cases:
+            r = session.request(method, app + path, data=body, headers=headers, timeout=60)
+            _check_new(r, (method, path, body[:200]))
+        assert session.get(app + "/healthz", timeout=10).status_code == 200
+        assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_concurrent_requests_share_prm_batches(app):
@@ -935,11 +1226,14 @@ def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
 # ----------------------------------------------------------------------------- the API key
 
 
+ALLOWED_ORIGIN = "http://allowed.example:8080"
+
+
 @pytest.fixture(scope="module")
 def keyed_app(app, tiny_policy_dir, prm_dir, page_data):
-    """A second ingress, at /keyed, with an API key, in front of `app`'s generator and PRM (two
-    more model replicas would not fit the 2-CPU test cluster), and the page's data (`page_data`).
-    Yields (base URL, key)."""
+    """A second ingress, at /keyed, with an API key, one CORS origin and the page's data
+    (`page_data`), in front of `app`'s generator and PRM (two more model replicas would not fit
+    the 2-CPU test cluster). Yields (base URL, key)."""
     from ray import serve
 
     from mathprm.serve import SolveAPI, api_key_digest, load_serve_config
@@ -949,7 +1243,8 @@ def keyed_app(app, tiny_policy_dir, prm_dir, page_data):
         env.setenv("MATHPRM_TEST_API_KEY", key)
         labels_dir, problems = page_data
         cfg = load_serve_config(_args(tiny_policy_dir, prm_dir, api_key_env="MATHPRM_TEST_API_KEY",
-                                      labels_dir=str(labels_dir), problems=str(problems)))
+                                      cors_origins=[ALLOWED_ORIGIN], labels_dir=str(labels_dir),
+                                      problems=str(problems)))
         digest = api_key_digest(cfg.api_key_env)
     generator = serve.get_deployment_handle("GeneratorDeployment", app_name="mathprm")
     prm = serve.get_deployment_handle("PRMDeployment", app_name="mathprm")
@@ -989,6 +1284,46 @@ def test_the_api_key_guards_every_request_but_health_and_docs(keyed_app, app):
     # The app built without a key stays open.
     assert requests.get(app + "/healthz", timeout=10).json()["api_key_required"] is False
     assert _solve(app, body)["answer"] == "2"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_key_guards_the_openai_and_score_routes_and_cors_answers_only_configured_origins(keyed_app, app):
+    """The `openai` client's key is `Authorization: Bearer`: a wrong one is an
+    AuthenticationError on every new route, the right one answers. CORS: the keyed app allows
+    its one origin (a preflight needs no key; a refusal carries the CORS header, so a page can
+    read it); another origin, or the app without `cors_origins`, gets no CORS header at all."""
+    import openai
+
+    base, key = keyed_app
+    msgs = [{"role": "user", "content": "What is 1+1?"}]
+    wrong = _openai(base, key + "x")
+    for call in (lambda: wrong.models.list(), lambda: wrong.chat.completions.create(model="mathprm-greedy", messages=msgs),
+                 lambda: wrong.chat.completions.create(model="mathprm-greedy", messages=msgs, stream=True)):
+        with pytest.raises(openai.AuthenticationError) as e:
+            call()
+        assert e.value.body["type"] == "authentication_error" and "API key" in e.value.body["message"]
+    r = requests.post(base + "/v1/score/steps", json={"question": "q", "steps": ["a"]}, timeout=30)
+    assert r.status_code == 401 and set(r.json()) == {"error", "field", "request_id"}
+    right = _openai(base, key)
+    assert "mathprm-guided@4" in [m.id for m in right.models.list()]
+    assert right.chat.completions.create(model="mathprm-greedy", messages=msgs).model_extra["mathprm"]["answer"] == "2"
+    r = requests.post(base + "/v1/score/steps", json={"question": "q", "steps": ["a"]},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["scores"]) == 1
+
+    preflight = {"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = requests.options(base + "/v1/chat/completions", headers=preflight, timeout=30)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    r = requests.get(base + "/v1/models", headers={"Origin": ALLOWED_ORIGIN}, timeout=30)  # no key: 401, readable
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    for url, origin in ((base, "http://evil.example"), (app, ALLOWED_ORIGIN)):
+        r = requests.options(url + "/v1/chat/completions", headers=preflight | {"Origin": origin}, timeout=30)
+        assert "access-control-allow-origin" not in r.headers and r.status_code >= 400, (url, origin, r.headers)
+        r = requests.get(url + "/healthz", headers={"Origin": origin}, timeout=30)
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 
 def test_a_server_left_at_its_default_dataset_reads_real_math(model_dirs):

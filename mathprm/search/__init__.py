@@ -52,6 +52,7 @@ torch, Ray nor vLLM.
 """
 
 from mathprm.search.core import (
+                                 Candidate,
                                  Chosen,
                                  NextSteps,
                                  Request,
@@ -65,5 +66,5 @@ from mathprm.search.core import (
 from mathprm.search.drivers import run_search, run_search_async, run_searches
 from mathprm.search.strategies import RUNNABLE, STRATEGIES, Strategy, parse_strategy
 
-__all__ = ["Chosen", "NextSteps", "Request", "Rollouts", "Score", "ScoredStep", "SearchConfig", "SearchResult", "Usage",
+__all__ = ["Candidate", "Chosen", "NextSteps", "Request", "Rollouts", "Score", "ScoredStep", "SearchConfig", "SearchResult", "Usage",
            "run_search", "run_search_async", "run_searches", "RUNNABLE", "STRATEGIES", "Strategy", "parse_strategy"]

@@ -99,10 +99,24 @@ class ScoredStep:
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A candidate next step a strategy weighed: its text, the PRM's score of the solution up to
+    it (None without a PRM), and whether the policy ended the solution with it."""
+
+    text: str
+    score: float | None
+    finished: bool
+
+
+@dataclass(frozen=True)
 class Chosen:
-    """Tell the driver a step is decided (streamed by the Serve app); the answer is None."""
+    """Tell the driver a step is decided (the drivers pass it to `on_step`; the Serve app streams
+    it); the answer is None. `candidates`: the steps it was chosen from, in sampling order, the
+    chosen one at `index` (empty, and `index` None, for a step decided only at a strategy's end)."""
 
     step: ScoredStep
+    candidates: tuple[Candidate, ...] = ()
+    index: int | None = None
 
 
 Request = NextSteps | Rollouts | Score | Chosen

@@ -15,7 +15,6 @@ from mathprm.search.core import (
     Request,
     Rollouts,
     Score,
-    ScoredStep,
     Search,
     SearchConfig,
     SearchResult,
@@ -69,19 +68,20 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
     return result
 
 
-def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[ScoredStep], None] | None):
+def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[Chosen], None] | None):
     usage.blank_steps = result.usage.blank_steps  # counted by the strategy, the rest by the driver
     result.usage = usage
     if on_step is not None:  # steps a strategy decides only at its end are sent now
         for step in result.steps[emitted:]:
-            on_step(step)
+            on_step(Chosen(step))
     return result
 
 
 def run_search(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg: SearchConfig,
-               on_step: Callable[[ScoredStep], None] | None = None) -> SearchResult:
+               on_step: Callable[[Chosen], None] | None = None) -> SearchResult:
     """Run one strategy on one problem with a synchronous Generator and Scorer (the scorer may
-    be None for greedy and majority). `on_step` gets each chosen step as soon as it is decided."""
+    be None for greedy and majority). `on_step` gets each chosen step (`Chosen`: the step and
+    the candidates it was chosen from) as soon as it is decided."""
     search = _start(strategy, problem, cfg, generator.step_format, scorer is not None)
     usage, emitted, reply = Usage(), 0, None
     while True:
@@ -92,7 +92,7 @@ def run_search(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg
         if isinstance(request, Chosen):
             emitted += 1
             if on_step is not None:
-                on_step(request.step)
+                on_step(request)
             reply = None
             continue
         reply = _execute(request, generator, scorer)
@@ -149,7 +149,7 @@ def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[
 
 
 async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg: SearchConfig,
-                           step_format: StepFormat, on_step: Callable[[ScoredStep], Any] | None = None) -> SearchResult:
+                           step_format: StepFormat, on_step: Callable[[Chosen], Any] | None = None) -> SearchResult:
     """`run_search` for asynchronous backends (`await generator.next_steps(...)`, `await
     scorer.score(...)`, e.g. Serve deployment handles). `on_step` may be a coroutine function."""
     import inspect
@@ -157,9 +157,9 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
     search = _start(strategy, problem, cfg, step_format, scorer is not None)
     usage, emitted, reply = Usage(), 0, None
 
-    async def emit(step: ScoredStep) -> None:
+    async def emit(chosen: Chosen) -> None:
         if on_step is not None:
-            out = on_step(step)
+            out = on_step(chosen)
             if inspect.isawaitable(out):
                 await out
 
@@ -169,11 +169,11 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
         except StopIteration as stop:
             result: SearchResult = _finish(stop.value, usage, emitted, None)
             for step in result.steps[emitted:]:
-                await emit(step)
+                await emit(Chosen(step))
             return result
         if isinstance(request, Chosen):
             emitted += 1
-            await emit(request.step)
+            await emit(request)
             reply = None
             continue
         if isinstance(request, NextSteps):

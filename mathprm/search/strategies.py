@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from mathprm.data.answers import majority_vote, weighted_vote
 from mathprm.generation import Rollout
 from mathprm.search.core import (
+    Candidate,
     Chosen,
     Context,
     NextSteps,
@@ -143,7 +144,10 @@ def _guided_from(ctx: Context, paths: list[Path], width: int, stream: bool, retr
             parent, mine = paths[i], found[i]
             paths[i] = _best(mine, _candidate_key(ctx, mine))
             if stream and len(paths[i].steps) > len(parent.steps):
-                yield Chosen(ScoredStep(paths[i].steps[-1], paths[i].scores[-1]))
+                grown = [c for c in mine if len(c.steps) > len(parent.steps)]  # those that added a step
+                yield Chosen(ScoredStep(paths[i].steps[-1], paths[i].scores[-1]),
+                             tuple(Candidate(c.steps[-1], c.scores[-1], c.finished) for c in grown),
+                             next(k for k, c in enumerate(grown) if c is paths[i]))
 
 
 def guided(ctx: Context) -> Search:

@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from importlib import resources
@@ -20,12 +21,24 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
-from mathprm.search import RUNNABLE, STRATEGIES, ScoredStep
+from mathprm.search import RUNNABLE, STRATEGIES, Chosen
+from mathprm.serve import chat
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
 from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
 from mathprm.serve.page import label_datasets, label_problem, label_problems, sample_problems
-from mathprm.serve.solver import ErrorBody, RequestError, Solver, SolveRequest, SolveResponse, settings
+from mathprm.serve.solver import (
+    ErrorBody,
+    RequestError,
+    ScoreStepsRequest,
+    ScoreStepsResponse,
+    Solver,
+    SolveRequest,
+    SolveResponse,
+    settings,
+    steps_to_score,
+)
 from mathprm.steps import StepFormat
 
 logger = logging.getLogger("ray.serve")
@@ -52,14 +65,37 @@ def request_id(scope: dict) -> str:
     return state["request_id"]
 
 
-def error_body(scope: dict, field_name: str | None, message: str) -> dict[str, Any]:
-    """What every error response holds: a one-line message naming the field, the field (None
-    when no one field is at fault) and the request's id. A lone surrogate the client sent (in an
-    unknown field's name, say) is written as its escape: it has no UTF-8 form to send."""
-    def text(s: str) -> str:
-        return s.encode("utf-8", "backslashreplace").decode()
+def _text(s: str) -> str:
+    """`s` with any lone surrogate (a client may send one, in an unknown field's name, say)
+    written as its escape: it has no UTF-8 form to send."""
+    return s.encode("utf-8", "backslashreplace").decode()
 
-    return {"error": text(message), "field": field_name and text(field_name), "request_id": request_id(scope)}
+
+def error_body(scope: dict, field_name: str | None, message: str) -> dict[str, Any]:
+    """What every error response of the app's own routes holds: a one-line message naming the
+    field, the field (None when no one field is at fault) and the request's id."""
+    return {"error": _text(message), "field": field_name and _text(field_name), "request_id": request_id(scope)}
+
+
+def route_path(scope: dict) -> str:
+    """The request's path inside the app (without the app's route prefix)."""
+    return scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+
+
+def error_response(scope: dict, status: int, field_name: str | None, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error the app answers: `error_body` on the app's own routes; on the OpenAI routes
+    (`chat.is_openai_path`) an OpenAI error object, with OpenAI's 400 for bad input."""
+    if chat.is_openai_path(route_path(scope)):
+        return JSONResponse(status_code=chat.openai_status(status), headers=headers, content=chat.openai_error(
+            status, field_name and _text(field_name), _text(message), request_id(scope)))
+    return JSONResponse(status_code=status, content=error_body(scope, field_name, message), headers=headers)
+
+
+# Each route's request body, for naming its fields in an error.
+REQUEST_MODELS = {"/v1/solve": SolveRequest, "/v1/solve/stream": SolveRequest,
+                  "/v1/chat/completions": chat.ChatRequest, "/v1/score/steps": ScoreStepsRequest}
+_MODEL_NAMES = {"TextPart", "ChatMessage", "StreamOptions"}  # pydantic names union branches by their class
 
 
 @api.exception_handler(RequestValidationError)
@@ -67,20 +103,25 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
     """FastAPI's 422 in the app's short form, naming the first field at fault (of the body, or
     a query parameter of the GET routes)."""
     first = exc.errors()[0]
-    in_query = first.get("loc", ("body",))[0] == "query"
+    in_query = first.get("loc", ("body",))[0] == "query"  # a parameter of a GET route
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query")]
+    model = REQUEST_MODELS.get(route_path(request.scope), SolveRequest)
+    required = ", ".join(n for n, f in model.model_fields.items() if f.is_required())
     if not in_query and "json" not in request.headers.get("content-type", ""):
         name, message = "body", "body: send a JSON object with the header Content-Type: application/json"
     elif first.get("type") == "json_invalid" or not loc:
         name = "body"
         message = ("body: not valid JSON" if first.get("type") == "json_invalid"
-                   else f"body: must be a JSON object with at least a question ({first.get('msg', 'invalid')})")
+                   else f"body: must be a JSON object with at least {required} ({first.get('msg', 'invalid')})")
     else:
-        name = ".".join(loc)
-        message = f"{name}: {first.get('msg', 'invalid')}"
         if first.get("type") == "extra_forbidden":
-            message = f"{name}: unknown field; fields: {', '.join(SolveRequest.model_fields)}"
-    return JSONResponse(status_code=422, content=error_body(request.scope, name, message))
+            name = ".".join(loc)
+            message = f"{name}: unknown field; fields: {', '.join(model.model_fields)}"
+        else:  # a union's branch (`str`, `list[TextPart]`, `TextPart`) is not a field of the request
+            name = ".".join(p for p in loc if not (re.fullmatch(r"[a-z-]+\[.*\]|str|int|float|bool|none", p)
+                                                   or p in _MODEL_NAMES))
+            message = f"{name}: {first.get('msg', 'invalid')}"
+    return error_response(request.scope, 422, name, message)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -89,13 +130,12 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     `BodyDeadline`'s 408) in the same short form."""
     field_name = "body" if exc.status_code in (400, 408) else None
     message = f"body: {exc.detail}" if field_name else str(exc.detail)
-    return JSONResponse(status_code=exc.status_code, content=error_body(request.scope, field_name, message),
-                        headers=getattr(exc, "headers", None))
+    return error_response(request.scope, exc.status_code, field_name, message, getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestError)
 async def _refused(request: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(status_code=exc.status, content=error_body(request.scope, exc.field, exc.message))
+    return error_response(request.scope, exc.status, exc.field, exc.message)
 
 
 def internal_error(what: str, scope: dict) -> dict[str, Any]:
@@ -141,7 +181,7 @@ class ErrorShield(_HTTPMiddleware):
         except Exception:
             body = internal_error(f"{scope['method']} {scope['path']!r} failed", scope)
             if not started:  # else the client sees the response cut short
-                await JSONResponse(status_code=500, content=body)(scope, receive, send)
+                await error_response(scope, 500, None, body["error"])(scope, receive, send)
 
 
 class BodyDeadline(_HTTPMiddleware):
@@ -200,26 +240,48 @@ class APIKeyGate(_HTTPMiddleware):
     async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
         # The replica's SolveAPI instance (how Serve's own class-based routes find it).
         digest = serve.get_replica_context().servable_object.api_key_sha256
-        path = scope["path"].removeprefix(scope.get("root_path", "")) or "/"
+        path = route_path(scope)
         if digest is not None and path not in OPEN_PATHS and not OPEN_STATIC.fullmatch(path) and not any(
                 hmac.compare_digest(hashlib.sha256(key.encode()).digest(), digest)
                 for key in _presented_keys(scope["headers"])):
-            refusal = JSONResponse(
-                status_code=401, headers={"WWW-Authenticate": "Bearer"},
-                content=error_body(scope, None, "unauthorized: send the API key as 'Authorization: Bearer "
-                                                "<key>' or 'X-API-Key: <key>'"))
+            refusal = error_response(scope, 401, None, "unauthorized: send the API key as 'Authorization: Bearer "
+                                                       "<key>' or 'X-API-Key: <key>'", {"WWW-Authenticate": "Bearer"})
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-# Outermost first: ErrorShield, then BodyDeadline (its 408 is a route's exception), APIKeyGate.
+class CORS(_HTTPMiddleware):
+    """ASGI middleware: Starlette's CORS handling for the origins in `cors_origins`, built when
+    the replica first needs it; with none configured, no CORS header is sent (browsers then
+    let only pages of this origin call the API)."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.cors: Any = None
+
+    async def http(self, scope: dict, receive: Callable, send: Callable) -> None:
+        origins = serve.get_replica_context().servable_object.cfg.cors_origins
+        if not origins:
+            await self.app(scope, receive, send)
+            return
+        if self.cors is None:
+            self.cors = CORSMiddleware(self.app, allow_origins=origins, allow_methods=["GET", "POST"],
+                                       allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+                                       expose_headers=["X-Request-ID"], max_age=600)
+        await self.cors(scope, receive, send)
+
+
+# Outermost first: ErrorShield, then CORS (a preflight carries no key; a refusal needs CORS
+# headers for a browser to read it), BodyDeadline (its 408 is a route's exception), APIKeyGate.
 api.add_middleware(APIKeyGate)
 api.add_middleware(BodyDeadline)
+api.add_middleware(CORS)
 api.add_middleware(ErrorShield)
 
 
-_ERRORS = {401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
+_ERRORS = {400: {"model": ErrorBody, "description": "the request asks for something this server does not run"},
+           401: {"model": ErrorBody, "description": "the server has an API key and the request lacks it"},
            408: {"model": ErrorBody, "description": "the body did not arrive in full within limits.read_timeout_s"},
            422: {"model": ErrorBody, "description": "bad input; `field` names it"},
            500: {"model": ErrorBody, "description": "a failure on our side; the server log has it under request_id"},
@@ -260,6 +322,8 @@ class SolveAPI:
         self.api_key_sha256 = api_key_sha256  # read by APIKeyGate; None: no key needed
         from mathprm.metrics import create
 
+        self.prm, self.threshold = prm, None  # the PRM's threshold, asked once
+        self.started = int(time.time())  # the models' `created`
         scorer = HandleScorer(prm) if prm is not None else None
         metrics = {n: create(n) for n in ("mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens")}
         self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer, metrics)
@@ -281,27 +345,115 @@ class SolveAPI:
 
     @api.post("/v1/solve/stream", responses=_ERRORS | {200: {"content": {"text/event-stream": {}}}})
     async def solve_stream(self, body: SolveRequest, request: Request) -> StreamingResponse:
-        """The same search as server-sent events: `step` ({text, score}) for each step as soon as
-        it is decided, then `done` (the /v1/solve response), or `error` ({error, field, request_id,
-        status}; for a failure on our side the server log has the traceback under request_id)."""
+        """The same search as server-sent events: `step` ({text, score, candidates, index}: the
+        candidates the step was chosen from, each {text, score, finished}, the chosen one at
+        `index`; none for a strategy that decides its steps at the end) for each step as soon as
+        it is decided, then `done` (the /v1/solve response), or `error` ({error, field,
+        request_id, status}; for a failure on our side the server log has the traceback under
+        request_id)."""
         plan = self.solver.plan(body)  # bad input is a plain 422 before the stream starts
-        queue: asyncio.Queue = asyncio.Queue()
 
-        async def on_step(step: ScoredStep) -> None:
-            await queue.put(_sse("step", {"text": step.text, "score": step.score}))
+        def step(chosen: Chosen, _: int) -> str:
+            return _sse("step", {"text": chosen.step.text, "score": chosen.step.score, "index": chosen.index,
+                                 "candidates": [dataclasses.asdict(c) for c in chosen.candidates]})
+
+        async def done(solved: dict[str, Any]) -> list[str]:
+            return [_sse("done", solved)]
+
+        return self._stream(request, plan, [], step, done, lambda body, status: _sse("error", body | {"status": status}))
+
+    @api.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        """OpenAI's model list: one model per strategy this server runs (`mathprm-NAME@N`)."""
+        return chat.models_list(self.cfg, self.prm is not None, self.started)
+
+    @api.get("/v1/models/{model}")
+    async def model(self, model: str) -> dict[str, Any]:
+        """One model of the list (OpenAI's model object); 404 for another."""
+        found = [m for m in chat.models_list(self.cfg, self.prm is not None, self.started)["data"] if m["id"] == model]
+        if not found:
+            raise RequestError("model", f"model: {model!r} is not in this server's list (GET /v1/models)", status=404)
+        return found[0]
+
+    @api.post("/v1/chat/completions", responses={200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(self, body: chat.ChatRequest, request: Request) -> Any:
+        """OpenAI's chat completion: the last user message solved by the model's strategy
+        (`mathprm.serve.chat`); `stream: true` sends one `chat.completion.chunk` per decided step
+        (with its candidates and their scores under `mathprm`), then `data: [DONE]`."""
+        name, search, problem, graded = chat.plan(self.solver, body)
+        reply = chat.Reply(body.model, request_id(request.scope), self.cfg.separator)
+
+        async def judged(solved: dict[str, Any]) -> dict[str, Any]:  # grading real math may take a while
+            return solved | {"correct": await asyncio.to_thread(chat.correct, graded, solved["answer"])}
+
+        if not body.stream:
+            return reply.completion(await judged(await self.solver.run(name, search, problem)))
+
+        def data(obj: Any) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def done(solved: dict[str, Any]) -> list[str]:
+            solved = await judged(solved)
+            usage = [data(reply.usage_chunk(solved))] if body.stream_options and body.stream_options.include_usage else []
+            return [data(reply.last(solved))] + usage + ["data: [DONE]\n\n"]
+
+        def error(err: dict[str, Any], status: int) -> str:
+            return data(chat.openai_error(status, err["field"], err["error"], err["request_id"]))
+
+        return self._stream(request, (name, search, problem), [data(reply.first())],
+                            lambda chosen, k: data(reply.step(chosen, k)), done, error)
+
+    @api.post("/v1/score/steps", response_model=ScoreStepsResponse, responses=_ERRORS)
+    async def score_steps(self, body: ScoreStepsRequest) -> dict[str, Any]:
+        """The PRM's score of each step of one solution (batched with the searches' scoring),
+        and the first step it scores under its threshold (where it says the solution went wrong)."""
+        if self.prm is None:
+            raise RequestError(None, "this server has no PRM (prm: null); nothing scores steps", status=400)
+        steps = steps_to_score(body, self.cfg)
+        try:
+            got = await asyncio.wait_for(self.prm.score_steps.remote(body.question, steps), self.cfg.limits.timeout_s)
+        except TimeoutError:
+            raise RequestError(None, f"scoring did not finish within {self.cfg.limits.timeout_s:g} s "
+                                     "(limits.timeout_s)", status=504) from None
+        if "too_long" in got:
+            field_name = "steps" if body.steps is not None else "solution"
+            raise RequestError(field_name, f"{field_name}: {got['too_long']}")
+        if self.threshold is None:
+            self.threshold = await self.prm.threshold.remote()
+        scores = got["scores"]
+        return {"steps": steps, "scores": scores, "threshold": self.threshold, "prm": Path(self.cfg.prm).name,
+                "first_below": next((i for i, x in enumerate(scores) if x < self.threshold), None)}
+
+    def _stream(self, request: Request, plan: tuple, head: list[str], step: Callable[[Chosen, int], str],
+                done: Callable[[dict[str, Any]], Any], error: Callable[[dict[str, Any], int], str]) -> StreamingResponse:
+        """A search as an event stream: `head`, `step(chosen, k)` for the k-th decided step as
+        soon as it is decided, then `await done(result)`'s events, or `error(error_body, status)`
+        (the 200 is sent by then: the stream itself must say it failed). The search is
+        cancelled when the client goes away."""
+        queue: asyncio.Queue = asyncio.Queue()
+        decided = 0
+
+        async def on_step(chosen: Chosen) -> None:
+            nonlocal decided
+            await queue.put(step(chosen, decided))
+            decided += 1
 
         async def events():
+            for item in head:
+                yield item
             task = asyncio.create_task(self.solver.run(*plan, on_step=on_step))
             task.add_done_callback(lambda _: queue.put_nowait(None))
             try:
                 while (item := await queue.get()) is not None:
                     yield item
                 try:
-                    yield _sse("done", task.result())
+                    tail = await done(task.result())
                 except RequestError as e:
-                    yield _sse("error", error_body(request.scope, e.field, e.message) | {"status": e.status})
-                except Exception:  # the headers (200) are sent: the stream must say it failed
-                    yield _sse("error", internal_error("search failed mid-stream", request.scope) | {"status": 500})
+                    tail = [error(error_body(request.scope, e.field, e.message), e.status)]
+                except Exception:
+                    tail = [error(internal_error("search failed mid-stream", request.scope), 500)]
+                for item in tail:
+                    yield item
             finally:
                 task.cancel()  # the client went away: stop searching
 

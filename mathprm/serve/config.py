@@ -27,6 +27,11 @@ class Limits:
     beam_width: int = 8
     max_steps: int = 48
     question_chars: int = 4000
+    messages: int = 64  # /v1/chat/completions: messages in one request
+    messages_chars: int = 64000  # /v1/chat/completions: characters of all messages together
+    steps: int = 128  # /v1/score/steps: steps in one solution
+    step_chars: int = 4000  # /v1/score/steps: characters of one step
+    solution_chars: int = 64000  # /v1/score/steps: characters of the whole solution
     timeout_s: float = 60.0  # a search still running after this is cancelled: 504
     # A request body not received in full this long after the request arrived is a 408 and
     # the connection is closed: a client that sends slowly, or less than its Content-Length,
@@ -34,7 +39,8 @@ class Limits:
     read_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("n", "beam_width", "max_steps", "question_chars"):
+        for name in ("n", "beam_width", "max_steps", "question_chars", "messages", "messages_chars", "steps",
+                     "step_chars", "solution_chars"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("timeout_s", "read_timeout_s"):
@@ -76,6 +82,10 @@ class ServeConfig:
     # The environment variable holding the API key; when it is set (non-empty) where the app is
     # built, requests need the key. The key itself never goes in a config file. null: no key.
     api_key_env: str | None = "MATHPRM_API_KEY"
+    # Origins a browser may call the API from (CORS), e.g. ["https://chat.example.org"]; empty:
+    # no CORS headers, so only pages served by this app (same origin) can call it. "*": every
+    # origin (the API key, sent as a header, still guards every request).
+    cors_origins: list[str] = field(default_factory=list)
     # The web page's labels view reads the tree-search label datasets (folders of part files)
     # under this folder, and nothing outside it; null: the view is off.
     labels_dir: str | None = "runs"
@@ -87,6 +97,10 @@ class ServeConfig:
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             raise ValueError(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
         # Replicas start in other processes and directories: paths must be absolute here.
+        if not isinstance(self.cors_origins, list) or not all(
+                isinstance(o, str) and (o == "*" or re.fullmatch(r"https?://[^/\s]+", o)) for o in self.cors_origins):
+            raise ValueError(f"cors_origins: give a list of origins like 'https://host:port' (no path) or '*', "
+                             f"got {self.cors_origins!r}")
         self.policy = _model_dir("policy", self.policy, "config.json")
         if self.labels_dir is not None:  # need not exist yet: the view then lists nothing
             self.labels_dir = str(Path(self.labels_dir).expanduser().resolve())

@@ -11,7 +11,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, load_generator
-from mathprm.scorer import build_scorer, parse_prm
+from mathprm.scorer import TooLongError, build_scorer, default_threshold, parse_prm
 from mathprm.serve.config import Batching
 from mathprm.steps import StepFormat
 
@@ -33,11 +33,14 @@ class HandleGenerator:
     async def room(self, prefix: Prefix) -> int:
         return await self.handle.room.remote(prefix)
 
+    async def prompt_tokens(self, prefix: Prefix) -> int:
+        return await self.handle.prompt_tokens.remote(prefix)
+
 
 class HandleScorer:
     """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
     go in one call, and the deployment's `@serve.batch` merges the rounds of concurrent
-    requests into forward batches."""
+    requests (and /v1/score/steps calls) into forward batches."""
 
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
@@ -87,6 +90,10 @@ class GeneratorDeployment:
         """Tokens the policy's context has left after `prefix`'s prompt (`Generator.room`)."""
         return self.generator.room(prefix)
 
+    def prompt_tokens(self, prefix: Prefix) -> int:
+        """Tokens of `prefix`'s prompt (the context's length less its `room`)."""
+        return self.generator.context_length - self.generator.room(prefix)
+
     @serve.batch
     async def _call(self, kinds: list[str], prefix_lists: list[list[Prefix]], ns: list[int],
                     samplings: list[Sampling]) -> list[list]:
@@ -115,28 +122,57 @@ class GeneratorDeployment:
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class PRMDeployment:
     def __init__(self, prm: str, batching: Batching, device: str | None = None) -> None:
+        ref = parse_prm(prm)
         # One Serve batch is one forward batch: the scorer's own batch is as large.
-        self.scorer = build_scorer(parse_prm(prm), device=device, batch_size=batching.max_batch_size)
-        # A Serve batch holds up to max_batch_size calls (rounds); the scorer cuts their
-        # solutions into forward batches of max_batch_size.
-        self.score_solutions.set_max_batch_size(batching.max_batch_size)
-        self.score_solutions.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self.scorer = build_scorer(ref, device=device, batch_size=batching.max_batch_size)
+        self._threshold = default_threshold(ref)
+        # A Serve batch holds up to max_batch_size calls (a search round, or one solution to
+        # score); the scorer cuts their solutions into forward batches of max_batch_size.
+        self._batched.set_max_batch_size(batching.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.log = _BatchLog("mathprm_serve_prm_batch")
 
+    async def score_solutions(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
+        """One search round's solutions, `(questions, steps) -> per solution, one score per
+        step`; TooLongError when one is longer than the PRM's context."""
+        got = await self._batched(questions, steps)
+        if isinstance(got, str):
+            raise TooLongError(got, -1, 0, 0)
+        return got
+
+    async def score_steps(self, question: str, steps: list[str]) -> dict[str, Any]:
+        """One solution's step scores, batched with the search traffic: `{"scores": [...]}`, or
+        `{"too_long": message}` when it is longer than the PRM's context."""
+        got = await self._batched([question], [steps])
+        return {"too_long": got} if isinstance(got, str) else {"scores": got[0]}
+
+    def threshold(self) -> float:
+        """The score under which the PRM calls a step wrong (`mathprm.scorer.default_threshold`)."""
+        return self._threshold
+
     @serve.batch
-    async def score_solutions(self, questions: list[list[str]], steps: list[list[list[str]]]) -> list[list[list[float]]]:
-        """Call with one round's solutions, `(questions, steps) -> per solution, one score per
-        step`; Serve hands the method every waiting call's arguments as lists, scored here in
-        one go."""
+    async def _batched(self, questions: list[list[str]], steps: list[list[list[str]]]) -> list[list[list[float]] | str]:
+        """Serve hands this every waiting call's arguments as lists, scored here in one go. A
+        call holding a solution longer than the PRM's context gets that error's message instead
+        of scores; the other calls of the batch are scored as usual."""
         flat_q = [q for qs in questions for q in qs]
         flat_s = [s for ss in steps for s in ss]
         self.log.add(len(flat_q))
-        scores = await asyncio.to_thread(self.scorer.score, flat_q, flat_s)
+        try:
+            scores = await asyncio.to_thread(self.scorer.score, flat_q, flat_s)
+        except TooLongError:
+            return [await self._alone(qs, ss) for qs, ss in zip(questions, steps)]
         out, lo = [], 0
         for qs in questions:
             out.append(scores[lo: lo + len(qs)])
             lo += len(qs)
         return out
+
+    async def _alone(self, questions: list[str], steps: list[list[str]]) -> list[list[float]] | str:
+        try:
+            return await asyncio.to_thread(self.scorer.score, questions, steps)
+        except TooLongError as e:
+            return str(e)
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes in solutions per forward batch."""

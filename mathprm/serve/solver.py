@@ -6,25 +6,30 @@ import dataclasses
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mathprm.data.problems import Problem
 from mathprm.generation import Prefix
-from mathprm.search import (
-    RUNNABLE,
-    STRATEGIES,
-    ScoredStep,
-    SearchConfig,
-    SearchResult,
-    parse_strategy,
-    run_search_async,
-)
+from mathprm.search import RUNNABLE, STRATEGIES, Chosen, SearchConfig, SearchResult, parse_strategy, run_search_async
 from mathprm.serve.config import ServeConfig
-from mathprm.steps import StepFormat
+from mathprm.steps import StepFormat, blank
 
 # ----------------------------------------------------------------------------- requests and responses
+
+
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("not valid Unicode text (a lone surrogate)") from None
+    return text
+
+
+# A string that has a UTF-8 form (a tokenizer can read it). Pydantic's strict `str` refuses a
+# lone surrogate in a field of its own but not inside a list or a union.
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class SolveRequest(BaseModel):
@@ -52,10 +57,31 @@ class SolveResponse(BaseModel):
     steps: list[StepOut]
     strategy: str
     finished: bool = Field(description="the policy ended the solution (false: max_steps or a token limit)")
-    usage: dict[str, int] = Field(description="generated tokens, generator calls, samples, PRM calls, scored "
-                                              "solutions and steps")
+    usage: dict[str, int] = Field(description="the question's prompt tokens; generated tokens, generator calls, "
+                                              "samples, PRM calls, scored solutions and steps")
     latency_ms: float
     config: dict[str, Any] = Field(description="the settings the search ran with, defaults filled in")
+
+
+class ScoreStepsRequest(BaseModel):
+    """A solution to score step by step: `steps`, or `solution` cut at `separator`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    question: str = Field(min_length=1, description="the problem text")
+    steps: list[Text] | None = Field(None, description="the solution's steps, in order (give this or solution)")
+    solution: Text | None = Field(None, description="the solution's text, cut into steps at separator; blank parts "
+                                                   "are dropped (give this or steps)")
+    separator: Text | None = Field(None, min_length=1, max_length=16,
+                                  description="where solution is cut into steps; default: the server's separator")
+
+
+class ScoreStepsResponse(BaseModel):
+    steps: list[str] = Field(description="the steps scored (solution's, after the cut)")
+    scores: list[float] = Field(description="per step, the PRM's probability that the solution is still right")
+    threshold: float = Field(description="the score under which the PRM calls a step wrong")
+    first_below: int | None = Field(description="index of the first step scored under threshold; null if none")
+    prm: str
 
 
 class ErrorBody(BaseModel):
@@ -116,26 +142,30 @@ class Solver:
         return name, search, Problem(f"q-{digest}", req.question, None, self.cfg.source)
 
     async def solve(self, req: SolveRequest,
-                    on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
+                    on_step: Callable[[Chosen], Awaitable[None]] | None = None) -> dict[str, Any]:
         """Plan and run `req`; a search past `limits.timeout_s` is cancelled (RequestError 504)."""
         return await self.run(*self.plan(req), on_step=on_step)
 
-    async def check_room(self, problem: Problem, search: SearchConfig) -> None:
-        """A question whose prompt leaves less than one step's tokens of the policy's context is
-        refused (RequestError 422 naming the limit), not searched into a run of cut steps."""
-        room = await self.generator.room(Prefix(problem.question))
+    async def check_room(self, problem: Problem, search: SearchConfig) -> int:
+        """The tokens of the question's prompt. A question whose prompt leaves less than one
+        step's tokens of the policy's context is refused (RequestError 422 naming the limit),
+        not searched into a run of cut steps."""
+        prefix = Prefix(problem.question)
+        room, prompt_tokens = await asyncio.gather(self.generator.room(prefix), self.generator.prompt_tokens(prefix))
         if room < search.max_step_tokens:
             raise RequestError("question", f"question: its prompt leaves {max(room, 0)} tokens of the policy's "
                                            f"context, fewer than max_step_tokens ({search.max_step_tokens}); ask a "
                                            "shorter question or a smaller max_step_tokens")
+        return prompt_tokens
 
     async def run(self, name: str, search: SearchConfig, problem: Problem,
-                  on_step: Callable[[ScoredStep], Awaitable[None]] | None = None) -> dict[str, Any]:
+                  on_step: Callable[[Chosen], Awaitable[None]] | None = None) -> dict[str, Any]:
+        """Run a planned request (`plan`); `on_step` gets each step as it is decided (`Chosen`)."""
         t0 = time.perf_counter()
         timeout = self.cfg.limits.timeout_s
         status, tokens = 500, 0
         try:
-            await self.check_room(problem, search)
+            prompt_tokens = await self.check_room(problem, search)
             result = await asyncio.wait_for(
                 run_search_async(name, self.generator, self.scorer, problem, search, self.step_format, on_step),
                 timeout)
@@ -154,12 +184,14 @@ class Solver:
                 self.metrics["mathprm_serve_latency_ms"].observe(latency_ms, {"strategy": name})
                 if tokens:
                     self.metrics["mathprm_serve_tokens"].inc(tokens, {"strategy": name})
-        return response(result, name, search, latency_ms)
+        return response(result, name, search, latency_ms, prompt_tokens)
 
 
-def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: float) -> dict[str, Any]:
+def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: float,
+             prompt_tokens: int) -> dict[str, Any]:
     return {"answer": result.answer, "steps": [{"text": s.text, "score": s.score} for s in result.steps],
-            "strategy": name, "finished": result.finished, "usage": dataclasses.asdict(result.usage),
+            "strategy": name, "finished": result.finished,
+            "usage": {"prompt_tokens": prompt_tokens} | dataclasses.asdict(result.usage),
             "latency_ms": round(latency_ms, 1), "config": settings(search)}
 
 
@@ -167,3 +199,50 @@ def settings(search: SearchConfig) -> dict[str, Any]:
     """The search settings a request may set or sees in its response."""
     return {k: getattr(search, k) for k in ("n", "beam_width", "max_steps", "temperature", "aggregation", "tie_break",
                                           "retry_below", "max_retries", "seed")}
+
+
+def steps_to_score(req: ScoreStepsRequest, cfg: ServeConfig) -> list[str]:
+    """The steps of `req` to score, checked against the limits and the server's step format;
+    RequestError naming the field."""
+    limits, fmt = cfg.limits, StepFormat(cfg.separator)
+    if not req.question.strip():
+        raise RequestError("question", "question: must not be blank")
+    if len(req.question) > limits.question_chars:
+        raise RequestError("question", f"question: {len(req.question)} characters is over this server's limit of "
+                                       f"{limits.question_chars}")
+    if (req.steps is None) == (req.solution is None):
+        raise RequestError("steps", "steps: give the solution as steps (a list) or as solution (a text), one of them")
+    if req.steps is not None and req.separator is not None:
+        raise RequestError("separator", "separator: only cuts a solution text; steps come cut")
+    if req.solution is not None:
+        where = "solution"
+        if len(req.solution) > limits.solution_chars:
+            raise RequestError(where, f"solution: {len(req.solution)} characters is over this server's limit of "
+                                      f"{limits.solution_chars}")
+        steps = [s for s in StepFormat(req.separator or cfg.separator).split(req.solution) if not blank(s)]
+        if not steps:
+            raise RequestError(where, "solution: has no non-blank step")
+    else:
+        where, steps = "steps", req.steps
+        if not steps:
+            raise RequestError(where, "steps: give at least one step")
+        total = sum(len(s) for s in steps)
+        if total > limits.solution_chars:
+            raise RequestError(where, f"steps: {total} characters in all is over this server's limit of "
+                                      f"{limits.solution_chars}")
+    if len(steps) > limits.steps:
+        raise RequestError(where, f"{where}: {len(steps)} steps is over this server's limit of {limits.steps}")
+    for i, step in enumerate(steps):
+        name = f"steps.{i}" if where == "steps" else where
+        if blank(step):
+            raise RequestError(name, f"{name}: a step must not be blank")
+        if len(step) > limits.step_chars:
+            raise RequestError(name, f"{name}: step {i} has {len(step)} characters, over this server's limit of "
+                                     f"{limits.step_chars}")
+    try:
+        fmt.join(steps)  # each step must read back from the text the PRM sees
+    except ValueError as e:
+        i = int(str(e).split(":", 1)[0].removeprefix("step "))
+        name = f"steps.{i}" if where == "steps" else where
+        raise RequestError(name, f"{name}: {str(e).split(': ', 1)[1]} (the server's step separator)") from None
+    return steps
