@@ -108,8 +108,8 @@ async function loadModels() {
   const before = picker.value;
   models.clear();
   picker.replaceChildren();
-  for (const m of list.data) {
-    const [name, n] = m.id.replace(/^mathprm-/, "").split("@");
+  for (const m of list.data.filter((m) => m.id.startsWith("mathprm-"))) {
+    const [name, n] = m.id.slice("mathprm-".length).split("@");
     if (models.has(name) && !n) continue;
     if (!models.has(name)) picker.append(option(name, name));
     models.set(name, n || "");
