@@ -377,6 +377,19 @@ def _label_run(root: Path) -> Path:
     return folder
 
 
+def test_the_pages_args_are_made_absolute_and_a_missing_problems_file_is_named(model_dirs, tmp_path, monkeypatch):
+    from mathprm.serve import load_serve_config
+
+    monkeypatch.chdir(tmp_path)  # relative paths become absolute: replicas run in other directories
+    _memorised_problems(tmp_path / "p.jsonl")
+    cfg = load_serve_config(_args(*model_dirs, labels_dir="runs", problems="p.jsonl"))  # runs/ need not exist
+    assert (cfg.labels_dir, cfg.problems) == (str(tmp_path.resolve() / "runs"), str(tmp_path.resolve() / "p.jsonl"))
+    cfg = load_serve_config(_args(*model_dirs, labels_dir=None, problems="sample:math500"))
+    assert (cfg.labels_dir, cfg.problems) == (None, "sample:math500")
+    with pytest.raises(ValueError, match="problems: 'nowhere.jsonl'"):
+        load_serve_config(_args(*model_dirs, problems="nowhere.jsonl"))
+
+
 def test_the_labels_view_reads_label_datasets_and_refuses_paths_outside_labels_dir(tmp_path):
     from mathprm.serve import RequestError
     from mathprm.serve.page import label_datasets, label_problem, label_problems
@@ -495,15 +508,17 @@ def test_the_page_and_its_files_are_open_and_its_data_behind_the_key(keyed_app):
     assert datasets["data"] == [{"path": "arith/mcts/labels", "files": 2}]
     assert [p["id"] for p in label_problems["data"]] == ["p1", "p2"]
     assert [lab["score"] for lab in p1["labels"]] == [1.0, 0.25, 1.0] and p1["question"] == "What is 2+3?"
+    p1_url = "/v1/labels/problem?path=arith/mcts/labels"
     refused = {"/v1/labels/problems?path=../runs": "path", "/v1/labels/problem?path=%2Fetc&id=p1": "path",
-               "/v1/labels/problem?path=arith/mcts/labels&id=nope": "id", "/v1/problems?limit=0": "limit", "/v1/labels/problem?path=arith/mcts/labels": "id"}
+               p1_url + "&id=nope": "id", p1_url: "id", "/v1/problems?limit=0": "limit"}
     for path, field in refused.items():
         r = requests.get(base + path, headers=auth, timeout=10)
         assert 400 <= r.status_code < 500 and r.json()["field"] == field, (path, r.text)
         assert r.json()["error"].startswith(field + ": "), (path, r.text)
 
 
-def _chrome():
+@pytest.fixture
+def chrome():
     """A headless Chromium driven by selenium, or a skip naming what is missing."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra has it)")
     from selenium.webdriver.chrome.service import Service
@@ -518,7 +533,9 @@ def _chrome():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # to see any Content-Security-Policy refusal
-    return webdriver.Chrome(service=Service(driver), options=options)
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    yield browser
+    browser.quit()
 
 
 def _screenshot(driver, name: str) -> None:
@@ -528,7 +545,7 @@ def _screenshot(driver, name: str) -> None:
     if target:
         path = REPO / target
         path = path.with_name(f"{path.stem}_{name}{path.suffix}") if name else path
-        height = driver.execute_script("return document.documentElement.scrollHeight")
+        height = driver.execute_script("return Math.ceil(document.body.getBoundingClientRect().bottom) + 24")
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                {"width": 1100, "height": height, "deviceScaleFactor": 1, "mobile": False})
         driver.save_screenshot(str(path))
@@ -537,7 +554,7 @@ def _screenshot(driver, name: str) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_the_page_in_a_headless_browser_solves_a_dataset_problem_and_shows_labels(keyed_app):
+def test_the_page_in_a_headless_browser_solves_a_dataset_problem_and_shows_labels(keyed_app, chrome):
     """The page as a user drives it: refused without the key and with a wrong one, then a
     problem picked from the dataset, solved by guided@2 at temperature 0 with each step, its
     score and its candidates shown as they stream, the answer checked against the gold one;
@@ -547,58 +564,55 @@ def test_the_page_in_a_headless_browser_solves_a_dataset_problem_and_shows_label
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     base, key = keyed_app
-    driver = _chrome()
-    try:
-        wait = WebDriverWait(driver, 60)
-        find = driver.find_element
-        driver.get(base + "/")
-        wait.until(lambda d: find(By.ID, "notice").is_displayed())
-        assert "this server needs an API key" in find(By.ID, "notice").text  # the strategies were refused
-        find(By.ID, "api-key").send_keys("not-the-key" + Keys.TAB)  # the key is taken when the box is left
-        wait.until(lambda d: "the one given was refused" in find(By.ID, "notice").text)
-        find(By.ID, "api-key").clear()
-        find(By.ID, "api-key").send_keys(key + Keys.TAB)
-        wait.until(lambda d: not find(By.ID, "notice").is_displayed()
-                   and "guided" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#strategy option")])
+    driver = chrome
+    wait = WebDriverWait(driver, 60)
+    find = driver.find_element
+    driver.get(base + "/")
+    wait.until(lambda d: find(By.ID, "notice").is_displayed())
+    assert "this server needs an API key" in find(By.ID, "notice").text  # the strategies were refused
+    find(By.ID, "api-key").send_keys("not-the-key" + Keys.TAB)  # the key is taken when the box is left
+    wait.until(lambda d: "the one given was refused" in find(By.ID, "notice").text)
+    find(By.ID, "api-key").clear()
+    find(By.ID, "api-key").send_keys(key + Keys.TAB)
+    wait.until(lambda d: not find(By.ID, "notice").is_displayed()
+               and "guided" in [o.get_attribute("value") for o in d.find_elements(By.CSS_SELECTOR, "#strategy option")])
 
-        find(By.ID, "pick").click()
-        wait.until(lambda d: find(By.ID, "question").get_attribute("value"))
-        assert find(By.ID, "question").get_attribute("value") == "What is 1+1?"
-        assert find(By.ID, "gold-answer").text == "2"
-        Select(find(By.ID, "strategy")).select_by_value("guided")
-        find(By.ID, "n").send_keys("2")
-        find(By.ID, "temperature").send_keys("0")
-        find(By.ID, "solve").click()
-        wait.until(lambda d: find(By.ID, "final").is_displayed() or find(By.ID, "notice").is_displayed())
-        assert not find(By.ID, "notice").is_displayed(), find(By.ID, "notice").text
+    find(By.ID, "pick").click()
+    wait.until(lambda d: find(By.ID, "question").get_attribute("value"))
+    assert find(By.ID, "question").get_attribute("value") == "What is 1+1?"
+    assert find(By.ID, "gold-answer").text == "2"
+    Select(find(By.ID, "strategy")).select_by_value("guided")
+    find(By.ID, "n").send_keys("2")
+    find(By.ID, "temperature").send_keys("0")
+    find(By.ID, "solve").click()
+    wait.until(lambda d: find(By.ID, "final").is_displayed() or find(By.ID, "notice").is_displayed())
+    assert not find(By.ID, "notice").is_displayed(), find(By.ID, "notice").text
 
-        steps = driver.find_elements(By.CSS_SELECTOR, "#steps > li.step")
-        assert [s.find_element(By.CSS_SELECTOR, ":scope > pre.text").text for s in steps] == list(
-            MEMORISED["What is 1+1?"])
-        for step in steps:
-            assert 0 <= float(step.find_element(By.CSS_SELECTOR, ":scope > .score .value").text) <= 1
-            candidates = step.find_elements(By.CSS_SELECTOR, ".candidates li.candidate")
-            assert len(candidates) == 2 and len(step.find_elements(By.CSS_SELECTOR, "li.candidate.chosen")) == 1
-            assert all(0 <= float(c.find_element(By.CSS_SELECTOR, ".value").get_attribute("textContent")) <= 1
-                       for c in candidates)
-            step.find_element(By.CSS_SELECTOR, "summary").click()  # open: the screenshot shows them
-        assert find(By.ID, "answer").text == "2"
-        assert find(By.ID, "check").get_attribute("class") == "right" and "\u2713" in find(By.ID, "check").text
-        _screenshot(driver, "")
+    steps = driver.find_elements(By.CSS_SELECTOR, "#steps > li.step")
+    assert [s.find_element(By.CSS_SELECTOR, ":scope > pre.text").text for s in steps] == list(
+        MEMORISED["What is 1+1?"])
+    for step in steps:
+        assert 0 <= float(step.find_element(By.CSS_SELECTOR, ":scope > .score .value").text) <= 1
+        candidates = step.find_elements(By.CSS_SELECTOR, ".candidates li.candidate")
+        assert len(candidates) == 2 and len(step.find_elements(By.CSS_SELECTOR, "li.candidate.chosen")) == 1
+        assert all(0 <= float(c.find_element(By.CSS_SELECTOR, ".value").get_attribute("textContent")) <= 1
+                   for c in candidates)
+        step.find_element(By.CSS_SELECTOR, "summary").click()  # open: the screenshot shows them
+    assert find(By.ID, "answer").text == "2"
+    assert find(By.ID, "check").get_attribute("class") == "right" and "\u2713" in find(By.ID, "check").text
+    _screenshot(driver, "")
 
-        find(By.ID, "tab-labels").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#label-table tbody tr"))
-        rows = driver.find_elements(By.CSS_SELECTOR, "#label-table tbody tr")
-        assert find(By.ID, "label-question").text == "What is 2+3?"
-        assert [r.find_element(By.CSS_SELECTOR, "pre.text").text for r in rows] == [
-            "2 + 3 = 5", "2 + 3 = 6", "The answer is 5"]
-        assert [r.find_element(By.CSS_SELECTOR, ".score .value").text for r in rows] == ["1.000", "0.250", "1.000"]
-        assert "1 / 4" in rows[1].text
-        _screenshot(driver, "labels")
-        refusals = [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
-        assert not refusals, refusals
-    finally:
-        driver.quit()
+    find(By.ID, "tab-labels").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#label-table tbody tr"))
+    rows = driver.find_elements(By.CSS_SELECTOR, "#label-table tbody tr")
+    assert find(By.ID, "label-question").text == "What is 2+3?"
+    assert [r.find_element(By.CSS_SELECTOR, "pre.text").text for r in rows] == [
+        "2 + 3 = 5", "2 + 3 = 6", "The answer is 5"]
+    assert [r.find_element(By.CSS_SELECTOR, ".score .value").text for r in rows] == ["1.000", "0.250", "1.000"]
+    assert "1 / 4" in rows[1].text
+    _screenshot(driver, "labels")
+    refusals = [e for e in driver.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert not refusals, refusals
 
 
 def _malformed() -> list[tuple[str, str, object, str | None]]:

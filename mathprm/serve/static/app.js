@@ -173,7 +173,7 @@ function stepView(step, candidates) {
       const item = el("li", c.chosen ? "candidate chosen" : "candidate");
       item.append(scoreView(c.score), el("pre", "text", c.text));
       if (c.chosen) item.append(el("span", "badge", "chosen"));
-      if (c.finished) item.append(el("span", "badge", "final"));
+      if (c.finished) item.append(el("span", "badge", "ends the solution"));
       list.append(item);
     }
     details.append(list);
