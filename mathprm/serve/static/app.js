@@ -42,12 +42,17 @@ function notify(message) {
   $("notice").hidden = !message;
 }
 
+// Bumped when the key changes: what a request sent with an older key answers arrives late and
+// must not overwrite what the newer key got (a 401 notice after the right key was entered).
+let keyVersion = 0;
+
 // Runs `work`, showing what went wrong in the notice instead of failing silently.
 async function guarded(work) {
+  const version = keyVersion;
   try {
     await work();
   } catch (e) {
-    notify(e instanceof ServerError ? e.message : `failed: ${e.message}`);
+    if (version === keyVersion) notify(e instanceof ServerError ? e.message : `failed: ${e.message}`);
   }
 }
 
@@ -103,7 +108,9 @@ function option(value, text) {
 const models = new Map(); // strategy -> its N in the listed model id ("" when it takes none)
 
 async function loadModels() {
+  const version = keyVersion;
   const list = await getJSON("v1/models");
+  if (version !== keyVersion) return;
   const picker = $("strategy");
   const before = picker.value;
   models.clear();
@@ -290,6 +297,7 @@ function keyChanged() {
   const key = $("api-key").value.trim();
   if (key) sessionStorage.setItem(KEY, key);
   else sessionStorage.removeItem(KEY);
+  keyVersion += 1;
   notify("");
   guarded(loadModels);
   if (!$("view-labels").hidden) guarded(loadLabelDatasets);
