@@ -193,18 +193,16 @@ def _past(kvs: Sequence[KV | None], n_models: int) -> tuple[list[Any], list[int]
     width = max(lengths)
     if width == 0:
         return [DynamicCache() for _ in range(n_models)], lengths, 0
-    like = next(kv for kv, n in zip(kvs, lengths) if n)
+    like = next(kv for kv, n in zip(kvs, lengths) if n)  # shapes and dtype for the rows with no past
     caches = []
     for m in range(n_models):
         layers = []
-        for layer, (k0, v0) in enumerate(like[m]):
-            def padded(kv: KV | None, n: int, which: int, template: torch.Tensor) -> torch.Tensor:
-                if n == 0:
-                    return template.new_zeros(*template.shape[:2], width, template.shape[3])
-                t = kv[m][layer][which]
-                return t if n == width else torch.nn.functional.pad(t, (0, 0, 0, width - n))
-            layers.append((torch.cat([padded(kv, n, 0, k0) for kv, n in zip(kvs, lengths)]),
-                           torch.cat([padded(kv, n, 1, v0) for kv, n in zip(kvs, lengths)])))
+        for layer, pair in enumerate(like[m]):
+            layers.append(tuple(
+                torch.cat([t.new_zeros(*t.shape[:2], width, t.shape[3]) if n == 0 else
+                           torch.nn.functional.pad(kv[m][layer][which], (0, 0, 0, width - n))
+                           for kv, n in zip(kvs, lengths)])
+                for which, t in enumerate(pair)))
         caches.append(DynamicCache(ddp_cache_data=layers))
     return caches, lengths, width
 
