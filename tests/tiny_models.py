@@ -98,7 +98,7 @@ def _save_weights(state: dict[str, torch.Tensor], path: Path, file: str) -> None
 def _qwen2_config(vocab_size: int, architecture: str, auto_map: dict[str, str], **extra):
     from transformers import Qwen2Config
 
-    config = Qwen2Config(vocab_size=vocab_size, **SIZES, **extra)
+    config = Qwen2Config(vocab_size=vocab_size, **{**SIZES, **extra})
     config.architectures = [architecture]
     config.auto_map = auto_map
     return config
@@ -115,9 +115,10 @@ def _save_causal_lm(path: Path, tokenizer, config_cls, model_cls, seed: int, **s
     return path
 
 
-def build_qwen_prm(path: str | Path, step_token: bool = True, seed: int = 0) -> Path:
+def build_qwen_prm(path: str | Path, step_token: bool = True, seed: int = 0, **sizes) -> Path:
     """Qwen2.5-Math-PRM: `Qwen2ForProcessRewardModel`, `model.*` + `score.{0,2}.*` in
-    model.safetensors; `<extra_0>` an added special token (left out with `step_token=False`)."""
+    model.safetensors; `<extra_0>` an added special token (left out with `step_token=False`);
+    `sizes` override SIZES (benchmarks/bench_prm_prefix.py builds a larger one)."""
     from transformers import Qwen2Model
 
     path = Path(path)
@@ -129,7 +130,7 @@ def build_qwen_prm(path: str | Path, step_token: bool = True, seed: int = 0) -> 
     config = _qwen2_config(len(tokenizer), "Qwen2ForProcessRewardModel",
                            {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
                             "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"},
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
     torch.manual_seed(seed)
     backbone = Qwen2Model(config)
     h = config.hidden_size

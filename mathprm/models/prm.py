@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from mathprm import atomic
 from mathprm.models import ModelLoadError, check_model_dir, loading
+from mathprm.models.prefix import PrefixCache, run_shared
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import TooLongError, check_shapes
 from mathprm.steps import StepFormat
@@ -203,11 +204,21 @@ def likelihood_features(lm_logits: torch.Tensor, input_ids: torch.Tensor, step_i
         raise ValueError(f"likelihood_features: unknown {sorted(unknown)}; known: {', '.join(FEATURES)}")
     if not names:
         return lm_logits.new_zeros(*input_ids.shape, 0)
+    return step_features(next_token_logp(lm_logits[:, :-1], input_ids[:, 1:]), step_index, names)
+
+
+def next_token_logp(lm_logits: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) float32 log-probability of `next_ids` (B, T) under the next-token logits (B, T, V)."""
     # Row by row: a float32 log-softmax over a (B, T, V) block is ~10 GB at B = 16, T = 1,024 and
     # a 150k vocabulary (Qwen2.5); one row at a time keeps it at T x V.
-    logp = torch.stack([torch.log_softmax(lm_logits[b, :-1].float(), dim=-1).gather(-1, input_ids[b, 1:, None])[:, 0]
-                        for b in range(input_ids.shape[0])])
-    logp = F.pad(logp, (1, 0)).clamp(min=LOGP_FLOOR)  # (B, T): log p(token t | tokens < t)
+    return torch.stack([torch.log_softmax(lm_logits[b].float(), dim=-1).gather(-1, next_ids[b, :, None])[:, 0]
+                        for b in range(next_ids.shape[0])])
+
+
+def step_features(next_logp: torch.Tensor, step_index: torch.Tensor, names: Sequence[str] = FEATURES) -> torch.Tensor:
+    """`likelihood_features` from the log-probabilities `next_logp` (B, T - 1) of tokens 1..T-1
+    (`next_token_logp`), so a caller that has them (a prefix's cached ones) needs no logits."""
+    logp = F.pad(next_logp, (1, 0)).clamp(min=LOGP_FLOOR)  # (B, T): log p(token t | tokens < t)
     inside = step_index >= 0
     idx = step_index.clamp(min=0)
     # A step's last token (its separator) is left out: after a final answer a policy writes EOS,
@@ -291,18 +302,29 @@ class PRMModel(torch.nn.Module):
         """(B, T) step logits (read them at step ends)."""
         if self.features and step_index is None:
             raise ValueError("PRMModel: likelihood features need step_index (collate builds it)")
+        hidden = None
         if self.hidden_head:
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                          logits_to_keep=1)  # the hidden states are what the head reads, not the LM head
-            logits = self.score(out.hidden_states[-1].to(self.score.weight.dtype))[..., 0].float()
-        else:  # score.weight is 0: only its bias counts, and the backbone need not run
-            logits = self.score.bias.float().expand(input_ids.shape)
+            hidden = self.lm(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                             logits_to_keep=1).hidden_states[-1]  # what the head reads, not the LM head
+        logits = self.hidden_logits(hidden, input_ids.shape)
         if self.feature_weights is not None:
             with torch.no_grad():
                 ref_logits = self.reference(input_ids=input_ids, attention_mask=attention_mask).logits
                 phi = likelihood_features(ref_logits, input_ids, step_index, self.features)
-            logits = logits + self.feature_weights(phi.to(self.feature_weights.weight.dtype))[..., 0].float()
+            logits = logits + self.feature_logits(phi)
         return logits
+
+    def hidden_logits(self, hidden: torch.Tensor | None, shape: Sequence[int]) -> torch.Tensor:
+        """(B, T) score(h) of the backbone's last hidden states `hidden` (B, T, H); without the
+        hidden-state head (`hidden` None) score.weight is 0, only its bias counts and the backbone
+        need not run."""
+        if hidden is None:
+            return self.score.bias.float().expand(shape)
+        return self.score(hidden.to(self.score.weight.dtype))[..., 0].float()
+
+    def feature_logits(self, phi: torch.Tensor) -> torch.Tensor:
+        """(B, T) w . phi of the likelihood features phi (B, T, F)."""
+        return self.feature_weights(phi.to(self.feature_weights.weight.dtype))[..., 0].float()
 
     def head_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"score.{k}": v for k, v in self.score.state_dict().items()}
@@ -434,10 +456,16 @@ def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
 
 class PRMScorer:
     """`Scorer` backed by a saved PRM: each solution scored in one forward pass (or a few
-    windows when it is longer than the model's context), solutions batched by length."""
+    windows when it is longer than the model's context), solutions batched by length.
+
+    With `prefix_cache_tokens` > 0, solutions that fit the context and share a token prefix (a
+    search round's candidates) run it once, and recent prefixes are kept for the next call
+    (`mathprm.models.prefix`): both the backbone's and the reference's passes, the features'
+    log-probabilities inside a prefix cached with it. `cache_stats()` reports the cache and the
+    tokens computed. 0: the plain path above."""
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 16,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 0) -> None:
         from transformers import AutoTokenizer
 
         self.config = read_prm_config(path)
@@ -454,12 +482,17 @@ class PRMScorer:
         self.batch_size = batch_size
         self.max_length = int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats()
 
     @torch.inference_mode()
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         check_shapes(questions, steps_per_question)
         out: list[list[float]] = [[0.0] * len(steps) for steps in steps_per_question]
         pieces = []  # (solution, window ids, positions inside the window, step indices)
+        whole = []  # with a prefix cache, the solutions that fit the context: (solution, ids, positions, prompt length)
         for i, (q, steps) in enumerate(zip(questions, steps_per_question)):
             if not steps:
                 continue
@@ -471,13 +504,19 @@ class PRMScorer:
             if budget < 1:
                 raise TooLongError(f"score: solution {i}: its prompt alone is {prompt_length} tokens, the PRM's "
                                    f"context {self.max_length}", i, len(ids), self.max_length)
+            if self.prefix_cache.max_tokens and len(ids) <= self.max_length:
+                whole.append((i, ids, positions, prompt_length))
+                continue
             ends = [p - prompt_length for p in positions]  # step ends within the steps' tokens
             for start, end, which in windows(ends, budget):
                 first = 0 if which[0] == 0 else ends[which[0] - 1] + 1  # the window's first scored step
                 window = ids[:prompt_length] + ids[prompt_length + start : prompt_length + end]
                 pieces.append((i, window, [prompt_length + ends[k] - start for k in which], which,
                                prompt_length + max(0, first - start)))
+        if whole:
+            self._score_shared(whole, out)
         pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
+        self.prefix_cache.count_full(sum(len(p[1]) for p in pieces))
         for lo in range(0, len(pieces), self.batch_size):
             chunk = pieces[lo : lo + self.batch_size]
             batch = collate([PRMExample(ids, pos, [0.0] * len(pos), steps_from=first)
@@ -487,3 +526,37 @@ class PRMScorer:
                 for k, p in zip(which, probs[row, pos].tolist()):
                     out[i][k] = p
         return out
+
+    def _score_shared(self, whole: list[tuple[int, list[int], list[int], int]], out: list[list[float]]) -> None:
+        """Score whole solutions through the prefix cache: per position, score(h) and the
+        reference's log-probability of the next token (`_values`), then the step features of each
+        solution from those log-probabilities, as `PRMModel.forward` computes them."""
+        model = self.model
+        n_models = int(model.hidden_head) + int(model.feature_weights is not None)
+        values = run_shared(self._values, n_models, [ids for _, ids, _, _ in whole], self.prefix_cache,
+                            self.batch_size, self.pad_id, self.device)
+        for (i, ids, positions, prompt_length), v in zip(whole, values):
+            logits = v[:, 0]
+            if model.feature_weights is not None:
+                step_index = collate([PRMExample(ids, positions, [0.0] * len(positions), steps_from=prompt_length)],
+                                     self.pad_id).step_index.to(self.device)
+                phi = step_features(v[None, :-1, 1], step_index, model.features)
+                logits = logits + model.feature_logits(phi)[0]
+            out[i] = torch.sigmoid(logits[positions].float()).cpu().tolist()
+
+    def _values(self, ids: torch.Tensor, next_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                caches: list[Any]) -> torch.Tensor:
+        """`mathprm.models.prefix.Forward`: (B, T, 1 or 2) score(h) at every position and, with
+        likelihood features, the reference's log-probability of the token after it."""
+        model, caches = self.model, iter(caches)
+        hidden = None
+        if model.hidden_head:
+            hidden = model.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                              past_key_values=next(caches), use_cache=True, output_hidden_states=True,
+                              logits_to_keep=1).hidden_states[-1]
+        columns = [model.hidden_logits(hidden, ids.shape)]
+        if model.feature_weights is not None:
+            logits = model.reference(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                     past_key_values=next(caches), use_cache=True).logits
+            columns.append(next_token_logp(logits, next_ids))
+        return torch.stack(columns, dim=-1)

@@ -35,12 +35,15 @@ Four kinds (`mathprm.scorer.SCORERS`), each reproducing its authors' own inferen
 Every kind batches solutions by length (right padding), reads its context from the config's
 `max_position_embeddings` and refuses a longer solution with a `TooLongError` naming it (nothing is
 cut), runs on cuda when there is one (bf16) or the CPU (fp32), and gives `[]` for a solution with
-no steps. A tokenizer without the token a format needs, or weights not in the published names,
+no steps. With `prefix_cache_tokens` > 0, solutions that share a token prefix (a search's candidates)
+run it once and recent prefixes are kept for the next call (`mathprm.models.prefix`); 0 is the plain
+full pass per solution. A tokenizer without the token a format needs, or weights not in the published names,
 is a one-line ValueError naming the kind and the directory.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,6 +55,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
 from mathprm import atomic
 from mathprm.models import ModelLoadError, loading
+from mathprm.models.prefix import PrefixCache, run_shared
 from mathprm.scorer import TooLongError, check_shapes
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -162,8 +166,10 @@ def _tag_positions(ids: list[int], tag_id: int, tag: str, n_steps: int) -> list[
 
 def _score(scorer: Any, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
     """The batched loop every kind shares: `scorer.encode(question, steps)` gives (token ids, the
-    position read for each step), `scorer.read(ids, mask, rows, cols)` the (N,) scores at
-    (rows, cols) of a right-padded (B, T) batch. Solutions of similar length share a batch."""
+    position read for each step), `scorer.backbone` the last hidden states of a right-padded (B, T)
+    batch and `scorer.head` the (N,) scores of N of them. Solutions of similar length share a batch.
+    With a prefix cache (`prefix_cache_tokens` > 0) solutions that share a token prefix run it once
+    (`mathprm.models.prefix`), the head read at every position `scorer.readable` marks."""
     check_shapes(questions, steps_per_question)
     out: list[list[float]] = [[] for _ in questions]
     pieces = []
@@ -179,8 +185,16 @@ def _score(scorer: Any, questions: Sequence[str], steps_per_question: Sequence[S
                                f"of {scorer.max_length} (max_position_embeddings); it is not cut",
                                i, len(ids), scorer.max_length)
         pieces.append((i, ids, positions))
-    pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
     device = scorer.device
+    if scorer.prefix_cache.max_tokens:
+        with torch.inference_mode():
+            values = run_shared(functools.partial(_values, scorer), 1, [ids for _, ids, _ in pieces],
+                                scorer.prefix_cache, scorer.batch_size, scorer.pad_id, device)
+        for (i, _, positions), v in zip(pieces, values):
+            out[i] = v[positions, 0].tolist()
+        return out
+    pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
+    scorer.prefix_cache.count_full(sum(len(ids) for _, ids, _ in pieces))
     for lo in range(0, len(pieces), scorer.batch_size):
         chunk = pieces[lo : lo + scorer.batch_size]
         ids = torch.full((len(chunk), max(len(p[1]) for p in chunk)), scorer.pad_id, dtype=torch.long)
@@ -193,12 +207,26 @@ def _score(scorer: Any, questions: Sequence[str], steps_per_question: Sequence[S
             rows += [r] * len(positions)
             cols += positions
         with torch.inference_mode():
-            probs = scorer.read(ids.to(device), mask.to(device), torch.tensor(rows, device=device),
-                                torch.tensor(cols, device=device)).float().cpu().tolist()
+            h = scorer.backbone(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            probs = scorer.head(h.last_hidden_state[torch.tensor(rows, device=device),
+                                                    torch.tensor(cols, device=device)]).float().cpu().tolist()
         k = 0
         for i, _, positions in chunk:
             out[i] = probs[k : k + len(positions)]
             k += len(positions)
+    return out
+
+
+def _values(scorer: Any, ids: torch.Tensor, next_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+            caches: list[Any]) -> torch.Tensor:
+    """`mathprm.models.prefix.Forward` of a published kind: (B, T, 1) its score at every position
+    `scorer.readable` marks (a superset of the read positions that depends on the tokens alone, so
+    a cached prefix serves any later solution), 0 elsewhere."""
+    h = scorer.backbone(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=caches[0],
+                        use_cache=True).last_hidden_state
+    keep = scorer.readable(ids, next_ids)
+    out = torch.zeros(*ids.shape, 1, dtype=torch.float32, device=ids.device)
+    out[keep] = scorer.head(h[keep]).float()[:, None]
     return out
 
 
@@ -213,7 +241,7 @@ class QwenPRMScorer:
     separator = "\n\n"  # the model card's recommended step separation
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 0) -> None:
         config = _published_config(self.kind, path, "Qwen2ForProcessRewardModel")
         self.tokenizer = _tokenizer(self.kind, path, chat=True)
         if QWEN_STEP_TOKEN not in self.tokenizer.get_vocab():
@@ -223,8 +251,10 @@ class QwenPRMScorer:
                                  self.tokenizer.encode(QWEN_STEP_TOKEN))
         self.device, dtype = _device_dtype(device, dtype)
         self.model = _load_qwen2_with_head(self.kind, path, _QwenProcessRM, dtype).to(self.device).eval()
+        self.backbone = self.model.model
         self.max_length = int(config["max_position_embeddings"])
         self.batch_size, self.pad_id = batch_size, _pad_id(self.tokenizer)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
     def encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         messages = [{"role": "system", "content": QWEN_SYSTEM}, {"role": "user", "content": question},
@@ -233,12 +263,17 @@ class QwenPRMScorer:
         ids = self.tokenizer.encode(text)
         return ids, _tag_positions(ids, self.step_id, QWEN_STEP_TOKEN, len(steps))
 
-    def read(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        h = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return torch.softmax(self.model.score(h[rows, cols]).float(), dim=-1)[:, 1]
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model.score(h).float(), dim=-1)[:, 1]
+
+    def readable(self, ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        return ids == self.step_id
 
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats()
 
 
 class SkyworkPRMScorer:
@@ -248,7 +283,7 @@ class SkyworkPRMScorer:
     separator = "\n"  # the published inference splits a response into steps at every "\n"
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 0) -> None:
         config = _published_config(self.kind, path, "Qwen2ForPrmModel")
         self.tokenizer = _tokenizer(self.kind, path)
         if self.tokenizer.bos_token is None:
@@ -257,8 +292,10 @@ class SkyworkPRMScorer:
         self.newline_id = _token_id(self.kind, path, self.tokenizer, "\n", self.tokenizer.encode("\n"))
         self.device, dtype = _device_dtype(device, dtype)
         self.model = _load_qwen2_with_head(self.kind, path, _SkyworkValueRM, dtype).to(self.device).eval()
+        self.backbone = self.model.model
         self.max_length = int(config["max_position_embeddings"])
         self.batch_size, self.pad_id = batch_size, _pad_id(self.tokenizer)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
     def encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         tok = self.tokenizer
@@ -270,20 +307,24 @@ class SkyworkPRMScorer:
             positions.append(len(ids) - 1)
         return ids, positions
 
-    def read(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        h = self.model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        return torch.sigmoid(self.model.v_head.summary(h[rows, cols]).float())[:, 0]
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model.v_head.summary(h).float())[:, 0]
+
+    def readable(self, ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        return ids == self.newline_id
 
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
 
+    def cache_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats()
 
-def _plus_share(lm: Any, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                candidates: list[int]) -> torch.Tensor:
-    """softmax over the LM's logits of candidates = [good, bad] at (rows, cols), the good share.
-    The LM head runs on the read positions only: a 128k vocabulary over every token is wasted work."""
-    h = lm.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    logits = lm.get_output_embeddings()(h[rows, cols])[:, candidates]
+
+def _plus_share(lm: Any, h: torch.Tensor, candidates: list[int]) -> torch.Tensor:
+    """softmax over the LM's logits of candidates = [good, bad] at the (N, hidden) states h, the
+    good share. The LM head runs on the read positions only: a 128k vocabulary over every token is
+    wasted work."""
+    logits = lm.get_output_embeddings()(h)[:, candidates]
     return torch.softmax(logits.float(), dim=-1)[:, 0]
 
 
@@ -294,7 +335,7 @@ class MathShepherdScorer:
     separator = "\n"  # its training solutions put one step on a line
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 0) -> None:
         config = _published_config(self.kind, path, None)
         self.tokenizer = tok = _tokenizer(self.kind, path)
         self.tag_id = _token_id(self.kind, path, tok, SHEPHERD_TAG, tok.encode(SHEPHERD_TAG, add_special_tokens=False))
@@ -305,19 +346,27 @@ class MathShepherdScorer:
         self.candidates = [_token_id(self.kind, path, tok, "+", pair[:1]), _token_id(self.kind, path, tok, "-", pair)]
         self.device, dtype = _device_dtype(device, dtype)
         self.model = _load_causal_lm(self.kind, path, dtype).to(self.device).eval()
+        self.backbone = self.model.base_model
         self.max_length = int(config["max_position_embeddings"])
         self.batch_size, self.pad_id = batch_size, _pad_id(tok)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
     def encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         output = "\n".join(f"{step} {SHEPHERD_TAG}" for step in steps)
         ids = self.tokenizer.encode(f"{question} {output}")
         return ids, _tag_positions(ids, self.tag_id, SHEPHERD_TAG, len(steps))
 
-    def read(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return _plus_share(self.model, ids, mask, rows, cols, self.candidates)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return _plus_share(self.model, h, self.candidates)
+
+    def readable(self, ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        return ids == self.tag_id
 
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats()
 
 
 class RLHFlowScorer:
@@ -327,15 +376,17 @@ class RLHFlowScorer:
     separator = "\n\n"  # the README splits a response into steps at "\n\n"
 
     def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 8,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, prefix_cache_tokens: int = 0) -> None:
         config = _published_config(self.kind, path, None)
         self.tokenizer = tok = _tokenizer(self.kind, path, chat=True)
         self.plus_id = _token_id(self.kind, path, tok, "+", tok.encode("+"))
         self.candidates = [self.plus_id, _token_id(self.kind, path, tok, "-", tok.encode("-"))]
         self.device, dtype = _device_dtype(device, dtype)
         self.model = _load_causal_lm(self.kind, path, dtype).to(self.device).eval()
+        self.backbone = self.model.base_model
         self.max_length = int(config["max_position_embeddings"])
         self.batch_size, self.pad_id = batch_size, _pad_id(tok)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
     def encode(self, question: str, steps: list[str]) -> tuple[list[int], list[int]]:
         conversation: list[dict[str, str]] = []
@@ -357,8 +408,14 @@ class RLHFlowScorer:
             positions.append(position)
         return ids, positions
 
-    def read(self, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        return _plus_share(self.model, ids, mask, rows, cols, self.candidates)
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return _plus_share(self.model, h, self.candidates)
+
+    def readable(self, ids: torch.Tensor, next_ids: torch.Tensor) -> torch.Tensor:
+        return next_ids == self.plus_id  # the position that predicts an assistant's "+"
 
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.prefix_cache.stats()
