@@ -1216,6 +1216,9 @@ def test_concurrent_requests_share_prm_batches(app):
     new = {size for size, count in after.items() if count > before.get(size, 0)}
     # One request scores n candidates at a time; a larger batch holds other requests' solutions.
     assert max(new) > n, after
+    # The candidates of a round share their prefix, computed once (the PRM's prefix cache).
+    cache = after["prefix_cache"]
+    assert cache["hits"] > 0 and 0 < cache["tokens_computed"] < cache["tokens_full"], cache
 
 
 @pytest.mark.ray

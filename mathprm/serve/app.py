@@ -519,5 +519,5 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     prm = None
     if cfg.prm is not None:
         prm = PRMDeployment.options(max_ongoing_requests=2 * cfg.prm_batch.max_batch_size).bind(
-            cfg.prm, cfg.prm_batch, cfg.device)
+            cfg.prm, cfg.prm_batch, cfg.device, cfg.prm_prefix_cache_tokens)
     return SolveAPI.bind(generator, prm, cfg, api_key_digest(cfg.api_key_env))

@@ -78,6 +78,10 @@ class ServeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)  # a request's defaults (n, temperature, ...)
     limits: Limits = field(default_factory=Limits)
     prm_batch: Batching = field(default_factory=Batching)  # solutions per PRM forward batch
+    # Tokens of solution prefixes whose KV cache the PRM keeps (an LRU shared by every search on
+    # the replica; mathprm.models.prefix): a search round's candidates share their prefix, which
+    # is then computed once, and the next round starts from it. 0: every solution in full.
+    prm_prefix_cache_tokens: int = 16384
     generator_batch: Batching = field(default_factory=lambda: Batching(16, 0.005))  # generator calls merged
     # The environment variable holding the API key; when it is set (non-empty) where the app is
     # built, requests need the key. The key itself never goes in a config file. null: no key.
@@ -94,6 +98,8 @@ class ServeConfig:
     problems: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prm_prefix_cache_tokens, int) or self.prm_prefix_cache_tokens < 0:
+            raise ValueError(f"prm_prefix_cache_tokens: must be an int >= 0 (0: off), got {self.prm_prefix_cache_tokens!r}")
         if self.api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
             raise ValueError(f"api_key_env: {self.api_key_env!r} is not an environment variable name")
         # Replicas start in other processes and directories: paths must be absolute here.

@@ -121,10 +121,11 @@ class GeneratorDeployment:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class PRMDeployment:
-    def __init__(self, prm: str, batching: Batching, device: str | None = None) -> None:
+    def __init__(self, prm: str, batching: Batching, device: str | None = None, prefix_cache_tokens: int = 0) -> None:
         ref = parse_prm(prm)
         # One Serve batch is one forward batch: the scorer's own batch is as large.
-        self.scorer = build_scorer(ref, device=device, batch_size=batching.max_batch_size)
+        self.scorer = build_scorer(ref, device=device, batch_size=batching.max_batch_size,
+                                   prefix_cache_tokens=prefix_cache_tokens)
         self._threshold = default_threshold(ref)
         # A Serve batch holds up to max_batch_size calls (a search round, or one solution to
         # score); the scorer cuts their solutions into forward batches of max_batch_size.
@@ -175,5 +176,5 @@ class PRMDeployment:
             return str(e)
 
     def stats(self) -> dict[str, Any]:
-        """Batch sizes in solutions per forward batch."""
-        return self.log.stats()
+        """Batch sizes in solutions per forward batch, and the prefix cache's counters."""
+        return self.log.stats() | {"prefix_cache": self.scorer.cache_stats()}
