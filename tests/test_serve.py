@@ -1217,7 +1217,7 @@ def test_concurrent_requests_share_prm_batches(app):
     # One request scores n candidates at a time; a larger batch holds other requests' solutions.
     assert max(new) > n, after
     # The candidates of a round share their prefix, computed once (the PRM's prefix cache).
-    cache = after["prefix_cache"]
+    cache = prm.stats.remote().result()["prefix_cache"]
     assert cache["hits"] > 0 and 0 < cache["tokens_computed"] < cache["tokens_full"], cache
 
 
