@@ -1,7 +1,7 @@
 """PRM prefix reuse (issue 35): tokens and seconds per search decision with the prefix cache on and off.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_prm_prefix.py [--rounds 24] [--n 8] [--searches 1]
-        [--device cpu] [--cache-tokens 65536]
+    .venv/bin/python benchmarks/bench_prm_prefix.py [--rounds 24] [--n 8] [--searches 1]
+        [--device cpu] [--cache-tokens 65536] [--write]
 
 The PRM: a random-weight Qwen2.5-Math-PRM-layout model (`tests.tiny_models.build_qwen_prm`, the
 published kind `qwen`) of ~20M parameters with its BPE tokenizer, built in a temporary directory
@@ -14,7 +14,9 @@ so the prefix grows by a step a round (~1.5k tokens after 24 rounds, a long MATH
 Both scorers see the same calls. Per decision: the tokens the PRM computed (`cache_stats()`) and
 the seconds of the `score` call; the JSON (runs/bench/prm_prefix.json) holds every round and the
 totals, their ratios (the issue's targets: >= 5x fewer tokens and >= 3x fewer seconds at MATH
-length), the cache's memory at the end and the largest score difference between the two.
+length), the cache's memory at the end and the largest score difference between the two; with
+--write the section "## PRM prefix cache: a search's scoring, cache on vs off" of
+docs/BENCHMARKS.md and its figures row.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _doc import write_section  # noqa: E402
 
 from mathprm import atomic  # noqa: E402
 from mathprm.models.published import QwenPRMScorer  # noqa: E402
@@ -60,6 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cache-tokens", type=int, default=65536)
+    parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +123,28 @@ def main() -> None:
     atomic.write_json(out, result)
     print({k: v for k, v in result.items() if k != "rounds_detail"})
     print(f"wrote {out}")
+    if args.write:
+        per, tail = result["per_decision"], result["last_quarter"]
+        text = "\n".join([
+            "| PRM scoring per decision | cache off | cache on | ratio |", "|---|---:|---:|---:|",
+            f"| tokens computed | {per['tokens_off']:.0f} | {per['tokens_on']:.0f} | {result['fewer_tokens']:.1f}x fewer |",
+            f"| seconds | {per['seconds_off']:.3f} | {per['seconds_on']:.3f} | {result['faster']:.1f}x faster |",
+            "",
+            f"Last quarter of the search (candidates of {tail['candidate_tokens'][0]}-{tail['candidate_tokens'][1]} "
+            f"tokens): {tail['fewer_tokens']:.1f}x fewer tokens, {tail['faster']:.1f}x faster. Largest score difference "
+            f"on vs off: {result['max_score_difference']:.1e}. Cache at the end: {result['cache']['held_tokens']} "
+            f"tokens, {result['cache']['held_bytes'] / 2**20:.1f} MiB.",
+            "",
+            f"{result['prm']} on {result['device']}; {args.rounds} rounds of a guided search ({args.searches} in "
+            f"lockstep), {args.n} candidates of ~{STEP_TOKENS} tokens per decision, the first kept, so the solution "
+            "grows a step a round; both scorers get the same calls (`mathprm.models.prefix`)."])
+        command = "python benchmarks/bench_prm_prefix.py" + "".join(
+            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k != "write" and v != parser.get_default(k)) + " --write"
+        write_section("PRM prefix cache: a search's scoring, cache on vs off", command, text, [
+            ("PRM prefix cache at MATH length (guided@8 rounds, ~20M Qwen2 PRM)",
+             f"{result['fewer_tokens']:.1f}x fewer PRM tokens, {result['faster']:.1f}x fewer PRM seconds per decision "
+             f"(last quarter: {tail['fewer_tokens']:.1f}x / {tail['faster']:.1f}x)")])
 
 
 if __name__ == "__main__":
