@@ -22,6 +22,12 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Bytecode: every Ray worker, actor, vLLM engine and subprocess of a run imports the ML stack
+# (torch, transformers, Ray), and compiling it from source costs more than twice the CPU of
+# loading cached bytecode. A shell that sets PYTHONDONTWRITEBYTECODE (container images often do)
+# would make each of them compile it again, so the targets here let Python write its caches
+# (in .venv and the gitignored __pycache__ folders): only the first import of a module pays.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test bench install clean
 

@@ -47,13 +47,15 @@ DEMO_PPO_UPDATES = 36
 DEMO_PPO_MAX_MINUTES = 15
 
 # Every stage tiny: a 2-layer policy trained 10 steps, a handful of problems per stage. It shows
-# that every stage runs and hands its output to the next, not how good anything is.
+# that every stage runs and hands its output to the next, not how good anything is. One SFT worker
+# (the policy and the checker): a second one costs a process start and gloo on a 2-core box, and
+# two DDP workers are the SFT test's (tests/test_sft.py).
 QUICK: dict[str, list[str]] = {
     "data": ["limit=10"],
     "sft": ["preset=test", "num_problems=64", "batch_size=8", "max_steps=10", "log_every=5", "checkpoint_every=10",
-            "time_budget_min=null", "stop_at_accuracy=null"],
+            "time_budget_min=null", "stop_at_accuracy=null", "num_workers=1"],
     "checker": ["num_problems=64", "batch_size=8", "max_steps=10", "log_every=5", "checkpoint_every=10",
-                "time_budget_min=null"],
+                "time_budget_min=null", "num_workers=1"],
     "eval": ["limit=3", "strategies=[greedy, majority@2, pass@2]", "max_solution_tokens=24"],
     "mcts": ["limit=2", "num_solutions=2", "rollouts_per_step=2", "max_solution_tokens=24", "num_actors=1"],
     "prm": ["epochs=1", "batch_size=1", "num_workers=1", "val_fraction=0", "log_every=1", "eval_every=1",

@@ -205,17 +205,21 @@ def test_two_lora_workers_survive_a_killed_worker_and_save_a_loadable_prm_that_l
 
 
 class _Shard:
-    """A stand-in for a Ray Data shard: batches of a table, counting the passes over it."""
+    """A stand-in for a Ray Data shard: batches of a table in the order its local shuffle seed
+    gives (as Ray Data's local shuffle does), counting the passes over it."""
 
     def __init__(self, n: int) -> None:
         import pyarrow as pa
 
         self.table, self.passes = pa.table({"i": list(range(n)), "text": [f"row {i}" for i in range(n)]}), 0
 
-    def iter_batches(self, batch_size, **_):
+    def iter_batches(self, batch_size, local_shuffle_seed=None, **_):
+        import numpy as np
+
         self.passes += 1
-        for lo in range(0, self.table.num_rows, batch_size):
-            yield self.table.slice(lo, batch_size)
+        table = self.table.take(np.random.default_rng(local_shuffle_seed).permutation(self.table.num_rows))
+        for lo in range(0, table.num_rows, batch_size):
+            yield table.slice(lo, batch_size)
 
 
 @pytest.mark.parametrize("max_bytes, passes", [(1 << 20, 1), (64, 3)])
@@ -231,6 +235,10 @@ def test_epochs_read_a_small_shard_once_and_shuffle_it_in_memory(max_bytes, pass
         assert seen[0] != seen[1]  # a new order each epoch
         again = EpochBatches(_Shard(23), 5, seed=0, rank=0)
         assert [[b.column("i").to_pylist() for b in again.batches(e)] for e in range(3)] == seen  # and replayable
+        # A run resumed in epoch 2 reads the shard first then: it must shuffle the same table, or
+        # it would skip other batches than the ones the interrupted run trained.
+        resumed = EpochBatches(_Shard(23), 5, seed=0, rank=0)
+        assert [b.column("i").to_pylist() for b in resumed.batches(2)] == seen[2]
         other = EpochBatches(_Shard(23), 5, seed=0, rank=1)
         assert [b.column("i").to_pylist() for b in other.batches(0)] != seen[0]
 

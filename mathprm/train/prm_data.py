@@ -200,9 +200,13 @@ class EpochBatches:
 
     def batches(self, epoch: int):
         if self.rows is None:
+            # The first read keeps epoch 0's order whichever epoch asks first: a run resumed in a
+            # later epoch then shuffles the same table, so it replays the batches (and skips the
+            # ones already trained) of the run it continues. A streamed shard reshuffles per epoch.
+            shuffle_epoch = epoch if self.streaming else 0
             stream = iter(self.shard.iter_batches(batch_size=self.batch_size, batch_format="pyarrow",
                                                   local_shuffle_buffer_size=self.batch_size * 8,
-                                                  local_shuffle_seed=self.seed * 1000 + epoch * 10 + self.rank))
+                                                  local_shuffle_seed=self.seed * 1000 + shuffle_epoch * 10 + self.rank))
             if self.streaming:
                 yield from self._full(stream)
                 return
