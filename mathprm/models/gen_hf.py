@@ -236,7 +236,7 @@ class HFGenerator:
         rest = [ids[c:] for ids, (c, _) in zip(encoded, found)]
         t = max(map(len, rest))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (t - len(r)) + r for r, (c, _) in zip(rest, found)], device=self.device)
+        input_ids = torch.tensor([[pad] * (t - len(r)) + r for r in rest], device=self.device)
         mask = torch.tensor([[1] * c + [0] * (width - c + t - len(r)) + [1] * len(r) for r, (c, _) in zip(rest, found)],
                             device=self.device)
         positions = torch.tensor([[0] * (t - len(r)) + list(range(c, c + len(r))) for r, (c, _) in zip(rest, found)],
