@@ -228,3 +228,103 @@ def test_hf_preallocated_cache_samples_exactly_what_the_growing_cache_samples(hf
     monkeypatch.setattr(gen_hf, "_preallocate", lambda cache, extra: None)
     assert hf.rollouts(prefixes, 6, hot) == with_room
     assert len({r.n_tokens for rs in with_room for r in rs}) > 2  # rows stopped at different times
+
+
+# ----------------------------------------------------------------------------- hf prompt cache
+
+
+def _guided_search(gen, fmt: StepFormat, questions: list[str], rounds: int, n: int, sampling: Sampling) -> list:
+    """A search-like run: each round samples `n` steps for every prefix (and rollouts for the first),
+    and the next round's prefixes are the first two children of each (its first samples that make a
+    step), at most 4: round k + 1's prompts extend round k's. Returns every call's output."""
+    prefixes, outputs = [Prefix(q) for q in questions], []
+    for r in range(rounds):
+        sampling_r = Sampling(temperature=sampling.temperature, max_step_tokens=10, max_solution_tokens=16, seed=r)
+        steps = gen.next_steps(prefixes, n, sampling_r)
+        outputs += [steps, gen.rollouts(prefixes[:1], n, sampling_r)]
+        children = []
+        for prefix, samples in zip(prefixes, steps):
+            made = list(dict.fromkeys(fmt.clean(s.text) for s in samples if not s.finished and fmt.clean(s.text)))
+            children += [Prefix(prefix.question, prefix.steps + (step,)) for step in made[:2]] or [prefix]
+        prefixes = children[:4]
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_policy_dir, qwen_policy_dir):
+    """(directory, step format, questions) of the char-level policy and the BPE chat policy."""
+    return {"char": (tiny_policy_dir, FMT, [*MEMORISED, UNSEEN.question]),
+            "bpe": (qwen_policy_dir, StepFormat("\n\n"), ["What is 2+3?", "Halve 10, then add 4."])}
+
+
+@pytest.mark.parametrize("which", ["char", "bpe"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_hf_prompt_cache_samples_a_search_exactly_as_whole_prefills_do(policies, which, temperature):
+    """Rounds of a growing prefix, several per call, n = 3, greedy and hot: the same steps and
+    rollouts (text, token ids, finished) with the cache as without, and fewer prompt tokens run."""
+    path, fmt, questions = policies[which]
+    plain = load_generator("hf", str(path), fmt, device="cpu", batch_prefixes=3)
+    cached = load_generator("hf", str(path), fmt, device="cpu", batch_prefixes=3, prefix_cache_tokens=4096)
+    sampling = Sampling(temperature=temperature)
+    want = _guided_search(plain, fmt, questions, 4, 3, sampling)
+    assert _guided_search(cached, fmt, questions, 4, 3, sampling) == want
+    stats, full = cached.cache_stats(), plain.cache_stats()
+    assert full["tokens_computed"] == full["tokens_full"] == stats["tokens_full"] and full["entries"] == 0
+    assert stats["hits"] > 0 and 0 < stats["held_tokens"] <= 4096
+    assert stats["tokens_computed"] < 0.6 * stats["tokens_full"]
+
+
+def test_hf_prompt_cache_logits_match_a_whole_prefill(policies):
+    """The last prompt position's logits, continuing a kept prompt (or a part of one), are the
+    whole prefill's within 1e-4."""
+    import torch
+
+    path, fmt, _ = policies["bpe"]
+    plain = load_generator("hf", str(path), fmt, device="cpu")
+    cached = load_generator("hf", str(path), fmt, device="cpu", prefix_cache_tokens=4096)
+    first = [Prefix("What is 2+3?", ("2 + 3 = 5",)), Prefix("Halve 10.")]
+    later = [Prefix("What is 2+3?", ("2 + 3 = 5", "So 5")), Prefix("What is 2+3?", ("2 + 4",)), Prefix("Halve 10."),
+             Prefix("Double 7.")]
+    with torch.inference_mode():
+        for prefixes in (first, later):
+            encoded = [plain.prompter.ids(p.question, p.steps) for p in prefixes]
+            got, want = cached._prefill(encoded)[0], plain._prefill(encoded)[0]
+            assert (got - want).abs().max() < 1e-4
+    assert cached.cache_stats()["hits"] == 4  # each of `later` continues a kept prompt or its chat head
+
+
+def test_hf_prompt_cache_holds_at_most_its_bound_over_a_long_search(policies):
+    """16 rounds of a growing solution, past a bound of 150 tokens: the held tokens and bytes never
+    pass it, a prompt not extended since round 0 is evicted, the samples are the plain ones, and
+    `clear_prefix_cache` frees everything."""
+    path, fmt, _ = policies["char"]
+    bound = 150
+    plain = load_generator("hf", str(path), fmt, device="cpu")
+    cached = load_generator("hf", str(path), fmt, device="cpu", prefix_cache_tokens=bound)
+    short = Sampling(temperature=0, max_step_tokens=2)
+    assert cached.next_steps([Prefix("Halve 10.")], 1, short) == plain.next_steps([Prefix("Halve 10.")], 1, short)
+    so_far: tuple[str, ...] = ()
+    per_token = None
+    for r in range(16):
+        prefixes = [Prefix("What is 2+3?", so_far), Prefix("What is 1+1?", so_far[:3])]
+        got = cached.next_steps(prefixes, 2, short)
+        if r % 5 == 4:
+            assert got == plain.next_steps(prefixes, 2, short)
+        stats = cached.cache_stats()
+        per_token = per_token or stats["held_bytes"] / stats["held_tokens"]
+        assert stats["held_tokens"] <= bound and stats["held_bytes"] <= bound * per_token
+        so_far += (f"{r} + 1 = {r + 1}",)
+    stats = cached.cache_stats()
+    assert stats["evicted"] > 0 and stats["tokens_computed"] < 0.5 * stats["tokens_full"]
+    before = cached.cache_stats()["tokens_computed"]
+    cached.next_steps([Prefix("Halve 10.")], 1, short)  # evicted: prefilled whole
+    assert cached.cache_stats()["tokens_computed"] - before == len(cached.prompter.ids("Halve 10."))
+    cached.clear_prefix_cache()
+    assert (cached.cache_stats()["entries"], cached.cache_stats()["held_bytes"]) == (0, 0)
+
+
+def test_hf_prompt_cache_of_0_keeps_nothing(hf, monkeypatch):
+    monkeypatch.setattr(hf.prefix_cache, "find", lambda *a: pytest.fail("the cache was looked up"))
+    hf.next_steps([p for p, _, _ in CASES[:3]], 2, GREEDY)
+    stats = hf.cache_stats()
+    assert stats["entries"] == 0 and stats["tokens_computed"] == stats["tokens_full"] > 0

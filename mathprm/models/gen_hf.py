@@ -12,6 +12,16 @@ all pay for the longest. After the prefill, the cache of every full-attention la
 the tokens still to come (`_preallocate`): transformers' `DynamicLayer` concatenates the whole
 cache at each decoding step, a copy that grows with the prefix and on CPU dominates a rollout
 from a deep one.
+With `prefix_cache_tokens` > 0, prompts' keys and values are kept across calls (a `PrefixCache`
+LRU bounded by that many tokens, `mathprm.models.prefix`): a prompt that extends a kept one, as a
+search's next round extends this round's prefix by the chosen step, prefills only its new tokens
+on top of it (`_prefill`). Entries are matched by token ids, never text; an entry is the KV of its
+prompt less the last token (the LRU keys an entry by its ids and the token after them), so a
+prompt always runs at least its last token and gets its logits from that pass. The LRU drops an
+entry that a newer one extends and evicts the least recently used past the bound;
+`clear_prefix_cache()` frees all of it (a search's end, new weights). `cache_stats()`: hits,
+misses, tokens held (and bytes), evictions, and the prompt tokens prefilled against those a full
+prefill would run. 0: no cache, every prompt prefilled whole.
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
 merges into a longer token (".\\n\\n") still stops the step; the text is cut at its first
 separator, as vLLM's `stop` strings do.
@@ -30,7 +40,7 @@ from mathprm.steps import StepFormat
 class HFGenerator:
     def __init__(
         self, model_dir: str, step_format: StepFormat, device: str | None = None, batch_prefixes: int = 16,
-        system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto",
+        system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto", prefix_cache_tokens: int = 0,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -45,13 +55,14 @@ class HFGenerator:
         self.tokenizer.padding_side = "left"  # every row continues from its last column
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self._attach(model, batch_prefixes, system_prompt, chat)
+        self._attach(model, batch_prefixes, system_prompt, chat, prefix_cache_tokens)
 
     @classmethod
     def from_model(cls, model, tokenizer, step_format: StepFormat, batch_prefixes: int = 16,
                    system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto") -> HFGenerator:
         """A generator over a model already in memory (PPO samples with the weights it is
-        training, no copy); the model stays on its device. `tokenizer` is copied, not changed."""
+        training, no copy); the model stays on its device. `tokenizer` is copied, not changed.
+        No prefix cache: the weights change under it."""
         import copy
 
         self = cls.__new__(cls)
@@ -64,7 +75,13 @@ class HFGenerator:
         self._attach(model, batch_prefixes, system_prompt, chat)
         return self
 
-    def _attach(self, model, batch_prefixes: int, system_prompt: str | None, chat: str) -> None:
+    def _attach(self, model, batch_prefixes: int, system_prompt: str | None, chat: str,
+                prefix_cache_tokens: int = 0) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        from mathprm.models.prefix import PrefixCache
+
         self.model = model
         self.prompter = Prompter(self.tokenizer, self.step_format, system_prompt, chat)
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
@@ -72,6 +89,21 @@ class HFGenerator:
         eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} - {None})
         self.batch_prefixes = batch_prefixes  # prompts per forward pass; each brings n rows
+        # A kept prompt's KV must be every position's: sliding-window or linear-attention layers keep less.
+        layers = DynamicCache(config=model.config).layers if prefix_cache_tokens else []
+        if any(type(layer) is not DynamicLayer for layer in layers):
+            raise ValueError("prefix_cache_tokens: the policy has sliding-window or linear-attention layers, whose "
+                             "cache holds only part of a prompt; use 0")
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
+
+    def cache_stats(self) -> dict:
+        """The prompt cache's counters and holdings (`PrefixCache.stats`): `tokens_computed` are the
+        prompt tokens prefilled, `tokens_full` those a prefill of every whole prompt would run."""
+        return self.prefix_cache.stats()
+
+    def clear_prefix_cache(self) -> None:
+        """Free every kept prompt (a search has ended, or the weights changed); counters stay."""
+        self.prefix_cache.clear()
 
     def room(self, prefix: Prefix) -> int:
         return self.prompter.room(prefix.question, prefix.steps, self.context_length)
@@ -133,19 +165,13 @@ class HFGenerator:
         # Each row writes at most what its prompt leaves of the context.
         limits = [min(max_tokens, self.context_length - len(ids)) for ids in encoded for _ in range(n)]
         max_tokens = max(limits)
-        width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=self.device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from 0
         with torch.inference_mode():
-            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-            cache = out.past_key_values
+            logits, cache, mask, next_pos = self._prefill(encoded)
             cache.batch_repeat_interleave(n)  # the prompt's work, shared by its n samples
             _preallocate(cache, max_tokens)
-            logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+            logits = logits.repeat_interleave(n, 0)
             mask = mask.repeat_interleave(n, 0)
-            next_pos = positions[:, -1:].repeat_interleave(n, 0) + 1
+            next_pos = next_pos.repeat_interleave(n, 0)
             rows = len(encoded) * n
             gens = [torch.Generator(self.device).manual_seed(prefix_seed(seed, j)) for seed in seeds for j in range(n)]
             generated: list[list[int]] = [[] for _ in range(rows)]
@@ -189,6 +215,43 @@ class HFGenerator:
         reasons = [r or "length" for r in reasons]
         return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n])
                 for i in range(len(encoded))]
+
+    def _prefill(self, encoded: list[list[int]]):
+        """Run the prompts: (each one's logits at its last position (B, V) float32, the KV cache,
+        the attention mask (B, columns of the cache), each one's next position (B, 1)).
+
+        Row i continues the longest kept prompt that its ids start with (c_i positions, right-padded
+        with masked zeros to the longest, `padded_past`) by its remaining tokens, left-padded so that
+        every row's last token is the last column: columns [c_i kept | pad | pad | rest]. Without a
+        kept prompt (or a cache) that is today's left-padded prefill of whole prompts."""
+        import torch
+
+        from mathprm.models.prefix import padded_past, row_kv
+
+        cache = self.prefix_cache
+        found = [cache.find(ids, len(ids) - 1) if cache.max_tokens else (0, None) for ids in encoded]
+        pasts = [None if entry is None else [[(k[:, :, :c], v[:, :, :c]) for k, v in entry.kv[0]]]
+                 for c, entry in found]
+        (past,), _, width = padded_past(pasts, 1)
+        rest = [ids[c:] for ids, (c, _) in zip(encoded, found)]
+        t = max(map(len, rest))
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (t - len(r)) + r for r in rest], device=self.device)
+        mask = torch.tensor([[1] * c + [0] * (width - c + t - len(r)) + [1] * len(r) for r, (c, _) in zip(rest, found)],
+                            device=self.device)
+        positions = torch.tensor([[0] * (t - len(r)) + list(range(c, c + len(r))) for r, (c, _) in zip(rest, found)],
+                                 device=self.device)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         past_key_values=past if width else None)
+        cache.counts["tokens_full"] += sum(map(len, encoded))
+        cache.counts["tokens_computed"] += sum(map(len, rest))
+        if cache.max_tokens:
+            kv = out.past_key_values
+            for i, (ids, r, (c, _)) in enumerate(zip(encoded, rest, found)):
+                if 1 < len(ids) <= cache.max_tokens + 1:  # the kept part: every position but the last
+                    cache.put(ids, row_kv([kv], i, [(0, c), (width + t - len(r), width + t - 1)]),
+                              torch.empty(len(ids) - 1, 0))
+        return out.logits[:, -1].float(), out.past_key_values, mask, positions[:, -1:] + 1
 
     def _pick(self, logits, gens, sampling: Sampling):
         """One next token per row of `logits`, row k drawing from `gens[k]`. Rows that already

@@ -23,7 +23,8 @@ prefix come from the prefix pass.
 
 `PrefixCache` keeps recent prefixes (keys, values and per-position values, on the model's device) in
 an LRU bounded by a number of tokens, and counts hits, misses, and the tokens computed against the
-tokens a full pass per encoding would compute. This module imports neither Ray nor vLLM.
+tokens a full pass per encoding would compute. The `hf` generator keeps its prompts' KV in the same
+LRU (`mathprm.models.gen_hf`, with no per-position values). This module imports neither Ray nor vLLM.
 """
 
 from __future__ import annotations
@@ -157,6 +158,10 @@ class PrefixCache:
             self._entries.popitem(last=False)
             self.counts["evicted"] += 1
 
+    def clear(self) -> None:
+        """Drop every entry (a search has ended, or the model's weights changed); counters stay."""
+        self._entries.clear()
+
     @property
     def held_tokens(self) -> int:
         return sum(e.tokens for e in self._entries.values())
@@ -177,14 +182,14 @@ class PrefixCache:
 # ----------------------------------------------------------------------------- running
 
 
-def _kv(caches: Sequence[Any], row: int, spans: Sequence[tuple[int, int]]) -> KV:
+def row_kv(caches: Sequence[Any], row: int, spans: Sequence[tuple[int, int]]) -> KV:
     """Row `row` of `caches`, the positions of `spans` ([lo, hi) pairs) concatenated, as new tensors."""
     return [[(torch.cat([k[row : row + 1, :, lo:hi] for lo, hi in spans], dim=2),
               torch.cat([v[row : row + 1, :, lo:hi] for lo, hi in spans], dim=2))
              for k, v, *_ in cache] for cache in caches]
 
 
-def _past(kvs: Sequence[KV | None], n_models: int) -> tuple[list[Any], list[int], int]:
+def padded_past(kvs: Sequence[KV | None], n_models: int) -> tuple[list[Any], list[int], int]:
     """One transformers DynamicCache per model holding each row's KV right-padded with zeros to
     the longest: (caches, each row's length, the padded width)."""
     from transformers import DynamicCache  # imported when a pass runs: importing this module stays light
@@ -212,7 +217,7 @@ def _pass(forward: Forward, n_models: int, rows: Sequence[tuple[KV | None, list[
     """One batched pass: row r continues its past KV (None: none) with tokens `ids`, `next_ids`
     (as many). Returns the (B, T, F) values, the caches after the pass, each row's past length
     and the padded past width."""
-    caches, lengths, width = _past([kv for kv, _, _ in rows], n_models)
+    caches, lengths, width = padded_past([kv for kv, _, _ in rows], n_models)
     t = max(len(ids) for _, ids, _ in rows)
     ids = torch.full((len(rows), t), pad_id, dtype=torch.long)
     nxt = torch.full_like(ids, pad_id)
@@ -260,7 +265,7 @@ def run_shared(forward: Forward, n_models: int, encodings: Sequence[Sequence[int
             length, ids = groups[g][0], encodings[groups[g][1][0]]
             new = length - c
             cache.counts["tokens_computed"] += new
-            kv = _kv(caches, r, [(0, c), (width, width + new)])
+            kv = row_kv(caches, r, [(0, c), (width, width + new)])
             vals = values[r, :new].clone() if old is None else torch.cat([old, values[r, :new]])
             prefix[g] = kv, vals
             if cache.max_tokens:

@@ -136,6 +136,7 @@ class RolloutEngine:
             if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:  # a tied head is optional
                 raise ValueError(f"weights do not fit the engine's policy: missing {missing[:3]}, "
                                  f"unexpected {unexpected[:3]}")
+            self.generator.clear_prefix_cache()  # kept prompts' KV was computed with the old weights
         else:
             self._reload_vllm(state)
         self.version = version
