@@ -220,3 +220,48 @@ def test_published_kinds_with_a_cache_of_0_never_run_the_cache(published_prms, k
     questions, steps = _calls()[0]
     assert [len(s) for s in scorer.score(questions, steps)] == [len(s) for s in steps]
     assert prefix.PrefixCache(0).stats()["entries"] == scorer.cache_stats()["entries"] == 0
+
+
+# ----------------------------------------------------------------------------- in a search stage
+
+
+def test_an_evaluation_with_both_caches_searches_as_one_without_and_reports_them(tiny_policy_dir, prm_dirs,
+                                                                                 tmp_path):
+    """`mathprm evaluate` with the policy's and the PRM's prefix caches on: the same per-problem
+    records (steps, scores, answers) as with them off, and the caches' counters in the report,
+    fewer tokens computed than full passes would."""
+    import json
+
+    from mathprm.eval.evaluate import EvalConfig, run_evaluation
+
+    def run(name: str, tokens: int) -> tuple[dict, list[dict]]:
+        cfg = EvalConfig(policy=str(tiny_policy_dir), prm=str(prm_dirs["char"]), dataset="arith:easy", limit=3,
+                         strategies=["guided@3", "beam@2"], temperature=0.8, max_steps=4, max_step_tokens=16,
+                         device="cpu", out=str(tmp_path / f"{name}.json"), prm_prefix_cache_tokens=tokens,
+                         policy_prefix_cache_tokens=tokens)
+        report = run_evaluation(cfg)
+        lines = (tmp_path / f"{name}.problems.jsonl").read_text().splitlines()
+        return report, [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in lines]
+
+    (off, off_rows), (on, on_rows) = run("off", 0), run("on", 4096)
+    assert on["strategies"] == off["strategies"] and "prefix_cache" not in off
+    assert len(on_rows) == len(off_rows) == 3
+    for a, b in zip(on_rows, off_rows):
+        assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True) or _close_records(a, b)
+    for which in ("policy", "prm"):
+        stats = on["prefix_cache"][which]
+        assert stats["hits"] > 0 and stats["tokens_computed"] < stats["tokens_full"], (which, stats)
+    with pytest.raises(ValueError, match="policy_prefix_cache_tokens"):
+        EvalConfig(policy=str(tiny_policy_dir), backend="vllm", policy_prefix_cache_tokens=64)
+
+
+def _close_records(a: dict, b: dict) -> bool:
+    """Equal but for float rounding of PRM scores (a prefix pass and a full pass add in different
+    orders): the same keys, texts and answers, numbers within 1e-5."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close_records(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close_records(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) < 1e-5
+    return a == b

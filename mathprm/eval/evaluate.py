@@ -101,6 +101,11 @@ class EvalConfig:
     # the system message of a chat prompt when the policy's tokenizer has a chat template (mathprm.prompts)
     system_prompt: str | None = DEFAULT_SYSTEM
     batch_problems: int = 16  # problems per generator call (each brings its samples)
+    # KV caches of shared prefixes (mathprm.models.prefix), in tokens; 0: off. The PRM's: a search
+    # round's candidates share their prefix, computed once, and the next round starts from it. The
+    # policy's (hf backend; vLLM caches prefixes itself): a prompt starts from the longest kept one.
+    prm_prefix_cache_tokens: int = 0
+    policy_prefix_cache_tokens: int = 0
     device: str | None = None  # hf backend and PRM; None: cuda if available
     out: str | None = None  # JSON path; None: runs/eval/<policy dir name>__<dataset>__seed<seed>.json
     plot: str | None = None  # accuracy-vs-k PNG; None: beside `out` as <out stem>.accuracy_vs_n.png
@@ -128,6 +133,12 @@ class EvalConfig:
         for name in ("batch_problems", "num_actors"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("prm_prefix_cache_tokens", "policy_prefix_cache_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.policy_prefix_cache_tokens and self.backend != "hf":
+            raise ValueError(f"policy_prefix_cache_tokens: only the hf backend keeps one ({self.backend} caches "
+                             "prefixes itself); set it to 0")
         self.search_config(1)  # SearchConfig's checks (beam_width, max_steps, simulations, token limits)
 
     def search_config(self, k: int):
@@ -398,13 +409,28 @@ def _problems(cfg: EvalConfig) -> list[Problem]:
 
 
 def _generator(cfg: EvalConfig) -> Any:
-    options = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
+    options: dict[str, Any] = {"device": cfg.device} if cfg.backend == "hf" and cfg.device else {}
     options["system_prompt"] = cfg.system_prompt
+    if cfg.policy_prefix_cache_tokens:
+        options["prefix_cache_tokens"] = cfg.policy_prefix_cache_tokens
     return load_generator(cfg.backend, cfg.policy, cfg.step_format, **options)
 
 
 def _scorer(cfg: EvalConfig, problems: Sequence[Problem]) -> Any:
-    return build_scorer(cfg.prm_ref, lambda: ArithOracle(problems), **({"device": cfg.device} if cfg.device else {}))
+    options: dict[str, Any] = {"device": cfg.device} if cfg.device else {}
+    if cfg.prm_prefix_cache_tokens:
+        options["prefix_cache_tokens"] = cfg.prm_prefix_cache_tokens
+    return build_scorer(cfg.prm_ref, lambda: ArithOracle(problems), **options)
+
+
+def _cache_stats(cfg: EvalConfig, generator: Any, scorer: Any) -> dict[str, Any]:
+    """The prefix caches' counters (`cache_stats()`) of the caches this run turned on."""
+    out = {}
+    if cfg.policy_prefix_cache_tokens:
+        out["policy"] = generator.cache_stats()
+    if cfg.prm_prefix_cache_tokens and cfg.prm_ref.kind not in ("none", "oracle"):
+        out["prm"] = scorer.cache_stats()
+    return out
 
 
 class _Worker:
@@ -438,6 +464,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
     chunks = [problems[lo: lo + cfg.batch_problems] for lo in range(0, len(problems), cfg.batch_problems)]
     started = time.monotonic()
     records: list[dict[str, Any]] = []
+    caches: dict[str, Any] = {}  # in-process runs: the prefix caches' counters
     if cfg.use_ray and generator is None:
         from mathprm.data.ray_data import records_on_actor_pool
         from mathprm.ray_utils import check_job_paths, init_ray
@@ -456,6 +483,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
             elapsed = time.monotonic() - started
             print(f"[evaluate] {len(records)}/{len(problems)} problems, {elapsed:.0f}s, "
                   f"eta {elapsed / len(records) * (len(problems) - len(records)):.0f}s", flush=True)
+        caches = _cache_stats(cfg, generator, scorer)
 
     pool = max((s.k for s in strategies if s.spends == "pool"), default=0)
     skipped = [r["id"] for r in records if "skipped_too_long" in r]
@@ -475,6 +503,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
                    "simulations": cfg.simulations, "max_step_tokens": cfg.max_step_tokens},
         "strategies": score(records_scored, strategies, cfg.aggregation),
         "diagnostics": diagnostics(records_scored),
+        **({"prefix_cache": caches} if caches else {}),
         "elapsed_s": round(time.monotonic() - started, 1),
         "date": time.strftime("%Y-%m-%d"),
     }
