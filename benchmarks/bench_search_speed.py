@@ -1,6 +1,6 @@
 """Step-by-step search at MATH length with the prefix caches off and on, side by side in one run.
 
-    .venv/bin/python benchmarks/bench_search_speed.py [--problems 2] [--max-steps 24] [--write]
+    .venv/bin/python benchmarks/bench_search_speed.py [--problems 2] [--max-steps 24] [--demo] [--write]
 
 Models: a random-weight Qwen2 policy and a Qwen2.5-Math-PRM-layout PRM (`published` kind `qwen`)
 of ~20M parameters each with byte-level BPE tokenizers (`tests.tiny_models`), built in a
@@ -163,14 +163,22 @@ def main() -> int:
     parser.add_argument("--step-tokens", type=int, default=60)
     parser.add_argument("--cache-tokens", type=int, default=65536)
     parser.add_argument("--demo", action="store_true", help="also the demo's guided@8 (needs make demo's models)")
+    parser.add_argument("--rows-from", help="take the MATH-length rows from this JSON of an earlier run (then only "
+                                                "the demo comparison runs)")
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args()
     from tests.tiny_models import build_qwen_policy, build_qwen_prm
 
     with tempfile.TemporaryDirectory(prefix="bench_search_speed_") as tmp:
-        policy = build_qwen_policy(Path(tmp) / "policy", seed=0, **SIZES)
-        prm = build_qwen_prm(Path(tmp) / "prm", seed=1, **SIZES)
-        rows = search_side_by_side(policy, prm, args)
+        if args.rows_from:
+            earlier = json.loads(Path(args.rows_from).read_text())
+            rows = earlier["rows"]
+            for key in ("problems", "max_steps", "step_tokens", "cache_tokens"):
+                setattr(args, key, earlier["args"][key])
+        else:
+            policy = build_qwen_policy(Path(tmp) / "policy", seed=0, **SIZES)
+            prm = build_qwen_prm(Path(tmp) / "prm", seed=1, **SIZES)
+            rows = search_side_by_side(policy, prm, args)
         demo = demo_side_by_side(args, tmp) if args.demo or args.write else None
     text = table(rows, demo, args)
     print(text)
@@ -180,7 +188,7 @@ def main() -> int:
     if args.write:
         command = "python benchmarks/bench_search_speed.py" + "".join(
             f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("write", "demo") and v != parser.get_default(k)) + " --write"
+            if k not in ("write", "demo", "rows_from") and v != parser.get_default(k)) + " --write"
         figures = [(f"Search at MATH length, prefix caches off vs on ({r['strategy']}, ~20M Qwen2 policy + PRM)",
                     f"PRM tokens/decision {r['prm_fewer_tokens']:.1f}x fewer, PRM s/decision {r['prm_faster']:.1f}x "
                     f"lower, policy tokens/decision {r['policy_fewer_tokens']:.1f}x fewer, end to end "
