@@ -3,6 +3,7 @@ rows in the figures table at the top of that doc."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -94,6 +95,16 @@ def update_figures(doc: str, figures: Iterable[tuple[str, str]], command: str, d
             last_row = len(kept)
     kept[last_row:last_row] = list(rows.values())
     return doc[:start] + "\n".join(kept) + doc[end:]
+
+
+def command_line(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 leave_out: Iterable[str] = ()) -> str:
+    """The command that reran this benchmark for the doc: `script` with the options that differ
+    from their defaults (less `leave_out` and --write), then --write."""
+    skip = {"write", *leave_out}
+    return f"python benchmarks/{script}" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k not in skip and v != parser.get_default(k)) + " --write"
 
 
 def write_section(title: str, command: str, body: str, figures: Iterable[tuple[str, str]] = ()) -> None:

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import write_section  # noqa: E402
+from _doc import command_line, write_section  # noqa: E402
 
 from mathprm import atomic  # noqa: E402
 from mathprm.models.published import QwenPRMScorer  # noqa: E402
@@ -138,9 +138,7 @@ def main() -> None:
             f"{result['prm']} on {result['device']}; {args.rounds} rounds of a guided search ({args.searches} in "
             f"lockstep), {args.n} candidates of ~{STEP_TOKENS} tokens per decision, the first kept, so the solution "
             "grows a step a round; both scorers get the same calls (`mathprm.models.prefix`)."])
-        command = "python benchmarks/bench_prm_prefix.py" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k != "write" and v != parser.get_default(k)) + " --write"
+        command = command_line("bench_prm_prefix.py", parser, args)
         write_section("PRM prefix cache: a search's scoring, cache on vs off", command, text, [
             ("PRM prefix cache at MATH length (guided@8 rounds, ~20M Qwen2 PRM)",
              f"{result['fewer_tokens']:.1f}x fewer PRM tokens, {result['faster']:.1f}x fewer PRM seconds per decision "

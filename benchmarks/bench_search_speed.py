@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import write_section  # noqa: E402
+from _doc import command_line, write_section  # noqa: E402
 
 from mathprm import atomic  # noqa: E402
 
@@ -186,9 +186,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, {"rows": rows, "demo": demo, "args": vars(args)})
     if args.write:
-        command = "python benchmarks/bench_search_speed.py" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("write", "demo", "rows_from") and v != parser.get_default(k)) + " --write"
+        command = command_line("bench_search_speed.py", parser, args, ("demo", "rows_from"))
         figures = [(f"Search at MATH length, prefix caches off vs on ({r['strategy']}, ~20M Qwen2 policy + PRM)",
                     f"PRM tokens/decision {r['prm_fewer_tokens']:.1f}x fewer, PRM s/decision {r['prm_faster']:.1f}x "
                     f"lower, policy tokens/decision {r['policy_fewer_tokens']:.1f}x fewer, end to end "

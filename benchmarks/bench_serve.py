@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import repo_relative, write_section  # noqa: E402
+from _doc import command_line, repo_relative, write_section  # noqa: E402
 
 from mathprm import atomic
 from mathprm.data import arith  # noqa: E402
@@ -282,9 +282,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_json(out, {"runs": rows, "models": source, "clients": args.clients, "n": args.n})
     if args.write:
-        command = "python benchmarks/bench_serve.py" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k != "write" and v != parser.get_default(k)) + " --write"
+        command = command_line("bench_serve.py", parser, args)
         write_section(SECTION, command, text, figures(rows, args))
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _doc import write_section  # noqa: E402
+from _doc import command_line, write_section  # noqa: E402
 from bench_serve import models  # noqa: E402
 
 from mathprm import atomic  # noqa: E402
@@ -170,9 +170,7 @@ def main() -> int:
         print(f"{result['errors']} requests failed, e.g. {result['error_samples']}", file=sys.stderr)
         return 1
     if args.write:
-        command = "python benchmarks/bench_serve_openai.py" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k != "write" and v != parser.get_default(k)) + " --write"
+        command = command_line("bench_serve_openai.py", parser, args)
         figure = (f"{args.clients} openai-client streams, guided@{args.n}, {args.seconds:g} s: "
                   f"{result['requests_per_s']:.2f} requests/s, first step p50 {result['first_step_p50_s']:.2f} s / "
                   f"p95 {result['first_step_p95_s']:.2f} s, answer p50 {result['answer_p50_s']:.2f} s / "
