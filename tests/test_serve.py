@@ -902,10 +902,15 @@ def test_fuzz_every_endpoint_no_5xx_no_internals_healthy_after(app):
     field; the app answers health and a normal question after."""
     cases = _fuzz_cases(random.Random(32))
     assert len(cases) >= 300
+    _fuzz(app, cases, _check)
+
+
+def _fuzz(app: str, cases: list[tuple[str, str, dict, bytes]], check) -> None:
+    """Send every case, `check` each answer; then the app must answer health and a question."""
     with requests.Session() as session:
         for method, path, headers, body in cases:
             r = session.request(method, app + path, data=body, headers=headers, timeout=60)
-            _check(r, (method, path, body[:200]))
+            check(r, (method, path, body[:200]))
         assert session.get(app + "/healthz", timeout=10).status_code == 200
         assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
 
@@ -1187,14 +1192,11 @@ def _new_fuzz_cases(rng: random.Random) -> list[tuple[str, str, dict, bytes]]:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_fuzz_the_openai_and_score_routes_no_5xx_no_internals_healthy_after(app):
+    """A seeded fuzz of 250 requests over the OpenAI and per-step score routes
+    (`_new_fuzz_cases`), each answer checked by `_check_new`; healthy after."""
     cases = _new_fuzz_cases(random.Random(34))
     assert len(cases) >= 250
-    with requests.Session() as session:
-        for method, path, headers, body in cases:
-            r = session.request(method, app + path, data=body, headers=headers, timeout=60)
-            _check_new(r, (method, path, body[:200]))
-        assert session.get(app + "/healthz", timeout=10).status_code == 200
-        assert _solve(app, {"question": "What is 1+1?", "temperature": 0}, session)["answer"] == "2"
+    _fuzz(app, cases, _check_new)
 
 
 @pytest.mark.ray
