@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from mathprm.search import RUNNABLE, STRATEGIES, Chosen
+from mathprm.search import Chosen
 from mathprm.serve import chat
 from mathprm.serve.config import ServeConfig, api_key_digest, load_serve_config
 from mathprm.serve.deployments import GeneratorDeployment, HandleGenerator, HandleScorer, PRMDeployment
@@ -334,7 +334,7 @@ class SolveAPI:
         cfg = self.cfg
         return {"status": "ok", "policy": Path(cfg.policy).name, "prm": cfg.prm and Path(cfg.prm).name,
                 "backend": cfg.backend, "dataset": cfg.dataset,
-                "strategies": [s for s in RUNNABLE if cfg.prm is not None or not STRATEGIES[s].needs_prm],
+                "strategies": chat.served_strategies(cfg.prm is not None),
                 "defaults": {"strategy": cfg.strategy_name} | settings(cfg.search),
                 "limits": dataclasses.asdict(cfg.limits), "api_key_required": self.api_key_sha256 is not None}
 

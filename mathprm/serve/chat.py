@@ -58,7 +58,8 @@ def openai_status(status: int) -> int:
 # ----------------------------------------------------------------------------- models
 
 
-def served_strategies(cfg: ServeConfig, has_prm: bool) -> list[str]:
+def served_strategies(has_prm: bool) -> list[str]:
+    """The strategies a server runs: every runnable one, those that need a PRM only with one."""
     return [s for s in RUNNABLE if has_prm or not STRATEGIES[s].needs_prm]
 
 
@@ -68,7 +69,7 @@ def model_id(strategy: str, n: int | None) -> str:
 
 def model_ids(cfg: ServeConfig, has_prm: bool) -> list[str]:
     """One model per strategy this server runs, at the server's default `n` (greedy has none)."""
-    return [model_id(s, None if STRATEGIES[s].spends == "one" else cfg.search.n) for s in served_strategies(cfg, has_prm)]
+    return [model_id(s, None if STRATEGIES[s].spends == "one" else cfg.search.n) for s in served_strategies(has_prm)]
 
 
 def models_list(cfg: ServeConfig, has_prm: bool, created: int) -> dict[str, Any]:
