@@ -44,6 +44,29 @@ SIZES = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, 
 STRATEGIES = (("guided", {"n": 8}), ("beam", {"n": 4, "beam_width": 4}))
 
 
+def steady_policy(path: Path) -> None:
+    """Make the random policy write MATH-length searches: its EOS ids and every token holding a
+    newline (so the "\n\n" separator) get zero output rows, and the other rows are scaled so
+    that the logits' spread is ~4, which leaves those tokens ~1e-6 of the probability: every step
+    runs to `--step-tokens` and every search to `--max-steps`, as a long MATH solution would."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    eos = GenerationConfig.from_pretrained(path).eos_token_id
+    banned = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    banned |= {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])}
+    head = model.get_output_embeddings().weight
+    with torch.no_grad():
+        text = tokenizer(" ".join(["Let x be the sum of the first ten primes and compute it."] * 8),
+                         return_tensors="pt")
+        spread = model(**text).logits.float().std().item()
+        head.mul_(4.0 / spread)
+        head[sorted(banned)] = 0.0
+    model.save_pretrained(path)
+
+
 class TimedScorer:
     """A Scorer that adds up the seconds of its `score` calls."""
 
@@ -177,6 +200,7 @@ def main() -> int:
                 setattr(args, key, earlier["args"][key])
         else:
             policy = build_qwen_policy(Path(tmp) / "policy", seed=0, **SIZES)
+            steady_policy(policy)
             prm = build_qwen_prm(Path(tmp) / "prm", seed=1, **SIZES)
             rows = search_side_by_side(policy, prm, args)
         demo = demo_side_by_side(args, tmp) if args.demo or args.write else None
