@@ -342,3 +342,23 @@ def test_the_prm_prior_command_writes_an_untrained_prm_that_doubts_what_its_lm_d
     (tmp_path / "a-file").write_text("")
     assert cli.main(["prm-prior", f"base={tiny_policy_dir}", f"out_dir={tmp_path / 'a-file'}"]) == 2
     assert "a-file is a file, not a directory" in capsys.readouterr().err
+
+
+def test_a_label_set_without_a_labelled_step_is_one_line_before_ray(tmp_path):
+    """A labelling run whose problems were all skipped (e.g. prompts too long for its
+    max_solution_tokens) leaves part files with no rows: training refuses them in one line
+    naming the data, before Ray Data reads anything."""
+    from mathprm.config import ConfigError
+    from mathprm.data.problems import Problem
+    from mathprm.labels.parts import problems_block, write_labels_file
+    from mathprm.labels.treesearch import TOO_LONG, SearchStats
+    from mathprm.steps import StepFormat
+    from mathprm.train.prm_data import solutions_dataset
+
+    labels = tmp_path / "mcts" / "labels"
+    labels.mkdir(parents=True)
+    block = problems_block([(Problem("p1", "What is 2+3?", "5", "arith:any"), [],
+                             SearchStats(skipped_too_long=1, no_labels=TOO_LONG), 0.0)], "hf:policy", 0)
+    write_labels_file(block, labels / "part-test-00000-000.parquet")
+    with pytest.raises(ConfigError, match="holds no labelled step"):
+        solutions_dataset(str(tmp_path / "mcts"), StepFormat("\n"))

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from mathprm import atomic
 from mathprm.config import ConfigError
@@ -166,6 +167,9 @@ def solutions_dataset(data: str, fmt: StepFormat):
         fix = "move it aside (in a labelling out_dir, `mathprm mcts ... repair=true` does and relabels its problems)"
         schemas = [parquet_schema(Path(f), fix) for f in files]
         names = set(schemas[0].names)
+        if not any(pq.ParquetFile(f).metadata.num_rows for f in files):  # nothing to train on (or to shuffle)
+            raise ConfigError(f"data: {data} holds no labelled step (a labelling run that committed its problems "
+                              "without labels: its summary.json says why, e.g. prompts too long for max_solution_tokens)")
         ds = ray.data.read_parquet(files)
     if set(steptable.SCHEMA.names) <= names:
         ds = ds.groupby("problem_id").map_groups(_table_to_solutions, batch_format="pyarrow")
