@@ -150,9 +150,29 @@ def demo_side_by_side(args: argparse.Namespace, tmp: str) -> dict | None:
         records = [{k: v for k, v in json.loads(line).items() if "seconds" not in k} for line in lines]
         out[cache] = {"accuracy": report["strategies"]["guided@8"]["accuracy"], "seconds": time.perf_counter() - t0,
                       "records": records, "prefix_cache": report.get("prefix_cache")}
+    floats, others = differences(out["off"]["records"], out["on"]["records"])
     return {"accuracy_off": out["off"]["accuracy"], "accuracy_on": out["on"]["accuracy"],
             "seconds_off": out["off"]["seconds"], "seconds_on": out["on"]["seconds"],
-            "same_records": out["off"]["records"] == out["on"]["records"], "prefix_cache": out["on"]["prefix_cache"]}
+            "same_records": not others, "largest_float_difference": max(floats, default=0.0),
+            "differences": others[:10], "prefix_cache": out["on"]["prefix_cache"]}
+
+
+def differences(a, b, where: str = "") -> tuple[list[float], list[str]]:
+    """(every |difference| of two floats at the same place, the places where anything else
+    differs: a text, an answer, a count, a key) of two JSON values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [], [f"{where}: keys"]
+        parts = [differences(a[k], b[k], f"{where}.{k}") for k in a]
+    elif isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [], [f"{where}: length"]
+        parts = [differences(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))]
+    elif isinstance(a, float) and isinstance(b, float):
+        return [abs(a - b)], []
+    else:
+        return [], [] if a == b else [where]
+    return [f for fs, _ in parts for f in fs], [o for _, os in parts for o in os]
 
 
 def table(rows: list[dict], demo: dict | None, args: argparse.Namespace) -> str:
@@ -173,8 +193,9 @@ def table(rows: list[dict], demo: dict | None, args: argparse.Namespace) -> str:
               f"{args.cache_tokens} tokens. A decision is one PRM call of one search (one round)."]
     if demo:
         lines += ["", f"The demo's guided@8 on 50 arith:hard problems (runs/arith models), caches off -> on: accuracy "
-                  f"{demo['accuracy_off']:.1%} -> {demo['accuracy_on']:.1%}, per-problem records "
-                  f"{'identical' if demo['same_records'] else 'DIFFERENT'}, {demo['seconds_off']:.0f} s -> "
+                  f"{demo['accuracy_off']:.1%} -> {demo['accuracy_on']:.1%}; per-problem records (chosen steps, answers) "
+                  f"{'identical' if demo['same_records'] else 'DIFFERENT at ' + ', '.join(demo['differences'])}, "
+                  f"PRM scores within {demo['largest_float_difference']:.1e}; {demo['seconds_off']:.0f} s -> "
                   f"{demo['seconds_on']:.0f} s."]
     return "\n".join(lines)
 
