@@ -52,23 +52,28 @@ class StepFormat:
 
     def join(self, steps: Sequence[str]) -> str:
         """The text of `steps`; ValueError (naming the step) if it would not split back into `steps`."""
+        bad = self.unreadable(steps)
+        if bad is not None:
+            raise ValueError(f"step {bad[0]}: {bad[1]}")
+        return self.separator.join(steps)
+
+    def unreadable(self, steps: Sequence[str]) -> tuple[int, str] | None:
+        """(index, why) of the first step that would not split back out of `join(steps)`, else None."""
         sep = self.separator
         if len(steps) == 1 and steps[0] == "":
-            raise ValueError("step 0: a single empty step would read back as no steps at all")
+            return 0, "a single empty step would read back as no steps at all"
         for i, step in enumerate(steps):
             if not isinstance(step, str):
-                raise ValueError(f"step {i}: must be a string, got {type(step).__name__}")
+                return i, f"must be a string, got {type(step).__name__}"
             if sep in step:
-                raise ValueError(f"step {i}: contains the separator {sep!r}")
+                return i, f"contains the separator {sep!r}"
             # `split` cuts at the first separator it meets. Inside `step + sep` that must be
             # the appended one; an earlier match would start in the step's tail (its end
             # overlaps the separator's start) and cut the step short.
             if i < len(steps) - 1 and (step + sep).find(sep) != len(step):
-                raise ValueError(
-                    f"step {i}: its end {step[-len(sep):]!r} runs into the separator {sep!r} "
-                    "that follows it, so the text would split there"
-                )
-        return sep.join(steps)
+                return i, (f"its end {step[-len(sep):]!r} runs into the separator {sep!r} "
+                           "that follows it, so the text would split there")
+        return None
 
     def clean(self, text: str) -> str:
         """`text` as a storable step: cut at its first separator, then its tail shortened until

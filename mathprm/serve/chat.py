@@ -28,7 +28,7 @@ from mathprm.data.answers import Judge
 from mathprm.data.problems import Problem
 from mathprm.search import RUNNABLE, STRATEGIES, Chosen, SearchConfig
 from mathprm.serve.config import ServeConfig
-from mathprm.serve.solver import RequestError, SolveRequest, Text
+from mathprm.serve.solver import RequestError, SolveRequest, Text, with_settings
 
 MODEL_PREFIX = "mathprm"
 
@@ -190,15 +190,11 @@ def plan(solver: Any, req: ChatRequest) -> tuple[str, SearchConfig, Problem, Pro
                     "max_solution_tokens": min(cap, search.max_solution_tokens)}
     if req.top_p is not None:
         changes["top_p"] = req.top_p
-    if changes:
-        try:
-            search = dataclasses.replace(search, **changes)
-        except ValueError as e:
-            raise RequestError(str(e).split(":", 1)[0], str(e)) from None
+    search = with_settings(search, changes)
     graded = None
     if req.gold_answer is not None:
         graded = dataclasses.replace(problem, answer=req.gold_answer)
-        if problem.source.startswith("arith:") and not _is_int(req.gold_answer):
+        if Judge(graded).arith and not _is_int(req.gold_answer):  # the judge reads arith answers as ints
             raise RequestError("gold_answer", f"gold_answer: the arithmetic world's answers are integers, got "
                                               f"{req.gold_answer[:40]!r}")
     return name, search, problem, graded

@@ -134,10 +134,7 @@ class Solver:
                 raise RequestError(key, f"{key}: {value} is over this server's limit of {getattr(limits, key)}")
         chosen |= {"temperature": req.temperature, "seed": req.seed}
         given = {k: v for k, v in chosen.items() if v is not None}
-        try:
-            search = dataclasses.replace(self.cfg.search, **given)
-        except ValueError as e:  # SearchConfig's own checks name the field
-            raise RequestError(str(e).split(":", 1)[0], str(e)) from None
+        search = with_settings(self.cfg.search, given)
         digest = hashlib.sha256(req.question.encode()).hexdigest()[:16]
         return name, search, Problem(f"q-{digest}", req.question, None, self.cfg.source)
 
@@ -185,6 +182,15 @@ class Solver:
                 if tokens:
                     self.metrics["mathprm_serve_tokens"].inc(tokens, {"strategy": name})
         return response(result, name, search, latency_ms, prompt_tokens)
+
+
+def with_settings(search: SearchConfig, changes: dict[str, Any]) -> SearchConfig:
+    """`search` with a request's `changes`; SearchConfig's own checks (their ValueError names the
+    field) as a 422 RequestError naming it."""
+    try:
+        return dataclasses.replace(search, **changes)
+    except ValueError as e:
+        raise RequestError(str(e).split(":", 1)[0], str(e)) from None
 
 
 def response(result: SearchResult, name: str, search: SearchConfig, latency_ms: float,
@@ -239,10 +245,8 @@ def steps_to_score(req: ScoreStepsRequest, cfg: ServeConfig) -> list[str]:
         if len(step) > limits.step_chars:
             raise RequestError(name, f"{name}: step {i} has {len(step)} characters, over this server's limit of "
                                      f"{limits.step_chars}")
-    try:
-        fmt.join(steps)  # each step must read back from the text the PRM sees
-    except ValueError as e:
-        i = int(str(e).split(":", 1)[0].removeprefix("step "))
-        name = f"steps.{i}" if where == "steps" else where
-        raise RequestError(name, f"{name}: {str(e).split(': ', 1)[1]} (the server's step separator)") from None
+    bad = fmt.unreadable(steps)  # each step must read back from the text the PRM sees
+    if bad is not None:
+        name = f"steps.{bad[0]}" if where == "steps" else where
+        raise RequestError(name, f"{name}: {bad[1]} (the server's step separator)")
     return steps
