@@ -80,6 +80,9 @@ class TimedScorer:
         finally:
             self.seconds += time.perf_counter() - t0
 
+    def release(self, questions):
+        self.scorer.release(questions)
+
 
 def search_side_by_side(policy: Path, prm: Path, args: argparse.Namespace) -> list[dict]:
     from mathprm.data.problems import load_problems

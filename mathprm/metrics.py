@@ -65,6 +65,13 @@ METRICS: dict[str, MetricSpec] = {
     "mathprm_serve_generator_batch": MetricSpec("histogram", "calls merged into one generator batch", "serve", (),
                                                 _BATCH),
     "mathprm_serve_prm_batch": MetricSpec("histogram", "solutions scored in one PRM batch", "serve", (), _BATCH),
+    "mathprm_serve_prefix_cache_tokens": MetricSpec("gauge", "tokens of shared prefixes a model's prefix cache holds "
+                                                    "(prm; policy with the hf backend)", "serve", ("model",)),
+    "mathprm_serve_prefix_cache_bytes": MetricSpec("gauge", "bytes a model's prefix cache holds on its device",
+                                                   "serve", ("model",), unit="bytes"),
+    "mathprm_serve_prefix_cache_saved": MetricSpec("gauge", "share of the tokens a full pass would compute that the "
+                                                   "prefix cache spared the model", "serve", ("model",),
+                                                   unit="percentunit"),
 }
 
 

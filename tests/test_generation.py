@@ -288,7 +288,8 @@ def test_hf_prompt_cache_logits_match_a_whole_prefill(policies):
     with torch.inference_mode():
         for prefixes in (first, later):
             encoded = [plain.prompter.ids(p.question, p.steps) for p in prefixes]
-            got, want = cached._prefill(encoded)[0], plain._prefill(encoded)[0]
+            questions = [p.question for p in prefixes]
+            got, want = cached._prefill(encoded, questions)[0], plain._prefill(encoded, questions)[0]
             assert (got - want).abs().max() < 1e-4
     assert cached.cache_stats()["hits"] == 4  # each of `later` continues a kept prompt or its chat head
 

@@ -3,6 +3,9 @@ cache as with today's full pass per solution, compute fewer tokens, and hold at 
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -94,6 +97,23 @@ def test_the_cache_reuses_any_common_prefix_drops_what_another_entry_extends_and
     assert stats["held_bytes"] == 8 * per_token
     with pytest.raises(ValueError, match="prefix_cache_tokens"):
         PrefixCache(-1)
+
+
+def test_release_frees_what_only_the_ended_searches_own():
+    cache = PrefixCache(max_tokens=100)
+    cache.put([1, 2, 3, 4], _kv(3, 1.0), torch.zeros(3, 1), {"a"})
+    cache.put([1, 2, 3, 4, 5, 6], _kv(5, 1.0), torch.zeros(5, 1), {"a"})  # a's next round: replaces it
+    cache.put([1, 2, 3], _kv(2, 1.0), torch.zeros(2, 1), {"b"})  # b asks the same question: shares it
+    cache.put([7, 8, 9], _kv(2, 1.0), torch.zeros(2, 1), {"c"})
+    cache.put([5, 5, 5], _kv(2, 1.0), torch.zeros(2, 1))  # untagged
+    assert cache.stats()["entries"] == 3
+    cache.release(["a"])  # b still owns the first entry
+    assert cache.stats()["entries"] == 3 and cache.find([1, 2, 3, 4, 5, 6, 7], limit=6)[0] == 5
+    cache.release(["b", "c", "never seen"])
+    stats = cache.stats()
+    assert (stats["entries"], stats["held_tokens"], stats["released"]) == (1, 2, 2)  # the untagged one stays
+    cache.clear()
+    assert cache.stats()["entries"] == 0
 
 
 # ----------------------------------------------------------------------------- the mathprm PRM
@@ -230,8 +250,6 @@ def test_an_evaluation_with_both_caches_searches_as_one_without_and_reports_them
     """`mathprm evaluate` with the policy's and the PRM's prefix caches on: the same per-problem
     records (steps, scores, answers) as with them off, and the caches' counters in the report,
     fewer tokens computed than full passes would."""
-    import json
-
     from mathprm.eval.evaluate import EvalConfig, run_evaluation
 
     def run(name: str, tokens: int) -> tuple[dict, list[dict]]:
@@ -251,6 +269,7 @@ def test_an_evaluation_with_both_caches_searches_as_one_without_and_reports_them
     for which in ("policy", "prm"):
         stats = on["prefix_cache"][which]
         assert stats["hits"] > 0 and stats["tokens_computed"] < stats["tokens_full"], (which, stats)
+        assert stats["entries"] == 0 and stats["released"] > 0, (which, stats)  # every search ended
     with pytest.raises(ValueError, match="policy_prefix_cache_tokens"):
         EvalConfig(policy=str(tiny_policy_dir), backend="vllm", policy_prefix_cache_tokens=64)
 
@@ -265,3 +284,68 @@ def _close_records(a: dict, b: dict) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return abs(a - b) < 1e-5
     return a == b
+
+
+def test_a_search_s_prefixes_are_freed_when_it_ends(tiny_policy_dir, prm_dirs):
+    """The drivers release a search's entries in the PRM's and the hf policy's caches when it
+    ends: held while the searches run, nothing left after, the other search's kept meanwhile."""
+    from mathprm.data.problems import Problem
+    from mathprm.generation import load_generator
+    from mathprm.search import SearchConfig, run_search, run_searches
+
+    scorer = PRMScorer(prm_dirs["char"], device="cpu", prefix_cache_tokens=4096)
+    gen = load_generator("hf", str(tiny_policy_dir), scorer.step_format, device="cpu", prefix_cache_tokens=4096)
+    problems = [Problem("p1", "What is 2+3?", "5", "arith:x"), Problem("p2", "Start with 12, add 5.", "17", "arith:x")]
+    cfg = SearchConfig(n=3, temperature=0.8, max_steps=3, max_step_tokens=12, seed=0)
+    held = []
+    run_search("guided", gen, scorer, problems[0], cfg,
+               on_step=lambda _: held.append((scorer.cache_stats()["entries"], gen.cache_stats()["entries"])))
+    assert held and all(p > 0 and g > 0 for p, g in held), held
+    for stats in (scorer.cache_stats(), gen.cache_stats()):
+        assert stats["entries"] == stats["held_tokens"] == 0 and stats["released"] > 0 and stats["hits"] > 0, stats
+    # Lockstep, one search ending first (the memorised solutions have 2 and 3 steps): its entries
+    # go, the other's stay until it ends.
+    from tests.conftest import MEMORISED
+
+    memorised = [Problem(f"m{i}", q, steps[-1].rsplit(" ", 1)[1], "arith:x") for i, (q, steps) in
+                 enumerate(MEMORISED.items())]
+    seen = []
+
+    class Watch:
+        def score(self, questions, steps):
+            seen.append((set(questions), scorer.cache_stats()["entries"]))
+            return scorer.score(questions, steps)
+
+        def release(self, questions):
+            scorer.release(questions)
+
+    results = run_searches("guided", gen, Watch(), memorised, dataclasses.replace(cfg, temperature=0.0, max_steps=6,
+                                                                          max_step_tokens=24))
+    assert [len(r.steps) for r in results] == [2, 3]
+    assert seen[-1] == ({memorised[1].question}, 1)  # round 3: only the longer search, its prefix kept
+    assert scorer.cache_stats()["entries"] == gen.cache_stats()["entries"] == 0
+
+
+def test_an_actor_pool_evaluation_adds_up_its_chunks_cache_counters(tiny_policy_dir, prm_dirs, tmp_path):
+    """The Ray Data path's actors (`_Worker`, called here in-process) send each chunk's counters
+    in its first record; `_sum_caches` adds up what two actors sent."""
+    from mathprm.data.problems import load_problems
+    from mathprm.eval.evaluate import EvalConfig, _sum_caches, _Worker
+
+    cfg = EvalConfig(policy=str(tiny_policy_dir), prm=str(prm_dirs["char"]), dataset="arith:easy", limit=4,
+                     strategies=["guided@2"], max_steps=3, max_step_tokens=12, device="cpu",
+                     out=str(tmp_path / "e.json"), prm_prefix_cache_tokens=2048, policy_prefix_cache_tokens=2048)
+    problems = load_problems("arith:easy", limit=4, seed=cfg.seed)
+    worker = _Worker(cfg, problems)
+    parts = []
+    for c, chunk in enumerate((problems[:2], problems[2:])):
+        got = worker({"id": [p.id for p in chunk], "chunk": [c, c]})["record"]
+        records = [json.loads(r) for r in got]
+        assert "_prefix_cache" in records[0] and all("_prefix_cache" not in r for r in records[1:])
+        parts.append(records[0]["_prefix_cache"])
+    whole = worker.generator.cache_stats(), worker.scorer.cache_stats()
+    total = _sum_caches(parts + parts)  # two actors that did the same
+    for which, stats in zip(("policy", "prm"), whole):
+        assert parts[0][which]["tokens_full"] + parts[1][which]["tokens_full"] == stats["tokens_full"] > 0
+        assert total[which]["tokens_full"] == 2 * stats["tokens_full"]
+        assert total[which]["hits"] == 2 * stats["hits"] and total[which]["max_tokens"] == 2048

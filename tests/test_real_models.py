@@ -375,17 +375,25 @@ def test_vllm_takes_chat_prompts_as_ids_and_stops_at_a_merged_separator_and_at_e
 def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster, qwen_policy_dir, qwen_prm_dir):
     """The Serve app on the real path: a guided search by the chat policy scored by a published
     PRM answers 200 with clean steps and scores in [0, 1]; a question that leaves no room in the
-    policy's context is a 422 naming the limit."""
+    policy's context is a 422 naming the limit. The OpenAI route streams the same kind of search
+    (the prompt's tokens counted through the chat template), the per-step score route reads the
+    published PRM as the scorer does, and both models' prefix caches are empty once the searches
+    ended."""
     import requests
     from ray import serve
+    from transformers import AutoTokenizer
 
+    from mathprm.prompts import Prompter
+    from mathprm.scorer import load_scorer
     from mathprm.serve import build_app
-    from tests.test_serve import _free_port, _wait_healthy
+    from mathprm.steps import StepFormat
+    from tests.test_serve import _free_port, _openai, _wait_healthy
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"policy": str(qwen_policy_dir), "prm": f"qwen:{qwen_prm_dir}", "dataset": "math500", "device": "cpu",
-            "strategy": "guided", "search": {"n": 2, "max_steps": 2, "max_step_tokens": 8, "max_solution_tokens": 16}}
+            "strategy": "guided", "search": {"n": 2, "max_steps": 2, "max_step_tokens": 8, "max_solution_tokens": 16},
+            "generator_options": {"prefix_cache_tokens": 4096}}
     try:
         serve.run(build_app(args), name="real", route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
@@ -397,5 +405,27 @@ def test_one_serve_request_with_the_chat_policy_and_a_published_prm(ray_cluster,
         assert _clean([s["text"] for s in body["steps"]]) and all(0.0 <= s["score"] <= 1.0 for s in body["steps"])
         r = requests.post(base + "/v1/solve", json={"question": " ".join([QUESTION] * 30)}, timeout=60)
         assert r.status_code == 422 and "of the policy's context" in r.json()["error"]
+
+        chunks = list(_openai(base).chat.completions.create(
+            model="mathprm-guided@2", messages=[{"role": "user", "content": QUESTION}], temperature=1.0, seed=3,
+            stream=True, stream_options={"include_usage": True}))
+        decided = [c.model_extra["mathprm"] for c in chunks if "step" in (c.model_extra or {}).get("mathprm", {})]
+        steps = [d["step"] for d in decided]
+        assert 1 <= len(steps) <= 2 and _clean([s["text"] for s in steps])
+        assert all(len(d["candidates"]) == 2 for d in decided)  # guided@2: each step chosen of two
+        scorer = load_scorer("qwen", str(qwen_prm_dir), device="cpu")
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert content == scorer.separator.join(s["text"] for s in steps)
+        chat_ids = Prompter(AutoTokenizer.from_pretrained(qwen_policy_dir), StepFormat(scorer.separator)).ids(QUESTION)
+        assert chunks[-1].usage.prompt_tokens == len(chat_ids)  # the chat template's tokens, not the text's
+        for name in ("GeneratorDeployment", "PRMDeployment"):  # the searches ended: their prefixes are freed
+            cache = serve.get_deployment_handle(name, app_name="real").stats.remote().result()["prefix_cache"]
+            assert cache["hits"] > 0 and cache["entries"] == 0 and cache["released"] > 0, (name, cache)
+
+        r = requests.post(base + "/v1/score/steps", json={"question": QUESTION, "steps": [s["text"] for s in steps]},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        want = scorer.score([QUESTION], [[s["text"] for s in steps]])[0]
+        assert max(abs(a - b) for a, b in zip(r.json()["scores"], want)) < 1e-4
     finally:
         serve.shutdown()

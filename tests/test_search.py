@@ -443,3 +443,62 @@ class _Async:
 
     async def score(self, *a):
         return self.inner.score(*a)
+
+
+class Releasing:
+    """A Generator or Scorer with `release`, logging each call's questions (and, for a lockstep
+    run, how many scoring calls had happened by then)."""
+
+    def __init__(self, inner, fail_after: int | None = None) -> None:
+        self.inner, self.released, self.calls, self.fail_after = inner, [], 0, fail_after
+        self.step_format = getattr(inner, "step_format", None)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def score(self, *a):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("the PRM went away")
+        return self.inner.score(*a)
+
+    def release(self, questions):
+        self.released.append((list(questions), self.calls))
+
+
+def test_drivers_release_each_search_when_it_ends_answered_or_failed():
+    problems = PROBLEMS[:4]
+    policy = Releasing(NoisyArithPolicy(problems, 0.6))
+    scorer = Releasing(ArithOracle(problems))
+    cfg = SearchConfig(n=3, seed=1)
+    run_search("guided", policy, scorer, problems[0], cfg)
+    assert [q for q, _ in policy.released] == [q for q, _ in scorer.released] == [[problems[0].question]]
+    # Lockstep: each search is released once, in the round it ended (its last scoring call).
+    policy.released.clear()
+    scorer = Releasing(ArithOracle(problems))
+    results = run_searches("guided", policy, scorer, problems, cfg)
+    released = [q for qs, _ in scorer.released for q in qs]
+    assert sorted(released) == sorted(p.question for p in problems) and released == [q for qs, _ in policy.released
+                                                                                      for q in qs]
+    for p, r in zip(problems, results):
+        at = next(calls for qs, calls in scorer.released if p.question in qs)
+        assert at == r.usage.prm_calls  # no later than the round after its last decision
+    # A failing scorer: the searches still running are released all the same.
+    scorer = Releasing(ArithOracle(problems), fail_after=2)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_searches("guided", NoisyArithPolicy(problems, 0.6), scorer, problems, cfg)
+    assert sorted(q for qs, _ in scorer.released for q in qs) == sorted(p.question for p in problems)
+    scorer = Releasing(ArithOracle(problems), fail_after=1)
+    with pytest.raises(RuntimeError, match="went away"):
+        run_search("guided", NoisyArithPolicy(problems, 0.6), scorer, problems[1], cfg)
+    assert scorer.released == [([problems[1].question], 2)]
+
+    class AsyncReleasing(_Async):
+        released: list = []
+
+        async def release(self, questions):
+            self.released.append(list(questions))
+
+    got = asyncio.run(run_search_async("guided", _Async(NoisyArithPolicy(problems, 0.6)),
+                                       AsyncReleasing(ArithOracle(problems)), problems[2], cfg, FMT))
+    assert got.steps and AsyncReleasing.released == [[problems[2].question]]

@@ -1221,6 +1221,8 @@ def test_concurrent_requests_share_prm_batches(app):
     # The candidates of a round share their prefix, computed once (the PRM's prefix cache).
     cache = prm.stats.remote().result()["prefix_cache"]
     assert cache["hits"] > 0 and 0 < cache["tokens_computed"] < cache["tokens_full"], cache
+    # Each request's search released its prefixes when it ended: nothing is held now.
+    assert cache["entries"] == 0 and cache["released"] > 0, cache
 
 
 @pytest.mark.ray
@@ -1230,7 +1232,8 @@ def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
 
     _solve(app, {"question": "What is 1+1?", "strategy": "guided", "n": 2, "temperature": 0})
     names = ["mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens",
-             "mathprm_serve_generator_batch", "mathprm_serve_prm_batch"]
+             "mathprm_serve_generator_batch", "mathprm_serve_prm_batch", "mathprm_serve_prefix_cache_tokens",
+             "mathprm_serve_prefix_cache_saved"]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:  # Ray exports metrics every few seconds
         text = metrics_text(ray_cluster["metrics_export_port"])
@@ -1240,6 +1243,8 @@ def test_serve_metrics_reach_the_metrics_endpoint(app, ray_cluster):
     assert all(n in text for n in names), [n for n in names if n not in text]
     requests_lines = [line for line in text.splitlines() if line.startswith("ray_mathprm_serve_requests_total{")]
     assert any('strategy="guided"' in line and 'status="200"' in line for line in requests_lines), requests_lines
+    saved = [line for line in text.splitlines() if line.startswith("ray_mathprm_serve_prefix_cache_saved{")]
+    assert any('model="prm"' in line and 0 < float(line.rsplit(" ", 1)[1]) < 1 for line in saved), saved
 
 
 # ----------------------------------------------------------------------------- the API key

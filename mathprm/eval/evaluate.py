@@ -68,7 +68,7 @@ from mathprm.scorer import (
     parse_prm,
     trained_separator,
 )
-from mathprm.search import STRATEGIES, parse_strategy, run_searches
+from mathprm.search import STRATEGIES, parse_strategy, release, run_searches
 from mathprm.stats import pass_at_k
 from mathprm.steps import StepFormat, content, step_format_for
 
@@ -399,6 +399,7 @@ def evaluate_chunk(problems: Sequence[Problem], generator: Any, scorer: Any, cfg
                 "tokens": res.usage.generated_tokens, "scored_solutions": res.usage.scored_solutions,
                 "prm_calls": res.usage.prm_calls,
             }
+    release(generator, scorer, [p.question for p in problems])  # the greedy and pool prompts' prefixes
     return records
 
 
@@ -433,18 +434,46 @@ def _cache_stats(cfg: EvalConfig, generator: Any, scorer: Any) -> dict[str, Any]
     return out
 
 
+_CACHE_COUNTERS = ("hits", "misses", "tokens_reused", "evicted", "released", "tokens_computed", "tokens_full")
+
+
+def _cache_delta(now: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """What each cache's counters added since `before` (both `_cache_stats`), with its holdings now."""
+    return {model: stats | {k: stats[k] - before.get(model, {}).get(k, 0) for k in _CACHE_COUNTERS}
+            for model, stats in now.items()}
+
+
+def _sum_caches(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The prefix-cache report of an actor-pool run: the chunks' counters added up; the holdings
+    (entries, held tokens and bytes) the largest one actor had at the end of a chunk."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for model, stats in part.items():
+            total = out.setdefault(model, dict.fromkeys(stats, 0))
+            for k, v in stats.items():
+                total[k] = total[k] + v if k in _CACHE_COUNTERS else max(total[k], v)
+    return out
+
+
 class _Worker:
-    """Ray Data callable class: one generator and one PRM per actor, a chunk of problems per call."""
+    """Ray Data callable class: one generator and one PRM per actor, a chunk of problems per call.
+    The prefix caches' counters of a chunk ride in its first record (`_prefix_cache`), which
+    `run_evaluation` takes out and adds up."""
 
     def __init__(self, cfg: EvalConfig, problems: list[Problem]) -> None:
         self.cfg, self.generator, self.scorer = cfg, _generator(cfg), _scorer(cfg, problems)
         self.strategies = [eval_strategy(s) for s in dict.fromkeys(cfg.strategies)]
         self.by_id = {p.id: p for p in problems}
+        self.caches: dict[str, Any] = {}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         chunk = [self.by_id[str(i)] for i in batch["id"]]
         records = evaluate_chunk(chunk, self.generator, self.scorer, self.cfg, self.strategies,
                                  int(batch["chunk"][0]))
+        caches = _cache_stats(self.cfg, self.generator, self.scorer)
+        if caches and records:
+            records[0]["_prefix_cache"] = _cache_delta(caches, self.caches)
+        self.caches = caches
         return {"record": [json.dumps(r) for r in records]}
 
 
@@ -475,6 +504,7 @@ def run_evaluation(cfg: EvalConfig, generator: Any | None = None, problems: list
                                   prm=str(cfg.prm_ref.resolved()) if cfg.prm_ref.path else cfg.prm)
         init_ray(cfg.ray_address)
         records = records_on_actor_pool(_Worker, (cfg, problems), chunks, cfg.num_actors, progress="evaluate")
+        caches = _sum_caches([r.pop("_prefix_cache") for r in records if "_prefix_cache" in r])
     else:
         generator = generator or _generator(cfg)
         scorer = scorer if scorer is not None else _scorer(cfg, problems)

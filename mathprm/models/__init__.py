@@ -1,6 +1,7 @@
 """The models: the arithmetic policy and its character tokenizer (`policy`, `tokenizer`), the
 process reward model (`prm`), and the `Generator` backends over Hugging Face (`gen_hf`) and vLLM
-(`gen_vllm`). `loading` is the one guard every load from a model directory goes through.
+(`gen_vllm`). `loading` is the one guard every load from a model directory goes through; it
+installs the CPU grouped-query attention of `attention` first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def loading(path: str | Path) -> Iterator[None]:
     vLLM's engine): whatever fails there (a config.json field of the wrong type, a truncated
     weight file, a broken tokenizer) becomes one `ModelLoadError` line naming the directory
     and the reason, in the process and from inside a Ray actor alike."""
+    from mathprm.models.attention import install
+
+    install()
     try:
         yield
     except ModelLoadError:

@@ -18,8 +18,10 @@ search's next round extends this round's prefix by the chosen step, prefills onl
 on top of it (`_prefill`). Entries are matched by token ids, never text; an entry is the KV of its
 prompt less the last token (the LRU keys an entry by its ids and the token after them), so a
 prompt always runs at least its last token and gets its logits from that pass. The LRU drops an
-entry that a newer one extends and evicts the least recently used past the bound;
-`clear_prefix_cache()` frees all of it (a search's end, new weights). `cache_stats()`: hits,
+entry that a newer one extends and evicts the least recently used past the bound; an entry is
+tagged with its prompt's question, and `release(questions)` (the search drivers call it when a
+search ends) frees what only those searches used; `clear_prefix_cache()` frees all of it (new
+weights). `cache_stats()`: hits,
 misses, tokens held (and bytes), evictions, and the prompt tokens prefilled against those a full
 prefill would run. 0: no cache, every prompt prefilled whole.
 Stopping at the separator is checked on the decoded text, so a separator that a tokenizer
@@ -33,11 +35,12 @@ import functools
 
 from mathprm.generation import Prefix, Rollout, Sampling, StepSample, prefix_seed
 from mathprm.models import loading
+from mathprm.models.prefix import PrefixCached
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.steps import StepFormat
 
 
-class HFGenerator:
+class HFGenerator(PrefixCached):
     def __init__(
         self, model_dir: str, step_format: StepFormat, device: str | None = None, batch_prefixes: int = 16,
         system_prompt: str | None = DEFAULT_SYSTEM, chat: str = "auto", prefix_cache_tokens: int = 0,
@@ -96,13 +99,10 @@ class HFGenerator:
                              "cache holds only part of a prompt; use 0")
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
-    def cache_stats(self) -> dict:
-        """The prompt cache's counters and holdings (`PrefixCache.stats`): `tokens_computed` are the
-        prompt tokens prefilled, `tokens_full` those a prefill of every whole prompt would run."""
-        return self.prefix_cache.stats()
-
     def clear_prefix_cache(self) -> None:
-        """Free every kept prompt (a search has ended, or the weights changed); counters stay."""
+        """Free every kept prompt (the weights changed); counters stay. `cache_stats()`: the
+        `tokens_computed` are the prompt tokens prefilled, `tokens_full` those a prefill of every
+        whole prompt would run."""
         self.prefix_cache.clear()
 
     def room(self, prefix: Prefix) -> int:
@@ -153,12 +153,13 @@ class HFGenerator:
         for start in range(0, len(order), self.batch_prefixes):
             members = order[start : start + self.batch_prefixes]
             seeds = [prefixes[i].sample_seed(sampling, i) for i in members]
-            outs = self._sample_chunk([encoded[i] for i in members], seeds, n, sampling, max_tokens, stop)
+            outs = self._sample_chunk([encoded[i] for i in members], seeds, n, sampling, max_tokens, stop,
+                                      [prefixes[i].question for i in members])
             for i, out in zip(members, outs):
                 results[i] = out
         return results
 
-    def _sample_chunk(self, encoded: list[list[int]], seeds: list[int], n, sampling, max_tokens, stop):
+    def _sample_chunk(self, encoded: list[list[int]], seeds: list[int], n, sampling, max_tokens, stop, questions):
         import torch
 
         self.model.eval()  # a model shared with a trainer may have been left in train mode
@@ -166,7 +167,7 @@ class HFGenerator:
         limits = [min(max_tokens, self.context_length - len(ids)) for ids in encoded for _ in range(n)]
         max_tokens = max(limits)
         with torch.inference_mode():
-            logits, cache, mask, next_pos = self._prefill(encoded)
+            logits, cache, mask, next_pos = self._prefill(encoded, questions)
             cache.batch_repeat_interleave(n)  # the prompt's work, shared by its n samples
             _preallocate(cache, max_tokens)
             logits = logits.repeat_interleave(n, 0)
@@ -216,7 +217,7 @@ class HFGenerator:
         return [(generated[i * n : (i + 1) * n], reasons[i * n : (i + 1) * n], logprobs[i * n : (i + 1) * n])
                 for i in range(len(encoded))]
 
-    def _prefill(self, encoded: list[list[int]]):
+    def _prefill(self, encoded: list[list[int]], questions: list[str]):
         """Run the prompts: (each one's logits at its last position (B, V) float32, the KV cache,
         the attention mask (B, columns of the cache), each one's next position (B, 1)).
 
@@ -243,14 +244,13 @@ class HFGenerator:
                                  device=self.device)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                          past_key_values=past if width else None)
-        cache.counts["tokens_full"] += sum(map(len, encoded))
-        cache.counts["tokens_computed"] += sum(map(len, rest))
+        cache.count(tokens_full=sum(map(len, encoded)), tokens_computed=sum(map(len, rest)))
         if cache.max_tokens:
             kv = out.past_key_values
             for i, (ids, r, (c, _)) in enumerate(zip(encoded, rest, found)):
                 if 1 < len(ids) <= cache.max_tokens + 1:  # the kept part: every position but the last
                     cache.put(ids, row_kv([kv], i, [(0, c), (width + t - len(r), width + t - 1)]),
-                              torch.empty(len(ids) - 1, 0))
+                              torch.empty(len(ids) - 1, 0), (questions[i],))
         return out.logits[:, -1].float(), out.past_key_values, mask, positions[:, -1:] + 1
 
     def _pick(self, logits, gens, sampling: Sampling):

@@ -23,15 +23,18 @@ prefix come from the prefix pass.
 
 `PrefixCache` keeps recent prefixes (keys, values and per-position values, on the model's device) in
 an LRU bounded by a number of tokens, and counts hits, misses, and the tokens computed against the
-tokens a full pass per encoding would compute. The `hf` generator keeps its prompts' KV in the same
+tokens a full pass per encoding would compute. An entry records its owners (the questions whose
+encodings made it): when a search ends, its driver calls the scorer's and generator's
+`release(questions)` (`PrefixCached`), which drops the entries no running search owns. The `hf` generator keeps its prompts' KV in the same
 LRU (`mathprm.models.gen_hf`, with no per-position values). This module imports neither Ray nor vLLM.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,6 +99,7 @@ class _Entry:
     kv: KV  # keys and values of the n positions
     values: torch.Tensor  # (n, F) the Forward's values at those positions
     nbytes: int
+    owners: set[Hashable]  # the questions (searches) whose encodings it serves; empty: untagged
 
     @property
     def tokens(self) -> int:
@@ -108,8 +112,10 @@ class PrefixCache:
     `stats`.
 
     Any cached prefix serves a later one up to their common ids (a prefix of an entry is as good
-    as the entry), so an entry whose ids another one extends is dropped: a search's growing
-    solution is held once, at its latest length."""
+    as the entry), so an entry whose ids another one extends is dropped (its owners pass to the
+    new one): a search's growing solution is held once, at its latest length. `release(owners)`
+    frees what only those owners used. Thread-safe: Serve scores in a worker thread while a
+    finished request releases from the event loop."""
 
     def __init__(self, max_tokens: int) -> None:
         if max_tokens < 0:
@@ -117,66 +123,105 @@ class PrefixCache:
         self.max_tokens = max_tokens
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_id = 0
-        self.counts = {"hits": 0, "misses": 0, "tokens_reused": 0, "evicted": 0, "tokens_computed": 0,
+        self._lock = threading.RLock()
+        self.counts = {"hits": 0, "misses": 0, "tokens_reused": 0, "evicted": 0, "released": 0, "tokens_computed": 0,
                        "tokens_full": 0}
 
     def find(self, target: Sequence[int], limit: int) -> tuple[int, _Entry | None]:
         """The cached entry that covers most of `target`'s first `limit` positions, and how many
         it covers: c positions are usable when the entry holds `target[:c + 1]` (the values at c - 1
         read token c). A hit or a miss is counted."""
-        best, found = 0, None
-        for key, entry in self._entries.items():
-            c = min(entry.tokens, limit, common_prefix(entry.key, target) - 1)
-            if c > best:
-                best, found = c, key
-        if found is None:
-            self.counts["misses"] += 1
-            return 0, None
-        self._entries.move_to_end(found)
-        self.counts["hits"] += 1
-        self.counts["tokens_reused"] += best
-        return best, self._entries[found]
+        with self._lock:
+            best, found = 0, None
+            for key, entry in self._entries.items():
+                c = min(entry.tokens, limit, common_prefix(entry.key, target) - 1)
+                if c > best:
+                    best, found = c, key
+            if found is None:
+                self.counts["misses"] += 1
+                return 0, None
+            self._entries.move_to_end(found)
+            self.counts["hits"] += 1
+            self.counts["tokens_reused"] += best
+            return best, self._entries[found]
 
-    def put(self, key: Sequence[int], kv: KV, values: torch.Tensor) -> None:
-        """Keep the prefix `key[:-1]` (its KV `kv` and `values`), unless an entry already holds it
-        or it alone is over the bound; evict the least recently used entries beyond the bound."""
+    def put(self, key: Sequence[int], kv: KV, values: torch.Tensor, owners: Iterable[Hashable] = ()) -> None:
+        """Keep the prefix `key[:-1]` (its KV `kv` and `values`) for `owners`, unless an entry
+        already holds it (that entry gains the owners) or it alone is over the bound; evict the
+        least recently used entries beyond the bound."""
         tokens = len(key) - 1
         if tokens < 1 or tokens > self.max_tokens:
             return
-        key = np.asarray(key)
-        for k, entry in list(self._entries.items()):
-            shared = common_prefix(entry.key, key)
-            if shared == len(key):  # already held, at this length or longer
-                self._entries.move_to_end(k)
-                return
-            if shared == len(entry.key):  # the new one extends it
-                del self._entries[k]
-        nbytes = values.nbytes + sum(t.nbytes for layers in kv for pair in layers for t in pair)
-        self._entries[self._next_id] = _Entry(key, kv, values, nbytes)
-        self._next_id += 1
-        while self.held_tokens > self.max_tokens:
-            self._entries.popitem(last=False)
-            self.counts["evicted"] += 1
+        key, owners = np.asarray(key), set(owners)
+        with self._lock:
+            for k, entry in list(self._entries.items()):
+                shared = common_prefix(entry.key, key)
+                if shared == len(key):  # already held, at this length or longer
+                    entry.owners |= owners
+                    self._entries.move_to_end(k)
+                    return
+                if shared == len(entry.key):  # the new one extends it
+                    owners |= self._entries.pop(k).owners
+            nbytes = values.nbytes + sum(t.nbytes for layers in kv for pair in layers for t in pair)
+            self._entries[self._next_id] = _Entry(key, kv, values, nbytes, owners)
+            self._next_id += 1
+            while self.held_tokens > self.max_tokens:
+                self._entries.popitem(last=False)
+                self.counts["evicted"] += 1
+
+    def release(self, owners: Iterable[Hashable]) -> None:
+        """`owners`' searches have ended: drop them from every entry, and the entries no one else
+        owns. Untagged entries stay (the LRU bound frees them)."""
+        owners = set(owners)
+        with self._lock:
+            for k, entry in list(self._entries.items()):
+                if entry.owners & owners:
+                    entry.owners -= owners
+                    if not entry.owners:
+                        del self._entries[k]
+                        self.counts["released"] += 1
 
     def clear(self) -> None:
-        """Drop every entry (a search has ended, or the model's weights changed); counters stay."""
-        self._entries.clear()
+        """Drop every entry (the model's weights changed); counters stay."""
+        with self._lock:
+            self._entries.clear()
 
     @property
     def held_tokens(self) -> int:
         return sum(e.tokens for e in self._entries.values())
 
+    def count(self, **counts: int) -> None:
+        """Add to the counters (`tokens_computed=`, `tokens_full=`)."""
+        with self._lock:
+            for name, n in counts.items():
+                self.counts[name] += n
+
     def count_full(self, tokens: int) -> None:
         """A full pass over `tokens` tokens ran (the plain path)."""
-        self.counts["tokens_computed"] += tokens
-        self.counts["tokens_full"] += tokens
+        self.count(tokens_computed=tokens, tokens_full=tokens)
 
     def stats(self) -> dict[str, Any]:
         """What the cache holds (entries, tokens, bytes on the device) and has done: hits and misses
-        of prefix lookups, tokens reused from it, entries evicted, and the tokens the model computed
-        against those a full pass per solution would compute."""
-        return {"max_tokens": self.max_tokens, "entries": len(self._entries), "held_tokens": self.held_tokens,
-                "held_bytes": sum(e.nbytes for e in self._entries.values()), **self.counts}
+        of prefix lookups, tokens reused from it, entries evicted and released, and the tokens the
+        model computed against those a full pass per solution would compute."""
+        with self._lock:
+            return {"max_tokens": self.max_tokens, "entries": len(self._entries), "held_tokens": self.held_tokens,
+                    "held_bytes": sum(e.nbytes for e in self._entries.values()), **self.counts}
+
+
+class PrefixCached:
+    """What a Scorer or Generator holding a `PrefixCache` as `prefix_cache` offers its drivers:
+    `cache_stats()` and `release(questions)`, which the search drivers call when a search ends."""
+
+    prefix_cache: PrefixCache
+
+    def cache_stats(self) -> dict[str, Any]:
+        """The prefix cache's holdings and counters (`PrefixCache.stats`)."""
+        return self.prefix_cache.stats()
+
+    def release(self, questions: Sequence[str]) -> None:
+        """The searches on `questions` have ended: free the prefixes only they used."""
+        self.prefix_cache.release(questions)
 
 
 # ----------------------------------------------------------------------------- running
@@ -233,13 +278,15 @@ def _pass(forward: Forward, n_models: int, rows: Sequence[tuple[KV | None, list[
 
 
 def run_shared(forward: Forward, n_models: int, encodings: Sequence[Sequence[int]], cache: PrefixCache,
-        batch_size: int, pad_id: int, device: torch.device) -> list[torch.Tensor]:
+        batch_size: int, pad_id: int, device: torch.device,
+        owners: Sequence[Hashable] | None = None) -> list[torch.Tensor]:
     """The (len(ids), F) values of `forward` at every position of each encoding, each group of
     encodings sharing a prefix running it once (module docstring). The next token of an
-    encoding's last position is unknown: its values there are the `forward`'s at a pad."""
+    encoding's last position is unknown: its values there are the `forward`'s at a pad.
+    `owners[i]` (the question of encoding i) tags the cached prefixes encoding i helped make."""
     encodings = [list(e) for e in encodings]
     groups = shared_groups(encodings)
-    cache.counts["tokens_full"] += sum(map(len, encodings))
+    cache.count(tokens_full=sum(map(len, encodings)))
     # Prefixes: start from the longest cached one, compute the rest in batches of groups.
     prefix: list[tuple[KV | None, torch.Tensor | None]] = [(None, None)] * len(groups)
     todo = []
@@ -264,12 +311,12 @@ def run_shared(forward: Forward, n_models: int, encodings: Sequence[Sequence[int
         for r, (g, c, base, old) in enumerate(chunk):
             length, ids = groups[g][0], encodings[groups[g][1][0]]
             new = length - c
-            cache.counts["tokens_computed"] += new
+            cache.count(tokens_computed=new)
             kv = row_kv(caches, r, [(0, c), (width, width + new)])
             vals = values[r, :new].clone() if old is None else torch.cat([old, values[r, :new]])
             prefix[g] = kv, vals
             if cache.max_tokens:
-                cache.put(ids[: length + 1], kv, vals)
+                cache.put(ids[: length + 1], kv, vals, () if owners is None else {owners[i] for i in groups[g][1]})
     # Suffixes: each member's own tokens on its group's prefix.
     jobs = sorted(((groups[g][0], len(encodings[i]), g, i) for g, (_, members) in enumerate(groups) for i in members))
     out: list[torch.Tensor | None] = [None] * len(encodings)
@@ -279,7 +326,7 @@ def run_shared(forward: Forward, n_models: int, encodings: Sequence[Sequence[int
                 for length, _, g, i in chunk]
         values, _, _, _ = _pass(forward, n_models, rows, pad_id, device)
         for r, (length, n, g, i) in enumerate(chunk):
-            cache.counts["tokens_computed"] += n - length
+            cache.count(tokens_computed=n - length)
             own = values[r, : n - length]
             out[i] = own if prefix[g][1] is None else torch.cat([prefix[g][1], own])
     return out

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from mathprm import atomic
 from mathprm.models import ModelLoadError, check_model_dir, loading
-from mathprm.models.prefix import PrefixCache, run_shared
+from mathprm.models.prefix import PrefixCache, PrefixCached, run_shared
 from mathprm.prompts import DEFAULT_SYSTEM, Prompter
 from mathprm.scorer import TooLongError, check_shapes
 from mathprm.steps import StepFormat
@@ -454,7 +454,7 @@ def load_prm(path: str | Path, dtype: torch.dtype | None = None) -> PRMModel:
 # ----------------------------------------------------------------------------- the Scorer
 
 
-class PRMScorer:
+class PRMScorer(PrefixCached):
     """`Scorer` backed by a saved PRM: each solution scored in one forward pass (or a few
     windows when it is longer than the model's context), solutions batched by length.
 
@@ -484,9 +484,6 @@ class PRMScorer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.prefix_cache.stats()
-
     @torch.inference_mode()
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         check_shapes(questions, steps_per_question)
@@ -514,7 +511,7 @@ class PRMScorer:
                 pieces.append((i, window, [prompt_length + ends[k] - start for k in which], which,
                                prompt_length + max(0, first - start)))
         if whole:
-            self._score_shared(whole, out)
+            self._score_shared(whole, out, questions)
         pieces.sort(key=lambda p: len(p[1]))  # similar lengths share a batch: less padding
         self.prefix_cache.count_full(sum(len(p[1]) for p in pieces))
         for lo in range(0, len(pieces), self.batch_size):
@@ -527,14 +524,15 @@ class PRMScorer:
                     out[i][k] = p
         return out
 
-    def _score_shared(self, whole: list[tuple[int, list[int], list[int], int]], out: list[list[float]]) -> None:
+    def _score_shared(self, whole: list[tuple[int, list[int], list[int], int]], out: list[list[float]],
+                      questions: Sequence[str]) -> None:
         """Score whole solutions through the prefix cache: per position, score(h) and the
         reference's log-probability of the next token (`_values`), then the step features of each
         solution from those log-probabilities, as `PRMModel.forward` computes them."""
         model = self.model
         n_models = int(model.hidden_head) + int(model.feature_weights is not None)
         values = run_shared(self._values, n_models, [ids for _, ids, _, _ in whole], self.prefix_cache,
-                            self.batch_size, self.pad_id, self.device)
+                            self.batch_size, self.pad_id, self.device, [questions[i] for i, _, _, _ in whole])
         for (i, ids, positions, prompt_length), v in zip(whole, values):
             logits = v[:, 0]
             if model.feature_weights is not None:

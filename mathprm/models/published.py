@@ -55,7 +55,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
 
 from mathprm import atomic
 from mathprm.models import ModelLoadError, loading
-from mathprm.models.prefix import PrefixCache, run_shared
+from mathprm.models.prefix import PrefixCache, PrefixCached, run_shared
 from mathprm.scorer import TooLongError, check_shapes
 
 QWEN_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -189,7 +189,8 @@ def _score(scorer: Any, questions: Sequence[str], steps_per_question: Sequence[S
     if scorer.prefix_cache.max_tokens:
         with torch.inference_mode():
             values = run_shared(functools.partial(_values, scorer), 1, [ids for _, ids, _ in pieces],
-                                scorer.prefix_cache, scorer.batch_size, scorer.pad_id, device)
+                                scorer.prefix_cache, scorer.batch_size, scorer.pad_id, device,
+                                [questions[i] for i, _, _ in pieces])
         for (i, _, positions), v in zip(pieces, values):
             out[i] = v[positions, 0].tolist()
         return out
@@ -234,7 +235,7 @@ def _pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
 
 
-class QwenPRMScorer:
+class QwenPRMScorer(PrefixCached):
     """Qwen2.5-Math-PRM (module docstring): softmax(head)[1] at each `<extra_0>`."""
 
     kind = "qwen"
@@ -272,11 +273,9 @@ class QwenPRMScorer:
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.prefix_cache.stats()
 
 
-class SkyworkPRMScorer:
+class SkyworkPRMScorer(PrefixCached):
     """Skywork-o1-Open-PRM (module docstring): sigmoid(v_head(h)) at each step's last "\\n"."""
 
     kind = "skywork"
@@ -316,8 +315,6 @@ class SkyworkPRMScorer:
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.prefix_cache.stats()
 
 
 def _plus_share(lm: Any, h: torch.Tensor, candidates: list[int]) -> torch.Tensor:
@@ -328,7 +325,7 @@ def _plus_share(lm: Any, h: torch.Tensor, candidates: list[int]) -> torch.Tensor
     return torch.softmax(logits.float(), dim=-1)[:, 0]
 
 
-class MathShepherdScorer:
+class MathShepherdScorer(PrefixCached):
     """Math-Shepherd (module docstring): P(+) against P(-) at each " ки" tag."""
 
     kind = "math_shepherd"
@@ -365,11 +362,9 @@ class MathShepherdScorer:
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.prefix_cache.stats()
 
 
-class RLHFlowScorer:
+class RLHFlowScorer(PrefixCached):
     """RLHFlow Llama3.1-8B-PRM (module docstring): P(+) against P(-) where the assistant answers each step."""
 
     kind = "rlhflow"
@@ -417,5 +412,3 @@ class RLHFlowScorer:
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return _score(self, questions, steps_per_question)
 
-    def cache_stats(self) -> dict[str, Any]:
-        return self.prefix_cache.stats()

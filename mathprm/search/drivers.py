@@ -1,6 +1,8 @@
 """Drivers: they execute the requests a strategy yields against a Generator and a Scorer, for
 one problem (`run_search`), many in lockstep (`run_searches`) or with awaitable backends
-(`run_search_async`, the Serve app)."""
+(`run_search_async`, the Serve app). When a search ends (answered or failed), the driver calls
+`release([question])` on the generator and the scorer that have one, so per-search state (their
+prefix caches) is freed then rather than when the cache's bound pushes it out."""
 
 from __future__ import annotations
 
@@ -68,6 +70,14 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
     return result
 
 
+def release(generator: Any, scorer: Any, questions: Sequence[str]) -> None:
+    """Tell the generator and the scorer that have `release` that the searches on `questions` ended."""
+    for backend in (generator, scorer):
+        release = getattr(backend, "release", None)
+        if release is not None and questions:
+            release(list(questions))
+
+
 def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[Chosen], None] | None):
     usage.blank_steps = result.usage.blank_steps  # counted by the strategy, the rest by the driver
     result.usage = usage
@@ -84,19 +94,22 @@ def run_search(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg
     the candidates it was chosen from) as soon as it is decided."""
     search = _start(strategy, problem, cfg, generator.step_format, scorer is not None)
     usage, emitted, reply = Usage(), 0, None
-    while True:
-        try:
-            request = search.send(reply)
-        except StopIteration as stop:
-            return _finish(stop.value, usage, emitted, on_step)
-        if isinstance(request, Chosen):
-            emitted += 1
-            if on_step is not None:
-                on_step(request)
-            reply = None
-            continue
-        reply = _execute(request, generator, scorer)
-        _account(usage, request, reply)
+    try:
+        while True:
+            try:
+                request = search.send(reply)
+            except StopIteration as stop:
+                return _finish(stop.value, usage, emitted, on_step)
+            if isinstance(request, Chosen):
+                emitted += 1
+                if on_step is not None:
+                    on_step(request)
+                reply = None
+                continue
+            reply = _execute(request, generator, scorer)
+            _account(usage, request, reply)
+    finally:
+        release(generator, scorer, [problem.question])
 
 
 def _merge_key(request: Request) -> tuple:
@@ -115,8 +128,18 @@ def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[
     usages = [Usage() for _ in problems]
     results: list[SearchResult | None] = [None] * len(problems)
     replies: dict[int, Any] = {i: None for i in range(len(problems))}
+    try:
+        _lockstep(searches, usages, results, replies, generator, scorer, problems)
+    finally:  # the searches still running when one failed
+        release(generator, scorer, [p.question for p, r in zip(problems, results) if r is None])
+    return results  # type: ignore[return-value]
+
+
+def _lockstep(searches: list[Search], usages: list[Usage], results: list[SearchResult | None],
+              replies: dict[int, Any], generator: Any, scorer: Any, problems: Sequence[Problem]) -> None:
     while replies:
         pending: dict[int, Request] = {}
+        ended = []
         for i, reply in replies.items():
             try:
                 request = searches[i].send(reply)
@@ -124,8 +147,10 @@ def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[
                     request = searches[i].send(None)
             except StopIteration as stop:
                 results[i] = _finish(stop.value, usages[i], 0, None)
+                ended.append(problems[i].question)
                 continue
             pending[i] = request
+        release(generator, scorer, ended)
         replies = {}
         groups: dict[tuple, list[int]] = {}
         for i, request in pending.items():
@@ -145,7 +170,6 @@ def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[
                 replies[i] = answer[lo: lo + size]
                 lo += size
                 _account(usages[i], r, replies[i])
-    return results  # type: ignore[return-value]
 
 
 async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg: SearchConfig,
@@ -163,24 +187,36 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
             if inspect.isawaitable(out):
                 await out
 
-    while True:
-        try:
-            request = search.send(reply)
-        except StopIteration as stop:
-            result: SearchResult = _finish(stop.value, usage, emitted, None)
-            for step in result.steps[emitted:]:
-                await emit(Chosen(step))
-            return result
-        if isinstance(request, Chosen):
-            emitted += 1
-            await emit(request)
-            reply = None
-            continue
-        if isinstance(request, NextSteps):
-            reply = await generator.next_steps(list(request.prefixes), request.n, request.sampling)
-        elif isinstance(request, Rollouts):
-            reply = await generator.rollouts(list(request.prefixes), request.n, request.sampling)
-        else:
-            reply = await scorer.score(list(request.questions), [list(s) for s in request.steps])
-        _check_answer(request, reply)
-        _account(usage, request, reply)
+    try:
+        while True:
+            try:
+                request = search.send(reply)
+            except StopIteration as stop:
+                result: SearchResult = _finish(stop.value, usage, emitted, None)
+                break
+            if isinstance(request, Chosen):
+                emitted += 1
+                await emit(request)
+                reply = None
+                continue
+            if isinstance(request, NextSteps):
+                reply = await generator.next_steps(list(request.prefixes), request.n, request.sampling)
+            elif isinstance(request, Rollouts):
+                reply = await generator.rollouts(list(request.prefixes), request.n, request.sampling)
+            else:
+                reply = await scorer.score(list(request.questions), [list(s) for s in request.steps])
+            _check_answer(request, reply)
+            _account(usage, request, reply)
+    finally:
+        for backend in (generator, scorer):
+            release = getattr(backend, "release", None)
+            if release is not None:
+                try:
+                    out = release([problem.question])
+                    if inspect.isawaitable(out):
+                        await out
+                except Exception:  # noqa: BLE001 - a replica gone: its cache went with it, the bound frees the rest
+                    pass
+    for step in result.steps[emitted:]:
+        await emit(Chosen(step))
+    return result

@@ -36,6 +36,9 @@ class HandleGenerator:
     async def prompt_tokens(self, prefix: Prefix) -> int:
         return await self.handle.prompt_tokens.remote(prefix)
 
+    async def release(self, questions: list[str]) -> None:
+        await self.handle.release.remote(questions)
+
 
 class HandleScorer:
     """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
@@ -47,6 +50,9 @@ class HandleScorer:
 
     async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
+
+    async def release(self, questions: list[str]) -> None:
+        await self.handle.release.remote(questions)
 
 
 # ----------------------------------------------------------------------------- model deployments
@@ -71,6 +77,37 @@ class _BatchLog:
                 "largest_batch": max(self.sizes, default=0), "batch_sizes": dict(sorted(self.sizes.items()))}
 
 
+class _CacheGauges:
+    """A model's prefix cache (`cache_stats()`) as Ray gauges tagged `model`: tokens and bytes
+    held, and the share of tokens it spared the model. Nothing when the model keeps no cache."""
+
+    def __init__(self, backend: Any, model: str) -> None:
+        from mathprm.metrics import create
+
+        stats = getattr(backend, "cache_stats", None)
+        self.stats = stats if stats is not None and stats()["max_tokens"] else None
+        self.tags = {"model": model}
+        if self.stats is not None:
+            self.gauges = {name: create(f"mathprm_serve_prefix_cache_{name}") for name in ("tokens", "bytes", "saved")}
+
+    def update(self) -> None:
+        if self.stats is None:
+            return
+        s = self.stats()
+        self.gauges["tokens"].set(s["held_tokens"], tags=self.tags)
+        self.gauges["bytes"].set(s["held_bytes"], tags=self.tags)
+        if s["tokens_full"]:
+            self.gauges["saved"].set(1 - s["tokens_computed"] / s["tokens_full"], tags=self.tags)
+
+
+async def _release(backend: Any, questions: list[str], gauges: _CacheGauges) -> None:
+    """Free what the ended searches on `questions` kept in `backend`'s prefix cache, if it has one."""
+    release = getattr(backend, "release", None)
+    if release is not None:
+        await asyncio.to_thread(release, questions)
+        gauges.update()
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
 class GeneratorDeployment:
     def __init__(self, model_dir: str, backend: str, separator: str, options: dict[str, Any],
@@ -79,6 +116,7 @@ class GeneratorDeployment:
         self._call.set_max_batch_size(batching.max_batch_size)
         self._call.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.log = _BatchLog("mathprm_serve_generator_batch")
+        self.gauges = _CacheGauges(self.generator, "policy")
 
     async def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         return await self._call("next_steps", prefixes, n, sampling)
@@ -93,6 +131,10 @@ class GeneratorDeployment:
     def prompt_tokens(self, prefix: Prefix) -> int:
         """Tokens of `prefix`'s prompt (the context's length less its `room`)."""
         return self.generator.context_length - self.generator.room(prefix)
+
+    async def release(self, questions: list[str]) -> None:
+        """The searches on `questions` ended (`Generator.release`; a no-op for vLLM)."""
+        await _release(self.generator, questions, self.gauges)
 
     @serve.batch
     async def _call(self, kinds: list[str], prefix_lists: list[list[Prefix]], ns: list[int],
@@ -112,11 +154,14 @@ class GeneratorDeployment:
             for i in members:
                 out[i] = got[lo: lo + len(prefix_lists[i])]
                 lo += len(prefix_lists[i])
+        self.gauges.update()
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Batch sizes in generator calls merged per backend batch."""
-        return self.log.stats()
+        """Batch sizes in generator calls merged per backend batch, and the prompt cache's
+        counters when the backend keeps one (`hf` with `prefix_cache_tokens`)."""
+        cache = getattr(self.generator, "cache_stats", None)
+        return self.log.stats() | ({"prefix_cache": cache()} if cache is not None else {})
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5})
@@ -132,6 +177,7 @@ class PRMDeployment:
         self._batched.set_max_batch_size(batching.max_batch_size)
         self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
         self.log = _BatchLog("mathprm_serve_prm_batch")
+        self.gauges = _CacheGauges(self.scorer, "prm")
 
     async def score_solutions(self, questions: list[str], steps: list[list[str]]) -> list[list[float]]:
         """One search round's solutions, `(questions, steps) -> per solution, one score per
@@ -146,6 +192,10 @@ class PRMDeployment:
         `{"too_long": message}` when it is longer than the PRM's context."""
         got = await self._batched([question], [steps])
         return {"too_long": got} if isinstance(got, str) else {"scores": got[0]}
+
+    async def release(self, questions: list[str]) -> None:
+        """The searches on `questions` ended: free their prefixes (`Scorer.release`)."""
+        await _release(self.scorer, questions, self.gauges)
 
     def threshold(self) -> float:
         """The score under which the PRM calls a step wrong (`mathprm.scorer.default_threshold`)."""
@@ -163,6 +213,8 @@ class PRMDeployment:
             scores = await asyncio.to_thread(self.scorer.score, flat_q, flat_s)
         except TooLongError:
             return [await self._alone(qs, ss) for qs, ss in zip(questions, steps)]
+        finally:
+            self.gauges.update()
         out, lo = [], 0
         for qs in questions:
             out.append(scores[lo: lo + len(qs)])
