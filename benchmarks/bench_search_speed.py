@@ -193,7 +193,10 @@ def table(rows: list[dict], demo: dict | None, args: argparse.Namespace) -> str:
     lines += ["", f"Cache off -> on, {args.problems} MATH-500 questions in lockstep, random-weight ~20M Qwen2 policy "
               f"and Qwen2.5-Math-PRM-layout PRM (BPE), steps of {args.step_tokens} tokens, {args.max_steps} steps "
               f"(solutions to ~{args.max_steps * args.step_tokens} tokens), temperature 1.0, seed 0; both caches "
-              f"{args.cache_tokens} tokens. A decision is one PRM call of one search (one round)."]
+              f"{args.cache_tokens} tokens. A decision is one PRM call of one search (one round).",
+              "", "What the caches cannot shorten is decoding: beam@4 samples 16 candidates of a step's tokens a "
+              "round. Both runs read a grouped-query model's keys and values in place on CPU "
+              "(`mathprm.models.attention`), so decoding costs the same with the caches off and on."]
     if demo:
         lines += ["", f"The demo's guided@8 on 50 arith:hard problems (runs/arith models), caches off -> on: accuracy "
                   f"{demo['accuracy_off']:.1%} -> {demo['accuracy_on']:.1%}; per-problem records (chosen steps, answers) "

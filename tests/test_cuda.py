@@ -189,3 +189,40 @@ def test_the_chat_policy_writes_clean_steps_and_stops_on_its_second_eos_id_on_th
     save_file(weights, str(stuck / "model.safetensors"), metadata={"format": "pt"})
     (roll,) = HFGenerator(str(stuck), fmt).rollouts([Prefix("What is 2 + 3?")], 1, Sampling(temperature=0.0))[0]
     assert (roll.finished, roll.n_tokens) == (True, 1)
+
+
+@pytest.mark.parametrize("kind", ["qwen", "math_shepherd", "rlhflow", "skywork"])
+def test_the_prefix_caches_on_the_gpu_in_bf16_score_and_sample_as_without(kind, tmp_path):
+    """A search's rounds with the PRM's prefix cache on and off, in bf16 on the GPU: the same
+    scores to bf16's precision, fewer tokens, nothing held after `release`; the chat policy's
+    prompt cache gives the next-token logits of a whole prefill."""
+    from mathprm.models.gen_hf import HFGenerator
+    from mathprm.scorer import load_scorer
+    from tests.tiny_models import BUILDERS, build_qwen_policy
+
+    path = BUILDERS[kind](tmp_path / kind)
+    question = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+    so_far = ["She sold 48 / 2 = 24 clips in May.", "In all 48 + 24 = 72."]
+    rounds = [[so_far[:1] + [c] for c in ("In all 48 + 24 = 72.", "In all 72.", "So 48 + 24 = 70.")],
+              [so_far + [c] for c in ("The answer is 72.", "72", "The answer is 70.")]]
+    plain = load_scorer(kind, str(path), device="cuda")
+    cached = load_scorer(kind, str(path), device="cuda", prefix_cache_tokens=4096)
+    for steps in rounds:
+        want = plain.score([question] * len(steps), steps)
+        got = cached.score([question] * len(steps), steps)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=0.03)  # bf16: a prefix pass and a full pass round differently
+    stats = cached.cache_stats()
+    assert stats["hits"] > 0 and stats["tokens_computed"] < stats["tokens_full"]
+    cached.release([question])
+    assert cached.cache_stats()["entries"] == 0
+    if kind == "qwen":
+        qwen = build_qwen_policy(tmp_path / "policy")
+        fmt = StepFormat("\n\n")
+        off, on = HFGenerator(str(qwen), fmt), HFGenerator(str(qwen), fmt, prefix_cache_tokens=4096)
+        with torch.inference_mode():
+            for steps in ([], so_far[:1], so_far):  # a search's rounds: each prompt extends the last
+                encoded = [on.prompter.ids(question, steps)]
+                got, want = on._prefill(encoded, [question])[0], off._prefill(encoded, [question])[0]
+                assert (got - want).abs().max() <= 0.05 * want.abs().max()  # next-token logits, bf16
+        assert on.cache_stats()["hits"] == 2
