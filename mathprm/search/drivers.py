@@ -73,9 +73,9 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
 def release(generator: Any, scorer: Any, questions: Sequence[str]) -> None:
     """Tell the generator and the scorer that have `release` that the searches on `questions` ended."""
     for backend in (generator, scorer):
-        release = getattr(backend, "release", None)
-        if release is not None and questions:
-            release(list(questions))
+        free = getattr(backend, "release", None)
+        if free is not None and questions:
+            free(list(questions))
 
 
 def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[Chosen], None] | None):
@@ -209,10 +209,10 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
             _account(usage, request, reply)
     finally:
         for backend in (generator, scorer):
-            release = getattr(backend, "release", None)
-            if release is not None:
+            free = getattr(backend, "release", None)
+            if free is not None:
                 try:
-                    out = release([problem.question])
+                    out = free([problem.question])
                     if inspect.isawaitable(out):
                         await out
                 except Exception:  # noqa: BLE001 - a replica gone: its cache went with it, the bound frees the rest
