@@ -242,6 +242,23 @@ def test_a_bad_max_failures_is_refused_before_any_work(tmp_path, monkeypatch):
     assert not (tmp_path / "policy").exists()
 
 
+def test_more_problems_per_worker_than_a_difficulty_holds_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """60000 problems on one worker ask arith:easy for more distinct train problems than its
+    ~5.5k (all 60000 with the test mixture, 15000 with the default one): one line naming
+    num_problems, from the command too, before Ray (workers used to fail each attempt with a
+    traceback)."""
+    from mathprm.cli import main
+
+    monkeypatch.setattr("mathprm.ray_utils.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    with pytest.raises(ConfigError, match=r"^num_problems: 60000 over 1 worker\(s\) .*arith:easy ran out"):
+        sft.train_sft(dataclasses.replace(_tiny_run(tmp_path / "policy"), num_problems=60000, num_workers=1))
+    assert main(["sft", "num_problems=60000", "num_workers=1", f"out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "num_problems: 60000" in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    # Two workers split 8000 (4000 easy problems each, within the pool): accepted.
+    sft.check_problem_pool(dataclasses.replace(_tiny_run(tmp_path / "policy"), num_problems=8000, num_workers=2))
+
+
 def test_an_interrupted_run_is_not_resumed_with_other_settings(tmp_path, monkeypatch):
     from mathprm.train.run import check_resume
 

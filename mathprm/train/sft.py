@@ -242,19 +242,38 @@ def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
+def rank_problems(cfg: SFTConfig, rank: int, world_size: int) -> list[tuple[str, list]]:
+    """The training problems of worker `rank`, per difficulty of the mixture: its share of
+    `num_problems` (rank 0 gets the largest), from its own seed stream (seed, rank)."""
+    share = cfg.num_problems // world_size + (rank < cfg.num_problems % world_size)
+    seed = cfg.seed * 1_000_003 + rank
+    return [(difficulty, arith.generate(difficulty, n, seed, split="train", word_problems=cfg.word_fraction))
+            for difficulty, n in mixture_counts(cfg.mixture, share).items() if n]
+
+
+def check_problem_pool(cfg: SFTConfig) -> None:
+    """Refuse, before any worker starts, a `num_problems` whose per-worker share asks a
+    difficulty for more distinct train problems than it has (arith:easy has ~5.5k): draws rank
+    0's share, the largest, as a worker would."""
+    from mathprm.config import ConfigError
+
+    try:
+        rank_problems(cfg, 0, cfg.num_workers)
+    except ValueError as e:
+        raise ConfigError(f"num_problems: {cfg.num_problems} over {cfg.num_workers} worker(s) asks each worker for "
+                          f"more problems than a difficulty's train split holds ({e}); lower num_problems, add "
+                          "workers or lower that difficulty's mixture weight") from None
+
+
 def training_examples(cfg: SFTConfig, tokenizer: Any, rank: int, world_size: int) -> tuple[list[Example], int]:
     """This worker's share of the training set (train split), and how many were too long.
 
     Each rank generates its own problems with a seed of (seed, rank), so no data moves
     between workers; chains may repeat across ranks, which at these pool sizes is rare.
     """
-    share = cfg.num_problems // world_size + (rank < cfg.num_problems % world_size)
     examples, dropped = [], 0
-    for difficulty, n in mixture_counts(cfg.mixture, share).items():
-        if n == 0:
-            continue
-        seed = cfg.seed * 1_000_003 + rank
-        for p in arith.generate(difficulty, n, seed, split="train", word_problems=cfg.word_fraction):
+    for _, problems in rank_problems(cfg, rank, world_size):
+        for p in problems:
             ex = build_example(tokenizer, p.question, p.solution)
             if len(ex.input_ids) > cfg.max_length:
                 dropped += 1
@@ -297,6 +316,7 @@ def train_sft(cfg: SFTConfig) -> Path:
     """Train (or reuse, or resume) the policy; returns the directory of the saved HF checkpoint."""
 
     def prepare(out: Path) -> tuple[dict, dict]:
+        check_problem_pool(cfg)
         init_from = None
         if cfg.init_from is not None:
             init_from = str(Path(cfg.init_from).resolve())
