@@ -507,10 +507,17 @@ def test_the_page_and_its_files_are_open_and_its_data_behind_the_key(keyed_app):
     assert [(p["question"], p["answer"]) for p in problems["data"]] == [("What is 1+1?", "2"), ("What is 2+3?", "5")]
     assert datasets["data"] == [{"path": "arith/mcts/labels", "files": 2}]
     assert [p["id"] for p in label_problems["data"]] == ["p1", "p2"]
+    assert (label_problems["total"], label_problems["has_more"]) == (2, False)
+    pages = [requests.get(base + f"/v1/labels/problems?path=arith/mcts/labels&offset={o}&limit=1", headers=auth,
+                          timeout=10).json() for o in (0, 1, 2)]
+    assert [[p["id"] for p in page["data"]] for page in pages] == [["p1"], ["p2"], []]
+    assert [(page["total"], page["has_more"]) for page in pages] == [(2, True), (2, False), (2, False)]
     assert [lab["score"] for lab in p1["labels"]] == [1.0, 0.25, 1.0] and p1["question"] == "What is 2+3?"
     p1_url = "/v1/labels/problem?path=arith/mcts/labels"
     refused = {"/v1/labels/problems?path=../runs": "path", "/v1/labels/problem?path=%2Fetc&id=p1": "path",
-               p1_url + "&id=nope": "id", p1_url: "id", "/v1/problems?limit=0": "limit"}
+               p1_url + "&id=nope": "id", p1_url: "id", "/v1/problems?limit=0": "limit",
+               "/v1/labels/problems?path=arith/mcts/labels&limit=0": "limit",
+               "/v1/labels/problems?path=arith/mcts/labels&offset=-1": "offset"}
     for path, field in refused.items():
         r = requests.get(base + path, headers=auth, timeout=10)
         assert 400 <= r.status_code < 500 and r.json()["field"] == field, (path, r.text)

@@ -487,10 +487,14 @@ class SolveAPI:
         return {"object": "list", "data": await asyncio.to_thread(label_datasets, self.cfg.labels_dir)}
 
     @api.get("/v1/labels/problems", responses=_ERRORS)
-    async def labels_problems(self, path: str) -> dict[str, Any]:
-        """The problems of label dataset `path` (as GET /v1/labels names it): `{id, n_labels, n_rollouts}`."""
-        return {"object": "list", "path": path,
-                "data": await asyncio.to_thread(label_problems, self.cfg.labels_dir, path)}
+    async def labels_problems(self, path: str, offset: int = Query(0, ge=0),
+                              limit: int = Query(1000, ge=1, le=10000)) -> dict[str, Any]:
+        """The problems of label dataset `path` (as GET /v1/labels names it), `limit` of them from
+        `offset` in file order: `{id, n_labels, n_rollouts}` each, `total` in the dataset and
+        `has_more` (ask again from offset + limit)."""
+        every = await asyncio.to_thread(label_problems, self.cfg.labels_dir, path)
+        return {"object": "list", "path": path, "data": every[offset: offset + limit], "offset": offset,
+                "total": len(every), "has_more": offset + limit < len(every)}
 
     @api.get("/v1/labels/problem", responses=_ERRORS)
     async def labels_problem(self, path: str, problem_id: str = Query(alias="id")) -> dict[str, Any]:

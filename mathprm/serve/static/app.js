@@ -251,10 +251,24 @@ async function loadLabelDatasets() {
   await loadLabelProblems();
 }
 
+const MAX_LISTED = 10000; // problems the select lists; a dataset with more says how many it left out
+
 async function loadLabelProblems() {
   const path = $("label-dataset").value;
-  const list = (await getJSON(`v1/labels/problems?${query({ path })}`)).data;
-  $("label-problem").replaceChildren(...list.map((p) => option(p.id, `${p.id} (${p.n_labels} labelled steps)`)));
+  const list = [];
+  let page = { has_more: true, total: 0 };
+  while (page.has_more && list.length < MAX_LISTED) {
+    page = await getJSON(`v1/labels/problems?${query({ path, offset: list.length, limit: 1000 })}`);
+    if (!page.data.length) break;
+    list.push(...page.data);
+  }
+  const options = list.map((p) => option(p.id, `${p.id} (${p.n_labels} labelled steps)`));
+  if (page.total > list.length) {
+    const more = option("", `... ${page.total - list.length} more problems not listed`);
+    more.disabled = true;
+    options.push(more);
+  }
+  $("label-problem").replaceChildren(...options);
   if (list.length) await loadLabelProblem();
 }
 
