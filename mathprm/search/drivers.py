@@ -70,12 +70,16 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
     return result
 
 
-def release(generator: Any, scorer: Any, questions: Sequence[str]) -> None:
-    """Tell the generator and the scorer that have `release` that the searches on `questions` ended."""
+def release(generator: Any, scorer: Any, questions: Sequence[str]) -> list[Any]:
+    """Tell the generator and the scorer that have `release` that the searches on `questions`
+    ended. Returns what those calls returned: awaitables for asynchronous backends, which the
+    caller awaits."""
+    outs = []
     for backend in (generator, scorer):
         free = getattr(backend, "release", None)
         if free is not None and questions:
-            free(list(questions))
+            outs.append(free(list(questions)))
+    return outs
 
 
 def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[Chosen], None] | None):
@@ -208,15 +212,12 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
             _check_answer(request, reply)
             _account(usage, request, reply)
     finally:
-        for backend in (generator, scorer):
-            free = getattr(backend, "release", None)
-            if free is not None:
-                try:
-                    out = free([problem.question])
-                    if inspect.isawaitable(out):
-                        await out
-                except Exception:  # noqa: BLE001 - a replica gone: its cache went with it, the bound frees the rest
-                    pass
+        for out in release(generator, scorer, [problem.question]):
+            try:
+                if inspect.isawaitable(out):
+                    await out
+            except Exception:  # noqa: BLE001 - a replica gone: its cache went with it, the bound frees the rest
+                pass
     for step in result.steps[emitted:]:
         await emit(Chosen(step))
     return result
