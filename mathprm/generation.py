@@ -104,8 +104,8 @@ class Rollout:
 
 class Generator(Protocol):
     """Samples steps and completions. A generator that keeps state per search (the `hf` backend's
-    prompt cache) also has `release(questions)`, called by the search drivers when the searches
-    on those questions end; the others need not have it."""
+    prompt cache) also has `acquire(questions)` and `release(questions)`, called by the search
+    drivers when searches on those questions start and end; the others need not have them."""
 
     step_format: StepFormat
     context_length: int  # the model's context in tokens (prompt + generated)

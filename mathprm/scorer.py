@@ -53,8 +53,9 @@ class TooLongError(ValueError):
 
 class Scorer(Protocol):
     """Scores solutions step by step. A scorer that keeps state per search (a prefix cache) also
-    has `release(questions)`, which the search drivers call when the searches on those questions
-    end (`mathprm.models.prefix.PrefixCached`); the others need not have it."""
+    has `acquire(questions)` and `release(questions)`, which the search drivers call when searches
+    on those questions start and end (`mathprm.models.prefix.PrefixCached`); the others need not
+    have them."""
 
     def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         """For solution i (`questions[i]` + `steps_per_question[i]`), one score per step, in order."""

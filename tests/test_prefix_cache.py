@@ -114,6 +114,13 @@ def test_release_frees_what_only_the_ended_searches_own():
     assert (stats["entries"], stats["held_tokens"], stats["released"]) == (1, 2, 2)  # the untagged one stays
     cache.clear()
     assert cache.stats()["entries"] == 0
+    # Two searches on one question: the first to end leaves the entries to the other.
+    cache.acquire(["q", "q"])
+    cache.put([4, 4, 4], _kv(2, 1.0), torch.zeros(2, 1), {"q"})
+    cache.release(["q"])
+    assert cache.stats()["entries"] == 1
+    cache.release(["q"])
+    assert cache.stats()["entries"] == 0
 
 
 # ----------------------------------------------------------------------------- the mathprm PRM
@@ -316,6 +323,9 @@ def test_a_search_s_prefixes_are_freed_when_it_ends(tiny_policy_dir, prm_dirs):
             seen.append((set(questions), scorer.cache_stats()["entries"]))
             return scorer.score(questions, steps)
 
+        def acquire(self, questions):
+            scorer.acquire(questions)
+
         def release(self, questions):
             scorer.release(questions)
 
@@ -323,6 +333,17 @@ def test_a_search_s_prefixes_are_freed_when_it_ends(tiny_policy_dir, prm_dirs):
                                                                           max_step_tokens=24))
     assert [len(r.steps) for r in results] == [2, 3]
     assert seen[-1] == ({memorised[1].question}, 1)  # round 3: only the longer search, its prefix kept
+    assert scorer.cache_stats()["entries"] == gen.cache_stats()["entries"] == 0
+    # Two searches on the same question, one with fewer steps allowed: when it ends, the other's
+    # prefix stays (the next round reuses it), and nothing after both.
+    from mathprm.search import acquire, release
+
+    seen.clear()
+    acquire(gen, Watch(), [memorised[1].question])  # another request on the question, still running
+    run_search("guided", gen, Watch(), memorised[1], dataclasses.replace(cfg, temperature=0.0, max_steps=2,
+                                                                           max_step_tokens=24))
+    assert scorer.cache_stats()["entries"] == 1 and gen.cache_stats()["entries"] >= 1
+    release(gen, Watch(), [memorised[1].question])
     assert scorer.cache_stats()["entries"] == gen.cache_stats()["entries"] == 0
 
 

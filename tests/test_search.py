@@ -450,7 +450,7 @@ class Releasing:
     run, how many scoring calls had happened by then)."""
 
     def __init__(self, inner, fail_after: int | None = None) -> None:
-        self.inner, self.released, self.calls, self.fail_after = inner, [], 0, fail_after
+        self.inner, self.acquired, self.released, self.calls, self.fail_after = inner, [], [], 0, fail_after
         self.step_format = getattr(inner, "step_format", None)
 
     def __getattr__(self, name):
@@ -461,6 +461,9 @@ class Releasing:
         if self.fail_after is not None and self.calls > self.fail_after:
             raise RuntimeError("the PRM went away")
         return self.inner.score(*a)
+
+    def acquire(self, questions):
+        self.acquired.append(list(questions))
 
     def release(self, questions):
         self.released.append((list(questions), self.calls))
@@ -473,10 +476,12 @@ def test_drivers_release_each_search_when_it_ends_answered_or_failed():
     cfg = SearchConfig(n=3, seed=1)
     run_search("guided", policy, scorer, problems[0], cfg)
     assert [q for q, _ in policy.released] == [q for q, _ in scorer.released] == [[problems[0].question]]
+    assert policy.acquired == scorer.acquired == [[problems[0].question]]  # before the search, once
     # Lockstep: each search is released once, in the round it ended (its last scoring call).
     policy.released.clear()
     scorer = Releasing(ArithOracle(problems))
     results = run_searches("guided", policy, scorer, problems, cfg)
+    assert scorer.acquired == [[p.question for p in problems]]
     released = [q for qs, _ in scorer.released for q in qs]
     assert sorted(released) == sorted(p.question for p in problems) and released == [q for qs, _ in policy.released
                                                                                       for q in qs]
@@ -494,11 +499,15 @@ def test_drivers_release_each_search_when_it_ends_answered_or_failed():
     assert scorer.released == [([problems[1].question], 2)]
 
     class AsyncReleasing(_Async):
-        released: list = []
+        told: list = []
+
+        async def acquire(self, questions):
+            self.told.append(("acquire", list(questions)))
 
         async def release(self, questions):
-            self.released.append(list(questions))
+            self.told.append(("release", list(questions)))
 
     got = asyncio.run(run_search_async("guided", _Async(NoisyArithPolicy(problems, 0.6)),
                                        AsyncReleasing(ArithOracle(problems)), problems[2], cfg, FMT))
-    assert got.steps and AsyncReleasing.released == [[problems[2].question]]
+    assert got.steps and AsyncReleasing.told == [("acquire", [problems[2].question]),
+                                                 ("release", [problems[2].question])]

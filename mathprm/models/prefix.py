@@ -24,8 +24,9 @@ prefix come from the prefix pass.
 `PrefixCache` keeps recent prefixes (keys, values and per-position values, on the model's device) in
 an LRU bounded by a number of tokens, and counts hits, misses, and the tokens computed against the
 tokens a full pass per encoding would compute. An entry records its owners (the questions whose
-encodings made it): when a search ends, its driver calls the scorer's and generator's
-`release(questions)` (`PrefixCached`), which drops the entries no running search owns. The `hf` generator keeps its prompts' KV in the same
+encodings made it): the search drivers call the scorer's and generator's `acquire(questions)`
+when searches start and `release(questions)` when they end (`PrefixCached`), and an entry goes
+when no running search owns it. The `hf` generator keeps its prompts' KV in the same
 LRU (`mathprm.models.gen_hf`, with no per-position values). This module imports neither Ray nor vLLM.
 """
 
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
@@ -113,9 +114,10 @@ class PrefixCache:
 
     Any cached prefix serves a later one up to their common ids (a prefix of an entry is as good
     as the entry), so an entry whose ids another one extends is dropped (its owners pass to the
-    new one): a search's growing solution is held once, at its latest length. `release(owners)`
-    frees what only those owners used. Thread-safe: Serve scores in a worker thread while a
-    finished request releases from the event loop."""
+    new one): a search's growing solution is held once, at its latest length. `acquire(owners)`
+    counts a running search per owner, `release(owners)` ends one, and what only owners with no
+    search left used is freed. Thread-safe: Serve scores in a worker thread while a finished
+    request releases from the event loop."""
 
     def __init__(self, max_tokens: int) -> None:
         if max_tokens < 0:
@@ -124,6 +126,7 @@ class PrefixCache:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next_id = 0
         self._lock = threading.RLock()
+        self._running: Counter[Hashable] = Counter()  # searches per owner that acquired and not yet released
         self.counts = {"hits": 0, "misses": 0, "tokens_reused": 0, "evicted": 0, "released": 0, "tokens_computed": 0,
                        "tokens_full": 0}
 
@@ -169,11 +172,24 @@ class PrefixCache:
                 self._entries.popitem(last=False)
                 self.counts["evicted"] += 1
 
-    def release(self, owners: Iterable[Hashable]) -> None:
-        """`owners`' searches have ended: drop them from every entry, and the entries no one else
-        owns. Untagged entries stay (the LRU bound frees them)."""
-        owners = set(owners)
+    def acquire(self, owners: Iterable[Hashable]) -> None:
+        """A search per item of `owners` (a question may come twice) has started."""
         with self._lock:
+            self._running.update(owners)
+
+    def release(self, owners: Iterable[Hashable]) -> None:
+        """A search per item of `owners` has ended; an owner with no search left (or that never
+        acquired) is dropped from every entry, and the entries no one else owns go. Untagged
+        entries stay (the LRU bound frees them)."""
+        with self._lock:
+            ended = set()
+            for owner in owners:
+                if self._running[owner] > 1:
+                    self._running[owner] -= 1
+                else:
+                    self._running.pop(owner, None)
+                    ended.add(owner)
+            owners = ended
             for k, entry in list(self._entries.items()):
                 if entry.owners & owners:
                     entry.owners -= owners
@@ -182,7 +198,7 @@ class PrefixCache:
                         self.counts["released"] += 1
 
     def clear(self) -> None:
-        """Drop every entry (the model's weights changed); counters stay."""
+        """Drop every entry (the model's weights changed); counters and running searches stay."""
         with self._lock:
             self._entries.clear()
 
@@ -211,7 +227,8 @@ class PrefixCache:
 
 class PrefixCached:
     """What a Scorer or Generator holding a `PrefixCache` as `prefix_cache` offers its drivers:
-    `cache_stats()` and `release(questions)`, which the search drivers call when a search ends."""
+    `cache_stats()`, and `acquire(questions)` / `release(questions)`, which the search drivers
+    call when searches start and end."""
 
     prefix_cache: PrefixCache
 
@@ -219,8 +236,12 @@ class PrefixCached:
         """The prefix cache's holdings and counters (`PrefixCache.stats`)."""
         return self.prefix_cache.stats()
 
+    def acquire(self, questions: Sequence[str]) -> None:
+        """Searches on `questions` start (one per item)."""
+        self.prefix_cache.acquire(questions)
+
     def release(self, questions: Sequence[str]) -> None:
-        """The searches on `questions` have ended: free the prefixes only they used."""
+        """Searches on `questions` have ended: free the prefixes no running search uses."""
         self.prefix_cache.release(questions)
 
 

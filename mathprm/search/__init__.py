@@ -63,8 +63,8 @@ from mathprm.search.core import (
                                  SearchResult,
                                  Usage,
 )
-from mathprm.search.drivers import release, run_search, run_search_async, run_searches
+from mathprm.search.drivers import acquire, release, run_search, run_search_async, run_searches
 from mathprm.search.strategies import RUNNABLE, STRATEGIES, Strategy, parse_strategy
 
 __all__ = ["Candidate", "Chosen", "NextSteps", "Request", "Rollouts", "Score", "ScoredStep", "SearchConfig", "SearchResult", "Usage",
-           "release", "run_search", "run_search_async", "run_searches", "RUNNABLE", "STRATEGIES", "Strategy", "parse_strategy"]
+           "acquire", "release", "run_search", "run_search_async", "run_searches", "RUNNABLE", "STRATEGIES", "Strategy", "parse_strategy"]

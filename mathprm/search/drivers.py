@@ -1,8 +1,9 @@
 """Drivers: they execute the requests a strategy yields against a Generator and a Scorer, for
 one problem (`run_search`), many in lockstep (`run_searches`) or with awaitable backends
-(`run_search_async`, the Serve app). When a search ends (answered or failed), the driver calls
-`release([question])` on the generator and the scorer that have one, so per-search state (their
-prefix caches) is freed then rather than when the cache's bound pushes it out."""
+(`run_search_async`, the Serve app). The generator and the scorer that keep per-search state
+(their prefix caches) hear `acquire([question])` when a search starts and `release([question])`
+when it ends (answered or failed), so that state is freed then rather than when the cache's bound
+pushes it out, and not while another search on the same question still runs."""
 
 from __future__ import annotations
 
@@ -70,16 +71,26 @@ def _execute(request: Request, generator: Any, scorer: Any) -> Any:
     return result
 
 
-def release(generator: Any, scorer: Any, questions: Sequence[str]) -> list[Any]:
-    """Tell the generator and the scorer that have `release` that the searches on `questions`
-    ended. Returns what those calls returned: awaitables for asynchronous backends, which the
-    caller awaits."""
+def _tell(method: str, generator: Any, scorer: Any, questions: Sequence[str]) -> list[Any]:
     outs = []
     for backend in (generator, scorer):
-        free = getattr(backend, "release", None)
-        if free is not None and questions:
-            outs.append(free(list(questions)))
+        call = getattr(backend, method, None)
+        if call is not None and questions:
+            outs.append(call(list(questions)))
     return outs
+
+
+def acquire(generator: Any, scorer: Any, questions: Sequence[str]) -> list[Any]:
+    """Tell the generator and the scorer that have `acquire` that searches on `questions` (one
+    per item) start. Returns what those calls returned: awaitables for asynchronous backends,
+    which the caller awaits."""
+    return _tell("acquire", generator, scorer, questions)
+
+
+def release(generator: Any, scorer: Any, questions: Sequence[str]) -> list[Any]:
+    """Tell the generator and the scorer that have `release` that searches on `questions` (one
+    per item) ended; returns as `acquire` does."""
+    return _tell("release", generator, scorer, questions)
 
 
 def _finish(result: SearchResult, usage: Usage, emitted: int, on_step: Callable[[Chosen], None] | None):
@@ -98,6 +109,7 @@ def run_search(strategy: str, generator: Any, scorer: Any, problem: Problem, cfg
     the candidates it was chosen from) as soon as it is decided."""
     search = _start(strategy, problem, cfg, generator.step_format, scorer is not None)
     usage, emitted, reply = Usage(), 0, None
+    acquire(generator, scorer, [problem.question])
     try:
         while True:
             try:
@@ -132,6 +144,7 @@ def run_searches(strategy: str, generator: Any, scorer: Any, problems: Sequence[
     usages = [Usage() for _ in problems]
     results: list[SearchResult | None] = [None] * len(problems)
     replies: dict[int, Any] = {i: None for i in range(len(problems))}
+    acquire(generator, scorer, [p.question for p in problems])
     try:
         _lockstep(searches, usages, results, replies, generator, scorer, problems)
     finally:  # the searches still running when one failed
@@ -191,6 +204,9 @@ async def run_search_async(strategy: str, generator: Any, scorer: Any, problem: 
             if inspect.isawaitable(out):
                 await out
 
+    for out in acquire(generator, scorer, [problem.question]):
+        if inspect.isawaitable(out):
+            await out
     try:
         while True:
             try:

@@ -36,6 +36,9 @@ class HandleGenerator:
     async def prompt_tokens(self, prefix: Prefix) -> int:
         return await self.handle.prompt_tokens.remote(prefix)
 
+    async def acquire(self, questions: list[str]) -> None:
+        await self.handle.acquire.remote(questions)
+
     async def release(self, questions: list[str]) -> None:
         await self.handle.release.remote(questions)
 
@@ -50,6 +53,9 @@ class HandleScorer:
 
     async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
+
+    async def acquire(self, questions: list[str]) -> None:
+        await self.handle.acquire.remote(questions)
 
     async def release(self, questions: list[str]) -> None:
         await self.handle.release.remote(questions)
@@ -100,11 +106,11 @@ class _CacheGauges:
             self.gauges["saved"].set(1 - s["tokens_computed"] / s["tokens_full"], tags=self.tags)
 
 
-async def _release(backend: Any, questions: list[str], gauges: _CacheGauges) -> None:
-    """Free what the ended searches on `questions` kept in `backend`'s prefix cache, if it has one."""
-    release = getattr(backend, "release", None)
-    if release is not None:
-        await asyncio.to_thread(release, questions)
+async def _tell(backend: Any, method: str, questions: list[str], gauges: _CacheGauges) -> None:
+    """`backend.acquire` / `backend.release` (searches on `questions` start / end), if it has it."""
+    call = getattr(backend, method, None)
+    if call is not None:
+        await asyncio.to_thread(call, questions)
         gauges.update()
 
 
@@ -132,9 +138,13 @@ class GeneratorDeployment:
         """Tokens of `prefix`'s prompt (the context's length less its `room`)."""
         return self.generator.context_length - self.generator.room(prefix)
 
+    async def acquire(self, questions: list[str]) -> None:
+        """Searches on `questions` start (`Generator.acquire`; a no-op for vLLM)."""
+        await _tell(self.generator, "acquire", questions, self.gauges)
+
     async def release(self, questions: list[str]) -> None:
-        """The searches on `questions` ended (`Generator.release`; a no-op for vLLM)."""
-        await _release(self.generator, questions, self.gauges)
+        """Searches on `questions` ended (`Generator.release`; a no-op for vLLM)."""
+        await _tell(self.generator, "release", questions, self.gauges)
 
     @serve.batch
     async def _call(self, kinds: list[str], prefix_lists: list[list[Prefix]], ns: list[int],
@@ -193,9 +203,13 @@ class PRMDeployment:
         got = await self._batched([question], [steps])
         return {"too_long": got} if isinstance(got, str) else {"scores": got[0]}
 
+    async def acquire(self, questions: list[str]) -> None:
+        """Searches on `questions` start (`Scorer.acquire`)."""
+        await _tell(self.scorer, "acquire", questions, self.gauges)
+
     async def release(self, questions: list[str]) -> None:
-        """The searches on `questions` ended: free their prefixes (`Scorer.release`)."""
-        await _release(self.scorer, questions, self.gauges)
+        """Searches on `questions` ended: free the prefixes no running search uses (`Scorer.release`)."""
+        await _tell(self.scorer, "release", questions, self.gauges)
 
     def threshold(self) -> float:
         """The score under which the PRM calls a step wrong (`mathprm.scorer.default_threshold`)."""
