@@ -324,9 +324,12 @@ class SolveAPI:
 
         self.prm, self.threshold = prm, None  # the PRM's threshold, asked once
         self.started = int(time.time())  # the models' `created`
-        scorer = HandleScorer(prm) if prm is not None else None
+        # A search's start and end reach only the deployments that keep prefixes for it.
+        scorer = HandleScorer(prm, cfg.prm_prefix_cache_tokens > 0) if prm is not None else None
         metrics = {n: create(n) for n in ("mathprm_serve_requests", "mathprm_serve_latency_ms", "mathprm_serve_tokens")}
-        self.solver = Solver(cfg, HandleGenerator(generator, StepFormat(cfg.separator)), scorer, metrics)
+        policy = HandleGenerator(generator, StepFormat(cfg.separator),
+                                 bool(cfg.generator_options.get("prefix_cache_tokens", 0)))
+        self.solver = Solver(cfg, policy, scorer, metrics)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:

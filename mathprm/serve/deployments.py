@@ -19,10 +19,12 @@ from mathprm.steps import StepFormat
 
 
 class HandleGenerator:
-    """The `Generator` contract, async, over a `GeneratorDeployment` handle."""
+    """The `Generator` contract, async, over a `GeneratorDeployment` handle. `keeps_prefixes`:
+    the backend keeps a prompt cache, so a search's start and end go to it (`acquire`,
+    `release`); otherwise they cost no call."""
 
-    def __init__(self, handle: DeploymentHandle, step_format: StepFormat) -> None:
-        self.handle, self.step_format = handle, step_format
+    def __init__(self, handle: DeploymentHandle, step_format: StepFormat, keeps_prefixes: bool = False) -> None:
+        self.handle, self.step_format, self.keeps_prefixes = handle, step_format, keeps_prefixes
 
     async def next_steps(self, prefixes: list[Prefix], n: int, sampling: Sampling) -> list[list[StepSample]]:
         return await self.handle.next_steps.remote(prefixes, n, sampling)
@@ -37,28 +39,33 @@ class HandleGenerator:
         return await self.handle.prompt_tokens.remote(prefix)
 
     async def acquire(self, questions: list[str]) -> None:
-        await self.handle.acquire.remote(questions)
+        if self.keeps_prefixes:
+            await self.handle.acquire.remote(questions)
 
     async def release(self, questions: list[str]) -> None:
-        await self.handle.release.remote(questions)
+        if self.keeps_prefixes:
+            await self.handle.release.remote(questions)
 
 
 class HandleScorer:
     """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
     go in one call, and the deployment's `@serve.batch` merges the rounds of concurrent
-    requests (and /v1/score/steps calls) into forward batches."""
+    requests (and /v1/score/steps calls) into forward batches. `keeps_prefixes` as for
+    `HandleGenerator`."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
-        self.handle = handle
+    def __init__(self, handle: DeploymentHandle, keeps_prefixes: bool = False) -> None:
+        self.handle, self.keeps_prefixes = handle, keeps_prefixes
 
     async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
 
     async def acquire(self, questions: list[str]) -> None:
-        await self.handle.acquire.remote(questions)
+        if self.keeps_prefixes:
+            await self.handle.acquire.remote(questions)
 
     async def release(self, questions: list[str]) -> None:
-        await self.handle.release.remote(questions)
+        if self.keeps_prefixes:
+            await self.handle.release.remote(questions)
 
 
 # ----------------------------------------------------------------------------- model deployments
