@@ -80,8 +80,8 @@ class TimedScorer:
         finally:
             self.seconds += time.perf_counter() - t0
 
-    def release(self, questions):
-        self.scorer.release(questions)
+    def __getattr__(self, name):  # acquire, release: the wrapped scorer's
+        return getattr(self.scorer, name)
 
 
 def search_side_by_side(policy: Path, prm: Path, args: argparse.Namespace) -> list[dict]:

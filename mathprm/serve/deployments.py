@@ -18,10 +18,25 @@ from mathprm.steps import StepFormat
 # ----------------------------------------------------------------------------- handle adapters
 
 
-class HandleGenerator:
-    """The `Generator` contract, async, over a `GeneratorDeployment` handle. `keeps_prefixes`:
-    the backend keeps a prompt cache, so a search's start and end go to it (`acquire`,
-    `release`); otherwise they cost no call."""
+class _Tracking:
+    """A handle adapter's `acquire` / `release` (a search's start and end): sent to its deployment
+    when `keeps_prefixes` (its model keeps a prefix cache), otherwise no call."""
+
+    handle: DeploymentHandle
+    keeps_prefixes: bool
+
+    async def acquire(self, questions: list[str]) -> None:
+        if self.keeps_prefixes:
+            await self.handle.acquire.remote(questions)
+
+    async def release(self, questions: list[str]) -> None:
+        if self.keeps_prefixes:
+            await self.handle.release.remote(questions)
+
+
+class HandleGenerator(_Tracking):
+    """The `Generator` contract, async, over a `GeneratorDeployment` handle; `keeps_prefixes`:
+    the backend keeps a prompt cache (`_Tracking`)."""
 
     def __init__(self, handle: DeploymentHandle, step_format: StepFormat, keeps_prefixes: bool = False) -> None:
         self.handle, self.step_format, self.keeps_prefixes = handle, step_format, keeps_prefixes
@@ -38,34 +53,18 @@ class HandleGenerator:
     async def prompt_tokens(self, prefix: Prefix) -> int:
         return await self.handle.prompt_tokens.remote(prefix)
 
-    async def acquire(self, questions: list[str]) -> None:
-        if self.keeps_prefixes:
-            await self.handle.acquire.remote(questions)
 
-    async def release(self, questions: list[str]) -> None:
-        if self.keeps_prefixes:
-            await self.handle.release.remote(questions)
-
-
-class HandleScorer:
+class HandleScorer(_Tracking):
     """The `Scorer` contract, async, over a `PRMDeployment` handle: a search round's solutions
     go in one call, and the deployment's `@serve.batch` merges the rounds of concurrent
-    requests (and /v1/score/steps calls) into forward batches. `keeps_prefixes` as for
-    `HandleGenerator`."""
+    requests (and /v1/score/steps calls) into forward batches; `keeps_prefixes`: the PRM keeps
+    a prefix cache (`_Tracking`)."""
 
     def __init__(self, handle: DeploymentHandle, keeps_prefixes: bool = False) -> None:
         self.handle, self.keeps_prefixes = handle, keeps_prefixes
 
     async def score(self, questions: Sequence[str], steps_per_question: Sequence[Sequence[str]]) -> list[list[float]]:
         return await self.handle.score_solutions.remote(list(questions), [list(s) for s in steps_per_question])
-
-    async def acquire(self, questions: list[str]) -> None:
-        if self.keeps_prefixes:
-            await self.handle.acquire.remote(questions)
-
-    async def release(self, questions: list[str]) -> None:
-        if self.keeps_prefixes:
-            await self.handle.release.remote(questions)
 
 
 # ----------------------------------------------------------------------------- model deployments

@@ -242,13 +242,13 @@ def sft_loss(model: torch.nn.Module, batch: SFTBatch) -> torch.Tensor:
     return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
 
-def rank_problems(cfg: SFTConfig, rank: int, world_size: int) -> list[tuple[str, list]]:
-    """The training problems of worker `rank`, per difficulty of the mixture: its share of
-    `num_problems` (rank 0 gets the largest), from its own seed stream (seed, rank)."""
+def rank_problems(cfg: SFTConfig, rank: int, world_size: int) -> list:
+    """The training problems of worker `rank`, difficulty by difficulty of the mixture: its share
+    of `num_problems` (rank 0 gets the largest), from its own seed stream (seed, rank)."""
     share = cfg.num_problems // world_size + (rank < cfg.num_problems % world_size)
     seed = cfg.seed * 1_000_003 + rank
-    return [(difficulty, arith.generate(difficulty, n, seed, split="train", word_problems=cfg.word_fraction))
-            for difficulty, n in mixture_counts(cfg.mixture, share).items() if n]
+    return [p for difficulty, n in mixture_counts(cfg.mixture, share).items() if n
+            for p in arith.generate(difficulty, n, seed, split="train", word_problems=cfg.word_fraction)]
 
 
 def check_problem_pool(cfg: SFTConfig) -> None:
@@ -272,13 +272,12 @@ def training_examples(cfg: SFTConfig, tokenizer: Any, rank: int, world_size: int
     between workers; chains may repeat across ranks, which at these pool sizes is rare.
     """
     examples, dropped = [], 0
-    for _, problems in rank_problems(cfg, rank, world_size):
-        for p in problems:
-            ex = build_example(tokenizer, p.question, p.solution)
-            if len(ex.input_ids) > cfg.max_length:
-                dropped += 1
-            else:
-                examples.append(ex)
+    for p in rank_problems(cfg, rank, world_size):
+        ex = build_example(tokenizer, p.question, p.solution)
+        if len(ex.input_ids) > cfg.max_length:
+            dropped += 1
+        else:
+            examples.append(ex)
     if not examples:
         raise ValueError(f"max_length: every training example of rank {rank} is longer than {cfg.max_length}")
     return examples, dropped
